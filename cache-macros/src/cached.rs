@@ -1,0 +1,369 @@
+//! `#[cached]`: checks the function and generates its wrapper.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
+use syn::{FnArg, GenericArgument, GenericParam, Ident, ItemFn, Pat, PathArguments, ReturnType, Type};
+
+use crate::attr::{Errors, Expiry, Options};
+
+/// How the return type maps to what is stored (see `cache_runtime::__private::ReturnKind`).
+enum Kind {
+    Plain,
+    ResultOk,
+    Optional,
+}
+
+struct Param {
+    /// `None` for the receiver.
+    ident: Option<Ident>,
+    ty: Option<Type>,
+    span: Span,
+    is_ref: bool,
+    is_mut_ref: bool,
+    skipped: bool,
+}
+
+pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    let opts: Options = syn::parse2(args)?;
+    let func = parse_function(item)?;
+    let mut errors = Errors::default();
+
+    for attr in &func.attrs {
+        if attr.path().segments.last().is_some_and(|s| s.ident == "cached") {
+            errors.add(attr.span(), "`#[cached]` is applied twice to this function; remove one");
+        }
+    }
+
+    let sig = &func.sig;
+    let fn_name = &sig.ident;
+
+    // Return type.
+    let ret_ty: Option<&Type> = match &sig.output {
+        ReturnType::Default => {
+            errors.add(
+                sig.paren_token.span.close(),
+                format!("`{fn_name}` returns `()`, so there is nothing to cache; return the value to cache, or remove `#[cached]`"),
+            );
+            None
+        }
+        ReturnType::Type(_, ty) => {
+            check_return_type(ty, &mut errors);
+            Some(ty)
+        }
+    };
+
+    // Parameters.
+    let mut params = Vec::new();
+    for arg in &sig.inputs {
+        match arg {
+            FnArg::Receiver(r) => params.push(Param {
+                ident: None,
+                ty: None,
+                span: r.self_token.span,
+                is_ref: r.reference.is_some(),
+                is_mut_ref: r.reference.is_some() && r.mutability.is_some(),
+                skipped: false,
+            }),
+            FnArg::Typed(pt) => {
+                let ident = match &*pt.pat {
+                    Pat::Ident(pi) if pi.subpat.is_none() && pi.by_ref.is_none() => pi.ident.clone(),
+                    other => {
+                        errors.add(other.span(), "a cached function's parameters must be plain names (they become part of the key); bind the pattern inside the body instead");
+                        continue;
+                    }
+                };
+                let (is_ref, is_mut_ref) = match &*pt.ty {
+                    Type::Reference(r) => (true, r.mutability.is_some()),
+                    _ => (false, false),
+                };
+                params.push(Param {
+                    ident: Some(ident),
+                    ty: Some((*pt.ty).clone()),
+                    span: pt.ty.span(),
+                    is_ref,
+                    is_mut_ref,
+                    skipped: false,
+                });
+            }
+        }
+    }
+    for s in &opts.skip {
+        let found = params.iter_mut().find(|p| match &p.ident {
+            None => s == "self",
+            Some(i) => i == s,
+        });
+        match found {
+            Some(p) => p.skipped = true,
+            None => errors.add(s.span(), format!("`skip({s})`: `{fn_name}` has no parameter named `{s}`")),
+        }
+    }
+    for p in &params {
+        if p.is_mut_ref && !p.skipped {
+            let name = p.ident.as_ref().map_or("self".to_string(), Ident::to_string);
+            errors.add(
+                p.span,
+                format!("`{name}` is a `&mut` parameter, which cannot be part of a cache key (a hit would not run the body that changes it); add `skip({name})` to `#[cached(...)]`"),
+            );
+        }
+    }
+
+    let kind = ret_ty.map_or(Kind::Plain, return_kind);
+    if let Some((_, span)) = opts.cache_none {
+        if !matches!(kind, Kind::Optional) {
+            errors.add(span, "`cache_none` applies to functions returning `Option<T>`; remove it");
+        }
+    }
+    errors.finish()?;
+    let ret_ty = ret_ty.expect("checked above");
+
+    // Descriptor.
+    let is_async = sig.asyncness.is_some();
+    let has_receiver = params.iter().any(|p| p.ident.is_none());
+    let name_expr = match &opts.name {
+        Some(lit) => quote!(#lit),
+        None => {
+            let f = fn_name.to_string();
+            quote!(::core::concat!(::core::module_path!(), "::", #f))
+        }
+    };
+    let method = has_receiver && opts.name.is_none();
+    let version = opts.version.unwrap_or(1);
+    let profile = opts.profile.as_ref().map_or_else(|| "default".to_string(), |p| p.value());
+    let expiration = match &opts.expiry {
+        None => quote!(::core::option::Option::None),
+        Some((Expiry::Ttl(n), _)) => quote!(::core::option::Option::Some(
+            ::cache_runtime::__private::Expiration::Absolute(::cache_runtime::__private::Duration::from_nanos(#n))
+        )),
+        Some((Expiry::Sliding(n), _)) => quote!(::core::option::Option::Some(
+            ::cache_runtime::__private::Expiration::Sliding(::cache_runtime::__private::Duration::from_nanos(#n))
+        )),
+    };
+    let cache_none = opts.cache_none.map_or(true, |(v, _)| v);
+
+    // Key.
+    let key_base = if method {
+        let f = fn_name.to_string();
+        quote!(#f)
+    } else {
+        quote!(__CACHE_DESCRIPTOR.name)
+    };
+    let self_type = if method {
+        quote!(::core::option::Option::Some(::cache_runtime::__private::type_name::<Self>()))
+    } else {
+        quote!(::core::option::Option::None)
+    };
+    let mut type_args = Vec::new();
+    for g in &sig.generics.params {
+        match g {
+            GenericParam::Type(t) => {
+                let id = &t.ident;
+                type_args.push(quote!(__w.type_arg(::cache_runtime::__private::type_name::<#id>());));
+            }
+            GenericParam::Const(c) => {
+                let id = &c.ident;
+                type_args.push(quote!(__w.type_arg(&::std::format!("{}", #id));));
+            }
+            GenericParam::Lifetime(_) => {}
+        }
+    }
+    let mut writes = Vec::new();
+    for p in &params {
+        if p.skipped {
+            writes.push(quote!(__w.write_skipped();));
+            continue;
+        }
+        let span = p.span;
+        let value = match (&p.ident, p.is_ref) {
+            (None, true) => quote_spanned!(span=> self),
+            (None, false) => quote_spanned!(span=> &self),
+            (Some(id), true) => quote_spanned!(span=> #id),
+            (Some(id), false) => quote_spanned!(span=> &#id),
+        };
+        // `impl Trait` parameters are anonymous generics: their type is part of the key.
+        if let Some(Type::ImplTrait(_)) = &p.ty {
+            let id = p.ident.as_ref().expect("typed parameter");
+            type_args.push(quote!(__w.type_arg(::core::any::type_name_of_val(&#id));));
+        }
+        writes.push(quote_spanned!(span=> ::cache_runtime::__private::write_arg(&mut __w, #value);));
+    }
+
+    // Value checks, reported at the return type.
+    let stored_ty = stored_type(ret_ty, &kind);
+    let ret_span = ret_ty.span();
+    let shared = is_async && opts.local.is_none();
+    let value_check = if shared {
+        quote_spanned!(ret_span=> ::cache_runtime::__private::assert_shared_value::<#stored_ty>();)
+    } else {
+        quote_spanned!(ret_span=> ::cache_runtime::__private::assert_cached_value::<#stored_ty>();)
+    };
+    let kind_path = match kind {
+        Kind::Plain => quote!(::cache_runtime::__private::Plain),
+        Kind::ResultOk => quote!(::cache_runtime::__private::ResultOk),
+        Kind::Optional => quote!(::cache_runtime::__private::Optional),
+    };
+
+    let block = &func.block;
+    let call = if is_async {
+        let entry = if shared {
+            format_ident!("call_async_shared")
+        } else {
+            format_ident!("call_async")
+        };
+        quote! {
+            ::cache_runtime::__private::#entry::<#kind_path, _, _>(
+                &__CACHE_DESCRIPTOR,
+                __cache_key,
+                async move {
+                    // Tells type inference what the block returns, so `?` works inside it.
+                    #[allow(unreachable_code, clippy::diverging_sub_expression, clippy::let_unit_value)]
+                    if false {
+                        let __cache_unreachable: #ret_ty = loop {};
+                        return __cache_unreachable;
+                    }
+                    #block
+                },
+            ).await
+        }
+    } else {
+        quote! {
+            ::cache_runtime::__private::call_sync::<#kind_path, _, _>(
+                &__CACHE_DESCRIPTOR,
+                __cache_key,
+                move || -> #ret_ty #block,
+            )
+        }
+    };
+
+    let attrs = &func.attrs;
+    let vis = &func.vis;
+    Ok(quote! {
+        #(#attrs)*
+        #vis #sig {
+            #[allow(clippy::needless_borrow)]
+            {
+                #value_check
+            }
+            static __CACHE_DESCRIPTOR: ::cache_runtime::__private::Descriptor = ::cache_runtime::__private::Descriptor {
+                name: #name_expr,
+                method: #method,
+                version: #version,
+                profile: #profile,
+                expiration: #expiration,
+                cache_none: #cache_none,
+                registration: ::cache_runtime::__private::OnceLock::new(),
+            };
+            #[allow(clippy::needless_borrow, clippy::borrow_deref_ref)]
+            let __cache_key = {
+                let mut __w = ::cache_runtime::__private::KeyWriter::for_function(#key_base, #self_type, #version);
+                #(#type_args)*
+                __w.begin_args();
+                #(#writes)*
+                __w.finish()
+            };
+            #call
+        }
+    })
+}
+
+/// Parses the item, or explains what `#[cached]` can be applied to.
+fn parse_function(item: TokenStream) -> syn::Result<ItemFn> {
+    if let Ok(f) = syn::parse2::<ItemFn>(item.clone()) {
+        return Ok(f);
+    }
+    if let Ok(t) = syn::parse2::<syn::TraitItemFn>(item.clone()) {
+        if t.default.is_none() {
+            return Err(syn::Error::new(
+                t.sig.ident.span(),
+                "`#[cached]` needs a function body: put it on the method in the `impl` block, not on the trait's declaration",
+            ));
+        }
+    }
+    let span = match syn::parse2::<syn::Item>(item) {
+        Ok(item) => item_keyword_span(&item),
+        Err(_) => Span::call_site(),
+    };
+    Err(syn::Error::new(
+        span,
+        "`#[cached]` can only be applied to functions and methods (`fn` or `async fn` with a body)",
+    ))
+}
+
+fn item_keyword_span(item: &syn::Item) -> Span {
+    use syn::Item::*;
+    match item {
+        Struct(s) => s.struct_token.span,
+        Enum(e) => e.enum_token.span,
+        Const(c) => c.const_token.span,
+        Static(s) => s.static_token.span,
+        Impl(i) => i.impl_token.span,
+        Mod(m) => m.mod_token.span,
+        Trait(t) => t.trait_token.span,
+        Type(t) => t.type_token.span,
+        Use(u) => u.use_token.span,
+        Union(u) => u.union_token.span,
+        other => other.span(),
+    }
+}
+
+fn check_return_type(ty: &Type, errors: &mut Errors) {
+    match ty {
+        Type::Tuple(t) if t.elems.is_empty() => errors.add(
+            ty.span(),
+            "the function returns `()`, so there is nothing to cache; return the value to cache, or remove `#[cached]`",
+        ),
+        Type::Reference(_) => errors.add(
+            ty.span(),
+            "a cached function cannot return a reference: the cache stores the value and hands out clones; return an owned type (`String` rather than `&str`, `Vec<T>` rather than `&[T]`), or an `Arc<T>`",
+        ),
+        Type::ImplTrait(_) => errors.add(
+            ty.span(),
+            "a cached function cannot return `impl Trait`: the cache must name the type it stores; return the concrete type",
+        ),
+        Type::Paren(p) => check_return_type(&p.elem, errors),
+        _ => {}
+    }
+}
+
+fn last_segment_args<'a>(ty: &'a Type, name: &str) -> Option<Vec<&'a Type>> {
+    let Type::Path(p) = ty else { return None };
+    if p.qself.is_some() {
+        return None;
+    }
+    let seg = p.path.segments.last()?;
+    if seg.ident != name {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &seg.arguments else {
+        return None;
+    };
+    Some(
+        args.args
+            .iter()
+            .filter_map(|a| match a {
+                GenericArgument::Type(t) => Some(t),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// Decided by the return type's last path segment: `Result<..>` and `Option<..>`.
+fn return_kind(ty: &Type) -> Kind {
+    if last_segment_args(ty, "Result").is_some_and(|a| !a.is_empty()) {
+        Kind::ResultOk
+    } else if last_segment_args(ty, "Option").is_some_and(|a| a.len() == 1) {
+        Kind::Optional
+    } else {
+        Kind::Plain
+    }
+}
+
+fn stored_type(ty: &Type, kind: &Kind) -> TokenStream {
+    match kind {
+        Kind::ResultOk => last_segment_args(ty, "Result")
+            .and_then(|a| a.first().copied())
+            .map_or_else(|| ty.to_token_stream(), ToTokens::to_token_stream),
+        _ => ty.to_token_stream(),
+    }
+}

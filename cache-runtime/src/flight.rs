@@ -1,0 +1,219 @@
+//! Single flight: one execution per key at a time, in this process.
+//!
+//! The first caller of a missing key becomes the leader; later callers of the same key
+//! wait for the leader's outcome instead of running the body. The leader publishes the
+//! stored slot on success. If it returns an error, panics or is dropped (cancelled),
+//! its guard marks the flight abandoned on drop and the waiters try again: one of them
+//! becomes the new leader, so a failure never poisons the key. Waiting is bounded by
+//! the caller's lock timeout, after which the waiter runs the body itself.
+//!
+//! Flights are removed from the table before their outcome is published, so a caller
+//! that arrives after the outcome finds the value in the cache (stored before
+//! `complete`) or starts a new flight; it never joins a finished one.
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::memory::AnySlot;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Clone)]
+pub(crate) enum Outcome {
+    Done(Arc<AnySlot>),
+    Abandoned,
+}
+
+pub(crate) enum Waited {
+    Done(Arc<AnySlot>),
+    Abandoned,
+    TimedOut,
+}
+
+pub(crate) struct Flight {
+    state: Mutex<Option<Outcome>>,
+    cond: Condvar,
+    notify: Notify,
+}
+
+impl Flight {
+    /// Waits for the leader's outcome, at most `timeout`.
+    pub(crate) async fn wait(&self, timeout: Duration) -> Waited {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut notified = pin!(self.notify.notified());
+            notified.as_mut().enable();
+            if let Some(outcome) = lock(&self.state).clone() {
+                return outcome.into();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Waited::TimedOut;
+            }
+        }
+    }
+
+    /// Blocking form of [`Flight::wait`], for plain (non-async) cached functions.
+    pub(crate) fn wait_blocking(&self, timeout: Duration) -> Waited {
+        let guard = lock(&self.state);
+        let (guard, _) = self
+            .cond
+            .wait_timeout_while(guard, timeout, |s| s.is_none())
+            .unwrap_or_else(PoisonError::into_inner);
+        match guard.clone() {
+            Some(outcome) => outcome.into(),
+            None => Waited::TimedOut,
+        }
+    }
+}
+
+impl From<Outcome> for Waited {
+    fn from(o: Outcome) -> Self {
+        match o {
+            Outcome::Done(slot) => Waited::Done(slot),
+            Outcome::Abandoned => Waited::Abandoned,
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Flights {
+    map: Mutex<HashMap<Box<[u8]>, Arc<Flight>>>,
+}
+
+pub(crate) enum Join<'a> {
+    Lead(Leader<'a>),
+    Wait(Arc<Flight>),
+}
+
+impl Flights {
+    /// Joins the flight for `key`, or starts one and leads it.
+    pub(crate) fn join(&self, key: &[u8]) -> Join<'_> {
+        let mut map = lock(&self.map);
+        if let Some(flight) = map.get(key) {
+            return Join::Wait(flight.clone());
+        }
+        let flight = Arc::new(Flight {
+            state: Mutex::new(None),
+            cond: Condvar::new(),
+            notify: Notify::new(),
+        });
+        map.insert(key.into(), flight.clone());
+        Join::Lead(Leader {
+            flights: self,
+            key: key.into(),
+            flight,
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+}
+
+/// Held by the caller that runs the body. Dropping it without [`Leader::complete`]
+/// (error, panic, cancellation) abandons the flight and wakes the waiters.
+pub(crate) struct Leader<'a> {
+    flights: &'a Flights,
+    key: Box<[u8]>,
+    flight: Arc<Flight>,
+}
+
+impl Leader<'_> {
+    pub(crate) fn complete(self, slot: Arc<AnySlot>) {
+        self.finish(Outcome::Done(slot));
+    }
+
+    fn finish(&self, outcome: Outcome) {
+        {
+            let mut map = lock(&self.flights.map);
+            if map
+                .get(&self.key)
+                .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+            {
+                map.remove(&self.key);
+            }
+        }
+        let mut state = lock(&self.flight.state);
+        if state.is_none() {
+            *state = Some(outcome);
+        }
+        drop(state);
+        self.flight.cond.notify_all();
+        self.flight.notify.notify_waiters();
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        self.finish(Outcome::Abandoned);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{Expiration, Slot};
+
+    fn slot(v: u32) -> Arc<AnySlot> {
+        Arc::new(Slot::new(v, Expiration::Never))
+    }
+
+    fn value(w: Waited) -> Option<u32> {
+        match w {
+            Waited::Done(s) => s.value.downcast_ref::<u32>().copied(),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn waiters_get_the_leaders_value() {
+        let flights = Flights::default();
+        let Join::Lead(leader) = flights.join(b"k") else { panic!("first caller leads") };
+        let Join::Wait(flight) = flights.join(b"k") else { panic!("second caller waits") };
+        let waiter = flight.clone();
+        let task = tokio::spawn(async move { value(waiter.wait(Duration::from_secs(5)).await) });
+        tokio::task::yield_now().await;
+        leader.complete(slot(7));
+        assert_eq!(task.await.unwrap(), Some(7));
+        assert_eq!(flights.len(), 0);
+        // a finished flight still answers late waiters
+        assert_eq!(value(flight.wait(Duration::from_secs(1)).await), Some(7));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_leader_abandons_the_flight() {
+        let flights = Flights::default();
+        let leader = flights.join(b"k");
+        let Join::Wait(flight) = flights.join(b"k") else { panic!() };
+        drop(leader);
+        assert!(matches!(flight.wait(Duration::from_secs(1)).await, Waited::Abandoned));
+        assert!(matches!(flights.join(b"k"), Join::Lead(_)), "the key is free again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_is_bounded() {
+        let flights = Flights::default();
+        let _leader = flights.join(b"k");
+        let Join::Wait(flight) = flights.join(b"k") else { panic!() };
+        assert!(matches!(flight.wait(Duration::from_millis(50)).await, Waited::TimedOut));
+        assert!(matches!(flight.wait_blocking(Duration::from_millis(10)), Waited::TimedOut));
+    }
+
+    #[test]
+    fn blocking_waiters_are_woken() {
+        let flights = Arc::new(Flights::default());
+        let Join::Lead(leader) = flights.join(b"k") else { panic!() };
+        let Join::Wait(flight) = flights.join(b"k") else { panic!() };
+        let t = std::thread::spawn(move || value(flight.wait_blocking(Duration::from_secs(5))));
+        std::thread::sleep(Duration::from_millis(20));
+        leader.complete(slot(3));
+        assert_eq!(t.join().unwrap(), Some(3));
+    }
+}

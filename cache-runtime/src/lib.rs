@@ -1,0 +1,103 @@
+//! Attribute-driven caching for async Rust.
+//!
+//! Write `#[cached]` on a function; its result is stored under a key built from its
+//! name and arguments, and the next call with the same arguments returns the stored
+//! value without running the body.
+//!
+//! ```
+//! use cache_runtime::cached;
+//!
+//! #[derive(Clone, serde::Serialize, serde::Deserialize)]
+//! pub struct Product { pub id: u64, pub name: String }
+//!
+//! #[cached(ttl = "10m")]
+//! pub async fn get_product(id: u64) -> Result<Product, String> {
+//!     // a slow query
+//!     Ok(Product { id, name: format!("product {id}") })
+//! }
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let first = get_product(42).await;   // runs the body
+//! let second = get_product(42).await;  // served from the cache
+//! assert_eq!(cache_runtime::stats().function(concat!(module_path!(), "::get_product")).hits, 1);
+//! # });
+//! ```
+//!
+//! - [`cached`]: the attribute and its options (`profile`, `ttl`, `sliding`, `skip`,
+//!   `name`, `version`, `local`, `cache_none`).
+//! - [`CacheKey`]: what arguments must implement, with `#[derive(CacheKey)]`.
+//! - [`CachingService`]: configured once in `main` (backend, profiles), or created with
+//!   defaults by the first cached call; [`CachingService::scope`] runs code against
+//!   another service.
+//! - [`stats`]: hit, miss and execution counts per function.
+//!
+//! Tracing: each hit and miss is a `debug` event of target `cache_runtime` with the
+//! readable key; configuration errors are `error` events.
+
+#![warn(missing_docs)]
+
+mod call;
+mod flight;
+mod key;
+mod memory;
+mod registry;
+mod service;
+
+pub use key::{key_text, CacheKey, Key, KeyWriter};
+pub use memory::{Expiration, MemoryBackend, WeighFn};
+pub use service::{
+    shutdown, stats, Backend, CachingService, CachingServiceBuilder, ConfigError, FunctionStats,
+    InstallError, Profile, ShutdownReport, Stats,
+};
+
+/// Caches a function's result under a key built from its arguments.
+///
+/// ```
+/// use cache_runtime::cached;
+/// # #[derive(Clone)] pub struct Db;
+///
+/// #[cached(profile = "catalog", ttl = "10m", skip(db))]
+/// pub async fn products_in(category: &str, db: &Db) -> Vec<String> {
+///     vec![format!("{category}: first")]
+/// }
+/// ```
+///
+/// | option | meaning |
+/// |---|---|
+/// | `profile = "name"` | run-time [`Profile`]; default `"default"` |
+/// | `ttl = "10m"` | absolute expiration; units `ms s m h d`, combinable (`"1h30m"`) |
+/// | `sliding = "2m"` | sliding expiration; not with `ttl` |
+/// | `skip(a, b, self)` | parameters left out of the key |
+/// | `name = "catalog.product"` | stable key name instead of `module_path::fn` |
+/// | `version = 2` | bump when the value's shape changes; older entries are never read |
+/// | `local` | in-process tier only; the value need not implement serde |
+/// | `cache_none = false` | for `Option<T>` returns: do not store `None` |
+///
+/// Return types: the value must be `Clone + Send + Sync + 'static` and, unless
+/// `local`, `Serialize + DeserializeOwned`. For `Result<T, E>` only `Ok` is stored. A
+/// plain `fn` is cached in the in-process tier only, and needs no serde.
+///
+/// Keys: `module_path::function` (methods: `receiver_type::method`), then `:v` and the
+/// version, then the arguments, for example `shop::catalog::get_product:v1(42)`.
+/// Generic functions add their type arguments (`::<u64>`), skipped parameters show as
+/// `*`.
+pub use cache_macros::cached;
+
+/// Derives [`CacheKey`] for a struct or an enum whose fields implement it.
+pub use cache_macros::CacheKey;
+
+/// Items used by the generated code. Not a public API: names and signatures change
+/// without notice.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::call::{
+        assert_cached_value, assert_shared_value, call_async, call_async_shared, call_sync,
+        write_arg, CachedValue, Optional, Plain, ResultOk, ReturnKind, SharedValue,
+    };
+    pub use crate::key::KeyWriter;
+    pub use crate::memory::Expiration;
+    pub use crate::registry::Descriptor;
+    pub use core::any::type_name;
+    pub use core::time::Duration;
+    pub use std::sync::OnceLock;
+}

@@ -1,0 +1,303 @@
+//! The in-process tier: typed values in a bounded `quick_cache`, with expiry.
+//!
+//! Values are stored as `Arc<Slot<T>>` behind `dyn Any`, so a hit is a lookup, a type
+//! check and a clone of `T`: nothing is deserialized. Expiry is kept in the slot
+//! (`expires_at`, in nanoseconds on a process clock) and checked on read; an expired
+//! slot is removed by the reader that finds it, or evicted by `quick_cache` like any
+//! cold entry. A sliding slot moves its deadline forward on each hit.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use quick_cache::sync::Cache;
+use quick_cache::Weighter;
+
+/// Deadline meaning "never expires".
+pub(crate) const NEVER: u64 = u64::MAX;
+
+static CLOCK_BASE: LazyLock<tokio::time::Instant> = LazyLock::new(tokio::time::Instant::now);
+
+/// Nanoseconds since the process clock started. Uses tokio's clock, so tests that pause
+/// time see entries expire as time is advanced.
+pub(crate) fn now_nanos() -> u64 {
+    let elapsed = tokio::time::Instant::now().saturating_duration_since(*CLOCK_BASE);
+    u64::try_from(elapsed.as_nanos()).unwrap_or(NEVER - 1)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(NEVER - 1)
+}
+
+/// How an entry expires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Expiration {
+    /// Kept until evicted or invalidated.
+    #[default]
+    Never,
+    /// Removed this long after it was stored.
+    Absolute(Duration),
+    /// Removed when not read for this long.
+    Sliding(Duration),
+}
+
+/// One stored value with its deadline.
+pub(crate) struct Slot<V: ?Sized> {
+    expires_at: AtomicU64,
+    sliding: u64,
+    pub(crate) value: V,
+}
+
+pub(crate) type AnySlot = Slot<dyn Any + Send + Sync>;
+
+impl<V> Slot<V> {
+    pub(crate) fn new(value: V, expiration: Expiration) -> Self {
+        let (expires_at, sliding) = match expiration {
+            Expiration::Never => (NEVER, 0),
+            Expiration::Absolute(d) => (now_nanos().saturating_add(nanos(d)), 0),
+            Expiration::Sliding(d) => {
+                let d = nanos(d);
+                (now_nanos().saturating_add(d), d)
+            }
+        };
+        Slot {
+            expires_at: AtomicU64::new(expires_at),
+            sliding,
+            value,
+        }
+    }
+}
+
+impl<V: ?Sized> Slot<V> {
+    /// Checks the deadline; a live sliding slot moves it forward.
+    #[inline]
+    fn touch(&self) -> bool {
+        let deadline = self.expires_at.load(Ordering::Relaxed);
+        if deadline == NEVER {
+            return true;
+        }
+        let now = now_nanos();
+        if now >= deadline {
+            return false;
+        }
+        if self.sliding != 0 {
+            self.expires_at
+                .store(now.saturating_add(self.sliding), Ordering::Relaxed);
+        }
+        true
+    }
+}
+
+/// Weighs one entry: the key's encoded bytes and the stored value (downcast it to the
+/// types you cache).
+pub type WeighFn = dyn Fn(&[u8], &(dyn Any + Send + Sync)) -> u64 + Send + Sync;
+
+#[derive(Clone)]
+struct EntryWeighter(Option<Arc<WeighFn>>);
+
+impl Weighter<Box<[u8]>, Arc<AnySlot>> for EntryWeighter {
+    fn weight(&self, key: &Box<[u8]>, val: &Arc<AnySlot>) -> u64 {
+        match &self.0 {
+            None => 1,
+            Some(f) => f(key, &val.value),
+        }
+    }
+}
+
+/// The in-process cache: bounded, typed, with `ttl` and `sliding` expiry.
+///
+/// ```
+/// use cache_runtime::MemoryBackend;
+///
+/// // At most 100,000 entries.
+/// let by_count = MemoryBackend::new().max_entries(100_000);
+///
+/// // At most 64 MiB of strings, weighed by their length.
+/// let by_size = MemoryBackend::new().max_weight(64 << 20).weigher(|key, value| {
+///     let value_len = value.downcast_ref::<String>().map_or(64, |s| s.len());
+///     (key.len() + value_len) as u64
+/// });
+/// ```
+#[derive(Clone)]
+pub struct MemoryBackend {
+    max_entries: usize,
+    max_weight: Option<u64>,
+    weigher: Option<Arc<WeighFn>>,
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBackend")
+            .field("max_entries", &self.max_entries)
+            .field("max_weight", &self.max_weight)
+            .field("weigher", &self.weigher.is_some())
+            .finish()
+    }
+}
+
+impl MemoryBackend {
+    /// Default bound: 10,000 entries.
+    pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
+
+    /// An in-process cache of at most [`Self::DEFAULT_MAX_ENTRIES`] entries.
+    pub fn new() -> Self {
+        MemoryBackend {
+            max_entries: Self::DEFAULT_MAX_ENTRIES,
+            max_weight: None,
+            weigher: None,
+        }
+    }
+
+    /// The bound on the number of entries. With a [`weigher`](Self::weigher), this is
+    /// the expected number of entries (used to size the table) and the weight is the bound.
+    pub fn max_entries(mut self, n: usize) -> Self {
+        self.max_entries = n.max(1);
+        self
+    }
+
+    /// The bound on the total weight, with a [`weigher`](Self::weigher). Without a
+    /// weigher every entry weighs 1.
+    pub fn max_weight(mut self, weight: u64) -> Self {
+        self.max_weight = Some(weight.max(1));
+        self
+    }
+
+    /// How much one entry weighs. Keep it cheap: it runs on every insert and eviction.
+    pub fn weigher(
+        mut self,
+        f: impl Fn(&[u8], &(dyn Any + Send + Sync)) -> u64 + Send + Sync + 'static,
+    ) -> Self {
+        self.weigher = Some(Arc::new(f));
+        self
+    }
+
+    pub(crate) fn build(&self) -> MemoryTier {
+        let capacity = self.max_weight.unwrap_or(self.max_entries as u64);
+        MemoryTier {
+            cache: Cache::with_weighter(
+                self.max_entries,
+                capacity,
+                EntryWeighter(self.weigher.clone()),
+            ),
+        }
+    }
+}
+
+/// A built [`MemoryBackend`].
+pub(crate) struct MemoryTier {
+    cache: Cache<Box<[u8]>, Arc<AnySlot>, EntryWeighter>,
+}
+
+impl MemoryTier {
+    /// The live value stored under `key`, if it has type `T`. An expired slot is
+    /// removed; a slot of another type (two functions sharing a name) is a miss.
+    #[inline]
+    pub(crate) fn get<T: Clone + 'static>(&self, key: &[u8]) -> Option<T> {
+        let slot = self.cache.get(key)?;
+        if !slot.touch() {
+            self.cache.remove_if(key, |current| Arc::ptr_eq(current, &slot));
+            return None;
+        }
+        slot.value.downcast_ref::<T>().cloned()
+    }
+
+    pub(crate) fn insert(&self, key: Box<[u8]>, slot: Arc<AnySlot>) {
+        self.cache.insert(key, slot);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn remove(&self, key: &[u8]) -> bool {
+        self.cache.remove(key).is_some()
+    }
+
+    pub(crate) fn clear(&self) {
+        self.cache.clear();
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub(crate) fn keys(&self) -> Vec<Box<[u8]>> {
+        self.cache.iter().map(|(k, _)| k).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot<T: Send + Sync + 'static>(v: T, e: Expiration) -> Arc<AnySlot> {
+        Arc::new(Slot::new(v, e))
+    }
+
+    #[test]
+    fn stores_typed_values() {
+        let tier = MemoryBackend::new().build();
+        tier.insert(b"a".to_vec().into(), slot(String::from("x"), Expiration::Never));
+        assert_eq!(tier.get::<String>(b"a"), Some("x".to_owned()));
+        assert_eq!(tier.get::<u32>(b"a"), None, "another type is a miss");
+        assert_eq!(tier.get::<String>(b"b"), None);
+        assert!(tier.remove(b"a"));
+        assert_eq!(tier.get::<String>(b"a"), None);
+    }
+
+    #[test]
+    fn is_bounded_by_entries() {
+        let tier = MemoryBackend::new().max_entries(100).build();
+        for i in 0..1000u32 {
+            tier.insert(i.to_le_bytes().to_vec().into(), slot(i, Expiration::Never));
+        }
+        assert!(tier.len() <= 100, "{} entries", tier.len());
+    }
+
+    #[test]
+    fn is_bounded_by_weight() {
+        let tier = MemoryBackend::new()
+            .max_entries(10)
+            .max_weight(1000)
+            .weigher(|_, v| v.downcast_ref::<String>().map_or(1, |s| s.len() as u64))
+            .build();
+        for i in 0..100u32 {
+            tier.insert(i.to_le_bytes().to_vec().into(), slot("x".repeat(100), Expiration::Never));
+        }
+        let total: usize = tier
+            .keys()
+            .iter()
+            .filter_map(|k| tier.get::<String>(k))
+            .map(|s| s.len())
+            .sum();
+        assert!(total <= 1000, "{total} bytes held");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absolute_expiry() {
+        let tier = MemoryBackend::new().build();
+        tier.insert(b"k".to_vec().into(), slot(1u8, Expiration::Absolute(Duration::from_secs(10))));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(tier.get::<u8>(b"k"), Some(1));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(tier.get::<u8>(b"k"), None);
+        assert_eq!(tier.len(), 0, "the reader removed the expired entry");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sliding_expiry() {
+        let tier = MemoryBackend::new().build();
+        tier.insert(b"k".to_vec().into(), slot(1u8, Expiration::Sliding(Duration::from_secs(10))));
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_secs(8)).await;
+            assert_eq!(tier.get::<u8>(b"k"), Some(1), "each read extends the deadline");
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(tier.get::<u8>(b"k"), None);
+    }
+}

@@ -1,0 +1,499 @@
+//! The caching service: configuration, the global instance, scoped instances, stats.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::flight::Flights;
+use crate::memory::{Expiration, MemoryBackend, MemoryTier};
+use crate::registry::FnTable;
+
+/// Run-time settings shared by the cached functions that name it with
+/// `#[cached(profile = "...")]`. Values given on the attribute win over the profile's.
+///
+/// ```
+/// use cache_runtime::Profile;
+/// use std::time::Duration;
+///
+/// let catalog = Profile::new("catalog").ttl(Duration::from_secs(600));
+/// let sessions = Profile::new("sessions").sliding(Duration::from_secs(120));
+/// let off = Profile::new("reports").enabled(false);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Profile {
+    pub(crate) name: String,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) sliding: Option<Duration>,
+    pub(crate) enabled: bool,
+    pub(crate) lock_timeout: Duration,
+}
+
+impl Profile {
+    /// The name of the profile used when the attribute names none.
+    pub const DEFAULT: &'static str = "default";
+    /// How long a caller waits for another call of the same key before running the
+    /// body itself, unless the profile says otherwise.
+    pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// A profile with no expiration, enabled, with the default lock timeout.
+    pub fn new(name: impl Into<String>) -> Self {
+        Profile {
+            name: name.into(),
+            ttl: None,
+            sliding: None,
+            enabled: true,
+            lock_timeout: Self::DEFAULT_LOCK_TIMEOUT,
+        }
+    }
+
+    /// Absolute expiration: entries are removed this long after they are stored.
+    /// Cannot be combined with [`sliding`](Self::sliding).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Sliding expiration: entries are removed when not read for this long.
+    /// Cannot be combined with [`ttl`](Self::ttl).
+    pub fn sliding(mut self, sliding: Duration) -> Self {
+        self.sliding = Some(sliding);
+        self
+    }
+
+    /// `false` turns caching off for the functions of this profile: they run every time.
+    pub fn enabled(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
+        self
+    }
+
+    /// How long a call waits for a concurrent call of the same key before it runs the
+    /// body itself.
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
+    /// The profile's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn expiration(&self) -> Expiration {
+        match (self.ttl, self.sliding) {
+            (Some(d), _) => Expiration::Absolute(d),
+            (None, Some(d)) => Expiration::Sliding(d),
+            (None, None) => Expiration::Never,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let problem = if self.ttl.is_some() && self.sliding.is_some() {
+            "sets both `ttl` and `sliding`; choose one"
+        } else if self.ttl == Some(Duration::ZERO) || self.sliding == Some(Duration::ZERO) {
+            "has a zero expiration, which would never serve a hit; use `enabled(false)` to turn caching off"
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError::Profile {
+            name: self.name.clone(),
+            problem,
+        })
+    }
+}
+
+/// What the service stores entries in. Built from a [`MemoryBackend`]; the Redis
+/// tier of `cache-redis` converts into it as well.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub(crate) memory: MemoryBackend,
+}
+
+impl From<MemoryBackend> for Backend {
+    fn from(memory: MemoryBackend) -> Self {
+        Backend { memory }
+    }
+}
+
+/// A configuration the service refuses.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A profile's settings contradict each other.
+    #[error("profile `{name}` {problem}")]
+    Profile {
+        /// The profile.
+        name: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// Two profiles have the same name.
+    #[error("profile `{0}` is configured twice")]
+    DuplicateProfile(String),
+    /// The key length limit is too small to hold a function name and a hash.
+    #[error("max_key_length must be at least 64 bytes, got {0}")]
+    KeyLength(usize),
+}
+
+/// Why [`CachingServiceBuilder::install`] failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InstallError {
+    /// A service is already installed (by an earlier `install`, or the default one a
+    /// cached call installed because none was).
+    #[error("a caching service is already installed; call `install` once, at the start of `main`, before any cached call")]
+    AlreadyInstalled,
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Configures a [`CachingService`].
+#[derive(Debug)]
+#[must_use = "call `.install()` or `.build()`"]
+pub struct CachingServiceBuilder {
+    backend: Backend,
+    profiles: Vec<Profile>,
+    max_key_length: usize,
+}
+
+impl CachingServiceBuilder {
+    /// Where entries are stored. Default: `MemoryBackend::new()`.
+    pub fn backend(mut self, backend: impl Into<Backend>) -> Self {
+        self.backend = backend.into();
+        self
+    }
+
+    /// Adds a profile. A profile named `"default"` replaces the built-in default.
+    pub fn profile(mut self, profile: Profile) -> Self {
+        self.profiles.push(profile);
+        self
+    }
+
+    /// Readable keys longer than this many bytes keep their function part and have the
+    /// arguments replaced by a 128-bit hash. Default: 1024.
+    pub fn max_key_length(mut self, bytes: usize) -> Self {
+        self.max_key_length = bytes;
+        self
+    }
+
+    /// Builds a service without installing it; run code against it with
+    /// [`CachingService::scope`].
+    pub fn build(self) -> Result<CachingService, ConfigError> {
+        if self.max_key_length < 64 {
+            return Err(ConfigError::KeyLength(self.max_key_length));
+        }
+        let mut profiles = HashMap::new();
+        profiles.insert(Profile::DEFAULT.to_owned(), Profile::new(Profile::DEFAULT));
+        let mut seen = std::collections::HashSet::new();
+        for p in self.profiles {
+            p.validate()?;
+            if !seen.insert(p.name.clone()) {
+                return Err(ConfigError::DuplicateProfile(p.name));
+            }
+            profiles.insert(p.name.clone(), p);
+        }
+        Ok(CachingService {
+            inner: Arc::new(Inner {
+                memory: self.backend.memory.build(),
+                profiles,
+                max_key_length: self.max_key_length,
+                flights: Flights::default(),
+                functions: FnTable::default(),
+            }),
+        })
+    }
+
+    /// Builds the service and makes it the global one, used by every cached call that
+    /// does not run inside [`CachingService::scope`]. Fails if a service is already
+    /// installed.
+    pub fn install(self) -> Result<(), InstallError> {
+        let service = self.build()?;
+        let mut installed = false;
+        GLOBAL.get_or_init(|| {
+            installed = true;
+            service
+        });
+        if installed {
+            Ok(())
+        } else {
+            Err(InstallError::AlreadyInstalled)
+        }
+    }
+}
+
+/// The caching service: the tiers, the profiles and the statistics that cached
+/// functions use. Cheap to clone (a handle).
+///
+/// One service is global: installed in `main` with
+/// [`CachingService::builder`]`()...install()`, or created with default settings by the
+/// first cached call. Other services can be built and used for a scope, which is how
+/// tests and benchmarks keep their caches apart:
+///
+/// ```
+/// use cache_runtime::{cached, CachingService};
+///
+/// #[cached]
+/// async fn square(x: u64) -> u64 { x * x }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let service = CachingService::builder().build().unwrap();
+/// service.scope(async {
+///     square(3).await;
+///     square(3).await;
+/// }).await;
+/// assert_eq!(service.stats().total.hits, 1);
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct CachingService {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) memory: MemoryTier,
+    pub(crate) profiles: HashMap<String, Profile>,
+    pub(crate) max_key_length: usize,
+    pub(crate) flights: Flights,
+    pub(crate) functions: FnTable,
+}
+
+impl fmt::Debug for CachingService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachingService")
+            .field("entries", &self.inner.memory.len())
+            .field("profiles", &self.inner.profiles.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+static GLOBAL: OnceLock<CachingService> = OnceLock::new();
+
+tokio::task_local! {
+    static SCOPED: CachingService;
+}
+
+/// Runs `f` with the current service: the one of the enclosing
+/// [`CachingService::scope`], else the global one (installed with defaults if needed).
+#[inline]
+pub(crate) fn with_current<R>(f: impl FnOnce(&CachingService) -> R) -> R {
+    if SCOPED.try_with(|_| ()).is_ok() {
+        SCOPED.with(f)
+    } else {
+        f(global())
+    }
+}
+
+fn global() -> &'static CachingService {
+    GLOBAL.get_or_init(|| {
+        tracing::debug!(target: "cache_runtime", "no caching service installed: using the default in-memory service");
+        CachingService::builder()
+            .build()
+            .unwrap_or_else(|_| unreachable!("the default configuration is valid"))
+    })
+}
+
+impl CachingService {
+    /// Starts configuring a service.
+    pub fn builder() -> CachingServiceBuilder {
+        CachingServiceBuilder {
+            backend: MemoryBackend::new().into(),
+            profiles: Vec::new(),
+            max_key_length: 1024,
+        }
+    }
+
+    /// The service cached calls use here: the scoped one inside
+    /// [`scope`](Self::scope), else the global one.
+    pub fn current() -> CachingService {
+        with_current(CachingService::clone)
+    }
+
+    /// Runs `future` with this service as the current one: every cached call made while
+    /// it runs (on this task) uses this service instead of the global one. Tasks spawned
+    /// inside do not inherit it; wrap their futures in `scope` too.
+    pub fn scope<F: Future>(&self, future: F) -> impl Future<Output = F::Output> {
+        SCOPED.scope(self.clone(), future)
+    }
+
+    /// Runs `f` with this service as the current one, for plain cached functions.
+    pub fn scope_sync<R>(&self, f: impl FnOnce() -> R) -> R {
+        SCOPED.sync_scope(self.clone(), f)
+    }
+
+    /// Removes every entry of the current service.
+    pub async fn clear() {
+        with_current(|s| s.inner.memory.clear());
+    }
+
+    /// Hit, miss and execution counts of this service, in total and per function.
+    pub fn stats(&self) -> Stats {
+        self.inner.functions.stats()
+    }
+
+    /// The readable keys of the entries in the in-process tier (including expired
+    /// entries not yet removed), for inspection and debugging.
+    pub fn local_keys(&self) -> Vec<String> {
+        self.inner
+            .memory
+            .keys()
+            .iter()
+            .map(|bytes| match crate::Key::from_bytes(bytes) {
+                Some(key) => key.to_text(self.inner.max_key_length),
+                None => "<invalid key>".to_owned(),
+            })
+            .collect()
+    }
+
+    /// Completes this service's pending background work. The in-memory tier has none;
+    /// a remote tier drains its queued writes here.
+    pub async fn shutdown(&self) -> ShutdownReport {
+        ShutdownReport::default()
+    }
+}
+
+/// Stats of the current service (see [`CachingService::stats`]).
+pub fn stats() -> Stats {
+    with_current(CachingService::stats)
+}
+
+/// Completes the current service's pending background writes before it returns.
+pub async fn shutdown() -> ShutdownReport {
+    CachingService::current().shutdown().await
+}
+
+/// What [`shutdown`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Background writes completed during shutdown.
+    pub written: u64,
+    /// Background writes abandoned because the shutdown timeout passed.
+    pub abandoned: u64,
+    /// Whether the shutdown timeout passed before everything was written.
+    pub timed_out: bool,
+}
+
+/// Counters of one function, or of the whole service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FunctionStats {
+    /// Calls served from the cache, without running the body.
+    pub hits: u64,
+    /// Calls that did not find a value. A miss either ran the body or received the
+    /// value of a concurrent call of the same key (`misses - executions`).
+    pub misses: u64,
+    /// Hits served by the in-process tier.
+    pub l1_hits: u64,
+    /// Hits served by the remote tier.
+    pub l2_hits: u64,
+    /// Times the body ran (misses that led, disabled profiles, misconfigured functions).
+    pub executions: u64,
+    /// Entries removed by invalidation.
+    pub invalidations: u64,
+    /// Failed operations on a remote tier.
+    pub backend_errors: u64,
+    /// Calls that ran uncached because of a configuration error (unknown profile,
+    /// two functions with the same key name).
+    pub config_errors: u64,
+}
+
+impl FunctionStats {
+    pub(crate) fn add(&mut self, o: &FunctionStats) {
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.l1_hits += o.l1_hits;
+        self.l2_hits += o.l2_hits;
+        self.executions += o.executions;
+        self.invalidations += o.invalidations;
+        self.backend_errors += o.backend_errors;
+        self.config_errors += o.config_errors;
+    }
+}
+
+/// A snapshot of a service's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// The sum over all functions.
+    pub total: FunctionStats,
+    /// Per function, by key name (`module::function`, or `module::Type::method`).
+    pub functions: BTreeMap<String, FunctionStats>,
+}
+
+impl Stats {
+    /// The counters of one function by its key name; zero if it never ran.
+    pub fn function(&self, name: &str) -> FunctionStats {
+        self.functions.get(name).copied().unwrap_or_default()
+    }
+}
+
+/// Live counters of one function in one service.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) l1_hits: AtomicU64,
+    pub(crate) l2_hits: AtomicU64,
+    pub(crate) executions: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) backend_errors: AtomicU64,
+    pub(crate) config_errors: AtomicU64,
+}
+
+impl Counters {
+    #[inline]
+    pub(crate) fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> FunctionStats {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        FunctionStats {
+            hits: l(&self.hits),
+            misses: l(&self.misses),
+            l1_hits: l(&self.l1_hits),
+            l2_hits: l(&self.l2_hits),
+            executions: l(&self.executions),
+            invalidations: l(&self.invalidations),
+            backend_errors: l(&self.backend_errors),
+            config_errors: l(&self.config_errors),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_contradictory_profiles() {
+        let err = CachingService::builder()
+            .profile(Profile::new("p").ttl(Duration::from_secs(1)).sliding(Duration::from_secs(1)))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.to_string(), "profile `p` sets both `ttl` and `sliding`; choose one");
+        let err = CachingService::builder()
+            .profile(Profile::new("p").ttl(Duration::ZERO))
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("zero expiration"), "{err}");
+        let err = CachingService::builder()
+            .profile(Profile::new("p"))
+            .profile(Profile::new("p"))
+            .build()
+            .unwrap_err();
+        assert_eq!(err, ConfigError::DuplicateProfile("p".into()));
+        assert_eq!(
+            CachingService::builder().max_key_length(10).build().unwrap_err(),
+            ConfigError::KeyLength(10)
+        );
+    }
+
+    #[test]
+    fn profile_expiration() {
+        assert_eq!(Profile::new("a").expiration(), Expiration::Never);
+        let d = Duration::from_secs(3);
+        assert_eq!(Profile::new("a").ttl(d).expiration(), Expiration::Absolute(d));
+        assert_eq!(Profile::new("a").sliding(d).expiration(), Expiration::Sliding(d));
+    }
+}
