@@ -49,7 +49,8 @@ pub struct Registration {
 
 #[derive(Default)]
 struct Registry {
-    by_name: HashMap<Arc<str>, usize>,
+    /// Key name and version of each registered function, with its descriptor's address.
+    by_name: HashMap<(Arc<str>, u32), usize>,
     next: usize,
 }
 
@@ -62,7 +63,7 @@ fn register(desc: &'static Descriptor, name: String) -> Registration {
     registry.next += 1;
     let name: Arc<str> = name.into();
     let addr = desc as *const Descriptor as usize;
-    let collides_with = match registry.by_name.get(&name) {
+    let collides_with = match registry.by_name.get(&(name.clone(), desc.version)) {
         Some(&other) if other != addr => {
             tracing::error!(
                 target: "cache_runtime",
@@ -72,7 +73,7 @@ fn register(desc: &'static Descriptor, name: String) -> Registration {
             Some(desc.name)
         }
         _ => {
-            registry.by_name.insert(name.clone(), addr);
+            registry.by_name.insert((name.clone(), desc.version), addr);
             None
         }
     };
