@@ -68,7 +68,7 @@ fn register(desc: &'static Descriptor, name: String) -> Registration {
             tracing::error!(
                 target: "cache_runtime",
                 function = %name,
-                "two cached functions use the key name `{name}`; the second one runs uncached. Give one of them `#[cached(name = \"...\")]`"
+                "two cached functions use the key name `{name}` (functions nested in other functions share their module's path); the second one runs uncached. Rename one, or give it `#[cached(name = \"...\")]`"
             );
             Some(desc.name)
         }
