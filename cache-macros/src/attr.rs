@@ -110,7 +110,17 @@ impl Parse for Options {
                     let lit = value::<LitBool>(input, &key, "`true` or `false`, as in `cache_none = false`")?;
                     opts.cache_none = Some((lit.value, key.span()));
                 }
-                _ => errors.add(key.span(), format!("unknown option `{name}`; the options are: {OPTIONS}")),
+                _ => {
+                    errors.add(key.span(), format!("unknown option `{name}`; the options are: {OPTIONS}"));
+                    // Skip its value so the remaining options are still checked.
+                    if input.peek(Token![=]) {
+                        input.parse::<Token![=]>()?;
+                        input.parse::<syn::Expr>()?;
+                    } else if input.peek(syn::token::Paren) {
+                        let _content;
+                        syn::parenthesized!(_content in input);
+                    }
+                }
             }
             if input.is_empty() {
                 break;

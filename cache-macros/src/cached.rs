@@ -31,7 +31,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
 
     for attr in &func.attrs {
         if attr.path().segments.last().is_some_and(|s| s.ident == "cached") {
-            errors.add(attr.span(), "`#[cached]` is applied twice to this function; remove one");
+            errors.add(attr.path().span(), "`#[cached]` is applied twice to this function; remove one");
         }
     }
 
@@ -192,10 +192,10 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let stored_ty = stored_type(ret_ty, &kind);
     let ret_span = ret_ty.span();
     let shared = is_async && opts.local.is_none();
-    let value_check = if shared {
-        quote_spanned!(ret_span=> ::cache_runtime::__private::assert_shared_value::<#stored_ty>();)
+    let ops = if shared {
+        quote_spanned!(ret_span=> ::cache_runtime::__private::shared_ops::<#stored_ty>())
     } else {
-        quote_spanned!(ret_span=> ::cache_runtime::__private::assert_cached_value::<#stored_ty>();)
+        quote_spanned!(ret_span=> ::cache_runtime::__private::value_ops::<#stored_ty>())
     };
     let kind_path = match kind {
         Kind::Plain => quote!(::cache_runtime::__private::Plain),
@@ -204,6 +204,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
     };
 
     let block = &func.block;
+    let stmts = &block.stmts;
     let call = if is_async {
         let entry = if shared {
             format_ident!("call_async_shared")
@@ -214,6 +215,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
             ::cache_runtime::__private::#entry::<#kind_path, _, _>(
                 &__CACHE_DESCRIPTOR,
                 __cache_key,
+                #ops,
                 async move {
                     // Tells type inference what the block returns, so `?` works inside it.
                     #[allow(unreachable_code, clippy::diverging_sub_expression, clippy::let_unit_value)]
@@ -221,7 +223,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
                         let __cache_unreachable: #ret_ty = loop {};
                         return __cache_unreachable;
                     }
-                    #block
+                    #(#stmts)*
                 },
             ).await
         }
@@ -230,6 +232,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
             ::cache_runtime::__private::call_sync::<#kind_path, _, _>(
                 &__CACHE_DESCRIPTOR,
                 __cache_key,
+                #ops,
                 move || -> #ret_ty #block,
             )
         }
@@ -240,10 +243,6 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
     Ok(quote! {
         #(#attrs)*
         #vis #sig {
-            #[allow(clippy::needless_borrow)]
-            {
-                #value_check
-            }
             static __CACHE_DESCRIPTOR: ::cache_runtime::__private::Descriptor = ::cache_runtime::__private::Descriptor {
                 name: #name_expr,
                 method: #method,

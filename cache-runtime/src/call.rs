@@ -10,11 +10,12 @@
 //! plain returns, the `Ok` value for `Result`, and for `Option` either the whole
 //! value or only `Some` (`cache_none = false`).
 
+use std::any::Any;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::flight::{Join, Waited};
+use crate::flight::{Flight, Join, Leader, Waited};
 use crate::key::Key;
 use crate::memory::{AnySlot, Expiration, Slot};
 use crate::registry::{Descriptor, FnState, Mode, Registration};
@@ -38,12 +39,45 @@ impl<T: Clone + Send + Sync + 'static> CachedValue for T {}
 pub trait SharedValue: CachedValue + serde::Serialize + serde::de::DeserializeOwned {}
 impl<T: CachedValue + serde::Serialize + serde::de::DeserializeOwned> SharedValue for T {}
 
+/// The operations the call path needs on a stored type, built where the type's bounds
+/// are checked (at the function's return type). The entry points take this table
+/// instead of bounds, so a type that cannot be cached is reported once, where it is
+/// written.
+pub struct ValueOps<T> {
+    clone: fn(&T) -> T,
+    into_slot: fn(T, Expiration) -> Arc<AnySlot>,
+    from_any: fn(&(dyn Any + Send + Sync)) -> Option<T>,
+}
+
+impl<T> Clone for ValueOps<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for ValueOps<T> {}
+
+/// Operations on a value kept in the in-process tier only (`local`, plain `fn`).
+#[inline]
+pub fn value_ops<T: CachedValue>() -> ValueOps<T> {
+    ValueOps {
+        clone: T::clone,
+        into_slot: |v, e| Arc::new(Slot::new(v, e)),
+        from_any: |v| v.downcast_ref::<T>().cloned(),
+    }
+}
+
+/// Operations on a value that a remote tier may also hold (serializable).
+#[inline]
+pub fn shared_ops<T: SharedValue>() -> ValueOps<T> {
+    value_ops::<T>()
+}
+
 /// How a return type maps to what is stored.
 pub trait ReturnKind<R> {
     /// What is stored.
-    type Stored: CachedValue;
+    type Stored;
     /// The value to store for this return, if any.
-    fn to_stored(r: &R, cache_none: bool) -> Option<Self::Stored>;
+    fn stored(r: &R, cache_none: bool) -> Option<&Self::Stored>;
     /// The return rebuilt from a stored value.
     fn from_stored(s: Self::Stored) -> R;
 }
@@ -55,11 +89,11 @@ pub struct ResultOk;
 /// `Option<T>`: stored whole, unless `cache_none = false` and it is `None`.
 pub struct Optional;
 
-impl<T: CachedValue> ReturnKind<T> for Plain {
+impl<T> ReturnKind<T> for Plain {
     type Stored = T;
     #[inline]
-    fn to_stored(r: &T, _: bool) -> Option<T> {
-        Some(r.clone())
+    fn stored(r: &T, _: bool) -> Option<&T> {
+        Some(r)
     }
     #[inline]
     fn from_stored(s: T) -> T {
@@ -67,11 +101,11 @@ impl<T: CachedValue> ReturnKind<T> for Plain {
     }
 }
 
-impl<T: CachedValue, E> ReturnKind<Result<T, E>> for ResultOk {
+impl<T, E> ReturnKind<Result<T, E>> for ResultOk {
     type Stored = T;
     #[inline]
-    fn to_stored(r: &Result<T, E>, _: bool) -> Option<T> {
-        r.as_ref().ok().cloned()
+    fn stored(r: &Result<T, E>, _: bool) -> Option<&T> {
+        r.as_ref().ok()
     }
     #[inline]
     fn from_stored(s: T) -> Result<T, E> {
@@ -79,11 +113,11 @@ impl<T: CachedValue, E> ReturnKind<Result<T, E>> for ResultOk {
     }
 }
 
-impl<T: CachedValue> ReturnKind<Option<T>> for Optional {
+impl<T> ReturnKind<Option<T>> for Optional {
     type Stored = Option<T>;
     #[inline]
-    fn to_stored(r: &Option<T>, cache_none: bool) -> Option<Option<T>> {
-        (r.is_some() || cache_none).then(|| r.clone())
+    fn stored(r: &Option<T>, cache_none: bool) -> Option<&Option<T>> {
+        (r.is_some() || cache_none).then_some(r)
     }
     #[inline]
     fn from_stored(s: Option<T>) -> Option<T> {
@@ -98,18 +132,12 @@ pub fn write_arg<T: crate::CacheKey + ?Sized>(w: &mut crate::KeyWriter, value: &
     value.write_key(w);
 }
 
-/// Makes the compiler check, at the return type's span, that the value can be cached.
-#[inline]
-pub fn assert_cached_value<T: CachedValue>() {}
-/// Makes the compiler check, at the return type's span, that the value can be serialized.
-#[inline]
-pub fn assert_shared_value<T: SharedValue>() {}
-
 /// Outcome of the synchronous first look at a call.
 enum First<R> {
-    /// Served (hit), or ran the body with caching off.
     Hit(R),
-    Miss,
+    /// Not in the cache: continue on the miss path with this service.
+    Miss(CachingService),
+    /// Caching is off for this function: run the body.
     Uncached,
 }
 
@@ -118,198 +146,200 @@ fn registration(desc: &'static Descriptor, key: &Key) -> &'static Registration {
     desc.registration(|| key.function_name().unwrap_or(desc.name).to_owned())
 }
 
+/// The hit path: runs synchronously, before any future of the miss path exists.
 #[inline]
-fn first_look<K: ReturnKind<R>, R>(inner: &Inner, state: &FnState, key: &Key) -> First<R> {
-    match state.mode {
-        Mode::Cached { .. } => {}
-        Mode::Disabled => {
-            Counters::bump(&state.counters.executions);
-            return First::Uncached;
-        }
-        Mode::Misconfigured => {
-            Counters::bump(&state.counters.config_errors);
-            Counters::bump(&state.counters.executions);
-            return First::Uncached;
-        }
-    }
-    match inner.memory.get::<K::Stored>(key.as_bytes()) {
-        Some(v) => {
-            Counters::bump(&state.counters.hits);
-            Counters::bump(&state.counters.l1_hits);
-            tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache hit");
-            First::Hit(K::from_stored(v))
-        }
-        None => {
-            Counters::bump(&state.counters.misses);
-            tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache miss");
-            First::Miss
-        }
-    }
-}
-
-fn settings(state: &FnState) -> (Expiration, Duration) {
-    match state.mode {
-        Mode::Cached {
-            expiration,
-            lock_timeout,
-        } => (expiration, lock_timeout),
-        _ => (Expiration::Never, Duration::ZERO),
-    }
-}
-
-/// Stores a result, if its kind stores one, and returns the stored slot.
-fn store<K: ReturnKind<R>, R>(
-    inner: &Inner,
-    desc: &Descriptor,
+fn first_look<K: ReturnKind<R>, R>(
+    desc: &'static Descriptor,
+    reg: &'static Registration,
     key: &Key,
-    result: &R,
-    expiration: Expiration,
-) -> Option<Arc<AnySlot>> {
-    let value = K::to_stored(result, desc.cache_none)?;
-    let slot: Arc<AnySlot> = Arc::new(Slot::new(value, expiration));
-    inner.memory.insert(key.as_bytes().into(), slot.clone());
-    Some(slot)
+    ops: ValueOps<K::Stored>,
+) -> First<R> {
+    with_current(|svc| {
+        let state = svc.inner.function(desc, reg);
+        let c = &state.counters;
+        match state.mode {
+            Mode::Cached { .. } => {}
+            Mode::Disabled => {
+                Counters::bump(&c.executions);
+                return First::Uncached;
+            }
+            Mode::Misconfigured => {
+                Counters::bump(&c.config_errors);
+                Counters::bump(&c.executions);
+                return First::Uncached;
+            }
+        }
+        match svc.inner.memory.get(key.as_bytes(), ops.from_any) {
+            Some(v) => {
+                Counters::bump(&c.hits);
+                Counters::bump(&c.l1_hits);
+                tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache hit");
+                First::Hit(K::from_stored(v))
+            }
+            None => {
+                Counters::bump(&c.misses);
+                tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache miss");
+                First::Miss(svc.clone())
+            }
+        }
+    })
 }
 
-fn from_slot<K: ReturnKind<R>, R>(slot: &AnySlot) -> Option<R> {
-    slot.value
-        .downcast_ref::<K::Stored>()
-        .map(|v| K::from_stored(v.clone()))
+/// One call on the miss path, shared by the async and the blocking forms: everything
+/// but running the body and waiting for another caller.
+struct Miss<'a, K: ReturnKind<R>, R> {
+    inner: &'a Inner,
+    desc: &'static Descriptor,
+    state: &'a FnState,
+    key: &'a Key,
+    ops: ValueOps<K::Stored>,
+    expiration: Expiration,
+    lock_timeout: Duration,
+    _r: std::marker::PhantomData<fn() -> R>,
+}
+
+/// What to do after a step of the miss path.
+enum Next<'a, R> {
+    /// Return this.
+    Return(R),
+    /// Run the body as the leader of the key's flight.
+    Lead(Leader<'a>),
+    /// Wait for the flight's leader.
+    Wait(Arc<Flight>),
+    /// Run the body without leading (the wait timed out).
+    RunAlone,
+}
+
+impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
+    fn new(inner: &'a Inner, desc: &'static Descriptor, reg: &'static Registration, key: &'a Key, ops: ValueOps<K::Stored>) -> Self {
+        let state = inner.function(desc, reg);
+        let (expiration, lock_timeout) = match state.mode {
+            Mode::Cached { expiration, lock_timeout } => (expiration, lock_timeout),
+            _ => (Expiration::Never, Duration::ZERO),
+        };
+        Miss { inner, desc, state, key, ops, expiration, lock_timeout, _r: std::marker::PhantomData }
+    }
+
+    /// Leads the key's flight, or joins it.
+    fn join(&self) -> Next<'a, R> {
+        match self.inner.flights.join(self.key.as_bytes()) {
+            Join::Lead(leader) => {
+                // A flight that ended between the first look and `join` stored its value.
+                match self.inner.memory.get(self.key.as_bytes(), self.ops.from_any) {
+                    Some(v) => Next::Return(K::from_stored(v)),
+                    None => {
+                        Counters::bump(&self.state.counters.executions);
+                        Next::Lead(leader)
+                    }
+                }
+            }
+            Join::Wait(flight) => Next::Wait(flight),
+        }
+    }
+
+    /// What a waiter does with the leader's outcome.
+    fn waited(&self, waited: Waited) -> Next<'a, R> {
+        match waited {
+            Waited::Done(slot) => match (self.ops.from_any)(&slot.value) {
+                Some(v) => Next::Return(K::from_stored(v)),
+                None => self.join(),
+            },
+            Waited::Abandoned => self.join(),
+            Waited::TimedOut => {
+                tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.key, "lock timeout: running the body without waiting");
+                Counters::bump(&self.state.counters.executions);
+                Next::RunAlone
+            }
+        }
+    }
+
+    /// Stores the body's result (if its kind stores one) and hands it to the waiters.
+    fn finish(&self, result: &R, leader: Option<Leader<'_>>) {
+        let Some(value) = K::stored(result, self.desc.cache_none) else {
+            return; // dropping the leader abandons the flight: a waiter runs the body
+        };
+        let slot = (self.ops.into_slot)((self.ops.clone)(value), self.expiration);
+        self.inner.memory.insert(self.key.as_bytes().into(), slot.clone());
+        if let Some(leader) = leader {
+            leader.complete(slot);
+        }
+    }
 }
 
 /// Entry point of `#[cached(local)] async fn`: in-process tier only.
 #[doc(hidden)]
-pub async fn call_async<K, R, F>(desc: &'static Descriptor, key: Key, body: F) -> R
+pub async fn call_async<K, R, F>(desc: &'static Descriptor, key: Key, ops: ValueOps<K::Stored>, body: F) -> R
 where
     K: ReturnKind<R>,
     F: Future<Output = R>,
 {
     let reg = registration(desc, &key);
-    let service = match with_current(|svc| {
-        let state = svc.inner.function(desc, reg);
-        match first_look::<K, R>(&svc.inner, state, &key) {
-            First::Hit(r) => Ok(r),
-            First::Miss => Err(Some(svc.clone())),
-            First::Uncached => Err(None),
-        }
-    }) {
-        Ok(hit) => return hit,
-        Err(None) => return body.await,
-        Err(Some(service)) => service,
+    let service = match first_look::<K, R>(desc, reg, &key, ops) {
+        First::Hit(r) => return r,
+        First::Uncached => return body.await,
+        First::Miss(service) => service,
     };
-    miss_async::<K, R, F>(service, desc, reg, key, body).await
-}
-
-/// Entry point of `#[cached] async fn`: values are also serializable, so a remote tier
-/// can hold them.
-#[doc(hidden)]
-pub async fn call_async_shared<K, R, F>(desc: &'static Descriptor, key: Key, body: F) -> R
-where
-    K: ReturnKind<R>,
-    K::Stored: SharedValue,
-    F: Future<Output = R>,
-{
-    call_async::<K, R, F>(desc, key, body).await
-}
-
-async fn miss_async<K, R, F>(
-    service: CachingService,
-    desc: &'static Descriptor,
-    reg: &'static Registration,
-    key: Key,
-    body: F,
-) -> R
-where
-    K: ReturnKind<R>,
-    F: Future<Output = R>,
-{
-    let inner = &*service.inner;
-    let state = inner.function(desc, reg);
-    let (expiration, lock_timeout) = settings(state);
+    let miss = Miss::<K, R>::new(&service.inner, desc, reg, &key, ops);
+    let mut next = miss.join();
     loop {
-        match inner.flights.join(key.as_bytes()) {
-            Join::Lead(leader) => {
-                // A flight that ended between our lookup and `join` stored its value.
-                if let Some(v) = inner.memory.get::<K::Stored>(key.as_bytes()) {
-                    return K::from_stored(v);
-                }
-                Counters::bump(&state.counters.executions);
+        next = match next {
+            Next::Return(r) => return r,
+            Next::Lead(leader) => {
                 let result = body.await;
-                if let Some(slot) = store::<K, R>(inner, desc, &key, &result, expiration) {
-                    leader.complete(slot);
-                }
+                miss.finish(&result, Some(leader));
                 return result;
             }
-            Join::Wait(flight) => match flight.wait(lock_timeout).await {
-                Waited::Done(slot) => {
-                    if let Some(r) = from_slot::<K, R>(&slot) {
-                        return r;
-                    }
-                }
-                Waited::Abandoned => continue,
-                Waited::TimedOut => {
-                    tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "lock timeout: running the body without waiting");
-                    Counters::bump(&state.counters.executions);
-                    let result = body.await;
-                    store::<K, R>(inner, desc, &key, &result, expiration);
-                    return result;
-                }
-            },
+            Next::Wait(flight) => miss.waited(flight.wait(miss.lock_timeout).await),
+            Next::RunAlone => {
+                let result = body.await;
+                miss.finish(&result, None);
+                return result;
+            }
         }
     }
+}
+
+/// Entry point of `#[cached] async fn`: the value is serializable (checked where
+/// `ops` is built), so a remote tier can hold it.
+#[doc(hidden)]
+pub async fn call_async_shared<K, R, F>(desc: &'static Descriptor, key: Key, ops: ValueOps<K::Stored>, body: F) -> R
+where
+    K: ReturnKind<R>,
+    F: Future<Output = R>,
+{
+    call_async::<K, R, F>(desc, key, ops, body).await
 }
 
 /// Entry point of `#[cached] fn` (not async): in-process tier only; concurrent callers
 /// of the same key block until the first one finishes, at most the lock timeout.
 #[doc(hidden)]
-pub fn call_sync<K, R, F>(desc: &'static Descriptor, key: Key, body: F) -> R
+pub fn call_sync<K, R, F>(desc: &'static Descriptor, key: Key, ops: ValueOps<K::Stored>, body: F) -> R
 where
     K: ReturnKind<R>,
     F: FnOnce() -> R,
 {
     let reg = registration(desc, &key);
-    let service = match with_current(|svc| {
-        let state = svc.inner.function(desc, reg);
-        match first_look::<K, R>(&svc.inner, state, &key) {
-            First::Hit(r) => Ok(r),
-            First::Miss => Err(Some(svc.clone())),
-            First::Uncached => Err(None),
-        }
-    }) {
-        Ok(hit) => return hit,
-        Err(None) => return body(),
-        Err(Some(service)) => service,
+    let service = match first_look::<K, R>(desc, reg, &key, ops) {
+        First::Hit(r) => return r,
+        First::Uncached => return body(),
+        First::Miss(service) => service,
     };
-    let inner = &*service.inner;
-    let state = inner.function(desc, reg);
-    let (expiration, lock_timeout) = settings(state);
+    let miss = Miss::<K, R>::new(&service.inner, desc, reg, &key, ops);
+    let mut next = miss.join();
     loop {
-        match inner.flights.join(key.as_bytes()) {
-            Join::Lead(leader) => {
-                if let Some(v) = inner.memory.get::<K::Stored>(key.as_bytes()) {
-                    return K::from_stored(v);
-                }
-                Counters::bump(&state.counters.executions);
+        next = match next {
+            Next::Return(r) => return r,
+            Next::Lead(leader) => {
                 let result = body();
-                if let Some(slot) = store::<K, R>(inner, desc, &key, &result, expiration) {
-                    leader.complete(slot);
-                }
+                miss.finish(&result, Some(leader));
                 return result;
             }
-            Join::Wait(flight) => match flight.wait_blocking(lock_timeout) {
-                Waited::Done(slot) => {
-                    if let Some(r) = from_slot::<K, R>(&slot) {
-                        return r;
-                    }
-                }
-                Waited::Abandoned => continue,
-                Waited::TimedOut => {
-                    Counters::bump(&state.counters.executions);
-                    let result = body();
-                    store::<K, R>(inner, desc, &key, &result, expiration);
-                    return result;
-                }
-            },
+            Next::Wait(flight) => miss.waited(flight.wait_blocking(miss.lock_timeout)),
+            Next::RunAlone => {
+                let result = body();
+                miss.finish(&result, None);
+                return result;
+            }
         }
     }
 }

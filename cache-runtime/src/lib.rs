@@ -91,8 +91,8 @@ pub use cache_macros::CacheKey;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::call::{
-        assert_cached_value, assert_shared_value, call_async, call_async_shared, call_sync,
-        write_arg, CachedValue, Optional, Plain, ResultOk, ReturnKind, SharedValue,
+        call_async, call_async_shared, call_sync, shared_ops, value_ops, write_arg, CachedValue,
+        Optional, Plain, ResultOk, ReturnKind, SharedValue, ValueOps,
     };
     pub use crate::key::KeyWriter;
     pub use crate::memory::Expiration;

@@ -197,16 +197,16 @@ pub(crate) struct MemoryTier {
 }
 
 impl MemoryTier {
-    /// The live value stored under `key`, if it has type `T`. An expired slot is
-    /// removed; a slot of another type (two functions sharing a name) is a miss.
+    /// The live value stored under `key`, read out by `read` (a downcast and a clone).
+    /// An expired slot is removed; a slot of another type is a miss.
     #[inline]
-    pub(crate) fn get<T: Clone + 'static>(&self, key: &[u8]) -> Option<T> {
+    pub(crate) fn get<T>(&self, key: &[u8], read: fn(&(dyn Any + Send + Sync)) -> Option<T>) -> Option<T> {
         let slot = self.cache.get(key)?;
         if !slot.touch() {
             self.cache.remove_if(key, |current| Arc::ptr_eq(current, &slot));
             return None;
         }
-        slot.value.downcast_ref::<T>().cloned()
+        read(&slot.value)
     }
 
     pub(crate) fn insert(&self, key: Box<[u8]>, slot: Arc<AnySlot>) {
@@ -239,15 +239,21 @@ mod tests {
         Arc::new(Slot::new(v, e))
     }
 
+    impl MemoryTier {
+        fn get_as<T: Clone + 'static>(&self, key: &[u8]) -> Option<T> {
+            self.get(key, |v| v.downcast_ref::<T>().cloned())
+        }
+    }
+
     #[test]
     fn stores_typed_values() {
         let tier = MemoryBackend::new().build();
         tier.insert(b"a".to_vec().into(), slot(String::from("x"), Expiration::Never));
-        assert_eq!(tier.get::<String>(b"a"), Some("x".to_owned()));
-        assert_eq!(tier.get::<u32>(b"a"), None, "another type is a miss");
-        assert_eq!(tier.get::<String>(b"b"), None);
+        assert_eq!(tier.get_as::<String>(b"a"), Some("x".to_owned()));
+        assert_eq!(tier.get_as::<u32>(b"a"), None, "another type is a miss");
+        assert_eq!(tier.get_as::<String>(b"b"), None);
         assert!(tier.remove(b"a"));
-        assert_eq!(tier.get::<String>(b"a"), None);
+        assert_eq!(tier.get_as::<String>(b"a"), None);
     }
 
     #[test]
@@ -272,7 +278,7 @@ mod tests {
         let total: usize = tier
             .keys()
             .iter()
-            .filter_map(|k| tier.get::<String>(k))
+            .filter_map(|k| tier.get_as::<String>(k))
             .map(|s| s.len())
             .sum();
         assert!(total <= 1000, "{total} bytes held");
@@ -283,9 +289,9 @@ mod tests {
         let tier = MemoryBackend::new().build();
         tier.insert(b"k".to_vec().into(), slot(1u8, Expiration::Absolute(Duration::from_secs(10))));
         tokio::time::advance(Duration::from_secs(9)).await;
-        assert_eq!(tier.get::<u8>(b"k"), Some(1));
+        assert_eq!(tier.get_as::<u8>(b"k"), Some(1));
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(tier.get::<u8>(b"k"), None);
+        assert_eq!(tier.get_as::<u8>(b"k"), None);
         assert_eq!(tier.len(), 0, "the reader removed the expired entry");
     }
 
@@ -295,9 +301,9 @@ mod tests {
         tier.insert(b"k".to_vec().into(), slot(1u8, Expiration::Sliding(Duration::from_secs(10))));
         for _ in 0..5 {
             tokio::time::advance(Duration::from_secs(8)).await;
-            assert_eq!(tier.get::<u8>(b"k"), Some(1), "each read extends the deadline");
+            assert_eq!(tier.get_as::<u8>(b"k"), Some(1), "each read extends the deadline");
         }
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert_eq!(tier.get::<u8>(b"k"), None);
+        assert_eq!(tier.get_as::<u8>(b"k"), None);
     }
 }

@@ -1,0 +1,6 @@
+use cache_runtime::cached;
+
+#[cached]
+fn name(id: &str) -> &str { id }
+
+fn main() {}
