@@ -1,9 +1,11 @@
 //! `#[cached]`: checks the function and generates its wrapper.
 
 use proc_macro2::{Span, TokenStream};
-use quote::{format_ident, quote, quote_spanned, ToTokens};
+use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
-use syn::{FnArg, GenericArgument, GenericParam, Ident, ItemFn, Pat, PathArguments, ReturnType, Type};
+use syn::{
+    FnArg, GenericArgument, GenericParam, Ident, ItemFn, Pat, PathArguments, ReturnType, Type,
+};
 
 use crate::attr::{Errors, Expiry, Options};
 
@@ -30,8 +32,16 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let mut errors = Errors::default();
 
     for attr in &func.attrs {
-        if attr.path().segments.last().is_some_and(|s| s.ident == "cached") {
-            errors.add(attr.path().span(), "`#[cached]` is applied twice to this function; remove one");
+        if attr
+            .path()
+            .segments
+            .last()
+            .is_some_and(|s| s.ident == "cached")
+        {
+            errors.add(
+                attr.path().span(),
+                "`#[cached]` is applied twice to this function; remove one",
+            );
         }
     }
 
@@ -67,7 +77,9 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
             }),
             FnArg::Typed(pt) => {
                 let ident = match &*pt.pat {
-                    Pat::Ident(pi) if pi.subpat.is_none() && pi.by_ref.is_none() => pi.ident.clone(),
+                    Pat::Ident(pi) if pi.subpat.is_none() && pi.by_ref.is_none() => {
+                        pi.ident.clone()
+                    }
                     other => {
                         errors.add(other.span(), "a cached function's parameters must be plain names (they become part of the key); bind the pattern inside the body instead");
                         continue;
@@ -95,12 +107,18 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
         });
         match found {
             Some(p) => p.skipped = true,
-            None => errors.add(s.span(), format!("`skip({s})`: `{fn_name}` has no parameter named `{s}`")),
+            None => errors.add(
+                s.span(),
+                format!("`skip({s})`: `{fn_name}` has no parameter named `{s}`"),
+            ),
         }
     }
     for p in &params {
         if p.is_mut_ref && !p.skipped {
-            let name = p.ident.as_ref().map_or("self".to_string(), Ident::to_string);
+            let name = p
+                .ident
+                .as_ref()
+                .map_or("self".to_string(), Ident::to_string);
             errors.add(
                 p.span,
                 format!("`{name}` is a `&mut` parameter, which cannot be part of a cache key (a hit would not run the body that changes it); add `skip({name})` to `#[cached(...)]`"),
@@ -111,7 +129,10 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let kind = ret_ty.map_or(Kind::Plain, return_kind);
     if let Some((_, span)) = opts.cache_none {
         if !matches!(kind, Kind::Optional) {
-            errors.add(span, "`cache_none` applies to functions returning `Option<T>`; remove it");
+            errors.add(
+                span,
+                "`cache_none` applies to functions returning `Option<T>`; remove it",
+            );
         }
     }
     errors.finish()?;
@@ -129,7 +150,10 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
     };
     let method = has_receiver && opts.name.is_none();
     let version = opts.version.unwrap_or(1);
-    let profile = opts.profile.as_ref().map_or_else(|| "default".to_string(), |p| p.value());
+    let profile = opts
+        .profile
+        .as_ref()
+        .map_or_else(|| "default".to_string(), |p| p.value());
     let expiration = match &opts.expiry {
         None => quote!(::core::option::Option::None),
         Some((Expiry::Ttl(n), _)) => quote!(::core::option::Option::Some(
@@ -149,7 +173,9 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
         quote!(__CACHE_DESCRIPTOR.name)
     };
     let self_type = if method {
-        quote!(::core::option::Option::Some(::cache_runtime::__private::type_name::<Self>()))
+        quote!(::core::option::Option::Some(
+            ::cache_runtime::__private::type_name::<Self>()
+        ))
     } else {
         quote!(::core::option::Option::None)
     };
@@ -158,7 +184,8 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
         match g {
             GenericParam::Type(t) => {
                 let id = &t.ident;
-                type_args.push(quote!(__w.type_arg(::cache_runtime::__private::type_name::<#id>());));
+                type_args
+                    .push(quote!(__w.type_arg(::cache_runtime::__private::type_name::<#id>());));
             }
             GenericParam::Const(c) => {
                 let id = &c.ident;
@@ -185,13 +212,14 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
             let id = p.ident.as_ref().expect("typed parameter");
             type_args.push(quote!(__w.type_arg(::core::any::type_name_of_val(&#id));));
         }
-        writes.push(quote_spanned!(span=> ::cache_runtime::__private::write_arg(&mut __w, #value);));
+        writes.push(quote_spanned!(span=> ::cache_runtime::__private::write_arg(__w, #value);));
     }
 
     // Value checks, reported at the return type.
     let stored_ty = stored_type(ret_ty, &kind);
     let ret_span = ret_ty.span();
     let shared = is_async && opts.local.is_none();
+    // `shared` values may go to a remote tier: the value must be serializable.
     let ops = if shared {
         quote_spanned!(ret_span=> ::cache_runtime::__private::shared_ops::<#stored_ty>())
     } else {
@@ -205,17 +233,12 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
 
     let block = &func.block;
     let stmts = &block.stmts;
-    let call = if is_async {
-        let entry = if shared {
-            format_ident!("call_async_shared")
-        } else {
-            format_ident!("call_async")
-        };
+    let run = if is_async {
         quote! {
-            ::cache_runtime::__private::#entry::<#kind_path, _, _>(
+            ::cache_runtime::__private::run_async::<#kind_path, _, _>(
+                __cache_path,
                 &__CACHE_DESCRIPTOR,
-                __cache_key,
-                #ops,
+                __cache_ops,
                 async move {
                     // Tells type inference what the block returns, so `?` works inside it.
                     #[allow(unreachable_code, clippy::diverging_sub_expression, clippy::let_unit_value)]
@@ -229,12 +252,31 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
         }
     } else {
         quote! {
-            ::cache_runtime::__private::call_sync::<#kind_path, _, _>(
+            ::cache_runtime::__private::run_sync::<#kind_path, _, _>(
+                __cache_path,
                 &__CACHE_DESCRIPTOR,
-                __cache_key,
-                #ops,
+                __cache_ops,
                 move || -> #ret_ty #block,
             )
+        }
+    };
+    let call = quote! {
+        let __cache_ops = #ops;
+        #[allow(clippy::needless_borrow, clippy::borrow_deref_ref)]
+        let __cache_lookup = ::cache_runtime::__private::lookup::<#kind_path, _>(
+            &__CACHE_DESCRIPTOR,
+            #key_base,
+            #self_type,
+            __cache_ops,
+            |__w: &mut ::cache_runtime::__private::KeyWriter| {
+                #(#type_args)*
+                __w.begin_args();
+                #(#writes)*
+            },
+        );
+        match __cache_lookup {
+            ::cache_runtime::__private::Lookup::Hit(__cache_value) => __cache_value,
+            ::cache_runtime::__private::Lookup::Run(__cache_path) => #run,
         }
     };
 
@@ -251,14 +293,6 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
                 expiration: #expiration,
                 cache_none: #cache_none,
                 registration: ::cache_runtime::__private::OnceLock::new(),
-            };
-            #[allow(clippy::needless_borrow, clippy::borrow_deref_ref)]
-            let __cache_key = {
-                let mut __w = ::cache_runtime::__private::KeyWriter::for_function(#key_base, #self_type, #version);
-                #(#type_args)*
-                __w.begin_args();
-                #(#writes)*
-                __w.finish()
             };
             #call
         }

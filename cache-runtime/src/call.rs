@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::flight::{Flight, Join, Leader, Waited};
-use crate::key::Key;
+use crate::key::{with_function_key, Key, KeyWriter};
 use crate::memory::{AnySlot, Expiration, Slot};
 use crate::registry::{Descriptor, FnState, Mode, Registration};
-use crate::service::{with_current, CachingService, Counters, Inner};
+use crate::service::{with_current, CachingService, Inner};
+use crate::stats::Counter;
 
 /// A value a cached function can store in the in-process tier.
 #[diagnostic::on_unimplemented(
@@ -132,56 +133,71 @@ pub fn write_arg<T: crate::CacheKey + ?Sized>(w: &mut crate::KeyWriter, value: &
     value.write_key(w);
 }
 
-/// Outcome of the synchronous first look at a call.
-enum First<R> {
+/// Outcome of [`lookup`], the synchronous first look at a call.
+#[doc(hidden)]
+pub enum Lookup<R> {
+    /// Served from the cache.
     Hit(R),
-    /// Not in the cache: continue on the miss path with this service.
-    Miss(CachingService),
-    /// Caching is off for this function: run the body.
-    Uncached,
+    /// Run the body: through the miss path ([`run_async`], [`run_sync`]) if caching
+    /// is on, else directly.
+    Run(Option<MissPath>),
 }
 
-#[inline]
-fn registration(desc: &'static Descriptor, key: &Key) -> &'static Registration {
-    desc.registration(|| key.function_name().unwrap_or(desc.name).to_owned())
-}
-
-/// The hit path: runs synchronously, before any future of the miss path exists.
-#[inline]
-fn first_look<K: ReturnKind<R>, R>(
-    desc: &'static Descriptor,
+/// What the miss path needs from the lookup: the service it looked in and an owned key.
+#[doc(hidden)]
+pub struct MissPath {
+    service: CachingService,
     reg: &'static Registration,
-    key: &Key,
+    key: Key,
+}
+
+/// The hit path, run by the generated code before any future of the miss path is
+/// built: write the key into the thread's key buffer, resolve the function's state in
+/// the current service, look in the in-process tier, count. Only a miss copies the
+/// key out of the buffer.
+#[doc(hidden)]
+#[inline]
+pub fn lookup<K: ReturnKind<R>, R>(
+    desc: &'static Descriptor,
+    key_name: &str,
+    self_type: Option<&'static str>,
     ops: ValueOps<K::Stored>,
-) -> First<R> {
-    with_current(|svc| {
-        let state = svc.inner.function(desc, reg);
-        let c = &state.counters;
-        match state.mode {
-            Mode::Cached { .. } => {}
-            Mode::Disabled => {
-                Counters::bump(&c.executions);
-                return First::Uncached;
+    write_args: impl FnOnce(&mut KeyWriter),
+) -> Lookup<R> {
+    with_function_key(key_name, self_type, desc.version, write_args, |key| {
+        let reg = desc.registration(|| key.function_name().unwrap_or(desc.name).to_owned());
+        with_current(|svc| {
+            let state = svc.inner.function(desc, reg);
+            let c = &state.counters;
+            match state.mode {
+                Mode::Cached { .. } => {}
+                Mode::Disabled => {
+                    c.bump(Counter::Execution);
+                    return Lookup::Run(None);
+                }
+                Mode::Misconfigured => {
+                    c.bump(Counter::ConfigError);
+                    c.bump(Counter::Execution);
+                    return Lookup::Run(None);
+                }
             }
-            Mode::Misconfigured => {
-                Counters::bump(&c.config_errors);
-                Counters::bump(&c.executions);
-                return First::Uncached;
+            match svc.inner.memory.get(key.as_bytes(), ops.from_any) {
+                Some(v) => {
+                    c.bump(Counter::L1Hit);
+                    tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache hit");
+                    Lookup::Hit(K::from_stored(v))
+                }
+                None => {
+                    c.bump(Counter::Miss);
+                    tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache miss");
+                    Lookup::Run(Some(MissPath {
+                        service: svc.clone(),
+                        reg,
+                        key: key.to_owned(),
+                    }))
+                }
             }
-        }
-        match svc.inner.memory.get(key.as_bytes(), ops.from_any) {
-            Some(v) => {
-                Counters::bump(&c.hits);
-                Counters::bump(&c.l1_hits);
-                tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache hit");
-                First::Hit(K::from_stored(v))
-            }
-            None => {
-                Counters::bump(&c.misses);
-                tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache miss");
-                First::Miss(svc.clone())
-            }
-        }
+        })
     })
 }
 
@@ -211,13 +227,31 @@ enum Next<'a, R> {
 }
 
 impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
-    fn new(inner: &'a Inner, desc: &'static Descriptor, reg: &'static Registration, key: &'a Key, ops: ValueOps<K::Stored>) -> Self {
+    fn new(
+        inner: &'a Inner,
+        desc: &'static Descriptor,
+        reg: &'static Registration,
+        key: &'a Key,
+        ops: ValueOps<K::Stored>,
+    ) -> Self {
         let state = inner.function(desc, reg);
         let (expiration, lock_timeout) = match state.mode {
-            Mode::Cached { expiration, lock_timeout } => (expiration, lock_timeout),
+            Mode::Cached {
+                expiration,
+                lock_timeout,
+            } => (expiration, lock_timeout),
             _ => (Expiration::Never, Duration::ZERO),
         };
-        Miss { inner, desc, state, key, ops, expiration, lock_timeout, _r: std::marker::PhantomData }
+        Miss {
+            inner,
+            desc,
+            state,
+            key,
+            ops,
+            expiration,
+            lock_timeout,
+            _r: std::marker::PhantomData,
+        }
     }
 
     /// Leads the key's flight, or joins it.
@@ -225,10 +259,14 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
         match self.inner.flights.join(self.key.as_bytes()) {
             Join::Lead(leader) => {
                 // A flight that ended between the first look and `join` stored its value.
-                match self.inner.memory.get(self.key.as_bytes(), self.ops.from_any) {
+                match self
+                    .inner
+                    .memory
+                    .get(self.key.as_bytes(), self.ops.from_any)
+                {
                     Some(v) => Next::Return(K::from_stored(v)),
                     None => {
-                        Counters::bump(&self.state.counters.executions);
+                        self.state.counters.bump(Counter::Execution);
                         Next::Lead(leader)
                     }
                 }
@@ -247,7 +285,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             Waited::Abandoned => self.join(),
             Waited::TimedOut => {
                 tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.key, "lock timeout: running the body without waiting");
-                Counters::bump(&self.state.counters.executions);
+                self.state.counters.bump(Counter::Execution);
                 Next::RunAlone
             }
         }
@@ -259,27 +297,32 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             return; // dropping the leader abandons the flight: a waiter runs the body
         };
         let slot = (self.ops.into_slot)((self.ops.clone)(value), self.expiration);
-        self.inner.memory.insert(self.key.as_bytes().into(), slot.clone());
+        self.inner
+            .memory
+            .insert(self.key.as_bytes().into(), slot.clone());
         if let Some(leader) = leader {
             leader.complete(slot);
         }
     }
 }
 
-/// Entry point of `#[cached(local)] async fn`: in-process tier only.
+/// The miss path of an `async fn`: runs the body under single flight and stores its
+/// result; with `path == None` (caching off) just runs the body.
 #[doc(hidden)]
-pub async fn call_async<K, R, F>(desc: &'static Descriptor, key: Key, ops: ValueOps<K::Stored>, body: F) -> R
+pub async fn run_async<K, R, F>(
+    path: Option<MissPath>,
+    desc: &'static Descriptor,
+    ops: ValueOps<K::Stored>,
+    body: F,
+) -> R
 where
     K: ReturnKind<R>,
     F: Future<Output = R>,
 {
-    let reg = registration(desc, &key);
-    let service = match first_look::<K, R>(desc, reg, &key, ops) {
-        First::Hit(r) => return r,
-        First::Uncached => return body.await,
-        First::Miss(service) => service,
+    let Some(path) = path else {
+        return body.await;
     };
-    let miss = Miss::<K, R>::new(&service.inner, desc, reg, &key, ops);
+    let miss = Miss::<K, R>::new(&path.service.inner, desc, path.reg, &path.key, ops);
     let mut next = miss.join();
     loop {
         next = match next {
@@ -299,32 +342,23 @@ where
     }
 }
 
-/// Entry point of `#[cached] async fn`: the value is serializable (checked where
-/// `ops` is built), so a remote tier can hold it.
+/// The miss path of a plain `fn`: concurrent callers of the same key block until the
+/// first one finishes, at most the lock timeout.
 #[doc(hidden)]
-pub async fn call_async_shared<K, R, F>(desc: &'static Descriptor, key: Key, ops: ValueOps<K::Stored>, body: F) -> R
-where
-    K: ReturnKind<R>,
-    F: Future<Output = R>,
-{
-    call_async::<K, R, F>(desc, key, ops, body).await
-}
-
-/// Entry point of `#[cached] fn` (not async): in-process tier only; concurrent callers
-/// of the same key block until the first one finishes, at most the lock timeout.
-#[doc(hidden)]
-pub fn call_sync<K, R, F>(desc: &'static Descriptor, key: Key, ops: ValueOps<K::Stored>, body: F) -> R
+pub fn run_sync<K, R, F>(
+    path: Option<MissPath>,
+    desc: &'static Descriptor,
+    ops: ValueOps<K::Stored>,
+    body: F,
+) -> R
 where
     K: ReturnKind<R>,
     F: FnOnce() -> R,
 {
-    let reg = registration(desc, &key);
-    let service = match first_look::<K, R>(desc, reg, &key, ops) {
-        First::Hit(r) => return r,
-        First::Uncached => return body(),
-        First::Miss(service) => service,
+    let Some(path) = path else {
+        return body();
     };
-    let miss = Miss::<K, R>::new(&service.inner, desc, reg, &key, ops);
+    let miss = Miss::<K, R>::new(&path.service.inner, desc, path.reg, &path.key, ops);
     let mut next = miss.join();
     loop {
         next = match next {

@@ -175,8 +175,12 @@ mod tests {
     #[tokio::test]
     async fn waiters_get_the_leaders_value() {
         let flights = Flights::default();
-        let Join::Lead(leader) = flights.join(b"k") else { panic!("first caller leads") };
-        let Join::Wait(flight) = flights.join(b"k") else { panic!("second caller waits") };
+        let Join::Lead(leader) = flights.join(b"k") else {
+            panic!("first caller leads")
+        };
+        let Join::Wait(flight) = flights.join(b"k") else {
+            panic!("second caller waits")
+        };
         let waiter = flight.clone();
         let task = tokio::spawn(async move { value(waiter.wait(Duration::from_secs(5)).await) });
         tokio::task::yield_now().await;
@@ -191,26 +195,46 @@ mod tests {
     async fn dropping_the_leader_abandons_the_flight() {
         let flights = Flights::default();
         let leader = flights.join(b"k");
-        let Join::Wait(flight) = flights.join(b"k") else { panic!() };
+        let Join::Wait(flight) = flights.join(b"k") else {
+            panic!()
+        };
         drop(leader);
-        assert!(matches!(flight.wait(Duration::from_secs(1)).await, Waited::Abandoned));
-        assert!(matches!(flights.join(b"k"), Join::Lead(_)), "the key is free again");
+        assert!(matches!(
+            flight.wait(Duration::from_secs(1)).await,
+            Waited::Abandoned
+        ));
+        assert!(
+            matches!(flights.join(b"k"), Join::Lead(_)),
+            "the key is free again"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn waiting_is_bounded() {
         let flights = Flights::default();
         let _leader = flights.join(b"k");
-        let Join::Wait(flight) = flights.join(b"k") else { panic!() };
-        assert!(matches!(flight.wait(Duration::from_millis(50)).await, Waited::TimedOut));
-        assert!(matches!(flight.wait_blocking(Duration::from_millis(10)), Waited::TimedOut));
+        let Join::Wait(flight) = flights.join(b"k") else {
+            panic!()
+        };
+        assert!(matches!(
+            flight.wait(Duration::from_millis(50)).await,
+            Waited::TimedOut
+        ));
+        assert!(matches!(
+            flight.wait_blocking(Duration::from_millis(10)),
+            Waited::TimedOut
+        ));
     }
 
     #[test]
     fn blocking_waiters_are_woken() {
         let flights = Arc::new(Flights::default());
-        let Join::Lead(leader) = flights.join(b"k") else { panic!() };
-        let Join::Wait(flight) = flights.join(b"k") else { panic!() };
+        let Join::Lead(leader) = flights.join(b"k") else {
+            panic!()
+        };
+        let Join::Wait(flight) = flights.join(b"k") else {
+            panic!()
+        };
         let t = std::thread::spawn(move || value(flight.wait_blocking(Duration::from_secs(5))));
         std::thread::sleep(Duration::from_millis(20));
         leader.complete(slot(3));

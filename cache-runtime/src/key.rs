@@ -22,10 +22,7 @@ use std::hash::BuildHasher;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use smallvec::SmallVec;
-
-/// Number of key bytes kept inline before a key spills to the heap.
-const INLINE: usize = 128;
+use std::cell::Cell;
 
 /// A value that can be part of a cache key.
 ///
@@ -96,7 +93,7 @@ mod tag {
 /// Every composite that is begun (`begin_*`) must be closed with [`KeyWriter::end`].
 #[derive(Clone, Default)]
 pub struct KeyWriter {
-    buf: SmallVec<[u8; INLINE]>,
+    buf: Vec<u8>,
 }
 
 impl KeyWriter {
@@ -195,6 +192,7 @@ impl KeyWriter {
         self.byte(tag::SEQ);
     }
     /// Begins a tuple (`(a,b)`).
+    #[inline]
     pub fn begin_tuple(&mut self) {
         self.byte(tag::TUPLE);
     }
@@ -238,12 +236,16 @@ impl KeyWriter {
         self.raw_str(variant);
     }
     /// Ends the innermost composite begun with a `begin_*` method (except `begin_some`).
+    #[inline]
     pub fn end(&mut self) {
         self.byte(tag::END);
     }
 
     /// Writes the items of a sequence and closes it.
-    pub fn write_seq<'a, T: CacheKey + 'a + ?Sized>(&mut self, items: impl IntoIterator<Item = &'a T>) {
+    pub fn write_seq<'a, T: CacheKey + 'a + ?Sized>(
+        &mut self,
+        items: impl IntoIterator<Item = &'a T>,
+    ) {
         self.begin_seq();
         for item in items {
             item.write_key(self);
@@ -258,11 +260,11 @@ impl KeyWriter {
         I: Iterator,
         F: FnMut(&mut KeyWriter, I::Item),
     {
-        let mut encoded: Vec<SmallVec<[u8; 32]>> = items
+        let mut encoded: Vec<Vec<u8>> = items
             .map(|item| {
                 let mut w = KeyWriter::new();
                 write(&mut w, item);
-                SmallVec::from_slice(&w.buf)
+                w.buf
             })
             .collect();
         encoded.sort_unstable();
@@ -280,28 +282,26 @@ impl KeyWriter {
     }
 
     /// The encoded bytes so far.
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf
     }
 
-    /// Starts the key of a cached function: format version, name, version.
-    /// `self_type` is the receiver's type name for methods, which prefixes the name.
-    #[doc(hidden)]
+    /// Writes the start of a cached function's key: format version, name (prefixed by
+    /// the receiver's type name for methods), version.
     #[inline]
-    pub fn for_function(name: &str, self_type: Option<&str>, version: u32) -> Self {
-        let mut w = KeyWriter::default();
-        w.byte(tag::KEY_V1);
+    fn begin_function(&mut self, name: &str, self_type: Option<&str>, version: u32) {
+        self.byte(tag::KEY_V1);
         match self_type {
-            None => w.raw_str(name),
+            None => self.raw_str(name),
             Some(ty) => {
-                w.len(ty.len() + 2 + name.len());
-                w.buf.extend_from_slice(ty.as_bytes());
-                w.buf.extend_from_slice(b"::");
-                w.buf.extend_from_slice(name.as_bytes());
+                self.len(ty.len() + 2 + name.len());
+                self.buf.extend_from_slice(ty.as_bytes());
+                self.buf.extend_from_slice(b"::");
+                self.buf.extend_from_slice(name.as_bytes());
             }
         }
-        w.len(version as usize);
-        w
+        self.len(version as usize);
     }
 
     /// Adds a generic type argument to a function key (before any argument).
@@ -318,13 +318,59 @@ impl KeyWriter {
     pub fn begin_args(&mut self) {
         self.byte(tag::TUPLE);
     }
+}
 
-    /// Finishes a function key.
-    #[doc(hidden)]
+// Where the keys of the hit path are written: one buffer per thread, reused, so
+// building a key allocates nothing once the buffer has grown to the largest key.
+thread_local! {
+    static KEY_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Builds a function key in this thread's buffer and runs `f` on it. The buffer is
+/// taken out of the thread-local while `f` runs, so a nested call (a `CacheKey` impl
+/// that builds another key) simply starts with an empty buffer of its own.
+///
+/// `write_args` writes the type arguments (with [`KeyWriter::type_arg`]), then
+/// [`KeyWriter::begin_args`], then the arguments.
+#[inline]
+pub(crate) fn with_function_key<R>(
+    name: &str,
+    self_type: Option<&str>,
+    version: u32,
+    write_args: impl FnOnce(&mut KeyWriter),
+    f: impl FnOnce(KeyRef<'_>) -> R,
+) -> R {
+    let mut w = KeyWriter {
+        buf: KEY_BUFFER.with(Cell::take),
+    };
+    w.buf.clear();
+    w.begin_function(name, self_type, version);
+    write_args(&mut w);
+    w.end();
+    let r = f(KeyRef(&w.buf));
+    KEY_BUFFER.with(|b| b.set(w.buf));
+    r
+}
+
+/// A function key being looked up, borrowed from the key buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct KeyRef<'a>(&'a [u8]);
+
+impl<'a> KeyRef<'a> {
     #[inline]
-    pub fn finish(mut self) -> Key {
-        self.end();
-        Key { bytes: self.buf }
+    pub(crate) fn as_bytes(self) -> &'a [u8] {
+        self.0
+    }
+    pub(crate) fn to_owned(self) -> Key {
+        Key {
+            bytes: self.0.into(),
+        }
+    }
+}
+
+impl fmt::Display for KeyRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        render_key(self.0, f)
     }
 }
 
@@ -333,11 +379,12 @@ impl KeyWriter {
 /// `Display` renders the readable form, for example `shop::get_product:v1(42)`.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Key {
-    bytes: SmallVec<[u8; INLINE]>,
+    bytes: Box<[u8]>,
 }
 
 impl Key {
     /// The encoded bytes: what the in-process tier hashes and compares.
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }
@@ -345,37 +392,14 @@ impl Key {
     /// Rebuilds a key from bytes produced by [`Key::as_bytes`]. Returns `None` for
     /// bytes that are not a well-formed key.
     pub fn from_bytes(bytes: &[u8]) -> Option<Key> {
-        let key = Key {
-            bytes: SmallVec::from_slice(bytes),
-        };
-        key.parse_header()?;
-        Some(key)
+        parse_header(bytes)?;
+        Some(Key {
+            bytes: bytes.into(),
+        })
     }
 
-    /// The function part of the key: `name::<types>:vN`, as in the readable form.
     fn parse_header(&self) -> Option<(Header<'_>, &[u8])> {
-        let mut r = Reader { bytes: &self.bytes };
-        if r.byte()? != tag::KEY_V1 {
-            return None;
-        }
-        let name = r.str()?;
-        let version = r.len()?;
-        let mut types = Vec::new();
-        loop {
-            match r.byte()? {
-                tag::STR => types.push(r.str()?),
-                tag::TUPLE => break,
-                _ => return None,
-            }
-        }
-        Some((
-            Header {
-                name,
-                version,
-                types,
-            },
-            r.bytes,
-        ))
+        parse_header(&self.bytes)
     }
 
     /// The readable form, with keys longer than `max_len` bytes shortened: the function
@@ -404,17 +428,54 @@ impl Key {
     }
 }
 
+impl KeyRef<'_> {
+    /// The function name part of the key (receiver type included for methods).
+    pub(crate) fn function_name(&self) -> Option<&str> {
+        parse_header(self.0).map(|(h, _)| h.name)
+    }
+}
+
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.parse_header() {
-            Some((header, rest)) => {
-                write!(f, "{header}(")?;
-                let mut r = Reader { bytes: rest };
-                render_items(&mut r, f, ",", false)?;
-                f.write_str(")")
-            }
-            None => f.write_str("<invalid key>"),
+        render_key(&self.bytes, f)
+    }
+}
+
+/// The function part of a key (`name::<types>:vN`) and the bytes of its arguments.
+fn parse_header(bytes: &[u8]) -> Option<(Header<'_>, &[u8])> {
+    let mut r = Reader { bytes };
+    if r.byte()? != tag::KEY_V1 {
+        return None;
+    }
+    let name = r.str()?;
+    let version = r.len()?;
+    let mut types = Vec::new();
+    loop {
+        match r.byte()? {
+            tag::STR => types.push(r.str()?),
+            tag::TUPLE => break,
+            _ => return None,
         }
+    }
+    Some((
+        Header {
+            name,
+            version,
+            types,
+        },
+        r.bytes,
+    ))
+}
+
+fn render_key(bytes: &[u8], f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    match parse_header(bytes) {
+        Some((header, rest)) => {
+            write!(f, "{header}(")?;
+            let mut r = Reader { bytes: rest };
+            render_items(&mut r, f, ",", false)?;
+            f.write_str(")")
+        }
+        None => f.write_str("<invalid key>"),
     }
 }
 
@@ -520,7 +581,12 @@ fn bad() -> fmt::Error {
 
 /// Renders values until the closing `END` (consumed), separated by `sep`.
 /// With `fields`, each value is preceded by `FIELD name` and rendered `name:value`.
-fn render_items(r: &mut Reader<'_>, f: &mut dyn fmt::Write, sep: &str, fields: bool) -> fmt::Result {
+fn render_items(
+    r: &mut Reader<'_>,
+    f: &mut dyn fmt::Write,
+    sep: &str,
+    fields: bool,
+) -> fmt::Result {
     let mut first = true;
     loop {
         if r.peek().ok_or_else(bad)? == tag::END {
@@ -552,7 +618,8 @@ fn render_value(r: &mut Reader<'_>, f: &mut dyn fmt::Write) -> fmt::Result {
         tag::FALSE => f.write_str("false"),
         tag::TRUE => f.write_str("true"),
         tag::CHAR => {
-            let c = char::from_u32(u32::from_le_bytes(r.array().ok_or_else(bad)?)).ok_or_else(bad)?;
+            let c =
+                char::from_u32(u32::from_le_bytes(r.array().ok_or_else(bad)?)).ok_or_else(bad)?;
             f.write_char('\'')?;
             escape(f, c, '\'')?;
             f.write_char('\'')
@@ -849,10 +916,16 @@ mod tests {
     use super::*;
 
     fn key(name: &str, version: u32, args: impl FnOnce(&mut KeyWriter)) -> Key {
-        let mut w = KeyWriter::for_function(name, None, version);
-        w.begin_args();
-        args(&mut w);
-        w.finish()
+        with_function_key(
+            name,
+            None,
+            version,
+            |w| {
+                w.begin_args();
+                args(w)
+            },
+            |k| k.to_owned(),
+        )
     }
 
     #[test]
@@ -862,20 +935,32 @@ mod tests {
             "blue \"sky\"\\".write_key(w);
             w.write_skipped();
         });
-        assert_eq!(k.to_string(), r#"shop::get_product:v1(42,"blue \"sky\"\\",*)"#);
+        assert_eq!(
+            k.to_string(),
+            r#"shop::get_product:v1(42,"blue \"sky\"\\",*)"#
+        );
         assert_eq!(Key::from_bytes(k.as_bytes()), Some(k.clone()));
         assert_eq!(k.function_name(), Some("shop::get_product"));
     }
 
     #[test]
     fn renders_type_arguments_and_receivers() {
-        let mut w = KeyWriter::for_function("get", Some("app::Repo"), 3);
-        w.type_arg("u64");
-        w.type_arg("alloc::string::String");
-        w.begin_args();
-        w.write_skipped();
-        let k = w.finish();
-        assert_eq!(k.to_string(), "app::Repo::get::<u64,alloc::string::String>:v3(*)");
+        let k = with_function_key(
+            "get",
+            Some("app::Repo"),
+            3,
+            |w| {
+                w.type_arg("u64");
+                w.type_arg("alloc::string::String");
+                w.begin_args();
+                w.write_skipped();
+            },
+            |k| k.to_owned(),
+        );
+        assert_eq!(
+            k.to_string(),
+            "app::Repo::get::<u64,alloc::string::String>:v3(*)"
+        );
     }
 
     #[test]

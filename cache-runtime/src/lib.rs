@@ -42,6 +42,7 @@ mod key;
 mod memory;
 mod registry;
 mod service;
+mod stats;
 
 pub use key::{key_text, CacheKey, Key, KeyWriter};
 pub use memory::{Expiration, MemoryBackend, WeighFn};
@@ -91,8 +92,8 @@ pub use cache_macros::CacheKey;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::call::{
-        call_async, call_async_shared, call_sync, shared_ops, value_ops, write_arg, CachedValue,
-        Optional, Plain, ResultOk, ReturnKind, SharedValue, ValueOps,
+        lookup, run_async, run_sync, shared_ops, value_ops, write_arg, CachedValue, Lookup,
+        MissPath, Optional, Plain, ResultOk, ReturnKind, SharedValue, ValueOps,
     };
     pub use crate::key::KeyWriter;
     pub use crate::memory::Expiration;

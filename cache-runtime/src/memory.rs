@@ -200,10 +200,15 @@ impl MemoryTier {
     /// The live value stored under `key`, read out by `read` (a downcast and a clone).
     /// An expired slot is removed; a slot of another type is a miss.
     #[inline]
-    pub(crate) fn get<T>(&self, key: &[u8], read: fn(&(dyn Any + Send + Sync)) -> Option<T>) -> Option<T> {
+    pub(crate) fn get<T>(
+        &self,
+        key: &[u8],
+        read: fn(&(dyn Any + Send + Sync)) -> Option<T>,
+    ) -> Option<T> {
         let slot = self.cache.get(key)?;
         if !slot.touch() {
-            self.cache.remove_if(key, |current| Arc::ptr_eq(current, &slot));
+            self.cache
+                .remove_if(key, |current| Arc::ptr_eq(current, &slot));
             return None;
         }
         read(&slot.value)
@@ -248,7 +253,10 @@ mod tests {
     #[test]
     fn stores_typed_values() {
         let tier = MemoryBackend::new().build();
-        tier.insert(b"a".to_vec().into(), slot(String::from("x"), Expiration::Never));
+        tier.insert(
+            b"a".to_vec().into(),
+            slot(String::from("x"), Expiration::Never),
+        );
         assert_eq!(tier.get_as::<String>(b"a"), Some("x".to_owned()));
         assert_eq!(tier.get_as::<u32>(b"a"), None, "another type is a miss");
         assert_eq!(tier.get_as::<String>(b"b"), None);
@@ -273,7 +281,10 @@ mod tests {
             .weigher(|_, v| v.downcast_ref::<String>().map_or(1, |s| s.len() as u64))
             .build();
         for i in 0..100u32 {
-            tier.insert(i.to_le_bytes().to_vec().into(), slot("x".repeat(100), Expiration::Never));
+            tier.insert(
+                i.to_le_bytes().to_vec().into(),
+                slot("x".repeat(100), Expiration::Never),
+            );
         }
         let total: usize = tier
             .keys()
@@ -287,7 +298,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn absolute_expiry() {
         let tier = MemoryBackend::new().build();
-        tier.insert(b"k".to_vec().into(), slot(1u8, Expiration::Absolute(Duration::from_secs(10))));
+        tier.insert(
+            b"k".to_vec().into(),
+            slot(1u8, Expiration::Absolute(Duration::from_secs(10))),
+        );
         tokio::time::advance(Duration::from_secs(9)).await;
         assert_eq!(tier.get_as::<u8>(b"k"), Some(1));
         tokio::time::advance(Duration::from_secs(2)).await;
@@ -298,10 +312,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn sliding_expiry() {
         let tier = MemoryBackend::new().build();
-        tier.insert(b"k".to_vec().into(), slot(1u8, Expiration::Sliding(Duration::from_secs(10))));
+        tier.insert(
+            b"k".to_vec().into(),
+            slot(1u8, Expiration::Sliding(Duration::from_secs(10))),
+        );
         for _ in 0..5 {
             tokio::time::advance(Duration::from_secs(8)).await;
-            assert_eq!(tier.get_as::<u8>(b"k"), Some(1), "each read extends the deadline");
+            assert_eq!(
+                tier.get_as::<u8>(b"k"),
+                Some(1),
+                "each read extends the deadline"
+            );
         }
         tokio::time::advance(Duration::from_secs(11)).await;
         assert_eq!(tier.get_as::<u8>(b"k"), None);

@@ -1,15 +1,16 @@
 //! The caching service: configuration, the global instance, scoped instances, stats.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::flight::Flights;
 use crate::memory::{Expiration, MemoryBackend, MemoryTier};
 use crate::registry::FnTable;
+pub use crate::stats::{FunctionStats, Stats};
 
 /// Run-time settings shared by the cached functions that name it with
 /// `#[cached(profile = "...")]`. Values given on the attribute win over the profile's.
@@ -273,11 +274,28 @@ tokio::task_local! {
     static SCOPED: CachingService;
 }
 
+/// How many scopes are running in the process: while none is, a call skips the
+/// task-local lookup and goes straight to the global service.
+static SCOPES: AtomicUsize = AtomicUsize::new(0);
+
+struct ScopeCount;
+impl ScopeCount {
+    fn enter() -> Self {
+        SCOPES.fetch_add(1, Ordering::Relaxed);
+        ScopeCount
+    }
+}
+impl Drop for ScopeCount {
+    fn drop(&mut self) {
+        SCOPES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Runs `f` with the current service: the one of the enclosing
 /// [`CachingService::scope`], else the global one (installed with defaults if needed).
 #[inline]
 pub(crate) fn with_current<R>(f: impl FnOnce(&CachingService) -> R) -> R {
-    if SCOPED.try_with(|_| ()).is_ok() {
+    if SCOPES.load(Ordering::Relaxed) != 0 && SCOPED.try_with(|_| ()).is_ok() {
         SCOPED.with(f)
     } else {
         f(global())
@@ -313,11 +331,16 @@ impl CachingService {
     /// it runs (on this task) uses this service instead of the global one. Tasks spawned
     /// inside do not inherit it; wrap their futures in `scope` too.
     pub fn scope<F: Future>(&self, future: F) -> impl Future<Output = F::Output> {
-        SCOPED.scope(self.clone(), future)
+        let service = self.clone();
+        async move {
+            let _count = ScopeCount::enter();
+            SCOPED.scope(service, future).await
+        }
     }
 
     /// Runs `f` with this service as the current one, for plain cached functions.
     pub fn scope_sync<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _count = ScopeCount::enter();
         SCOPED.sync_scope(self.clone(), f)
     }
 
@@ -374,93 +397,6 @@ pub struct ShutdownReport {
     pub timed_out: bool,
 }
 
-/// Counters of one function, or of the whole service.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct FunctionStats {
-    /// Calls served from the cache, without running the body.
-    pub hits: u64,
-    /// Calls that did not find a value. A miss either ran the body or received the
-    /// value of a concurrent call of the same key (`misses - executions`).
-    pub misses: u64,
-    /// Hits served by the in-process tier.
-    pub l1_hits: u64,
-    /// Hits served by the remote tier.
-    pub l2_hits: u64,
-    /// Times the body ran (misses that led, disabled profiles, misconfigured functions).
-    pub executions: u64,
-    /// Entries removed by invalidation.
-    pub invalidations: u64,
-    /// Failed operations on a remote tier.
-    pub backend_errors: u64,
-    /// Calls that ran uncached because of a configuration error (unknown profile,
-    /// two functions with the same key name).
-    pub config_errors: u64,
-}
-
-impl FunctionStats {
-    pub(crate) fn add(&mut self, o: &FunctionStats) {
-        self.hits += o.hits;
-        self.misses += o.misses;
-        self.l1_hits += o.l1_hits;
-        self.l2_hits += o.l2_hits;
-        self.executions += o.executions;
-        self.invalidations += o.invalidations;
-        self.backend_errors += o.backend_errors;
-        self.config_errors += o.config_errors;
-    }
-}
-
-/// A snapshot of a service's counters.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// The sum over all functions.
-    pub total: FunctionStats,
-    /// Per function, by key name (`module::function`, or `module::Type::method`).
-    pub functions: BTreeMap<String, FunctionStats>,
-}
-
-impl Stats {
-    /// The counters of one function by its key name; zero if it never ran.
-    pub fn function(&self, name: &str) -> FunctionStats {
-        self.functions.get(name).copied().unwrap_or_default()
-    }
-}
-
-/// Live counters of one function in one service.
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub(crate) hits: AtomicU64,
-    pub(crate) misses: AtomicU64,
-    pub(crate) l1_hits: AtomicU64,
-    pub(crate) l2_hits: AtomicU64,
-    pub(crate) executions: AtomicU64,
-    pub(crate) invalidations: AtomicU64,
-    pub(crate) backend_errors: AtomicU64,
-    pub(crate) config_errors: AtomicU64,
-}
-
-impl Counters {
-    #[inline]
-    pub(crate) fn bump(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn snapshot(&self) -> FunctionStats {
-        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        FunctionStats {
-            hits: l(&self.hits),
-            misses: l(&self.misses),
-            l1_hits: l(&self.l1_hits),
-            l2_hits: l(&self.l2_hits),
-            executions: l(&self.executions),
-            invalidations: l(&self.invalidations),
-            backend_errors: l(&self.backend_errors),
-            config_errors: l(&self.config_errors),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,10 +404,17 @@ mod tests {
     #[test]
     fn rejects_contradictory_profiles() {
         let err = CachingService::builder()
-            .profile(Profile::new("p").ttl(Duration::from_secs(1)).sliding(Duration::from_secs(1)))
+            .profile(
+                Profile::new("p")
+                    .ttl(Duration::from_secs(1))
+                    .sliding(Duration::from_secs(1)),
+            )
             .build()
             .unwrap_err();
-        assert_eq!(err.to_string(), "profile `p` sets both `ttl` and `sliding`; choose one");
+        assert_eq!(
+            err.to_string(),
+            "profile `p` sets both `ttl` and `sliding`; choose one"
+        );
         let err = CachingService::builder()
             .profile(Profile::new("p").ttl(Duration::ZERO))
             .build()
@@ -484,7 +427,10 @@ mod tests {
             .unwrap_err();
         assert_eq!(err, ConfigError::DuplicateProfile("p".into()));
         assert_eq!(
-            CachingService::builder().max_key_length(10).build().unwrap_err(),
+            CachingService::builder()
+                .max_key_length(10)
+                .build()
+                .unwrap_err(),
             ConfigError::KeyLength(10)
         );
     }
@@ -493,7 +439,13 @@ mod tests {
     fn profile_expiration() {
         assert_eq!(Profile::new("a").expiration(), Expiration::Never);
         let d = Duration::from_secs(3);
-        assert_eq!(Profile::new("a").ttl(d).expiration(), Expiration::Absolute(d));
-        assert_eq!(Profile::new("a").sliding(d).expiration(), Expiration::Sliding(d));
+        assert_eq!(
+            Profile::new("a").ttl(d).expiration(),
+            Expiration::Absolute(d)
+        );
+        assert_eq!(
+            Profile::new("a").sliding(d).expiration(),
+            Expiration::Sliding(d)
+        );
     }
 }

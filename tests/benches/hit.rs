@@ -1,1 +1,98 @@
-fn main() {}
+//! A cache hit of `#[cached]` next to its peers, in one run:
+//! raw `quick_cache` get with a pre-built key, `moka::future::Cache::get`, and the
+//! `cached` crate's async `#[cached]` hit.
+//!
+//! Run: `cargo bench -p tests --bench hit`
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use serde::{Deserialize, Serialize};
+
+/// About 100 bytes: two integers and two short strings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Product {
+    pub id: u64,
+    pub price_cents: u64,
+    pub name: String,
+    pub category: String,
+}
+
+fn product(id: u64) -> Product {
+    Product {
+        id,
+        price_cents: 1999,
+        name: "Stainless steel water bottle, 750 ml".to_owned(),
+        category: "kitchen/drinkware/bottles".to_owned(),
+    }
+}
+
+#[cache_runtime::cached]
+async fn ours(id: u64, region: &str) -> Product {
+    let _ = region;
+    product(id)
+}
+
+#[cached::proc_macro::cached(key = "(u64, String)", convert = r#"{ (id, region.to_owned()) }"#)]
+async fn theirs(id: u64, region: &str) -> Product {
+    let _ = region;
+    product(id)
+}
+
+/// Times `iters` sequential awaits inside one `block_on`, so the executor's entry cost
+/// is not counted per iteration.
+fn time_async<F, Fut>(rt: &tokio::runtime::Runtime, iters: u64, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future,
+{
+    rt.block_on(async {
+        let start = Instant::now();
+        for _ in 0..iters {
+            black_box(f().await);
+        }
+        start.elapsed()
+    })
+}
+
+fn hit(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let region = String::from("eu-west");
+    let key = format!("get_product:v1(42,{region:?})");
+
+    let raw = quick_cache::sync::Cache::<String, Product>::new(10_000);
+    raw.insert(key.clone(), product(42));
+    let moka = moka::future::Cache::<String, Product>::new(10_000);
+    rt.block_on(moka.insert(key.clone(), product(42)));
+    rt.block_on(ours(42, &region));
+    rt.block_on(theirs(42, &region));
+
+    let mut g = c.benchmark_group("hit");
+    g.bench_function("quick_cache get (pre-built key)", |b| {
+        b.iter(|| black_box(raw.get(black_box(key.as_str()))))
+    });
+    g.bench_function("cache_runtime #[cached] async", |b| {
+        b.iter_custom(|iters| time_async(&rt, iters, || ours(black_box(42), black_box(&region))))
+    });
+    g.bench_function("moka future get", |b| {
+        b.iter_custom(|iters| time_async(&rt, iters, || moka.get(black_box(&key))))
+    });
+    g.bench_function("cached #[cached] async", |b| {
+        b.iter_custom(|iters| time_async(&rt, iters, || theirs(black_box(42), black_box(&region))))
+    });
+    g.finish();
+
+    let stats = cache_runtime::stats();
+    assert_eq!(stats.total.executions, 1, "every measured call was a hit");
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = hit
+}
+criterion_main!(benches);

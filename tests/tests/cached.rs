@@ -90,7 +90,10 @@ async fn pinned_keys() {
     assert_eq!(
         keys,
         vec![
-            format!(r#"{}::search:v1("say \"hi\", ok",2,["a,b"],None)"#, module_path!()),
+            format!(
+                r#"{}::search:v1("say \"hi\", ok",2,["a,b"],None)"#,
+                module_path!()
+            ),
             "catalog.product:v3(7,*)".to_owned(),
         ]
     );
@@ -191,7 +194,11 @@ fn generic_functions_key_on_type_arguments() {
     let svc = service();
     svc.scope_sync(|| {
         assert_eq!(parse::<u8>("7"), Some(7u8));
-        assert_eq!(parse::<u64>("7"), Some(7u64), "another type is another entry");
+        assert_eq!(
+            parse::<u64>("7"),
+            Some(7u64),
+            "another type is another entry"
+        );
         assert_eq!(parse::<u8>("7"), Some(7u8));
         assert_eq!(parse::<u8>("x"), None);
         assert_eq!(parse::<u8>("x"), None, "None is cached by default");
@@ -289,7 +296,11 @@ async fn versions_are_separate_entries() {
     let svc = service();
     svc.scope(async {
         assert_eq!(v1::report(1).await, "v1 1");
-        assert_eq!(v2::report(1).await, "v2 1", "version 2 never reads version 1");
+        assert_eq!(
+            v2::report(1).await,
+            "v2 1",
+            "version 2 never reads version 1"
+        );
         assert_eq!(v2::report(1).await, "v2 1");
     })
     .await;
@@ -322,7 +333,11 @@ async fn same_key_name_twice_runs_uncached() {
         assert_eq!(a::f(1).await, 1);
     })
     .await;
-    assert_eq!(CLASH.get(), 3, "the first registered stays cached, the second runs each time");
+    assert_eq!(
+        CLASH.get(),
+        3,
+        "the first registered stays cached, the second runs each time"
+    );
     assert_eq!(svc.stats().total.config_errors, 2);
 }
 
@@ -354,7 +369,11 @@ async fn ttl_from_attribute_and_profile() {
         tokio::time::advance(Duration::from_secs(1)).await;
         attr_wins(1).await;
         from_profile(1).await;
-        assert_eq!((A.get(), P.get()), (2, 1), "the attribute's 2s wins over the profile's 10s");
+        assert_eq!(
+            (A.get(), P.get()),
+            (2, 1),
+            "the attribute's 2s wins over the profile's 10s"
+        );
         tokio::time::advance(Duration::from_secs(8)).await;
         from_profile(1).await;
         assert_eq!(P.get(), 2, "the profile's 10s applies");
@@ -500,7 +519,10 @@ async fn long_keys_are_hashed_after_the_function_name() {
     async fn big(text: String, map: HashMap<String, u32>) -> usize {
         text.len() + map.len()
     }
-    let svc = CachingService::builder().max_key_length(100).build().unwrap();
+    let svc = CachingService::builder()
+        .max_key_length(100)
+        .build()
+        .unwrap();
     let long = "x".repeat(500);
     svc.scope(async {
         big(long.clone(), HashMap::new()).await;

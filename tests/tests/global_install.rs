@@ -16,9 +16,16 @@ async fn lookup(id: u64) -> u64 {
 #[tokio::test(start_paused = true)]
 async fn install_once() {
     let bad = CachingService::builder()
-        .profile(Profile::new("x").ttl(Duration::from_secs(1)).sliding(Duration::from_secs(1)))
+        .profile(
+            Profile::new("x")
+                .ttl(Duration::from_secs(1))
+                .sliding(Duration::from_secs(1)),
+        )
         .install();
-    assert!(matches!(bad, Err(InstallError::Config(ConfigError::Profile { .. }))));
+    assert!(matches!(
+        bad,
+        Err(InstallError::Config(ConfigError::Profile { .. }))
+    ));
 
     CachingService::builder()
         .backend(MemoryBackend::new().max_entries(1000))

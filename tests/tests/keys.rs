@@ -32,15 +32,24 @@ struct Wrapper<T> {
 #[test]
 fn derived_shapes() {
     assert_eq!(
-        key_text(&Named { id: 1, label: "a\"b".into() }),
+        key_text(&Named {
+            id: 1,
+            label: "a\"b".into()
+        }),
         r#"Named{id:1,label:"a\"b"}"#
     );
     assert_eq!(key_text(&Tuple(3, "x".into())), r#"Tuple(3,"x")"#);
     assert_eq!(key_text(&Unit), "Unit");
     assert_eq!(key_text(&Shape::Empty), "Shape::Empty");
     assert_eq!(key_text(&Shape::Circle(1.5)), "Shape::Circle(1.5)");
-    assert_eq!(key_text(&Shape::Rect { w: 2, h: 3 }), "Shape::Rect{w:2,h:3}");
-    assert_eq!(key_text(&Wrapper { inner: vec![Unit] }), "Wrapper{inner:[Unit]}");
+    assert_eq!(
+        key_text(&Shape::Rect { w: 2, h: 3 }),
+        "Shape::Rect{w:2,h:3}"
+    );
+    assert_eq!(
+        key_text(&Wrapper { inner: vec![Unit] }),
+        "Wrapper{inner:[Unit]}"
+    );
 }
 
 #[test]
@@ -50,7 +59,10 @@ fn readable_forms_of_std_types() {
     let set: HashSet<i32> = [-1, 3].into();
     // unordered collections are sorted by their encoded entries: deterministic, not numeric
     assert_eq!(key_text(&set), "{3,-1}");
-    assert_eq!(key_text(&(Some("x"), None::<u8>, 'q', ())), r#"(Some("x"),None,'q',())"#);
+    assert_eq!(
+        key_text(&(Some("x"), None::<u8>, 'q', ())),
+        r#"(Some("x"),None,'q',())"#
+    );
     assert_eq!(key_text(&[0.1f32, -0.0]), "[0.1,-0.0]");
     assert_eq!(key_text(&usize::MAX), u64::MAX.to_string());
 }
@@ -61,11 +73,24 @@ fn usize_and_u64_encode_alike() {
     7usize.write_key(&mut a);
     let mut b = KeyWriter::new();
     7u64.write_key(&mut b);
-    assert_eq!(a.as_bytes(), b.as_bytes(), "identical on 32- and 64-bit machines");
+    assert_eq!(
+        a.as_bytes(),
+        b.as_bytes(),
+        "identical on 32- and 64-bit machines"
+    );
 }
 
 /// An argument list mixing the types keys are usually made of.
-type Args = (String, Vec<String>, Option<String>, i64, BTreeMap<String, u8>, char, Named, Shape);
+type Args = (
+    String,
+    Vec<String>,
+    Option<String>,
+    i64,
+    BTreeMap<String, u8>,
+    char,
+    Named,
+    Shape,
+);
 
 fn tricky_string() -> impl Strategy<Value = String> {
     // separators, quotes, escapes and braces of the readable form
@@ -101,7 +126,14 @@ fn same(a: &Args, b: &Args) -> bool {
         (Shape::Circle(x), Shape::Circle(y)) => x.to_bits() == y.to_bits(),
         (x, y) => x == y,
     };
-    a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && a.3 == b.3 && a.4 == b.4 && a.5 == b.5 && a.6 == b.6 && shape_eq
+    a.0 == b.0
+        && a.1 == b.1
+        && a.2 == b.2
+        && a.3 == b.3
+        && a.4 == b.4
+        && a.5 == b.5
+        && a.6 == b.6
+        && shape_eq
 }
 
 proptest! {

@@ -80,7 +80,9 @@ async fn a_panic_does_not_poison_the_key() {
         id
     }
     let svc = service();
-    let handles: Vec<_> = (0..50).map(|_| tokio::spawn(svc.scope(fragile(3)))).collect();
+    let handles: Vec<_> = (0..50)
+        .map(|_| tokio::spawn(svc.scope(fragile(3))))
+        .collect();
     let mut ok = 0;
     let mut panicked = 0;
     for h in handles {
@@ -115,7 +117,11 @@ async fn a_cancelled_leader_hands_over() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     leader.abort();
     assert!(leader.await.unwrap_err().is_cancelled());
-    assert_eq!(waiter.await.unwrap(), 5, "the waiter took over instead of hanging");
+    assert_eq!(
+        waiter.await.unwrap(),
+        5,
+        "the waiter took over instead of hanging"
+    );
     assert_eq!(RUNS.get(), 2);
 }
 
@@ -181,10 +187,15 @@ async fn different_keys_run_concurrently() {
     }
     let svc = service();
     let started = std::time::Instant::now();
-    let handles: Vec<_> = (0..20).map(|i| tokio::spawn(svc.scope(slow_many(i)))).collect();
+    let handles: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(svc.scope(slow_many(i))))
+        .collect();
     for (i, h) in handles.into_iter().enumerate() {
         assert_eq!(h.await.unwrap(), i as u64);
     }
     assert_eq!(RUNS.get(), 20);
-    assert!(started.elapsed() < Duration::from_secs(2), "keys do not wait for each other");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "keys do not wait for each other"
+    );
 }

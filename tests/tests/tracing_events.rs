@@ -26,7 +26,10 @@ impl<S: Subscriber> Layer<S> for Recorder {
     fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
         let mut f = Fields(String::new());
         event.record(&mut f);
-        self.0.lock().unwrap().push((*event.metadata().level(), f.0));
+        self.0
+            .lock()
+            .unwrap()
+            .push((*event.metadata().level(), f.0));
     }
 }
 
@@ -72,6 +75,10 @@ async fn events() {
     let errors: Vec<_> = events.iter().filter(|(l, _)| *l == Level::ERROR).collect();
     assert_eq!(errors.len(), 1, "logged once: {errors:?}");
     assert!(errors[0].1.contains("profile `missing`"), "{}", errors[0].1);
-    assert!(errors[0].1.contains(r#"Profile::new("missing")"#), "{}", errors[0].1);
+    assert!(
+        errors[0].1.contains(r#"Profile::new("missing")"#),
+        "{}",
+        errors[0].1
+    );
     assert_eq!(svc.stats().total.config_errors, 3, "counted every time");
 }

@@ -1,0 +1,209 @@
+//! Statistics: counters per function and service, and their snapshots.
+//!
+//! A hit increments one counter, so the increment must be cheap. Each thread that
+//! counts gets a slot of its own (up to [`SLOTS`] threads at a time; a thread's slot
+//! is given back when it exits). A slot has a single writer, so an increment is a
+//! plain load and store, with no locked instruction, and no update is lost. Threads
+//! beyond [`SLOTS`] share one overflow slot with atomic increments. A snapshot sums
+//! the slots.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::flight::lock;
+
+/// Counters of one function, or of the whole service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FunctionStats {
+    /// Calls served from the cache, without running the body.
+    pub hits: u64,
+    /// Calls that did not find a value. A miss either ran the body or received the
+    /// value of a concurrent call of the same key (`misses - executions`).
+    pub misses: u64,
+    /// Hits served by the in-process tier.
+    pub l1_hits: u64,
+    /// Hits served by the remote tier.
+    pub l2_hits: u64,
+    /// Times the body ran (misses that led, disabled profiles, misconfigured functions).
+    pub executions: u64,
+    /// Entries removed by invalidation.
+    pub invalidations: u64,
+    /// Failed operations on a remote tier.
+    pub backend_errors: u64,
+    /// Calls that ran uncached because of a configuration error (unknown profile,
+    /// two functions with the same key name).
+    pub config_errors: u64,
+}
+
+impl FunctionStats {
+    pub(crate) fn add(&mut self, o: &FunctionStats) {
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.l1_hits += o.l1_hits;
+        self.l2_hits += o.l2_hits;
+        self.executions += o.executions;
+        self.invalidations += o.invalidations;
+        self.backend_errors += o.backend_errors;
+        self.config_errors += o.config_errors;
+    }
+}
+
+/// A snapshot of a service's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// The sum over all functions.
+    pub total: FunctionStats,
+    /// Per function, by key name (`module::function`, or `module::Type::method`).
+    pub functions: BTreeMap<String, FunctionStats>,
+}
+
+impl Stats {
+    /// The counters of one function by its key name; zero if it never ran.
+    pub fn function(&self, name: &str) -> FunctionStats {
+        self.functions.get(name).copied().unwrap_or_default()
+    }
+}
+
+/// What is counted.
+#[derive(Clone, Copy)]
+pub(crate) enum Counter {
+    Miss = 0,
+    L1Hit,
+    L2Hit,
+    Execution,
+    Invalidation,
+    BackendError,
+    ConfigError,
+}
+
+const COUNTERS: usize = 7;
+
+/// Number of threads that count without atomic read-modify-write at a time.
+pub(crate) const SLOTS: usize = 16;
+
+#[derive(Default)]
+#[repr(align(64))]
+struct Slot([AtomicU64; COUNTERS]);
+
+/// Live counters of one function in one service.
+#[derive(Default)]
+pub(crate) struct Counters {
+    slots: [Slot; SLOTS],
+    overflow: Slot,
+}
+
+/// Slots given back by threads that exited.
+static FREE_SLOTS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+const UNASSIGNED: usize = usize::MAX;
+
+/// This thread's slot; gives it back when the thread exits.
+struct ThreadSlot(Cell<usize>);
+
+impl Drop for ThreadSlot {
+    fn drop(&mut self) {
+        let slot = self.0.get();
+        if slot < SLOTS {
+            lock(&FREE_SLOTS).push(slot);
+        }
+    }
+}
+
+thread_local! {
+    static THREAD_SLOT: ThreadSlot = const { ThreadSlot(Cell::new(UNASSIGNED)) };
+}
+
+#[inline]
+fn thread_slot() -> usize {
+    THREAD_SLOT
+        .try_with(|s| {
+            let slot = s.0.get();
+            if slot != UNASSIGNED {
+                return slot;
+            }
+            let slot = lock(&FREE_SLOTS).pop().unwrap_or_else(|| {
+                let n = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
+                if n < SLOTS {
+                    n
+                } else {
+                    NEXT_SLOT.store(SLOTS, Ordering::Relaxed);
+                    SLOTS
+                }
+            });
+            s.0.set(slot);
+            slot
+        })
+        .unwrap_or(SLOTS) // during thread teardown: the overflow slot
+}
+
+impl Counters {
+    #[inline]
+    pub(crate) fn bump(&self, counter: Counter) {
+        let slot = thread_slot();
+        match self.slots.get(slot) {
+            Some(Slot(c)) => {
+                // Single writer: this thread owns the slot.
+                let c = &c[counter as usize];
+                c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            }
+            None => {
+                self.overflow.0[counter as usize].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> FunctionStats {
+        let mut sum = [0u64; COUNTERS];
+        for slot in self.slots.iter().chain(std::iter::once(&self.overflow)) {
+            for (total, c) in sum.iter_mut().zip(&slot.0) {
+                *total += c.load(Ordering::Relaxed);
+            }
+        }
+        let get = |c: Counter| sum[c as usize];
+        FunctionStats {
+            hits: get(Counter::L1Hit) + get(Counter::L2Hit),
+            misses: get(Counter::Miss),
+            l1_hits: get(Counter::L1Hit),
+            l2_hits: get(Counter::L2Hit),
+            executions: get(Counter::Execution),
+            invalidations: get(Counter::Invalidation),
+            backend_errors: get(Counter::BackendError),
+            config_errors: get(Counter::ConfigError),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn counts_exactly_from_many_threads() {
+        let counters = Arc::new(Counters::default());
+        // more threads than slots, twice over, so slots are reused and the overflow is used
+        for _ in 0..2 {
+            let threads: Vec<_> = (0..SLOTS + 8)
+                .map(|_| {
+                    let c = counters.clone();
+                    std::thread::spawn(move || {
+                        for _ in 0..10_000 {
+                            c.bump(Counter::L1Hit);
+                        }
+                        c.bump(Counter::Miss);
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+        }
+        let s = counters.snapshot();
+        assert_eq!(s.l1_hits, 2 * (SLOTS as u64 + 8) * 10_000);
+        assert_eq!(s.hits, s.l1_hits);
+        assert_eq!(s.misses, 2 * (SLOTS as u64 + 8));
+    }
+}
