@@ -141,14 +141,18 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
     // Descriptor.
     let is_async = sig.asyncness.is_some();
     let has_receiver = params.iter().any(|p| p.ident.is_none());
+    let method = has_receiver && opts.name.is_none();
     let name_expr = match &opts.name {
         Some(lit) => quote!(#lit),
+        None if method => {
+            let f = fn_name.to_string();
+            quote!(#f)
+        }
         None => {
             let f = fn_name.to_string();
             quote!(::core::concat!(::core::module_path!(), "::", #f))
         }
     };
-    let method = has_receiver && opts.name.is_none();
     let version = opts.version.unwrap_or(1);
     let profile = opts
         .profile
@@ -166,12 +170,6 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let cache_none = opts.cache_none.map_or(true, |(v, _)| v);
 
     // Key.
-    let key_base = if method {
-        let f = fn_name.to_string();
-        quote!(#f)
-    } else {
-        quote!(__CACHE_DESCRIPTOR.name)
-    };
     let self_type = if method {
         quote!(::core::option::Option::Some(
             ::cache_runtime::__private::type_name::<Self>()
@@ -234,8 +232,10 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let block = &func.block;
     let stmts = &block.stmts;
     let run = if is_async {
+        // The miss path is boxed: it holds the body's future and the flight state, and
+        // would otherwise make every call's future (hits included) as large as both.
         quote! {
-            ::cache_runtime::__private::run_async::<#kind_path, _, _>(
+            ::cache_runtime::__private::Box::pin(::cache_runtime::__private::run_async::<#kind_path, _, _>(
                 __cache_path,
                 &__CACHE_DESCRIPTOR,
                 __cache_ops,
@@ -248,7 +248,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
                     }
                     #(#stmts)*
                 },
-            ).await
+            )).await
         }
     } else {
         quote! {
@@ -265,7 +265,6 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
         #[allow(clippy::needless_borrow, clippy::borrow_deref_ref)]
         let __cache_lookup = ::cache_runtime::__private::lookup::<#kind_path, _>(
             &__CACHE_DESCRIPTOR,
-            #key_base,
             #self_type,
             __cache_ops,
             |__w: &mut ::cache_runtime::__private::KeyWriter| {
@@ -286,7 +285,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
         #(#attrs)*
         #vis #sig {
             static __CACHE_DESCRIPTOR: ::cache_runtime::__private::Descriptor = ::cache_runtime::__private::Descriptor {
-                name: #name_expr,
+                key_name: #name_expr,
                 method: #method,
                 version: #version,
                 profile: #profile,

@@ -159,13 +159,15 @@ pub struct MissPath {
 #[inline]
 pub fn lookup<K: ReturnKind<R>, R>(
     desc: &'static Descriptor,
-    key_name: &str,
     self_type: Option<&'static str>,
     ops: ValueOps<K::Stored>,
     write_args: impl FnOnce(&mut KeyWriter),
 ) -> Lookup<R> {
-    with_function_key(key_name, self_type, desc.version, write_args, |key| {
-        let reg = desc.registration(|| key.function_name().unwrap_or(desc.name).to_owned());
+    let reg = desc.registration(self_type);
+    if reg.unusable.is_some() {
+        return misconfigured(desc, reg);
+    }
+    with_function_key(reg, self_type, write_args, |key| {
         with_current(|svc| {
             let state = svc.inner.function(desc, reg);
             let c = &state.counters;
@@ -199,6 +201,18 @@ pub fn lookup<K: ReturnKind<R>, R>(
             }
         })
     })
+}
+
+/// A function that cannot have keys (see [`Registration::unusable`]): counted, run
+/// uncached.
+#[cold]
+fn misconfigured<R>(desc: &'static Descriptor, reg: &'static Registration) -> Lookup<R> {
+    with_current(|svc| {
+        let c = &svc.inner.unusable(desc, reg).counters;
+        c.bump(Counter::ConfigError);
+        c.bump(Counter::Execution);
+    });
+    Lookup::Run(None)
 }
 
 /// One call on the miss path, shared by the async and the blocking forms: everything

@@ -24,6 +24,8 @@ use std::sync::Arc;
 
 use std::cell::Cell;
 
+use crate::registry::{registration_by_id, Registration};
+
 /// A value that can be part of a cache key.
 ///
 /// Implemented for integers, `bool`, `char`, floats (by bits), `String`, `str`,
@@ -287,21 +289,13 @@ impl KeyWriter {
         &self.buf
     }
 
-    /// Writes the start of a cached function's key: format version, name (prefixed by
-    /// the receiver's type name for methods), version.
+    /// Writes the start of a cached function's key: the format version and the
+    /// function's registration number.
     #[inline]
-    fn begin_function(&mut self, name: &str, self_type: Option<&str>, version: u32) {
+    fn begin_function(&mut self, id: u32) {
+        self.buf.reserve(64);
         self.byte(tag::KEY_V1);
-        match self_type {
-            None => self.raw_str(name),
-            Some(ty) => {
-                self.len(ty.len() + 2 + name.len());
-                self.buf.extend_from_slice(ty.as_bytes());
-                self.buf.extend_from_slice(b"::");
-                self.buf.extend_from_slice(name.as_bytes());
-            }
-        }
-        self.len(version as usize);
+        self.buf.extend_from_slice(&id.to_le_bytes());
     }
 
     /// Adds a generic type argument to a function key (before any argument).
@@ -330,13 +324,13 @@ thread_local! {
 /// taken out of the thread-local while `f` runs, so a nested call (a `CacheKey` impl
 /// that builds another key) simply starts with an empty buffer of its own.
 ///
-/// `write_args` writes the type arguments (with [`KeyWriter::type_arg`]), then
-/// [`KeyWriter::begin_args`], then the arguments.
+/// The key is the function's registration number, then for methods the receiver's
+/// type name, then `write_args`: the type arguments (with [`KeyWriter::type_arg`]),
+/// [`KeyWriter::begin_args`], and the arguments.
 #[inline]
 pub(crate) fn with_function_key<R>(
-    name: &str,
+    reg: &Registration,
     self_type: Option<&str>,
-    version: u32,
     write_args: impl FnOnce(&mut KeyWriter),
     f: impl FnOnce(KeyRef<'_>) -> R,
 ) -> R {
@@ -344,7 +338,10 @@ pub(crate) fn with_function_key<R>(
         buf: KEY_BUFFER.with(Cell::take),
     };
     w.buf.clear();
-    w.begin_function(name, self_type, version);
+    w.begin_function(reg.id);
+    if let (true, Some(ty)) = (reg.method, self_type) {
+        w.type_arg(ty);
+    }
     write_args(&mut w);
     w.end();
     let r = f(KeyRef(&w.buf));
@@ -421,19 +418,9 @@ impl Key {
         let _ = write!(out, "#{hash:032x}");
         out
     }
-
-    /// The function name part of the key (receiver type included for methods).
-    pub fn function_name(&self) -> Option<&str> {
-        self.parse_header().map(|(h, _)| h.name)
-    }
 }
 
-impl KeyRef<'_> {
-    /// The function name part of the key (receiver type included for methods).
-    pub(crate) fn function_name(&self) -> Option<&str> {
-        parse_header(self.0).map(|(h, _)| h.name)
-    }
-}
+impl KeyRef<'_> {}
 
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -447,8 +434,7 @@ fn parse_header(bytes: &[u8]) -> Option<(Header<'_>, &[u8])> {
     if r.byte()? != tag::KEY_V1 {
         return None;
     }
-    let name = r.str()?;
-    let version = r.len()?;
+    let reg = registration_by_id(u32::from_le_bytes(r.array()?))?;
     let mut types = Vec::new();
     loop {
         match r.byte()? {
@@ -457,10 +443,16 @@ fn parse_header(bytes: &[u8]) -> Option<(Header<'_>, &[u8])> {
             _ => return None,
         }
     }
+    let receiver = match reg.method {
+        true if types.is_empty() => return None,
+        true => Some(types.remove(0)),
+        false => None,
+    };
     Some((
         Header {
-            name,
-            version,
+            receiver,
+            name: reg.key_name,
+            version: reg.version,
             types,
         },
         r.bytes,
@@ -486,13 +478,18 @@ impl fmt::Debug for Key {
 }
 
 struct Header<'a> {
+    receiver: Option<&'a str>,
     name: &'a str,
-    version: usize,
+    version: u32,
     types: Vec<&'a str>,
 }
 
 impl fmt::Display for Header<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(receiver) = self.receiver {
+            f.write_str(receiver)?;
+            f.write_str("::")?;
+        }
         f.write_str(self.name)?;
         if !self.types.is_empty() {
             f.write_str("::<")?;
@@ -915,11 +912,28 @@ tuple_impl!(A B C D E F G H I J K L);
 mod tests {
     use super::*;
 
-    fn key(name: &str, version: u32, args: impl FnOnce(&mut KeyWriter)) -> Key {
+    use crate::registry::Descriptor;
+    use std::sync::OnceLock;
+
+    macro_rules! descriptor {
+        ($name:literal, $method:literal, $version:literal) => {{
+            static D: Descriptor = Descriptor {
+                key_name: $name,
+                method: $method,
+                version: $version,
+                profile: "default",
+                expiration: None,
+                cache_none: true,
+                registration: OnceLock::new(),
+            };
+            &D
+        }};
+    }
+
+    fn key(desc: &'static Descriptor, args: impl FnOnce(&mut KeyWriter)) -> Key {
         with_function_key(
-            name,
+            desc.registration(None),
             None,
-            version,
             |w| {
                 w.begin_args();
                 args(w)
@@ -930,7 +944,7 @@ mod tests {
 
     #[test]
     fn renders_function_keys() {
-        let k = key("shop::get_product", 1, |w| {
+        let k = key(descriptor!("shop::get_product", false, 1), |w| {
             42u64.write_key(w);
             "blue \"sky\"\\".write_key(w);
             w.write_skipped();
@@ -940,15 +954,16 @@ mod tests {
             r#"shop::get_product:v1(42,"blue \"sky\"\\",*)"#
         );
         assert_eq!(Key::from_bytes(k.as_bytes()), Some(k.clone()));
-        assert_eq!(k.function_name(), Some("shop::get_product"));
+        // the in-process form numbers the function instead of naming it
+        assert_eq!(k.as_bytes().len(), 1 + 4 + 1 + 9 + 13 + 1 + 1);
     }
 
     #[test]
     fn renders_type_arguments_and_receivers() {
+        let desc = descriptor!("get", true, 3);
         let k = with_function_key(
-            "get",
+            desc.registration(Some("app::Repo")),
             Some("app::Repo"),
-            3,
             |w| {
                 w.type_arg("u64");
                 w.type_arg("alloc::string::String");
@@ -1000,15 +1015,16 @@ mod tests {
 
     #[test]
     fn long_keys_keep_the_function_part_and_hash_the_rest() {
+        let search = descriptor!("app::search", false, 1);
         let long = "x".repeat(2000);
-        let k = key("app::search", 1, |w| long.write_key(w));
+        let k = key(search, |w| long.write_key(w));
         let text = k.to_text(256);
         assert!(text.starts_with("app::search:v1#"), "{text}");
         assert_eq!(text.len(), "app::search:v1#".len() + 32);
-        let other = key("app::search", 1, |w| format!("{long}y").write_key(w));
+        let other = key(search, |w| format!("{long}y").write_key(w));
         assert_ne!(other.to_text(256), text);
         // short keys are left alone
-        let short = key("app::search", 1, |w| "q".write_key(w));
+        let short = key(search, |w| "q".write_key(w));
         assert_eq!(short.to_text(256), r#"app::search:v1("q")"#);
     }
 
@@ -1016,6 +1032,10 @@ mod tests {
     fn malformed_bytes_are_rejected() {
         assert!(Key::from_bytes(&[]).is_none());
         assert!(Key::from_bytes(&[tag::KEY_V1, 200]).is_none());
+        assert!(
+            Key::from_bytes(&[tag::KEY_V1, 0xff, 0xff, 0xff, 0x7f, tag::TUPLE, tag::END]).is_none(),
+            "an unknown function number"
+        );
         assert!(Key::from_bytes(b"plain text").is_none());
     }
 }

@@ -100,5 +100,6 @@ pub mod __private {
     pub use crate::registry::Descriptor;
     pub use core::any::type_name;
     pub use core::time::Duration;
+    pub use std::boxed::Box;
     pub use std::sync::OnceLock;
 }

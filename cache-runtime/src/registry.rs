@@ -2,7 +2,7 @@
 //! a process-wide registry that numbers them and catches two functions with the same
 //! key name, and per-service state (resolved profile, counters) found by that number.
 //!
-//! The hot path reads two `OnceLock`s: the descriptor's registration and the service's
+//! The hot path reads `OnceLock`s: the descriptor's registration and the service's
 //! slot for it. Nothing is hashed or locked once a function has been called.
 
 use std::collections::HashMap;
@@ -18,8 +18,9 @@ use crate::stats::{Counters, Stats};
 /// as a `static`; not meant to be written by hand.
 #[doc(hidden)]
 pub struct Descriptor {
-    /// `module_path::function`, or the `name = ".."` of the attribute.
-    pub name: &'static str,
+    /// `module_path::function`, or the `name = ".."` of the attribute; for methods
+    /// without `name`, the method's name (keys put the receiver's type in front).
+    pub key_name: &'static str,
     /// A method whose key name is prefixed with its receiver's type name.
     pub method: bool,
     pub version: u32,
@@ -32,59 +33,89 @@ pub struct Descriptor {
 }
 
 impl Descriptor {
-    /// The registration of this function, made on its first call. `key_name` is the name
-    /// its keys carry (the receiver's type name is part of it for methods).
+    /// The registration of this function, made on its first call. `self_type` is the
+    /// receiver's type name for methods.
     #[inline]
-    pub(crate) fn registration(
-        &'static self,
-        key_name: impl FnOnce() -> String,
-    ) -> &'static Registration {
-        self.registration.get_or_init(|| register(self, key_name()))
+    pub(crate) fn registration(&'static self, self_type: Option<&str>) -> &'static Registration {
+        self.registration.get_or_init(|| register(self, self_type))
     }
 }
 
+/// A cached function's number in this process and the names that go with it. The
+/// in-process key starts with the number; the readable key is rendered from these
+/// names.
 #[doc(hidden)]
 pub struct Registration {
-    pub(crate) id: usize,
+    pub(crate) id: u32,
+    /// The name in stats and logs: the key name, with the receiver's type for methods.
     pub(crate) name: Arc<str>,
-    /// Another function already uses this key name: this one runs uncached.
-    pub(crate) collides_with: Option<&'static str>,
+    /// The key name: `module::function`, the attribute's `name`, or for methods the
+    /// method's name (keys put the receiver's type name in front).
+    pub(crate) key_name: &'static str,
+    pub(crate) method: bool,
+    pub(crate) version: u32,
+    /// Why this function runs uncached, if it does (its key name is taken, or the
+    /// process has more cached functions than keys can number).
+    pub(crate) unusable: Option<&'static str>,
 }
+
+/// The most cached functions one process can hold.
+pub(crate) const MAX_FUNCTIONS: usize = CHUNK * CHUNKS;
 
 #[derive(Default)]
 struct Registry {
     /// Key name and version of each registered function, with its descriptor's address.
     by_name: HashMap<(Arc<str>, u32), usize>,
-    next: usize,
+    next: u32,
 }
 
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
 
-fn register(desc: &'static Descriptor, name: String) -> Registration {
+/// Registered functions by number, for rendering keys.
+static BY_ID: IdTable<&'static Descriptor> = IdTable::new();
+
+/// The registration numbered `id`, if there is one.
+pub(crate) fn registration_by_id(id: u32) -> Option<&'static Registration> {
+    BY_ID.get(id as usize)?.registration.get()
+}
+
+fn register(desc: &'static Descriptor, self_type: Option<&str>) -> Registration {
     let mut guard = lock(&REGISTRY);
     let registry = guard.get_or_insert_with(Registry::default);
     let id = registry.next;
-    registry.next += 1;
-    let name: Arc<str> = name.into();
+    registry.next = registry.next.saturating_add(1);
+    let name: Arc<str> = match self_type {
+        Some(ty) if desc.method => format!("{ty}::{}", desc.key_name).into(),
+        _ => desc.key_name.into(),
+    };
     let addr = desc as *const Descriptor as usize;
-    let collides_with = match registry.by_name.get(&(name.clone(), desc.version)) {
-        Some(&other) if other != addr => {
-            tracing::error!(
-                target: "cache_runtime",
-                function = %name,
-                "two cached functions use the key name `{name}` (functions nested in other functions share their module's path); the second one runs uncached. Rename one, or give it `#[cached(name = \"...\")]`"
-            );
-            Some(desc.name)
-        }
-        _ => {
-            registry.by_name.insert((name.clone(), desc.version), addr);
-            None
+    let unusable = if id as usize >= MAX_FUNCTIONS {
+        tracing::error!(target: "cache_runtime", function = %name, "more than {MAX_FUNCTIONS} cached functions in one process; `{name}` runs uncached");
+        Some("too many cached functions")
+    } else {
+        match registry.by_name.get(&(name.clone(), desc.version)) {
+            Some(&other) if other != addr => {
+                tracing::error!(
+                    target: "cache_runtime",
+                    function = %name,
+                    "two cached functions use the key name `{name}` (functions nested in other functions share their module's path); the second one runs uncached. Rename one, or give it `#[cached(name = \"...\")]`"
+                );
+                Some("key name taken")
+            }
+            _ => {
+                registry.by_name.insert((name.clone(), desc.version), addr);
+                BY_ID.get_or_init(id as usize, || desc);
+                None
+            }
         }
     };
     Registration {
         id,
         name,
-        collides_with,
+        key_name: desc.key_name,
+        method: desc.method,
+        version: desc.version,
+        unusable,
     }
 }
 
@@ -109,7 +140,7 @@ pub(crate) struct FnState {
 
 impl FnState {
     fn resolve(inner: &Inner, desc: &Descriptor, reg: &Registration) -> FnState {
-        let mode = if reg.collides_with.is_some() {
+        let mode = if reg.unusable.is_some() {
             Mode::Misconfigured
         } else {
             match inner.profiles.get(desc.profile) {
@@ -143,65 +174,88 @@ impl FnState {
 const CHUNK: usize = 64;
 const CHUNKS: usize = 1024;
 
-type Chunk = Box<[OnceLock<FnState>; CHUNK]>;
-
-/// Per-service function states, indexed by registration number: two loads per lookup.
-/// Room for `CHUNK * CHUNKS` functions; beyond that, states live in a locked map.
-pub(crate) struct FnTable {
-    chunks: Box<[OnceLock<Chunk>]>,
-    overflow: Mutex<HashMap<usize, &'static FnState>>,
+/// A table indexed by registration number: two loads per lookup, no lock, no hashing.
+/// Chunks of `CHUNK` slots are allocated as numbers reach them.
+pub(crate) struct IdTable<T> {
+    chunks: [OnceLock<Box<[OnceLock<T>; CHUNK]>>; CHUNKS],
 }
+
+impl<T> IdTable<T> {
+    pub(crate) const fn new() -> Self {
+        IdTable {
+            chunks: [const { OnceLock::new() }; CHUNKS],
+        }
+    }
+
+    #[inline]
+    pub(crate) fn get(&self, id: usize) -> Option<&T> {
+        self.chunks.get(id / CHUNK)?.get()?[id % CHUNK].get()
+    }
+
+    /// The value numbered `id`, created by `init` if absent. `id` must be below
+    /// [`MAX_FUNCTIONS`].
+    #[inline]
+    pub(crate) fn get_or_init(&self, id: usize, init: impl FnOnce() -> T) -> &T {
+        let chunk =
+            self.chunks[id / CHUNK].get_or_init(|| Box::new([const { OnceLock::new() }; CHUNK]));
+        chunk[id % CHUNK].get_or_init(init)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
+        self.chunks
+            .iter()
+            .filter_map(OnceLock::get)
+            .flat_map(|chunk| chunk.iter().filter_map(OnceLock::get))
+    }
+}
+
+/// Per-service function states, by registration number, and one shared state for
+/// functions numbered beyond the table.
+pub(crate) struct FnTable(Box<IdTable<FnState>>, OnceLock<FnState>);
 
 impl Default for FnTable {
     fn default() -> Self {
-        FnTable {
-            chunks: (0..CHUNKS).map(|_| OnceLock::new()).collect(),
-            overflow: Mutex::default(),
-        }
+        FnTable(Box::new(IdTable::new()), OnceLock::new())
     }
 }
 
 impl Inner {
-    /// This service's state for a function, created on first use.
+    /// This service's state for a function, created on first use. The registration must
+    /// be usable (its number below [`MAX_FUNCTIONS`]).
     #[inline]
     pub(crate) fn function(
         &self,
         desc: &'static Descriptor,
         reg: &'static Registration,
     ) -> &FnState {
-        let id = reg.id;
-        match self.functions.chunks.get(id / CHUNK) {
-            Some(chunk) => {
-                let chunk =
-                    chunk.get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
-                chunk[id % CHUNK].get_or_init(|| FnState::resolve(self, desc, reg))
-            }
-            None => {
-                let mut overflow = lock(&self.functions.overflow);
-                // Leaked: at most one state per function beyond the table, per service.
-                overflow
-                    .entry(id)
-                    .or_insert_with(|| Box::leak(Box::new(FnState::resolve(self, desc, reg))))
-            }
+        self.functions
+            .0
+            .get_or_init(reg.id as usize, || FnState::resolve(self, desc, reg))
+    }
+}
+
+impl Inner {
+    /// The state counting the calls of a function that runs uncached because it
+    /// cannot have keys.
+    pub(crate) fn unusable(
+        &self,
+        desc: &'static Descriptor,
+        reg: &'static Registration,
+    ) -> &FnState {
+        if (reg.id as usize) < MAX_FUNCTIONS {
+            self.function(desc, reg)
+        } else {
+            self.functions
+                .1
+                .get_or_init(|| FnState::resolve(self, desc, reg))
         }
     }
 }
 
 impl FnTable {
-    fn for_each(&self, mut f: impl FnMut(&FnState)) {
-        for chunk in self.chunks.iter().filter_map(OnceLock::get) {
-            for state in chunk.iter().filter_map(OnceLock::get) {
-                f(state);
-            }
-        }
-        for state in lock(&self.overflow).values() {
-            f(state);
-        }
-    }
-
     pub(crate) fn stats(&self) -> Stats {
         let mut stats = Stats::default();
-        self.for_each(|state| {
+        for state in self.0.iter().chain(self.1.get()) {
             let s = state.counters.snapshot();
             stats.total.add(&s);
             stats
@@ -209,7 +263,7 @@ impl FnTable {
                 .entry(state.name.to_string())
                 .or_default()
                 .add(&s);
-        });
+        }
         stats
     }
 }
