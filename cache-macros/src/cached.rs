@@ -167,7 +167,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
             ::cache_runtime::__private::Expiration::Sliding(::cache_runtime::__private::Duration::from_nanos(#n))
         )),
     };
-    let cache_none = opts.cache_none.map_or(true, |(v, _)| v);
+    let cache_none = opts.cache_none.is_none_or(|(v, _)| v);
 
     // Key.
     let self_type = if method {
