@@ -320,6 +320,31 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
     }
 }
 
+/// The steps of the miss path, written once for the async and the blocking forms:
+/// `$run` runs the body (it appears in two arms, each of which returns), `$wait`
+/// waits for another caller's flight.
+macro_rules! miss_loop {
+    ($miss:ident, $run:expr, |$flight:ident| $wait:expr) => {{
+        let mut next = $miss.join();
+        loop {
+            next = match next {
+                Next::Return(r) => return r,
+                Next::Lead(leader) => {
+                    let result = $run;
+                    $miss.finish(&result, Some(leader));
+                    return result;
+                }
+                Next::Wait($flight) => $miss.waited($wait),
+                Next::RunAlone => {
+                    let result = $run;
+                    $miss.finish(&result, None);
+                    return result;
+                }
+            }
+        }
+    }};
+}
+
 /// The miss path of an `async fn`: runs the body under single flight and stores its
 /// result; with `path == None` (caching off) just runs the body.
 #[doc(hidden)]
@@ -337,23 +362,9 @@ where
         return body.await;
     };
     let miss = Miss::<K, R>::new(&path.service.inner, desc, path.reg, &path.key, ops);
-    let mut next = miss.join();
-    loop {
-        next = match next {
-            Next::Return(r) => return r,
-            Next::Lead(leader) => {
-                let result = body.await;
-                miss.finish(&result, Some(leader));
-                return result;
-            }
-            Next::Wait(flight) => miss.waited(flight.wait(miss.lock_timeout).await),
-            Next::RunAlone => {
-                let result = body.await;
-                miss.finish(&result, None);
-                return result;
-            }
-        }
-    }
+    miss_loop!(miss, body.await, |flight| flight
+        .wait(miss.lock_timeout)
+        .await)
 }
 
 /// The miss path of a plain `fn`: concurrent callers of the same key block until the
@@ -373,21 +384,6 @@ where
         return body();
     };
     let miss = Miss::<K, R>::new(&path.service.inner, desc, path.reg, &path.key, ops);
-    let mut next = miss.join();
-    loop {
-        next = match next {
-            Next::Return(r) => return r,
-            Next::Lead(leader) => {
-                let result = body();
-                miss.finish(&result, Some(leader));
-                return result;
-            }
-            Next::Wait(flight) => miss.waited(flight.wait_blocking(miss.lock_timeout)),
-            Next::RunAlone => {
-                let result = body();
-                miss.finish(&result, None);
-                return result;
-            }
-        }
-    }
+    miss_loop!(miss, body(), |flight| flight
+        .wait_blocking(miss.lock_timeout))
 }

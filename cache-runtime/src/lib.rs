@@ -44,7 +44,8 @@ mod registry;
 mod service;
 mod stats;
 
-pub use key::{key_text, CacheKey, Key, KeyWriter};
+pub(crate) use key::Key;
+pub use key::{key_text, CacheKey, KeyWriter};
 pub use memory::{Expiration, MemoryBackend, WeighFn};
 pub use service::{
     shutdown, stats, Backend, CachingService, CachingServiceBuilder, ConfigError, FunctionStats,

@@ -60,7 +60,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for call in calls {
         call.await??;
     }
-    println!("10 concurrent calls of get_product(3) in {:?}", started.elapsed());
+    println!(
+        "10 concurrent calls of get_product(3) in {:?}",
+        started.elapsed()
+    );
 
     let stats = cache_runtime::stats();
     let s = stats.function("quickstart::get_product");
