@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::flight::{Flight, Join, Leader, Waited};
+use crate::flight::{Flight, Join, Leader, Shared, Waited};
 use crate::key::{with_function_key, Key, KeyWriter};
 use crate::memory::{AnySlot, Expiration, Slot};
 use crate::registry::{Descriptor, FnState, Mode, Registration};
@@ -46,7 +46,8 @@ impl<T: CachedValue + serde::Serialize + serde::de::DeserializeOwned> SharedValu
 /// written.
 pub struct ValueOps<T> {
     clone: fn(&T) -> T,
-    into_slot: fn(T, Expiration) -> Arc<AnySlot>,
+    into_slot: fn(T, Expiration) -> Box<AnySlot>,
+    into_shared: fn(T) -> Shared,
     from_any: fn(&(dyn Any + Send + Sync)) -> Option<T>,
 }
 
@@ -62,7 +63,8 @@ impl<T> Copy for ValueOps<T> {}
 pub fn value_ops<T: CachedValue>() -> ValueOps<T> {
     ValueOps {
         clone: T::clone,
-        into_slot: |v, e| Arc::new(Slot::new(v, e)),
+        into_slot: |v, e| Box::new(Slot::new(v, e)),
+        into_shared: |v| Arc::new(v),
         from_any: |v| v.downcast_ref::<T>().cloned(),
     }
 }
@@ -292,7 +294,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
     /// What a waiter does with the leader's outcome.
     fn waited(&self, waited: Waited) -> Next<'a, R> {
         match waited {
-            Waited::Done(slot) => match (self.ops.from_any)(&slot.value) {
+            Waited::Done(value) => match (self.ops.from_any)(&*value) {
                 Some(v) => Next::Return(K::from_stored(v)),
                 None => self.join(),
             },
@@ -311,11 +313,9 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             return; // dropping the leader abandons the flight: a waiter runs the body
         };
         let slot = (self.ops.into_slot)((self.ops.clone)(value), self.expiration);
-        self.inner
-            .memory
-            .insert(self.key.as_bytes().into(), slot.clone());
+        self.inner.memory.insert(self.key.as_bytes(), slot);
         if let Some(leader) = leader {
-            leader.complete(slot);
+            leader.complete((self.ops.into_shared)((self.ops.clone)(value)));
         }
     }
 }

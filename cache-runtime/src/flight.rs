@@ -18,7 +18,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::memory::AnySlot;
+use std::any::Any;
+
+/// A value handed from a flight's leader to its waiters.
+pub(crate) type Shared = Arc<dyn Any + Send + Sync>;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -26,12 +29,12 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[derive(Clone)]
 pub(crate) enum Outcome {
-    Done(Arc<AnySlot>),
+    Done(Shared),
     Abandoned,
 }
 
 pub(crate) enum Waited {
-    Done(Arc<AnySlot>),
+    Done(Shared),
     Abandoned,
     TimedOut,
 }
@@ -126,8 +129,8 @@ pub(crate) struct Leader<'a> {
 }
 
 impl Leader<'_> {
-    pub(crate) fn complete(self, slot: Arc<AnySlot>) {
-        self.finish(Outcome::Done(slot));
+    pub(crate) fn complete(self, value: Shared) {
+        self.finish(Outcome::Done(value));
     }
 
     fn finish(&self, outcome: Outcome) {
@@ -159,15 +162,14 @@ impl Drop for Leader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{Expiration, Slot};
 
-    fn slot(v: u32) -> Arc<AnySlot> {
-        Arc::new(Slot::new(v, Expiration::Never))
+    fn slot(v: u32) -> Shared {
+        Arc::new(v)
     }
 
     fn value(w: Waited) -> Option<u32> {
         match w {
-            Waited::Done(s) => s.value.downcast_ref::<u32>().copied(),
+            Waited::Done(s) => s.downcast_ref::<u32>().copied(),
             _ => None,
         }
     }

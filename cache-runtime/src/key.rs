@@ -11,8 +11,8 @@
 //!   argument lists produce different bytes;
 //! - the rendering is injective for a given function: strings and chars are quoted and
 //!   escaped, every composite is delimited, NaN floats render with their bits;
-//! - both are identical across processes, machines and runs: integers are fixed-width
-//!   little endian (`usize` as `u64`), floats go by bits, and unordered collections
+//! - both are identical across processes, machines and runs: integers are
+//!   LEB128 varints (`usize` as `u64`, signed ones zigzagged), floats go by bits, and unordered collections
 //!   (`HashMap`, `HashSet`) are sorted by their encoded entries.
 
 use std::borrow::Cow;
@@ -110,8 +110,13 @@ impl KeyWriter {
     }
 
     #[inline]
-    fn len(&mut self, mut n: usize) {
-        // LEB128
+    fn len(&mut self, n: usize) {
+        self.varint(n as u64);
+    }
+
+    /// LEB128: seven bits a byte, low first.
+    #[inline]
+    fn varint(&mut self, mut n: u64) {
         loop {
             let b = (n & 0x7f) as u8;
             n >>= 7;
@@ -133,13 +138,14 @@ impl KeyWriter {
     #[inline]
     pub fn write_u64(&mut self, v: u64) {
         self.byte(tag::U64);
-        self.buf.extend_from_slice(&v.to_le_bytes());
+        self.varint(v);
     }
     /// Writes a signed integer (any width up to 64 bits).
     #[inline]
     pub fn write_i64(&mut self, v: i64) {
         self.byte(tag::I64);
-        self.buf.extend_from_slice(&v.to_le_bytes());
+        // zigzag: small magnitudes of either sign take few bytes
+        self.varint(((v << 1) ^ (v >> 63)) as u64);
     }
     /// Writes a `u128`.
     pub fn write_u128(&mut self, v: u128) {
@@ -295,7 +301,7 @@ impl KeyWriter {
     fn begin_function(&mut self, id: u32) {
         self.buf.reserve(64);
         self.byte(tag::KEY_V1);
-        self.buf.extend_from_slice(&id.to_le_bytes());
+        self.varint(u64::from(id));
     }
 
     /// Adds a generic type argument to a function key (before any argument).
@@ -434,7 +440,7 @@ fn parse_header(bytes: &[u8]) -> Option<(Header<'_>, &[u8])> {
     if r.byte()? != tag::KEY_V1 {
         return None;
     }
-    let reg = registration_by_id(u32::from_le_bytes(r.array()?))?;
+    let reg = registration_by_id(u32::try_from(r.varint()?).ok()?)?;
     let mut types = Vec::new();
     loop {
         match r.byte()? {
@@ -556,10 +562,13 @@ impl<'a> Reader<'a> {
         self.take(N)?.try_into().ok()
     }
     fn len(&mut self) -> Option<usize> {
-        let mut n: usize = 0;
+        usize::try_from(self.varint()?).ok()
+    }
+    fn varint(&mut self) -> Option<u64> {
+        let mut n: u64 = 0;
         for shift in (0..64).step_by(7) {
             let b = self.byte()?;
-            n |= usize::from(b & 0x7f).checked_shl(shift)?;
+            n |= u64::from(b & 0x7f).checked_shl(shift)?;
             if b & 0x80 == 0 {
                 return Some(n);
             }
@@ -608,8 +617,11 @@ fn render_items(
 fn render_value(r: &mut Reader<'_>, f: &mut dyn fmt::Write) -> fmt::Result {
     let t = r.byte().ok_or_else(bad)?;
     match t {
-        tag::U64 => write!(f, "{}", u64::from_le_bytes(r.array().ok_or_else(bad)?)),
-        tag::I64 => write!(f, "{}", i64::from_le_bytes(r.array().ok_or_else(bad)?)),
+        tag::U64 => write!(f, "{}", r.varint().ok_or_else(bad)?),
+        tag::I64 => {
+            let z = r.varint().ok_or_else(bad)?;
+            write!(f, "{}", (z >> 1) as i64 ^ -((z & 1) as i64))
+        }
         tag::U128 => write!(f, "{}", u128::from_le_bytes(r.array().ok_or_else(bad)?)),
         tag::I128 => write!(f, "{}", i128::from_le_bytes(r.array().ok_or_else(bad)?)),
         tag::FALSE => f.write_str("false"),
@@ -955,7 +967,7 @@ mod tests {
         );
         assert_eq!(Key::from_bytes(k.as_bytes()), Some(k.clone()));
         // the in-process form numbers the function instead of naming it
-        assert_eq!(k.as_bytes().len(), 1 + 4 + 1 + 9 + 13 + 1 + 1);
+        assert_eq!(k.as_bytes().len(), 1 + 1 + 1 + 2 + 13 + 1 + 1);
     }
 
     #[test]

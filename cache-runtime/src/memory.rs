@@ -1,10 +1,16 @@
-//! The in-process tier: typed values in a bounded `quick_cache`, with expiry.
+//! The in-process tier: typed values in bounded `quick_cache` shards, with expiry.
 //!
-//! Values are stored as `Arc<Slot<T>>` behind `dyn Any`, so a hit is a lookup, a type
-//! check and a clone of `T`: nothing is deserialized. Expiry is kept in the slot
-//! (`expires_at`, in nanoseconds on a process clock) and checked on read; an expired
-//! slot is removed by the reader that finds it, or evicted by `quick_cache` like any
-//! cold entry. A sliding slot moves its deadline forward on each hit.
+//! Values are stored as `Box<Slot<T>>` behind `dyn Any`. A hit hashes the key once,
+//! takes its shard's read lock, and clones `T` out of the slot while holding it:
+//! nothing is deserialized and no reference count is touched. The shards are
+//! `quick_cache::unsync::Cache`s behind our own `RwLock`s (what `quick_cache::sync`
+//! does inside), which is what lets a hit read the value in place instead of cloning
+//! an `Arc` out of the cache; their keys carry the hash computed for choosing the
+//! shard, so a key is hashed once.
+//!
+//! Expiry is kept in the slot (`expires_at`, in nanoseconds on a process clock) and
+//! checked on read; an expired slot is removed by the reader that finds it, or evicted
+//! like any cold entry. A sliding slot moves its deadline forward on each hit.
 
 use std::any::Any;
 use std::fmt;
@@ -12,8 +18,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use quick_cache::sync::Cache;
-use quick_cache::Weighter;
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use parking_lot::RwLock;
+use quick_cache::unsync::Cache;
+use quick_cache::{DefaultHashBuilder, Equivalent, Weighter};
 
 /// Deadline meaning "never expires".
 pub(crate) const NEVER: u64 = u64::MAX;
@@ -97,14 +106,77 @@ pub type WeighFn = dyn Fn(&[u8], &(dyn Any + Send + Sync)) -> u64 + Send + Sync;
 #[derive(Clone)]
 struct EntryWeighter(Option<Arc<WeighFn>>);
 
-impl Weighter<Box<[u8]>, Arc<AnySlot>> for EntryWeighter {
-    fn weight(&self, key: &Box<[u8]>, val: &Arc<AnySlot>) -> u64 {
+impl Weighter<StoredKey, Box<AnySlot>> for EntryWeighter {
+    fn weight(&self, key: &StoredKey, val: &Box<AnySlot>) -> u64 {
         match &self.0 {
             None => 1,
-            Some(f) => f(key, &val.value),
+            Some(f) => f(&key.bytes, &val.value),
         }
     }
 }
+
+/// A key as stored in a shard, with its hash.
+struct StoredKey {
+    hash: u64,
+    bytes: Box<[u8]>,
+}
+
+/// A key being looked up, with its hash.
+struct LookupKey<'a> {
+    hash: u64,
+    bytes: &'a [u8],
+}
+
+impl Hash for StoredKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+impl Hash for LookupKey<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+impl PartialEq for StoredKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.bytes == other.bytes
+    }
+}
+impl Eq for StoredKey {}
+impl Equivalent<StoredKey> for LookupKey<'_> {
+    fn equivalent(&self, key: &StoredKey) -> bool {
+        self.hash == key.hash && *self.bytes == *key.bytes
+    }
+}
+
+/// The shards' hasher: keys arrive already hashed, as one `u64`.
+#[derive(Clone, Default)]
+struct PreHashed;
+struct PreHashedHasher(u64);
+
+impl BuildHasher for PreHashed {
+    type Hasher = PreHashedHasher;
+    fn build_hasher(&self) -> PreHashedHasher {
+        PreHashedHasher(0)
+    }
+}
+
+impl Hasher for PreHashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by the key types above; mix anything else anyway.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+}
+
+type Shard = Cache<StoredKey, Box<AnySlot>, EntryWeighter, PreHashed>;
 
 /// The in-process cache: bounded, typed, with `ttl` and `sliding` expiry.
 ///
@@ -180,59 +252,113 @@ impl MemoryBackend {
     }
 
     pub(crate) fn build(&self) -> MemoryTier {
-        let capacity = self.max_weight.unwrap_or(self.max_entries as u64);
+        let items = self.max_entries as u64;
+        let weight = self.max_weight.unwrap_or(items);
+        // As `quick_cache::sync` does: four shards per core, halved while a shard
+        // would hold fewer than 32 entries.
+        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let mut shards = (cores * 4).next_power_of_two() as u64;
+        while shards > 1 && items.div_ceil(shards) < 32 {
+            shards /= 2;
+        }
+        let weigher = EntryWeighter(self.weigher.clone());
         MemoryTier {
-            cache: Cache::with_weighter(
-                self.max_entries,
-                capacity,
-                EntryWeighter(self.weigher.clone()),
-            ),
+            hasher: DefaultHashBuilder::default(),
+            shards: (0..shards)
+                .map(|_| {
+                    RwLock::new(Shard::with(
+                        items.div_ceil(shards) as usize,
+                        weight.div_ceil(shards),
+                        weigher.clone(),
+                        PreHashed,
+                        Default::default(),
+                    ))
+                })
+                .collect(),
+            mask: shards - 1,
         }
     }
 }
 
 /// A built [`MemoryBackend`].
 pub(crate) struct MemoryTier {
-    cache: Cache<Box<[u8]>, Arc<AnySlot>, EntryWeighter>,
+    hasher: DefaultHashBuilder,
+    shards: Box<[RwLock<Shard>]>,
+    mask: u64,
 }
 
 impl MemoryTier {
-    /// The live value stored under `key`, read out by `read` (a downcast and a clone).
-    /// An expired slot is removed; a slot of another type is a miss.
+    #[inline]
+    fn locate<'k>(&self, key: &'k [u8]) -> (LookupKey<'k>, &RwLock<Shard>) {
+        let hash = self.hasher.hash_one(key);
+        // The low bits pick the slot inside a shard's table: pick the shard by the high ones.
+        let shard = &self.shards[((hash >> 40) & self.mask) as usize];
+        (LookupKey { hash, bytes: key }, shard)
+    }
+
+    /// The live value stored under `key`, read out by `read` (a downcast and a clone)
+    /// under the shard's read lock. An expired slot is removed; a slot of another type
+    /// is a miss.
     #[inline]
     pub(crate) fn get<T>(
         &self,
         key: &[u8],
         read: fn(&(dyn Any + Send + Sync)) -> Option<T>,
     ) -> Option<T> {
-        let slot = self.cache.get(key)?;
-        if !slot.touch() {
-            self.cache
-                .remove_if(key, |current| Arc::ptr_eq(current, &slot));
-            return None;
-        }
-        read(&slot.value)
+        let (lookup, shard) = self.locate(key);
+        let expired = {
+            let guard = shard.read();
+            let slot = guard.get(&lookup)?;
+            if slot.touch() {
+                return read(&slot.value);
+            }
+            &**slot as *const AnySlot as *const () as usize
+        };
+        // Remove it, unless another caller replaced it meanwhile.
+        shard.write().remove_if(&lookup, |current| {
+            &**current as *const AnySlot as *const () as usize == expired
+        });
+        None
     }
 
-    pub(crate) fn insert(&self, key: Box<[u8]>, slot: Arc<AnySlot>) {
-        self.cache.insert(key, slot);
+    pub(crate) fn insert(&self, key: &[u8], slot: Box<AnySlot>) {
+        let (lookup, shard) = self.locate(key);
+        shard.write().insert(
+            StoredKey {
+                hash: lookup.hash,
+                bytes: key.into(),
+            },
+            slot,
+        );
     }
 
     #[cfg(test)]
     pub(crate) fn remove(&self, key: &[u8]) -> bool {
-        self.cache.remove(key).is_some()
+        let (lookup, shard) = self.locate(key);
+        let removed = shard.write().remove(&lookup).is_some();
+        removed
     }
 
     pub(crate) fn clear(&self) {
-        self.cache.clear();
+        for shard in self.shards.iter() {
+            shard.write().clear();
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.cache.len()
+        self.shards.iter().map(|s| s.read().len()).sum()
     }
 
     pub(crate) fn keys(&self) -> Vec<Box<[u8]>> {
-        self.cache.iter().map(|(k, _)| k).collect()
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.read()
+                    .iter()
+                    .map(|(k, _)| k.bytes.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 }
 
@@ -240,8 +366,8 @@ impl MemoryTier {
 mod tests {
     use super::*;
 
-    fn slot<T: Send + Sync + 'static>(v: T, e: Expiration) -> Arc<AnySlot> {
-        Arc::new(Slot::new(v, e))
+    fn slot<T: Send + Sync + 'static>(v: T, e: Expiration) -> Box<AnySlot> {
+        Box::new(Slot::new(v, e))
     }
 
     impl MemoryTier {
@@ -253,10 +379,7 @@ mod tests {
     #[test]
     fn stores_typed_values() {
         let tier = MemoryBackend::new().build();
-        tier.insert(
-            b"a".to_vec().into(),
-            slot(String::from("x"), Expiration::Never),
-        );
+        tier.insert(b"a", slot(String::from("x"), Expiration::Never));
         assert_eq!(tier.get_as::<String>(b"a"), Some("x".to_owned()));
         assert_eq!(tier.get_as::<u32>(b"a"), None, "another type is a miss");
         assert_eq!(tier.get_as::<String>(b"b"), None);
@@ -268,9 +391,33 @@ mod tests {
     fn is_bounded_by_entries() {
         let tier = MemoryBackend::new().max_entries(100).build();
         for i in 0..1000u32 {
-            tier.insert(i.to_le_bytes().to_vec().into(), slot(i, Expiration::Never));
+            tier.insert(&i.to_le_bytes(), slot(i, Expiration::Never));
         }
         assert!(tier.len() <= 100, "{} entries", tier.len());
+    }
+
+    #[test]
+    fn is_bounded_across_shards() {
+        let tier = MemoryBackend::new().max_entries(4096).build();
+        assert!(tier.shards.len() > 1, "{} shards", tier.shards.len());
+        for i in 0..50_000u32 {
+            tier.insert(&i.to_le_bytes(), slot(i, Expiration::Never));
+        }
+        assert!(
+            tier.len() <= 4096 + tier.shards.len(),
+            "{} entries",
+            tier.len()
+        );
+        assert!(
+            tier.len() > 2048,
+            "the bound is used: {} entries",
+            tier.len()
+        );
+        // every live entry reads back its own value
+        for k in tier.keys() {
+            let i = u32::from_le_bytes(k[..4].try_into().unwrap());
+            assert_eq!(tier.get_as::<u32>(&k), Some(i));
+        }
     }
 
     #[test]
@@ -281,10 +428,7 @@ mod tests {
             .weigher(|_, v| v.downcast_ref::<String>().map_or(1, |s| s.len() as u64))
             .build();
         for i in 0..100u32 {
-            tier.insert(
-                i.to_le_bytes().to_vec().into(),
-                slot("x".repeat(100), Expiration::Never),
-            );
+            tier.insert(&i.to_le_bytes(), slot("x".repeat(100), Expiration::Never));
         }
         let total: usize = tier
             .keys()
@@ -299,7 +443,7 @@ mod tests {
     async fn absolute_expiry() {
         let tier = MemoryBackend::new().build();
         tier.insert(
-            b"k".to_vec().into(),
+            b"k",
             slot(1u8, Expiration::Absolute(Duration::from_secs(10))),
         );
         tokio::time::advance(Duration::from_secs(9)).await;
@@ -313,7 +457,7 @@ mod tests {
     async fn sliding_expiry() {
         let tier = MemoryBackend::new().build();
         tier.insert(
-            b"k".to_vec().into(),
+            b"k",
             slot(1u8, Expiration::Sliding(Duration::from_secs(10))),
         );
         for _ in 0..5 {
