@@ -11,11 +11,14 @@
 //! value or only `Some` (`cache_none = false`).
 
 use std::any::Any;
+use std::cell::Cell;
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::flight::{Flight, Join, Leader, Shared, Waited};
+use crate::deps::{collect_async, collect_sync, collecting, with_frame, Frame, Node};
+use crate::flight::{Flight, Handoff, Join, Leader, Waited};
 use crate::key::{with_function_key, Key, KeyWriter};
 use crate::memory::{AnySlot, Expiration, Slot};
 use crate::registry::{Descriptor, FnState, Mode, Registration};
@@ -47,7 +50,7 @@ impl<T: CachedValue + serde::Serialize + serde::de::DeserializeOwned> SharedValu
 pub struct ValueOps<T> {
     clone: fn(&T) -> T,
     into_slot: fn(T, Expiration) -> Box<AnySlot>,
-    into_shared: fn(T) -> Shared,
+    into_shared: fn(T) -> Box<dyn Any + Send + Sync>,
     from_any: fn(&(dyn Any + Send + Sync)) -> Option<T>,
 }
 
@@ -64,7 +67,7 @@ pub fn value_ops<T: CachedValue>() -> ValueOps<T> {
     ValueOps {
         clone: T::clone,
         into_slot: |v, e| Box::new(Slot::new(v, e)),
-        into_shared: |v| Arc::new(v),
+        into_shared: |v| Box::new(v),
         from_any: |v| v.downcast_ref::<T>().cloned(),
     }
 }
@@ -151,6 +154,20 @@ pub struct MissPath {
     service: CachingService,
     reg: &'static Registration,
     key: Key,
+    /// Run the body and store its result whatever the cache holds (`refresh!`).
+    refresh: bool,
+}
+
+thread_local! {
+    /// Set by `refresh!` right before it calls the function: the call's lookup takes
+    /// it (so nested calls do not see it) and goes straight to the miss path.
+    static REFRESH: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Makes the next cached call on this thread refresh its entry instead of reading it.
+#[doc(hidden)]
+pub fn refresh_next_call() {
+    REFRESH.with(|r| r.set(true));
 }
 
 /// The hit path, run by the generated code before any future of the miss path is
@@ -165,6 +182,7 @@ pub fn lookup<K: ReturnKind<R>, R>(
     ops: ValueOps<K::Stored>,
     write_args: impl FnOnce(&mut KeyWriter),
 ) -> Lookup<R> {
+    let refresh = REFRESH.with(|r| r.replace(false));
     let reg = desc.registration(self_type);
     if reg.unusable.is_some() {
         return misconfigured(desc, reg);
@@ -185,7 +203,11 @@ pub fn lookup<K: ReturnKind<R>, R>(
                     return Lookup::Run(None);
                 }
             }
-            match svc.inner.memory.get(key.as_bytes(), ops.from_any) {
+            let hit = match refresh {
+                true => None,
+                false => read(&svc.inner, key.as_bytes(), ops),
+            };
+            match hit {
                 Some(v) => {
                     c.bump(Counter::L1Hit);
                     tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache hit");
@@ -193,15 +215,30 @@ pub fn lookup<K: ReturnKind<R>, R>(
                 }
                 None => {
                     c.bump(Counter::Miss);
-                    tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache miss");
+                    tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, refresh, "cache miss");
                     Lookup::Run(Some(MissPath {
                         service: svc.clone(),
                         reg,
                         key: key.to_owned(),
+                        refresh,
                     }))
                 }
             }
         })
+    })
+}
+
+/// Reads an entry; inside another cached function's body, also links that function's
+/// entry to this one and to what this one depends on.
+#[inline]
+fn read<T>(inner: &Inner, key: &[u8], ops: ValueOps<T>) -> Option<T> {
+    if !collecting() {
+        return inner.memory.get(key, |slot| (ops.from_any)(&slot.value));
+    }
+    inner.memory.get(key, |slot| {
+        let value = (ops.from_any)(&slot.value)?;
+        with_frame(|f| f.add_entry(key, slot.deps.as_deref()));
+        Some(value)
     })
 }
 
@@ -227,6 +264,8 @@ struct Miss<'a, K: ReturnKind<R>, R> {
     ops: ValueOps<K::Stored>,
     expiration: Expiration,
     lock_timeout: Duration,
+    /// The invalidation count when the body started (see [`Inner::epoch`]).
+    epoch: u64,
     _r: std::marker::PhantomData<fn() -> R>,
 }
 
@@ -238,19 +277,14 @@ enum Next<'a, R> {
     Lead(Leader<'a>),
     /// Wait for the flight's leader.
     Wait(Arc<Flight>),
-    /// Run the body without leading (the wait timed out).
+    /// Run the body without leading (the wait timed out, or a refresh).
     RunAlone,
 }
 
 impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
-    fn new(
-        inner: &'a Inner,
-        desc: &'static Descriptor,
-        reg: &'static Registration,
-        key: &'a Key,
-        ops: ValueOps<K::Stored>,
-    ) -> Self {
-        let state = inner.function(desc, reg);
+    fn new(path: &'a MissPath, desc: &'static Descriptor, ops: ValueOps<K::Stored>) -> Self {
+        let inner = &*path.service.inner;
+        let state = inner.function(desc, path.reg);
         let (expiration, lock_timeout) = match state.mode {
             Mode::Cached {
                 expiration,
@@ -262,24 +296,32 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             inner,
             desc,
             state,
-            key,
+            key: &path.key,
             ops,
             expiration,
             lock_timeout,
+            epoch: 0,
             _r: std::marker::PhantomData,
         }
     }
 
+    /// The first step: a refresh runs the body alone, anything else joins the flight.
+    fn start(&mut self, refresh: bool) -> Next<'a, R> {
+        if refresh {
+            self.epoch = self.inner.epoch.load(Ordering::SeqCst);
+            self.state.counters.bump(Counter::Execution);
+            return Next::RunAlone;
+        }
+        self.join()
+    }
+
     /// Leads the key's flight, or joins it.
-    fn join(&self) -> Next<'a, R> {
+    fn join(&mut self) -> Next<'a, R> {
         match self.inner.flights.join(self.key.as_bytes()) {
             Join::Lead(leader) => {
+                self.epoch = self.inner.epoch.load(Ordering::SeqCst);
                 // A flight that ended between the first look and `join` stored its value.
-                match self
-                    .inner
-                    .memory
-                    .get(self.key.as_bytes(), self.ops.from_any)
-                {
+                match read(self.inner, self.key.as_bytes(), self.ops) {
                     Some(v) => Next::Return(K::from_stored(v)),
                     None => {
                         self.state.counters.bump(Counter::Execution);
@@ -292,52 +334,79 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
     }
 
     /// What a waiter does with the leader's outcome.
-    fn waited(&self, waited: Waited) -> Next<'a, R> {
+    fn waited(&mut self, waited: Waited) -> Next<'a, R> {
         match waited {
-            Waited::Done(value) => match (self.ops.from_any)(&*value) {
-                Some(v) => Next::Return(K::from_stored(v)),
+            Waited::Done(handoff) => match (self.ops.from_any)(&*handoff.value) {
+                Some(v) => {
+                    with_frame(|f| f.add_entry(self.key.as_bytes(), handoff.deps.as_deref()));
+                    Next::Return(K::from_stored(v))
+                }
                 None => self.join(),
             },
             Waited::Abandoned => self.join(),
             Waited::TimedOut => {
                 tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.key, "lock timeout: running the body without waiting");
+                self.epoch = self.inner.epoch.load(Ordering::SeqCst);
                 self.state.counters.bump(Counter::Execution);
                 Next::RunAlone
             }
         }
     }
 
-    /// Stores the body's result (if its kind stores one) and hands it to the waiters.
-    fn finish(&self, result: &R, leader: Option<Leader<'_>>) {
+    /// Stores the body's result (if its kind stores one) with what the body depended
+    /// on, links the calling function's entry to it, and hands it to the waiters. A
+    /// result computed across an invalidation is returned but not stored.
+    fn finish(&self, result: &R, frame: Frame, leader: Option<Leader<'_>>, refresh: bool) {
+        let key = self.key.as_bytes();
+        let deps: Option<Arc<[Node]>> =
+            (!frame.nodes.is_empty()).then(|| frame.nodes.as_slice().into());
+        with_frame(|f| f.add_entry(key, deps.as_deref()));
         let Some(value) = K::stored(result, self.desc.cache_none) else {
             return; // dropping the leader abandons the flight: a waiter runs the body
         };
-        let slot = (self.ops.into_slot)((self.ops.clone)(value), self.expiration);
-        self.inner.memory.insert(self.key.as_bytes(), slot);
+        if self.inner.epoch.load(Ordering::SeqCst) == self.epoch {
+            let slot = (self.ops.into_slot)((self.ops.clone)(value), self.expiration);
+            let addr = &*slot as *const AnySlot as *const () as usize;
+            self.inner.memory.insert(key, slot, Some(&frame));
+            if self.inner.epoch.load(Ordering::SeqCst) != self.epoch {
+                // An invalidation ran while storing: it may have missed this entry.
+                self.inner.memory.remove_slot(key, addr);
+            }
+        }
+        if refresh {
+            // Entries computed from the old value are out of date.
+            self.inner.invalidate_dependents(key);
+        }
         if let Some(leader) = leader {
-            leader.complete((self.ops.into_shared)((self.ops.clone)(value)));
+            leader.complete(Arc::new(Handoff {
+                value: (self.ops.into_shared)((self.ops.clone)(value)),
+                deps,
+            }));
         }
     }
 }
 
 /// The steps of the miss path, written once for the async and the blocking forms:
-/// `$run` runs the body (it appears in two arms, each of which returns), `$wait`
-/// waits for another caller's flight.
+/// `$run` runs the body in a dependency frame (it appears in two arms, each of which
+/// returns), `$wait` waits for another caller's flight.
 macro_rules! miss_loop {
-    ($miss:ident, $run:expr, |$flight:ident| $wait:expr) => {{
-        let mut next = $miss.join();
+    ($miss:ident, $refresh:expr, $run:expr, |$flight:ident| $wait:expr) => {{
+        let mut next = $miss.start($refresh);
         loop {
             next = match next {
                 Next::Return(r) => return r,
                 Next::Lead(leader) => {
-                    let result = $run;
-                    $miss.finish(&result, Some(leader));
+                    let (result, frame) = $run;
+                    $miss.finish(&result, frame, Some(leader), false);
                     return result;
                 }
-                Next::Wait($flight) => $miss.waited($wait),
+                Next::Wait($flight) => {
+                    let waited = $wait;
+                    $miss.waited(waited)
+                }
                 Next::RunAlone => {
-                    let result = $run;
-                    $miss.finish(&result, None);
+                    let (result, frame) = $run;
+                    $miss.finish(&result, frame, None, $refresh);
                     return result;
                 }
             }
@@ -361,10 +430,10 @@ where
     let Some(path) = path else {
         return body.await;
     };
-    let miss = Miss::<K, R>::new(&path.service.inner, desc, path.reg, &path.key, ops);
-    miss_loop!(miss, body.await, |flight| flight
-        .wait(miss.lock_timeout)
-        .await)
+    let mut miss = Miss::<K, R>::new(&path, desc, ops);
+    miss_loop!(miss, path.refresh, collect_async(body).await, |flight| {
+        flight.wait(miss.lock_timeout).await
+    })
 }
 
 /// The miss path of a plain `fn`: concurrent callers of the same key block until the
@@ -383,7 +452,91 @@ where
     let Some(path) = path else {
         return body();
     };
-    let miss = Miss::<K, R>::new(&path.service.inner, desc, path.reg, &path.key, ops);
-    miss_loop!(miss, body(), |flight| flight
+    let mut miss = Miss::<K, R>::new(&path, desc, ops);
+    miss_loop!(miss, path.refresh, collect_sync(body), |flight| flight
         .wait_blocking(miss.lock_timeout))
+}
+
+/// The key of one call of a cached function, computed by the function's companion
+/// (`get_product::__cache_key(42)`) for invalidation.
+#[doc(hidden)]
+pub struct CallKey {
+    key: Option<Key>,
+}
+
+/// Builds the key of a call, without running anything.
+#[doc(hidden)]
+pub fn call_key(
+    desc: &'static Descriptor,
+    self_type: Option<&'static str>,
+    write_args: impl FnOnce(&mut KeyWriter),
+) -> CallKey {
+    let reg = desc.registration(self_type);
+    if reg.unusable.is_some() {
+        return CallKey { key: None };
+    }
+    CallKey {
+        key: Some(with_function_key(reg, self_type, write_args, |k| {
+            k.to_owned()
+        })),
+    }
+}
+
+/// Looks a call up without running it (`peek!`).
+#[doc(hidden)]
+pub fn peek<K: ReturnKind<R>, R>(
+    desc: &'static Descriptor,
+    self_type: Option<&'static str>,
+    ops: ValueOps<K::Stored>,
+    write_args: impl FnOnce(&mut KeyWriter),
+) -> Option<R> {
+    let reg = desc.registration(self_type);
+    if reg.unusable.is_some() {
+        return None;
+    }
+    with_function_key(reg, self_type, write_args, |key| {
+        with_current(|svc| {
+            svc.inner
+                .memory
+                .get(key.as_bytes(), |slot| (ops.from_any)(&slot.value))
+                .map(K::from_stored)
+        })
+    })
+}
+
+/// Removes the entries of these calls, and every entry that depends on them.
+#[doc(hidden)]
+pub async fn invalidate_calls(keys: impl IntoIterator<Item = CallKey>) {
+    let nodes: Vec<Node> = keys
+        .into_iter()
+        .filter_map(|k| k.key)
+        .map(|k| Node::Entry(k.as_bytes().into()))
+        .collect();
+    if !nodes.is_empty() {
+        with_current(|svc| svc.inner.invalidate(nodes));
+    }
+}
+
+/// Runs the invalidations of `#[invalidate_cache]` once the function has succeeded.
+#[doc(hidden)]
+pub async fn invalidate_after(keys: Vec<CallKey>, dependencies: Vec<crate::Dependency>) {
+    invalidate_calls(keys).await;
+    for d in dependencies {
+        crate::invalidate_dependency(d).await;
+    }
+}
+
+/// Blocking form of [`invalidate_after`], for plain functions. The in-process tier
+/// needs no waiting; remote tiers queue their part.
+#[doc(hidden)]
+pub fn invalidate_after_sync(keys: Vec<CallKey>, dependencies: Vec<crate::Dependency>) {
+    let mut nodes: Vec<Node> = keys
+        .into_iter()
+        .filter_map(|k| k.key)
+        .map(|k| Node::Entry(k.as_bytes().into()))
+        .collect();
+    nodes.extend(dependencies.iter().flat_map(crate::deps::nodes_of));
+    if !nodes.is_empty() {
+        with_current(|svc| svc.inner.invalidate(nodes));
+    }
 }

@@ -20,8 +20,16 @@ use tokio::sync::Notify;
 
 use std::any::Any;
 
-/// A value handed from a flight's leader to its waiters.
-pub(crate) type Shared = Arc<dyn Any + Send + Sync>;
+use crate::deps::Node;
+
+/// What a flight's leader hands its waiters: the value, and what it depends on (so a
+/// waiter running inside another cached function links to it as the leader would).
+pub(crate) struct Handoff {
+    pub(crate) value: Box<dyn Any + Send + Sync>,
+    pub(crate) deps: Option<Arc<[Node]>>,
+}
+
+pub(crate) type Shared = Arc<Handoff>;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -114,6 +122,12 @@ impl Flights {
         })
     }
 
+    /// Lets every running flight finish without new callers joining it: after an
+    /// invalidation, a call must not receive a value computed before it.
+    pub(crate) fn detach_all(&self) {
+        lock(&self.map).clear();
+    }
+
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         lock(&self.map).len()
@@ -164,12 +178,15 @@ mod tests {
     use super::*;
 
     fn slot(v: u32) -> Shared {
-        Arc::new(v)
+        Arc::new(Handoff {
+            value: Box::new(v),
+            deps: None,
+        })
     }
 
     fn value(w: Waited) -> Option<u32> {
         match w {
-            Waited::Done(s) => s.downcast_ref::<u32>().copied(),
+            Waited::Done(s) => s.value.downcast_ref::<u32>().copied(),
             _ => None,
         }
     }
@@ -209,6 +226,24 @@ mod tests {
             matches!(flights.join(b"k"), Join::Lead(_)),
             "the key is free again"
         );
+    }
+
+    #[tokio::test]
+    async fn detached_flights_take_no_new_waiters() {
+        let flights = Flights::default();
+        let Join::Lead(old) = flights.join(b"k") else {
+            panic!()
+        };
+        flights.detach_all();
+        let Join::Lead(new) = flights.join(b"k") else {
+            panic!("a new caller leads a new flight")
+        };
+        old.complete(slot(1));
+        assert!(
+            matches!(flights.join(b"k"), Join::Wait(_)),
+            "the old leader left the new flight in place"
+        );
+        drop(new);
     }
 
     #[tokio::test(start_paused = true)]

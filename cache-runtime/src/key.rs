@@ -434,6 +434,15 @@ impl fmt::Display for Key {
     }
 }
 
+/// The registration number of the function an in-process key belongs to.
+pub(crate) fn function_id(bytes: &[u8]) -> Option<u32> {
+    let mut r = Reader { bytes };
+    if r.byte()? != tag::KEY_V1 {
+        return None;
+    }
+    u32::try_from(r.varint()?).ok()
+}
+
 /// The function part of a key (`name::<types>:vN`) and the bytes of its arguments.
 fn parse_header(bytes: &[u8]) -> Option<(Header<'_>, &[u8])> {
     let mut r = Reader { bytes };

@@ -37,6 +37,7 @@
 #![warn(missing_docs)]
 
 mod call;
+mod deps;
 mod flight;
 mod key;
 mod memory;
@@ -44,12 +45,13 @@ mod registry;
 mod service;
 mod stats;
 
+pub use deps::{add_dependency, untracked, CacheDependency, Dependency};
 pub(crate) use key::Key;
 pub use key::{key_text, CacheKey, KeyWriter};
 pub use memory::{Expiration, MemoryBackend, WeighFn};
 pub use service::{
-    shutdown, stats, Backend, CachingService, CachingServiceBuilder, ConfigError, FunctionStats,
-    InstallError, Profile, ShutdownReport, Stats,
+    invalidate_dependency, shutdown, stats, Backend, CachingService, CachingServiceBuilder,
+    ConfigError, FunctionStats, InstallError, Profile, ShutdownReport, Stats,
 };
 
 /// Caches a function's result under a key built from its arguments.
@@ -93,8 +95,9 @@ pub use cache_macros::CacheKey;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::call::{
-        lookup, run_async, run_sync, shared_ops, value_ops, write_arg, CachedValue, Lookup,
-        MissPath, Optional, Plain, ResultOk, ReturnKind, SharedValue, ValueOps,
+        call_key, invalidate_after, invalidate_after_sync, invalidate_calls, lookup, peek,
+        refresh_next_call, run_async, run_sync, shared_ops, value_ops, write_arg, CachedValue,
+        CallKey, Lookup, MissPath, Optional, Plain, ResultOk, ReturnKind, SharedValue, ValueOps,
     };
     pub use crate::key::KeyWriter;
     pub use crate::memory::Expiration;

@@ -14,15 +14,17 @@
 
 use std::any::Any;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use std::hash::{BuildHasher, Hash, Hasher};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use quick_cache::unsync::Cache;
-use quick_cache::{DefaultHashBuilder, Equivalent, Weighter};
+use quick_cache::{DefaultHashBuilder, Equivalent, Lifecycle, Weighter};
+
+use crate::deps::{Frame, Graph, Node};
 
 /// Deadline meaning "never expires".
 pub(crate) const NEVER: u64 = u64::MAX;
@@ -52,10 +54,13 @@ pub enum Expiration {
     Sliding(Duration),
 }
 
-/// One stored value with its deadline.
+/// One stored value with its deadline and what it depends on.
 pub(crate) struct Slot<V: ?Sized> {
     expires_at: AtomicU64,
     sliding: u64,
+    /// The dependencies collected while the value was computed; a cached function that
+    /// reads this entry from inside its own body links to them too.
+    pub(crate) deps: Option<Arc<[Node]>>,
     pub(crate) value: V,
 }
 
@@ -74,6 +79,7 @@ impl<V> Slot<V> {
         Slot {
             expires_at: AtomicU64::new(expires_at),
             sliding,
+            deps: None,
             value,
         }
     }
@@ -176,7 +182,22 @@ impl Hasher for PreHashedHasher {
     }
 }
 
-type Shard = Cache<StoredKey, Box<AnySlot>, EntryWeighter, PreHashed>;
+/// Collects the keys of evicted entries that had dependencies, to unlink them from
+/// the graph once the shard's lock is released.
+#[derive(Clone, Default)]
+struct Evictions;
+
+impl Lifecycle<StoredKey, Box<AnySlot>> for Evictions {
+    type RequestState = Vec<Box<[u8]>>;
+
+    fn on_evict(&self, evicted: &mut Vec<Box<[u8]>>, key: StoredKey, val: Box<AnySlot>) {
+        if val.deps.is_some() {
+            evicted.push(key.bytes);
+        }
+    }
+}
+
+type Shard = Cache<StoredKey, Box<AnySlot>, EntryWeighter, PreHashed, Evictions>;
 
 /// The in-process cache: bounded, typed, with `ttl` and `sliding` expiry.
 ///
@@ -271,20 +292,25 @@ impl MemoryBackend {
                         weight.div_ceil(shards),
                         weigher.clone(),
                         PreHashed,
-                        Default::default(),
+                        Evictions,
                     ))
                 })
                 .collect(),
             mask: shards - 1,
+            graph: Mutex::default(),
+            linked: AtomicBool::new(false),
         }
     }
 }
 
-/// A built [`MemoryBackend`].
+/// A built [`MemoryBackend`]: the entries, and the dependency graph between them.
 pub(crate) struct MemoryTier {
     hasher: DefaultHashBuilder,
     shards: Box<[RwLock<Shard>]>,
     mask: u64,
+    graph: Mutex<Graph>,
+    /// Set once any entry has had dependencies: until then, stores skip the graph.
+    linked: AtomicBool,
 }
 
 impl MemoryTier {
@@ -296,53 +322,119 @@ impl MemoryTier {
         (LookupKey { hash, bytes: key }, shard)
     }
 
-    /// The live value stored under `key`, read out by `read` (a downcast and a clone)
-    /// under the shard's read lock. An expired slot is removed; a slot of another type
-    /// is a miss.
+    /// Reads the live slot stored under `key` with `read` (a downcast and a clone),
+    /// under the shard's read lock. An expired slot is removed.
     #[inline]
-    pub(crate) fn get<T>(
-        &self,
-        key: &[u8],
-        read: fn(&(dyn Any + Send + Sync)) -> Option<T>,
-    ) -> Option<T> {
+    pub(crate) fn get<X>(&self, key: &[u8], read: impl FnOnce(&AnySlot) -> Option<X>) -> Option<X> {
         let (lookup, shard) = self.locate(key);
         let expired = {
             let guard = shard.read();
             let slot = guard.get(&lookup)?;
             if slot.touch() {
-                return read(&slot.value);
+                return read(slot);
             }
             &**slot as *const AnySlot as *const () as usize
         };
         // Remove it, unless another caller replaced it meanwhile.
-        shard.write().remove_if(&lookup, |current| {
+        let removed = shard.write().remove_if(&lookup, |current| {
             &**current as *const AnySlot as *const () as usize == expired
         });
+        if let Some((_, slot)) = removed {
+            if slot.deps.is_some() {
+                self.graph.lock().unlink(key);
+            }
+        }
         None
     }
 
-    pub(crate) fn insert(&self, key: &[u8], slot: Box<AnySlot>) {
+    /// Stores `slot` under `key`, with the dependencies `frame` collected, replacing
+    /// the entry and the links it had.
+    pub(crate) fn insert(&self, key: &[u8], mut slot: Box<AnySlot>, frame: Option<&Frame>) {
+        let nodes = frame.filter(|f| !f.nodes.is_empty());
+        if let Some(f) = nodes {
+            slot.deps = Some(f.nodes.as_slice().into());
+        }
         let (lookup, shard) = self.locate(key);
-        shard.write().insert(
+        let mut evicted = Vec::new();
+        shard.write().insert_with_lifecycle(
             StoredKey {
                 hash: lookup.hash,
                 bytes: key.into(),
             },
             slot,
+            &mut evicted,
         );
+        if nodes.is_some() {
+            self.linked.store(true, Ordering::Relaxed);
+        }
+        if self.linked.load(Ordering::Relaxed) {
+            let mut graph = self.graph.lock();
+            for k in &evicted {
+                graph.unlink(k);
+            }
+            match frame {
+                Some(f) => graph.link(key, f),
+                None => graph.unlink(key),
+            }
+        }
+    }
+
+    /// Removes the entries under `nodes` (entry nodes) and every entry that depends on
+    /// them, transitively. Returns the keys of the entries removed.
+    pub(crate) fn invalidate(&self, nodes: Vec<Node>) -> Vec<Arc<[u8]>> {
+        let mut keys: Vec<Arc<[u8]>> = nodes
+            .iter()
+            .filter_map(|n| match n {
+                Node::Entry(k) => Some(k.clone()),
+                Node::Key(_) => None,
+            })
+            .collect();
+        if self.linked.load(Ordering::Relaxed) {
+            keys.extend(self.graph.lock().dependents(nodes));
+        }
+        self.remove_all(keys)
+    }
+
+    /// Removes the entries that depend on the entry `key`, but not the entry itself.
+    pub(crate) fn invalidate_dependents(&self, key: &[u8]) -> Vec<Arc<[u8]>> {
+        if !self.linked.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let keys = self.graph.lock().dependents(vec![Node::Entry(key.into())]);
+        self.remove_all(keys)
+    }
+
+    fn remove_all(&self, keys: Vec<Arc<[u8]>>) -> Vec<Arc<[u8]>> {
+        keys.into_iter()
+            .filter(|key| {
+                let (lookup, shard) = self.locate(key);
+                let removed = shard.write().remove(&lookup).is_some();
+                removed
+            })
+            .collect()
+    }
+
+    /// Removes the slot `slot` points to, if it is still the one stored under `key`.
+    pub(crate) fn remove_slot(&self, key: &[u8], slot: usize) {
+        let (lookup, shard) = self.locate(key);
+        let removed = shard.write().remove_if(&lookup, |current| {
+            &**current as *const AnySlot as *const () as usize == slot
+        });
+        if removed.is_some_and(|(_, s)| s.deps.is_some()) {
+            self.graph.lock().unlink(key);
+        }
     }
 
     #[cfg(test)]
     pub(crate) fn remove(&self, key: &[u8]) -> bool {
-        let (lookup, shard) = self.locate(key);
-        let removed = shard.write().remove(&lookup).is_some();
-        removed
+        !self.invalidate(vec![Node::Entry(key.into())]).is_empty()
     }
 
     pub(crate) fn clear(&self) {
         for shard in self.shards.iter() {
             shard.write().clear();
         }
+        self.graph.lock().clear();
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -360,6 +452,11 @@ impl MemoryTier {
             })
             .collect()
     }
+
+    #[cfg(test)]
+    pub(crate) fn graph_sizes(&self) -> (usize, usize, usize) {
+        self.graph.lock().sizes()
+    }
 }
 
 #[cfg(test)]
@@ -372,14 +469,14 @@ mod tests {
 
     impl MemoryTier {
         fn get_as<T: Clone + 'static>(&self, key: &[u8]) -> Option<T> {
-            self.get(key, |v| v.downcast_ref::<T>().cloned())
+            self.get(key, |s| s.value.downcast_ref::<T>().cloned())
         }
     }
 
     #[test]
     fn stores_typed_values() {
         let tier = MemoryBackend::new().build();
-        tier.insert(b"a", slot(String::from("x"), Expiration::Never));
+        tier.insert(b"a", slot(String::from("x"), Expiration::Never), None);
         assert_eq!(tier.get_as::<String>(b"a"), Some("x".to_owned()));
         assert_eq!(tier.get_as::<u32>(b"a"), None, "another type is a miss");
         assert_eq!(tier.get_as::<String>(b"b"), None);
@@ -391,7 +488,7 @@ mod tests {
     fn is_bounded_by_entries() {
         let tier = MemoryBackend::new().max_entries(100).build();
         for i in 0..1000u32 {
-            tier.insert(&i.to_le_bytes(), slot(i, Expiration::Never));
+            tier.insert(&i.to_le_bytes(), slot(i, Expiration::Never), None);
         }
         assert!(tier.len() <= 100, "{} entries", tier.len());
     }
@@ -401,7 +498,7 @@ mod tests {
         let tier = MemoryBackend::new().max_entries(4096).build();
         assert!(tier.shards.len() > 1, "{} shards", tier.shards.len());
         for i in 0..50_000u32 {
-            tier.insert(&i.to_le_bytes(), slot(i, Expiration::Never));
+            tier.insert(&i.to_le_bytes(), slot(i, Expiration::Never), None);
         }
         assert!(
             tier.len() <= 4096 + tier.shards.len(),
@@ -421,6 +518,30 @@ mod tests {
     }
 
     #[test]
+    fn evicted_and_expired_entries_leave_the_graph() {
+        let tier = MemoryBackend::new().max_entries(64).build();
+        let mut frame = Frame::default();
+        frame.add_entry(b"inner", None);
+        for i in 0..10_000u32 {
+            tier.insert(&i.to_le_bytes(), slot(i, Expiration::Never), Some(&frame));
+        }
+        let (forward, reverse, _) = tier.graph_sizes();
+        assert!(
+            forward <= 64 + tier.shards.len(),
+            "{forward} entries still linked"
+        );
+        assert_eq!(reverse, 1);
+        // invalidating the inner entry removes every live dependent
+        let live = tier.len();
+        assert_eq!(
+            tier.invalidate(vec![Node::Entry(b"inner".as_slice().into())])
+                .len(),
+            live
+        );
+        assert_eq!(tier.graph_sizes(), (0, 0, 0));
+    }
+
+    #[test]
     fn is_bounded_by_weight() {
         let tier = MemoryBackend::new()
             .max_entries(10)
@@ -428,7 +549,11 @@ mod tests {
             .weigher(|_, v| v.downcast_ref::<String>().map_or(1, |s| s.len() as u64))
             .build();
         for i in 0..100u32 {
-            tier.insert(&i.to_le_bytes(), slot("x".repeat(100), Expiration::Never));
+            tier.insert(
+                &i.to_le_bytes(),
+                slot("x".repeat(100), Expiration::Never),
+                None,
+            );
         }
         let total: usize = tier
             .keys()
@@ -445,6 +570,7 @@ mod tests {
         tier.insert(
             b"k",
             slot(1u8, Expiration::Absolute(Duration::from_secs(10))),
+            None,
         );
         tokio::time::advance(Duration::from_secs(9)).await;
         assert_eq!(tier.get_as::<u8>(b"k"), Some(1));
@@ -459,6 +585,7 @@ mod tests {
         tier.insert(
             b"k",
             slot(1u8, Expiration::Sliding(Duration::from_secs(10))),
+            None,
         );
         for _ in 0..5 {
             tokio::time::advance(Duration::from_secs(8)).await;

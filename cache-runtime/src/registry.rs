@@ -253,6 +253,11 @@ impl Inner {
 }
 
 impl FnTable {
+    /// The state of a function that has been called in this service.
+    pub(crate) fn get(&self, id: u32) -> Option<&FnState> {
+        self.0.get(id as usize)
+    }
+
     pub(crate) fn stats(&self) -> Stats {
         let mut stats = Stats::default();
         for state in self.0.iter().chain(self.1.get()) {

@@ -3,10 +3,11 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::deps::{Dependency, Node};
 use crate::flight::Flights;
 use crate::memory::{Expiration, MemoryBackend, MemoryTier};
 use crate::registry::FnTable;
@@ -201,6 +202,7 @@ impl CachingServiceBuilder {
                 max_key_length: self.max_key_length,
                 flights: Flights::default(),
                 functions: FnTable::default(),
+                epoch: AtomicU64::new(0),
             }),
         })
     }
@@ -257,6 +259,44 @@ pub(crate) struct Inner {
     pub(crate) max_key_length: usize,
     pub(crate) flights: Flights,
     pub(crate) functions: FnTable,
+    /// Counts invalidations: a result computed across one is not stored.
+    pub(crate) epoch: AtomicU64,
+}
+
+impl Inner {
+    /// Every invalidation goes through here: later calls must not see what was
+    /// invalidated, so running flights are detached and results computed across the
+    /// invalidation are not stored (see [`Inner::epoch`]), then the entries and their
+    /// dependents are removed. Returns how many entries were removed.
+    pub(crate) fn invalidate(&self, nodes: Vec<Node>) -> usize {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.flights.detach_all();
+        let removed = self.memory.invalidate(nodes);
+        removed.iter().for_each(|key| self.count_invalidation(key));
+        removed.len()
+    }
+
+    /// Removes the entries depending on the entry `key`, not the entry itself (its
+    /// value was just replaced).
+    pub(crate) fn invalidate_dependents(&self, key: &[u8]) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.flights.detach_all();
+        for removed in self.memory.invalidate_dependents(key) {
+            self.count_invalidation(&removed);
+        }
+    }
+
+    fn count_invalidation(&self, key: &[u8]) {
+        if let Some(state) = crate::key::function_id(key).and_then(|id| self.functions.get(id)) {
+            state.counters.bump(crate::stats::Counter::Invalidation);
+        }
+    }
+
+    fn clear(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.flights.detach_all();
+        self.memory.clear();
+    }
 }
 
 impl fmt::Debug for CachingService {
@@ -344,9 +384,9 @@ impl CachingService {
         SCOPED.sync_scope(self.clone(), f)
     }
 
-    /// Removes every entry of the current service.
+    /// Removes every entry of the current service (and the links between them).
     pub async fn clear() {
-        with_current(|s| s.inner.memory.clear());
+        with_current(|s| s.inner.clear());
     }
 
     /// Hit, miss and execution counts of this service, in total and per function.
@@ -378,6 +418,14 @@ impl CachingService {
 /// Stats of the current service (see [`CachingService::stats`]).
 pub fn stats() -> Stats {
     with_current(CachingService::stats)
+}
+
+/// Invalidates a dependency in the current service: every entry that depends on it
+/// (see [`add_dependency`](crate::add_dependency)) is removed, with the entries that
+/// depend on those, transitively, and the dependencies of its cascade.
+pub async fn invalidate_dependency(dependency: impl Into<Dependency>) {
+    let nodes = crate::deps::nodes_of(&dependency.into());
+    with_current(|s| s.inner.invalidate(nodes));
 }
 
 /// Completes the current service's pending background writes before it returns.
