@@ -90,6 +90,79 @@ pub use cache_macros::cached;
 /// Derives [`CacheKey`] for a struct or an enum whose fields implement it.
 pub use cache_macros::CacheKey;
 
+/// Invalidates cached entries once the function has succeeded: after it returns `Ok`
+/// (or any value, for a return type that is not a `Result`), before the caller gets
+/// the result; never after `Err` or a panic.
+///
+/// ```
+/// use cache_runtime::{cached, invalidate_cache};
+///
+/// #[cached]
+/// pub async fn get_product(id: u64) -> String { format!("product {id}") }
+///
+/// #[cached]
+/// pub async fn products_in(category: &str) -> Vec<u64> { vec![1, 2] }
+///
+/// // By name: `get_product`'s key parameter `id` is this function's `id`.
+/// #[invalidate_cache(get_product)]
+/// pub async fn rename_product(id: u64, name: String) -> Result<(), String> { Ok(()) }
+///
+/// // Explicit arguments: any expression over the parameters; several targets.
+/// #[invalidate_cache(get_product(id), products_in(&category))]
+/// pub async fn move_product(id: u64, category: String) -> Result<(), String> { Ok(()) }
+///
+/// // A dependency (see `add_dependency`).
+/// #[invalidate_cache(dependency = format!("order:{id}"))]
+/// pub async fn cancel_order(id: u64) -> Result<(), String> { Ok(()) }
+/// ```
+///
+/// Targets are paths: `get_product`, `crate::catalog::get_product`, `Self::get_by_id`.
+/// By name, every key parameter of the target must be a parameter of this function
+/// with the same name and a type that fits, or it does not compile. Methods are named
+/// with explicit arguments: `Self::get_by_id(self, id)` or `self.get_by_id(id)`.
+pub use cache_macros::invalidate_cache;
+
+/// Removes the entry of a call of a cached function, and every entry that depends on
+/// it, without running anything. The arguments are type-checked against the function.
+///
+/// ```
+/// # use cache_runtime::cached;
+/// # #[cached] pub async fn get_product(id: u64) -> String { id.to_string() }
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// cache_runtime::invalidate!(get_product(42)).await;
+/// # });
+/// ```
+///
+/// Method forms: `invalidate!(repo.get_by_id(42))`, `invalidate!(Repo::get_by_id(&repo, 42))`.
+pub use cache_macros::invalidate;
+
+/// Runs the body of a cached call and stores its result, replacing the entry; entries
+/// that depend on it are invalidated. It is shallow: cached functions the body calls
+/// are served from the cache as usual. Returns the function's result (`.await` it
+/// for an `async fn`).
+///
+/// ```
+/// # use cache_runtime::cached;
+/// # #[cached] pub async fn get_product(id: u64) -> String { id.to_string() }
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let fresh = cache_runtime::refresh!(get_product(42)).await;
+/// # });
+/// ```
+pub use cache_macros::refresh;
+
+/// The cached value of a call, if there is one, without running the function.
+///
+/// ```
+/// # use cache_runtime::cached;
+/// # #[cached] pub async fn get_product(id: u64) -> String { id.to_string() }
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// assert_eq!(cache_runtime::peek!(get_product(42)).await, None);
+/// get_product(42).await;
+/// assert_eq!(cache_runtime::peek!(get_product(42)).await, Some("42".to_owned()));
+/// # });
+/// ```
+pub use cache_macros::peek;
+
 /// Items used by the generated code. Not a public API: names and signatures change
 /// without notice.
 #[doc(hidden)]
@@ -102,6 +175,7 @@ pub mod __private {
     pub use crate::key::KeyWriter;
     pub use crate::memory::Expiration;
     pub use crate::registry::Descriptor;
+    pub use cache_macros::__by_name as by_name;
     pub use core::any::type_name;
     pub use core::time::Duration;
     pub use std::boxed::Box;

@@ -59,8 +59,12 @@ impl Repo {
         id
     }
 
+    // Without `self`, `Self` in the signature tells `#[cached]` it is in an `impl`.
     #[cached]
-    pub fn associated(id: u64) -> u64 {
+    pub fn associated(id: u64) -> u64
+    where
+        Self: Sized,
+    {
         id
     }
 }
