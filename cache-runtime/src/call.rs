@@ -235,9 +235,10 @@ fn read<T>(inner: &Inner, key: &[u8], ops: ValueOps<T>) -> Option<T> {
     if !collecting() {
         return inner.memory.get(key, |slot| (ops.from_any)(&slot.value));
     }
+    let read_at = inner.epoch.load(Ordering::SeqCst);
     inner.memory.get(key, |slot| {
         let value = (ops.from_any)(&slot.value)?;
-        with_frame(|f| f.add_entry(key, slot.deps.as_deref()));
+        with_frame(|f| f.add_entry(key, slot.deps.as_deref(), read_at));
         Some(value)
     })
 }
@@ -338,7 +339,10 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
         match waited {
             Waited::Done(handoff) => match (self.ops.from_any)(&*handoff.value) {
                 Some(v) => {
-                    with_frame(|f| f.add_entry(self.key.as_bytes(), handoff.deps.as_deref()));
+                    let read_at = self.inner.epoch.load(Ordering::SeqCst);
+                    with_frame(|f| {
+                        f.add_entry(self.key.as_bytes(), handoff.deps.as_deref(), read_at)
+                    });
                     Next::Return(K::from_stored(v))
                 }
                 None => self.join(),
@@ -355,23 +359,25 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
 
     /// Stores the body's result (if its kind stores one) with what the body depended
     /// on, links the calling function's entry to it, and hands it to the waiters. A
-    /// result computed across an invalidation is returned but not stored.
+    /// result that an invalidation made out of date while it was computed is returned
+    /// but not kept (see [`Inner::is_stale`]).
     fn finish(&self, result: &R, frame: Frame, leader: Option<Leader<'_>>, refresh: bool) {
         let key = self.key.as_bytes();
         let deps: Option<Arc<[Node]>> =
             (!frame.nodes.is_empty()).then(|| frame.nodes.as_slice().into());
-        with_frame(|f| f.add_entry(key, deps.as_deref()));
+        // The calling function read this value as of when it started computing.
+        with_frame(|f| f.add_entry(key, deps.as_deref(), self.epoch));
         let Some(value) = K::stored(result, self.desc.cache_none) else {
             return; // dropping the leader abandons the flight: a waiter runs the body
         };
-        if self.inner.epoch.load(Ordering::SeqCst) == self.epoch {
-            let slot = (self.ops.into_slot)((self.ops.clone)(value), self.expiration);
-            let addr = &*slot as *const AnySlot as *const () as usize;
-            self.inner.memory.insert(key, slot, Some(&frame));
-            if self.inner.epoch.load(Ordering::SeqCst) != self.epoch {
-                // An invalidation ran while storing: it may have missed this entry.
-                self.inner.memory.remove_slot(key, addr);
-            }
+        let slot = (self.ops.into_slot)((self.ops.clone)(value), self.expiration);
+        let addr = &*slot as *const AnySlot as *const () as usize;
+        self.inner.memory.insert(key, slot, Some(&frame));
+        // An invalidation that started before the entry was in place may have missed it.
+        if self.inner.epoch.load(Ordering::SeqCst) != self.epoch
+            && self.inner.is_stale(key, self.epoch, &frame)
+        {
+            self.inner.memory.remove_slot(key, addr);
         }
         if refresh {
             // Entries computed from the old value are out of date.

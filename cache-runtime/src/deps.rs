@@ -139,15 +139,27 @@ pub(crate) fn nodes_of(dep: &Dependency) -> Vec<Node> {
 #[derive(Default)]
 pub(crate) struct Frame {
     pub(crate) nodes: Vec<Node>,
+    /// For each node, the invalidation count when it was read: a nested cached call
+    /// reads its entry at a known moment; `add_dependency` records 0, for "since the
+    /// body started", since what the body read for it may be older than the call.
+    pub(crate) read_at: Vec<u64>,
     pub(crate) cascades: Vec<(Arc<str>, Vec<Node>)>,
     /// Inside `untracked`: collect nothing.
     suspended: bool,
 }
 
 impl Frame {
-    fn add(&mut self, node: Node) {
-        if !self.suspended && !self.nodes.contains(&node) {
-            self.nodes.push(node);
+    fn add(&mut self, node: Node, read_at: u64) {
+        if self.suspended {
+            return;
+        }
+        match self.nodes.iter().position(|n| *n == node) {
+            // keep the earliest read: the value may come from it
+            Some(i) => self.read_at[i] = self.read_at[i].min(read_at),
+            None => {
+                self.nodes.push(node);
+                self.read_at.push(read_at);
+            }
         }
     }
 
@@ -156,7 +168,7 @@ impl Frame {
             return;
         }
         self.record_cascade(&dep);
-        self.add(Node::Key(dep.key));
+        self.add(Node::Key(dep.key), 0);
     }
 
     /// Records the dependencies invalidated along with `dep`, and theirs.
@@ -175,14 +187,15 @@ impl Frame {
         }
     }
 
-    /// Links to another entry: the entry itself and what it depends on.
-    pub(crate) fn add_entry(&mut self, key: &[u8], deps: Option<&[Node]>) {
+    /// Links to another entry, read when the invalidation count was `read_at`: the
+    /// entry itself and what it depends on.
+    pub(crate) fn add_entry(&mut self, key: &[u8], deps: Option<&[Node]>, read_at: u64) {
         if self.suspended {
             return;
         }
-        self.add(Node::Entry(key.into()));
+        self.add(Node::Entry(key.into()), read_at);
         for node in deps.into_iter().flatten() {
-            self.add(node.clone());
+            self.add(node.clone(), read_at);
         }
     }
 }
@@ -341,10 +354,15 @@ impl Graph {
         }
     }
 
-    /// Every entry that depends, directly or not, on `start`; they are unlinked, and so
-    /// are the entries in `start` (the caller removes those). Each node is visited
-    /// once, so cycles terminate.
-    pub(crate) fn dependents(&mut self, start: Vec<Node>) -> Vec<Arc<[u8]>> {
+    /// Every entry that depends, directly or not, on `start`, and every node reached
+    /// on the way (`start` included). The dependents are unlinked, and with
+    /// `unlink_start` so are the entries in `start` (when the caller removes them too).
+    /// Each node is visited once, so cycles terminate.
+    pub(crate) fn dependents(
+        &mut self,
+        start: Vec<Node>,
+        unlink_start: bool,
+    ) -> (Vec<Arc<[u8]>>, HashSet<Node>) {
         let starting: Vec<Arc<[u8]>> = start
             .iter()
             .filter_map(|n| match n {
@@ -376,10 +394,11 @@ impl Graph {
                 }
             }
         }
+        let starting = if unlink_start { starting } else { Vec::new() };
         for entry in removed.iter().chain(&starting) {
             self.unlink(entry);
         }
-        removed
+        (removed, seen)
     }
 
     pub(crate) fn clear(&mut self) {
@@ -404,6 +423,7 @@ mod tests {
     fn frame(nodes: &[Node]) -> Frame {
         Frame {
             nodes: nodes.to_vec(),
+            read_at: vec![0; nodes.len()],
             ..Frame::default()
         }
     }
@@ -432,7 +452,7 @@ mod tests {
         }
         g.link(b"H", &frame(&[key("h")]));
         assert_eq!(
-            names(g.dependents(vec![key("h")])),
+            names(g.dependents(vec![key("h")], true).0),
             chain.map(String::from).to_vec()
         );
         assert_eq!(g.sizes(), (0, 0, 0), "nothing left in the graph");
@@ -445,8 +465,11 @@ mod tests {
         g.link(b"B", &frame(&[entry("A")]));
         g.link(b"S", &frame(&[entry("S")]));
         // the start entries are removed by the caller; their dependents come back
-        assert_eq!(names(g.dependents(vec![entry("A")])), vec!["B"]);
-        assert_eq!(names(g.dependents(vec![entry("S")])), Vec::<String>::new());
+        assert_eq!(names(g.dependents(vec![entry("A")], true).0), vec!["B"]);
+        assert_eq!(
+            names(g.dependents(vec![entry("S")], true).0),
+            Vec::<String>::new()
+        );
         assert_eq!(g.sizes(), (0, 0, 0));
     }
 
@@ -455,8 +478,8 @@ mod tests {
         let mut g = Graph::default();
         g.link(b"A", &frame(&[key("old")]));
         g.link(b"A", &frame(&[key("new")]));
-        assert!(g.dependents(vec![key("old")]).is_empty());
-        assert_eq!(names(g.dependents(vec![key("new")])), vec!["A"]);
+        assert!(g.dependents(vec![key("old")], true).0.is_empty());
+        assert_eq!(names(g.dependents(vec![key("new")], true).0), vec!["A"]);
     }
 
     #[test]
@@ -466,7 +489,10 @@ mod tests {
         f.cascades.push(("order:1".into(), vec![key("customer:9")]));
         g.link(b"A", &f);
         g.link(b"B", &frame(&[key("customer:9")]));
-        assert_eq!(names(g.dependents(vec![key("order:1")])), vec!["A", "B"]);
+        assert_eq!(
+            names(g.dependents(vec![key("order:1")], true).0),
+            vec!["A", "B"]
+        );
         assert_eq!(g.sizes(), (0, 0, 0));
     }
 
@@ -476,7 +502,7 @@ mod tests {
         for i in 0..10_000u32 {
             g.link(&i.to_le_bytes(), &frame(&[key("shared")]));
         }
-        assert_eq!(g.dependents(vec![key("shared")]).len(), 10_000);
+        assert_eq!(g.dependents(vec![key("shared")], true).0.len(), 10_000);
         assert!(g.is_empty());
     }
 }

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use std::collections::HashSet;
 use std::hash::{BuildHasher, Hash, Hasher};
 
 use parking_lot::{Mutex, RwLock};
@@ -380,8 +381,9 @@ impl MemoryTier {
     }
 
     /// Removes the entries under `nodes` (entry nodes) and every entry that depends on
-    /// them, transitively. Returns the keys of the entries removed.
-    pub(crate) fn invalidate(&self, nodes: Vec<Node>) -> Vec<Arc<[u8]>> {
+    /// them, transitively. Returns the keys of the entries removed, and every node
+    /// the invalidation reached.
+    pub(crate) fn invalidate(&self, nodes: Vec<Node>) -> (Vec<Arc<[u8]>>, HashSet<Node>) {
         let mut keys: Vec<Arc<[u8]>> = nodes
             .iter()
             .filter_map(|n| match n {
@@ -389,19 +391,28 @@ impl MemoryTier {
                 Node::Key(_) => None,
             })
             .collect();
-        if self.linked.load(Ordering::Relaxed) {
-            keys.extend(self.graph.lock().dependents(nodes));
-        }
-        self.remove_all(keys)
+        let reached = if self.linked.load(Ordering::Relaxed) {
+            let (dependents, reached) = self.graph.lock().dependents(nodes, true);
+            keys.extend(dependents);
+            reached
+        } else {
+            nodes.into_iter().collect()
+        };
+        (self.remove_all(keys), reached)
     }
 
     /// Removes the entries that depend on the entry `key`, but not the entry itself.
-    pub(crate) fn invalidate_dependents(&self, key: &[u8]) -> Vec<Arc<[u8]>> {
+    pub(crate) fn invalidate_dependents(&self, key: &[u8]) -> (Vec<Arc<[u8]>>, HashSet<Node>) {
         if !self.linked.load(Ordering::Relaxed) {
-            return Vec::new();
+            return (Vec::new(), HashSet::new());
         }
-        let keys = self.graph.lock().dependents(vec![Node::Entry(key.into())]);
-        self.remove_all(keys)
+        let (keys, mut reached) = self
+            .graph
+            .lock()
+            .dependents(vec![Node::Entry(key.into())], false);
+        // the entry itself stays valid
+        reached.remove(&Node::Entry(key.into()));
+        (self.remove_all(keys), reached)
     }
 
     fn remove_all(&self, keys: Vec<Arc<[u8]>>) -> Vec<Arc<[u8]>> {
@@ -427,7 +438,7 @@ impl MemoryTier {
 
     #[cfg(test)]
     pub(crate) fn remove(&self, key: &[u8]) -> bool {
-        !self.invalidate(vec![Node::Entry(key.into())]).is_empty()
+        !self.invalidate(vec![Node::Entry(key.into())]).0.is_empty()
     }
 
     pub(crate) fn clear(&self) {
@@ -521,7 +532,7 @@ mod tests {
     fn evicted_and_expired_entries_leave_the_graph() {
         let tier = MemoryBackend::new().max_entries(64).build();
         let mut frame = Frame::default();
-        frame.add_entry(b"inner", None);
+        frame.add_entry(b"inner", None, 0);
         for i in 0..10_000u32 {
             tier.insert(&i.to_le_bytes(), slot(i, Expiration::Never), Some(&frame));
         }
@@ -535,6 +546,7 @@ mod tests {
         let live = tier.len();
         assert_eq!(
             tier.invalidate(vec![Node::Entry(b"inner".as_slice().into())])
+                .0
                 .len(),
             live
         );

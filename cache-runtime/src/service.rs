@@ -1,13 +1,13 @@
 //! The caching service: configuration, the global instance, scoped instances, stats.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::deps::{Dependency, Node};
+use crate::deps::{Dependency, Frame, Node};
 use crate::flight::Flights;
 use crate::memory::{Expiration, MemoryBackend, MemoryTier};
 use crate::registry::FnTable;
@@ -203,6 +203,7 @@ impl CachingServiceBuilder {
                 flights: Flights::default(),
                 functions: FnTable::default(),
                 epoch: AtomicU64::new(0),
+                log: parking_lot::Mutex::default(),
             }),
         })
     }
@@ -259,19 +260,36 @@ pub(crate) struct Inner {
     pub(crate) max_key_length: usize,
     pub(crate) flights: Flights,
     pub(crate) functions: FnTable,
-    /// Counts invalidations: a result computed across one is not stored.
+    /// Counts invalidations (see [`Inner::is_stale`]).
     pub(crate) epoch: AtomicU64,
+    pub(crate) log: parking_lot::Mutex<InvalidationLog>,
 }
 
+/// Recent invalidations, with every node each one reached, so that a computation that
+/// ran across one can tell whether it read something that was invalidated.
+#[derive(Default)]
+pub(crate) struct InvalidationLog {
+    entries: VecDeque<(u64, HashSet<Node>)>,
+    /// Computations started before this count are treated as out of date: the entries
+    /// that would tell were dropped, or everything was cleared.
+    floor: u64,
+}
+
+/// How many invalidations the log keeps.
+const LOG_CAPACITY: usize = 1024;
+
 impl Inner {
-    /// Every invalidation goes through here: later calls must not see what was
-    /// invalidated, so running flights are detached and results computed across the
-    /// invalidation are not stored (see [`Inner::epoch`]), then the entries and their
-    /// dependents are removed. Returns how many entries were removed.
+    /// Every invalidation goes through here. Under the log's lock: count it, detach the
+    /// running flights (so no later call joins a computation that may have read what is
+    /// invalidated), remove the entries and their dependents, and record what was
+    /// reached. Returns how many entries were removed.
     pub(crate) fn invalidate(&self, nodes: Vec<Node>) -> usize {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let mut log = self.log.lock();
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         self.flights.detach_all();
-        let removed = self.memory.invalidate(nodes);
+        let (removed, reached) = self.memory.invalidate(nodes);
+        log.record(epoch, reached);
+        drop(log);
         removed.iter().for_each(|key| self.count_invalidation(key));
         removed.len()
     }
@@ -279,11 +297,35 @@ impl Inner {
     /// Removes the entries depending on the entry `key`, not the entry itself (its
     /// value was just replaced).
     pub(crate) fn invalidate_dependents(&self, key: &[u8]) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let mut log = self.log.lock();
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         self.flights.detach_all();
-        for removed in self.memory.invalidate_dependents(key) {
-            self.count_invalidation(&removed);
+        let (removed, reached) = self.memory.invalidate_dependents(key);
+        log.record(epoch, reached);
+        drop(log);
+        removed.iter().for_each(|key| self.count_invalidation(key));
+    }
+
+    /// Whether a value for `key`, computed since the invalidation count `since` from
+    /// what `frame` collected, is out of date: an invalidation after `since` reached the
+    /// key itself, or reached something the body read before that invalidation.
+    pub(crate) fn is_stale(&self, key: &[u8], since: u64, frame: &Frame) -> bool {
+        let log = self.log.lock();
+        if since < log.floor {
+            return true;
         }
+        let own = Node::Entry(key.into());
+        log.entries
+            .iter()
+            .filter(|(e, _)| *e > since)
+            .any(|(e, reached)| {
+                reached.contains(&own)
+                    || frame
+                        .nodes
+                        .iter()
+                        .zip(&frame.read_at)
+                        .any(|(node, read_at)| *e > *read_at && reached.contains(node))
+            })
     }
 
     fn count_invalidation(&self, key: &[u8]) {
@@ -293,9 +335,23 @@ impl Inner {
     }
 
     fn clear(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let mut log = self.log.lock();
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         self.flights.detach_all();
         self.memory.clear();
+        log.entries.clear();
+        log.floor = epoch;
+    }
+}
+
+impl InvalidationLog {
+    fn record(&mut self, epoch: u64, reached: HashSet<Node>) {
+        if self.entries.len() == LOG_CAPACITY {
+            if let Some((dropped, _)) = self.entries.pop_front() {
+                self.floor = dropped;
+            }
+        }
+        self.entries.push_back((epoch, reached));
     }
 }
 

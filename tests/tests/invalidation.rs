@@ -15,7 +15,11 @@ fn service() -> CachingService {
 static DB: Mutex<Option<HashMap<u64, (String, String)>>> = Mutex::new(None);
 
 fn db_get(id: u64) -> Option<(String, String)> {
-    DB.lock().unwrap().get_or_insert_with(HashMap::new).get(&id).cloned()
+    DB.lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .get(&id)
+        .cloned()
 }
 fn db_put(id: u64, name: &str, category: &str) {
     DB.lock()
@@ -53,6 +57,9 @@ pub mod catalog {
 
 use catalog::get_product;
 
+/// Serializes the tests that count runs of the catalog functions.
+static SHARED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// By name: `get_product`'s `id` is this function's `id`.
 #[invalidate_cache(get_product)]
 async fn rename_product(id: u64, name: String) -> Result<(), String> {
@@ -80,6 +87,7 @@ async fn rename_then_panic(id: u64, name: String) -> Result<(), String> {
 
 #[tokio::test]
 async fn by_name_after_ok_and_before_the_caller_continues() {
+    let _serial = SHARED.lock().await;
     let svc = service();
     svc.scope(async {
         db_put(1, "kettle", "kitchen");
@@ -99,11 +107,17 @@ async fn by_name_after_ok_and_before_the_caller_continues() {
         assert_eq!(catalog::GET.get() - before, 2);
     })
     .await;
-    assert_eq!(svc.stats().function("invalidation::catalog::get_product").invalidations, 1);
+    assert_eq!(
+        svc.stats()
+            .function("invalidation::catalog::get_product")
+            .invalidations,
+        1
+    );
 }
 
 #[tokio::test]
 async fn no_invalidation_after_a_panic() {
+    let _serial = SHARED.lock().await;
     let svc = service();
     let before = catalog::GET.get();
     svc.scope(async {
@@ -114,7 +128,11 @@ async fn no_invalidation_after_a_panic() {
     let r = tokio::spawn(svc.scope(rename_then_panic(2, "mug".into()))).await;
     assert!(r.unwrap_err().is_panic());
     svc.scope(async {
-        assert_eq!(get_product(2).await.as_deref(), Some("cup"), "still the cached value");
+        assert_eq!(
+            get_product(2).await.as_deref(),
+            Some("cup"),
+            "still the cached value"
+        );
     })
     .await;
     assert_eq!(catalog::GET.get() - before, 1);
@@ -122,6 +140,7 @@ async fn no_invalidation_after_a_panic() {
 
 #[tokio::test]
 async fn explicit_arguments_and_several_targets() {
+    let _serial = SHARED.lock().await;
     let svc = service();
     svc.scope(async {
         db_put(10, "pan", "cookware");
@@ -129,10 +148,16 @@ async fn explicit_arguments_and_several_targets() {
         assert_eq!(catalog::products_in("cookware").await, vec![10]);
         assert_eq!(catalog::products_in("tools").await, vec![11]);
         let list_runs = catalog::LIST.get();
-        move_product(10, "tools".into(), "cookware".into()).await.unwrap();
+        move_product(10, "tools".into(), "cookware".into())
+            .await
+            .unwrap();
         assert_eq!(catalog::products_in("tools").await, vec![10, 11]);
         assert_eq!(catalog::products_in("cookware").await, Vec::<u64>::new());
-        assert_eq!(catalog::LIST.get() - list_runs, 2, "both lists were invalidated");
+        assert_eq!(
+            catalog::LIST.get() - list_runs,
+            2,
+            "both lists were invalidated"
+        );
     })
     .await;
 }
@@ -215,8 +240,15 @@ async fn methods_and_imperative_method_forms() {
         assert!(cache_runtime::peek!(repo.get_by_id(1)).await.is_some());
         assert!(cache_runtime::peek!(repo.get_by_id(2)).await.is_none());
         let refreshed = cache_runtime::refresh!(repo.get_by_id(2)).await;
-        assert_eq!(cache_runtime::peek!(repo.get_by_id(2)).await, Some(refreshed));
-        assert_eq!(REPO_GET.get() - start, 6, "peek never runs the body; refresh does");
+        assert_eq!(
+            cache_runtime::peek!(repo.get_by_id(2)).await,
+            Some(refreshed)
+        );
+        assert_eq!(
+            REPO_GET.get() - start,
+            6,
+            "peek never runs the body; refresh does"
+        );
     })
     .await;
 }
@@ -293,8 +325,16 @@ async fn a_computation_that_straddles_an_invalidation_is_not_served() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     svc.scope(set_stock(0, 9)).await;
     // the instance that changed the data never reads the old value afterwards
-    assert_eq!(svc.scope(stock(0)).await, 9, "not joined to the old computation");
-    assert_eq!(slow.await.unwrap(), 5, "the old caller gets what it computed");
+    assert_eq!(
+        svc.scope(stock(0)).await,
+        9,
+        "not joined to the old computation"
+    );
+    assert_eq!(
+        slow.await.unwrap(),
+        5,
+        "the old caller gets what it computed"
+    );
     assert_eq!(svc.scope(stock(0)).await, 9, "and it was not stored");
     assert_eq!(RUNS.get(), 2);
 }
