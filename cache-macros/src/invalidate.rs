@@ -326,8 +326,8 @@ pub(crate) fn expand_by_name(input: TokenStream) -> syn::Result<TokenStream> {
     for name in &b.key_params {
         let name = name.value();
         match b.available.iter().find(|(id, _)| *id == name) {
-            Some((id, true)) => args.push(quote!(#id)),
-            Some((id, false)) => args.push(quote!(&#id)),
+            Some((id, true)) => args.push(quote_spanned!(id.span()=> #id)),
+            Some((id, false)) => args.push(quote_spanned!(id.span()=> &#id)),
             None => errors.add(
                 b.path.span(),
                 format!(
