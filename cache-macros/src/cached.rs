@@ -379,7 +379,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let dot_await = is_async.then(|| quote!(.await));
     let companion_allows = quote! {
         #[doc(hidden)]
-        #[allow(dead_code, unused_variables, clippy::needless_borrow, clippy::borrow_deref_ref, clippy::too_many_arguments, clippy::extra_unused_type_parameters)]
+        #[allow(dead_code, unused_variables, clippy::needless_borrow, clippy::borrow_deref_ref, clippy::too_many_arguments, clippy::extra_unused_type_parameters, clippy::ptr_arg, clippy::unused_async)]
     };
     let companion_items = match companions {
         Companions::None => quote!(),

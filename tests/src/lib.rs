@@ -20,3 +20,8 @@ impl Runs {
         self.0.load(Ordering::SeqCst)
     }
 }
+
+/// The README's Rust examples, compiled and run as doc tests.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct Readme;
