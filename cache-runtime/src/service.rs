@@ -284,26 +284,29 @@ impl Inner {
     /// invalidated), remove the entries and their dependents, and record what was
     /// reached. Returns how many entries were removed.
     pub(crate) fn invalidate(&self, nodes: Vec<Node>) -> usize {
-        let mut log = self.log.lock();
-        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        self.flights.detach_all();
-        let (removed, reached) = self.memory.invalidate(nodes);
-        log.record(epoch, reached);
-        drop(log);
-        removed.iter().for_each(|key| self.count_invalidation(key));
-        removed.len()
+        self.invalidating(|memory| memory.invalidate(nodes))
     }
 
     /// Removes the entries depending on the entry `key`, not the entry itself (its
     /// value was just replaced).
     pub(crate) fn invalidate_dependents(&self, key: &[u8]) {
+        self.invalidating(|memory| memory.invalidate_dependents(key));
+    }
+
+    /// Runs `remove` (which returns the entries it removed and the nodes it reached)
+    /// as an invalidation: see [`Inner::invalidate`].
+    fn invalidating(
+        &self,
+        remove: impl FnOnce(&MemoryTier) -> (Vec<std::sync::Arc<[u8]>>, HashSet<Node>),
+    ) -> usize {
         let mut log = self.log.lock();
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         self.flights.detach_all();
-        let (removed, reached) = self.memory.invalidate_dependents(key);
+        let (removed, reached) = remove(&self.memory);
         log.record(epoch, reached);
         drop(log);
         removed.iter().for_each(|key| self.count_invalidation(key));
+        removed.len()
     }
 
     /// Whether a value for `key`, computed since the invalidation count `since` from
