@@ -13,7 +13,7 @@
 use std::any::Any;
 use std::cell::Cell;
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -164,10 +164,28 @@ thread_local! {
     static REFRESH: Cell<bool> = const { Cell::new(false) };
 }
 
+/// How many threads have a refresh pending: while none has, a lookup does not look.
+static REFRESHES: AtomicUsize = AtomicUsize::new(0);
+
 /// Makes the next cached call on this thread refresh its entry instead of reading it.
 #[doc(hidden)]
 pub fn refresh_next_call() {
-    REFRESH.with(|r| r.set(true));
+    if !REFRESH.with(|r| r.replace(true)) {
+        REFRESHES.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Takes this thread's pending refresh, if any.
+#[inline]
+fn take_refresh() -> bool {
+    if REFRESHES.load(Ordering::Relaxed) == 0 {
+        return false;
+    }
+    let refresh = REFRESH.with(|r| r.replace(false));
+    if refresh {
+        REFRESHES.fetch_sub(1, Ordering::SeqCst);
+    }
+    refresh
 }
 
 /// The hit path, run by the generated code before any future of the miss path is
@@ -182,7 +200,7 @@ pub fn lookup<K: ReturnKind<R>, R>(
     ops: ValueOps<K::Stored>,
     write_args: impl FnOnce(&mut KeyWriter),
 ) -> Lookup<R> {
-    let refresh = REFRESH.with(|r| r.replace(false));
+    let refresh = take_refresh();
     let reg = desc.registration(self_type);
     if reg.unusable.is_some() {
         return misconfigured(desc, reg);
