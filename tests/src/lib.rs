@@ -1,5 +1,7 @@
 //! Support code for the integration tests.
 
+pub mod redis_server;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Counts how many times a function body ran.
