@@ -52,7 +52,13 @@ pub struct ValueOps<T> {
     into_slot: fn(T, Expiration) -> Box<AnySlot>,
     into_shared: fn(T) -> Box<dyn Any + Send + Sync>,
     from_any: fn(&(dyn Any + Send + Sync)) -> Option<T>,
+    /// For values a remote tier may hold.
+    encode: Option<Encode<T>>,
+    decode: Option<Decode<T>>,
 }
+
+type Encode<T> = fn(&T) -> Result<Vec<u8>, String>;
+type Decode<T> = fn(&[u8]) -> Result<T, String>;
 
 impl<T> Clone for ValueOps<T> {
     fn clone(&self) -> Self {
@@ -69,13 +75,19 @@ pub fn value_ops<T: CachedValue>() -> ValueOps<T> {
         into_slot: |v, e| Box::new(Slot::new(v, e)),
         into_shared: |v| Box::new(v),
         from_any: |v| v.downcast_ref::<T>().cloned(),
+        encode: None,
+        decode: None,
     }
 }
 
 /// Operations on a value that a remote tier may also hold (serializable).
 #[inline]
 pub fn shared_ops<T: SharedValue>() -> ValueOps<T> {
-    value_ops::<T>()
+    ValueOps {
+        encode: Some(crate::remote::encode::<T>),
+        decode: Some(crate::remote::decode::<T>),
+        ..value_ops::<T>()
+    }
 }
 
 /// How a return type maps to what is stored.
@@ -232,7 +244,7 @@ pub fn lookup<K: ReturnKind<R>, R>(
                     Lookup::Hit(K::from_stored(v))
                 }
                 None => {
-                    c.bump(Counter::Miss);
+                    // counted by the miss path, which knows whether another tier has it
                     tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, refresh, "cache miss");
                     Lookup::Run(Some(MissPath {
                         service: svc.clone(),
@@ -276,6 +288,7 @@ fn misconfigured<R>(desc: &'static Descriptor, reg: &'static Registration) -> Lo
 /// One call on the miss path, shared by the async and the blocking forms: everything
 /// but running the body and waiting for another caller.
 struct Miss<'a, K: ReturnKind<R>, R> {
+    service: &'a CachingService,
     inner: &'a Inner,
     desc: &'static Descriptor,
     state: &'a FnState,
@@ -312,6 +325,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             _ => (Expiration::Never, Duration::ZERO),
         };
         Miss {
+            service: &path.service,
             inner,
             desc,
             state,
@@ -328,7 +342,6 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
     fn start(&mut self, refresh: bool) -> Next<'a, R> {
         if refresh {
             self.epoch = self.inner.epoch.load(Ordering::SeqCst);
-            self.state.counters.bump(Counter::Execution);
             return Next::RunAlone;
         }
         self.join()
@@ -341,11 +354,11 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
                 self.epoch = self.inner.epoch.load(Ordering::SeqCst);
                 // A flight that ended between the first look and `join` stored its value.
                 match read(self.inner, self.key.as_bytes(), self.ops) {
-                    Some(v) => Next::Return(K::from_stored(v)),
-                    None => {
-                        self.state.counters.bump(Counter::Execution);
-                        Next::Lead(leader)
+                    Some(v) => {
+                        self.state.counters.bump(Counter::L1Hit);
+                        Next::Return(K::from_stored(v))
                     }
+                    None => Next::Lead(leader),
                 }
             }
             Join::Wait(flight) => Next::Wait(flight),
@@ -357,6 +370,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
         match waited {
             Waited::Done(handoff) => match (self.ops.from_any)(&*handoff.value) {
                 Some(v) => {
+                    self.state.counters.bump(Counter::Miss);
                     let read_at = self.inner.epoch.load(Ordering::SeqCst);
                     with_frame(|f| {
                         f.add_entry(self.key.as_bytes(), handoff.deps.as_deref(), read_at)
@@ -369,7 +383,6 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             Waited::TimedOut => {
                 tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.key, "lock timeout: running the body without waiting");
                 self.epoch = self.inner.epoch.load(Ordering::SeqCst);
-                self.state.counters.bump(Counter::Execution);
                 Next::RunAlone
             }
         }
@@ -396,10 +409,13 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             && self.inner.is_stale(key, self.epoch, &frame)
         {
             self.inner.memory.remove_slot(key, addr);
+        } else {
+            self.write_remote(value);
         }
         if refresh {
             // Entries computed from the old value are out of date.
-            self.inner.invalidate_dependents(key);
+            let keys = self.inner.invalidate_dependents(key);
+            self.service.remove_remote_detached(keys);
         }
         if let Some(leader) = leader {
             leader.complete(Arc::new(Handoff {
@@ -410,16 +426,116 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
     }
 }
 
+impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
+    /// Counts a call that runs the body.
+    fn running(&self) {
+        self.state.counters.bump(Counter::Miss);
+        self.state.counters.bump(Counter::Execution);
+    }
+
+    /// The entry's key in the remote tier: its readable form.
+    fn remote_key(&self) -> String {
+        self.key.to_text(self.inner.max_key_length)
+    }
+
+    /// Reads the entry from the remote tier, if there is one and it holds the entry.
+    /// A failure or bytes that do not decode are a miss (counted).
+    async fn read_remote(&self) -> Option<K::Stored> {
+        let (Some(remote), Some(decode)) = (&self.inner.remote, self.ops.decode) else {
+            return None;
+        };
+        let touch = match self.expiration {
+            Expiration::Sliding(d) => Some(d),
+            _ => None,
+        };
+        let c = &self.state.counters;
+        match remote.get(&self.remote_key(), touch).await {
+            Ok(Some(bytes)) => match decode(&bytes) {
+                Ok(value) => {
+                    c.bump(Counter::L2Hit);
+                    tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.key, "remote hit");
+                    Some(value)
+                }
+                Err(e) => {
+                    c.bump(Counter::DecodeError);
+                    tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.key, error = %e, "remote value does not decode: a miss, to be overwritten");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                c.bump(Counter::BackendError);
+                self.inner
+                    .warn
+                    .warn(format_args!("reading `{}` failed: {e}", self.state.name));
+                None
+            }
+        }
+    }
+
+    /// Queues the value's write to the remote tier (never waited for).
+    fn write_remote(&self, value: &K::Stored) {
+        let (Some(remote), Some(encode)) = (&self.inner.remote, self.ops.encode) else {
+            return;
+        };
+        let c = &self.state.counters;
+        match encode(value) {
+            Ok(bytes) if bytes.len() > remote.max_value_size() => {
+                c.bump(Counter::Oversized);
+                tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.key, size = bytes.len(), "value over the remote size limit: not stored remotely");
+            }
+            Ok(bytes) => {
+                let ttl = match self.expiration {
+                    Expiration::Absolute(d) | Expiration::Sliding(d) => Some(d),
+                    Expiration::Never => None,
+                };
+                remote.set(self.remote_key(), bytes, ttl);
+            }
+            Err(e) => {
+                c.bump(Counter::BackendError);
+                self.inner.warn.warn(format_args!(
+                    "encoding a value of `{}` failed: {e}",
+                    self.state.name
+                ));
+            }
+        }
+    }
+
+    /// Serves a value read from the remote tier: fills the in-process tier, links the
+    /// calling function's entry, hands it to the waiters.
+    fn finish_remote(&self, value: K::Stored, leader: Leader<'_>) -> R {
+        let key = self.key.as_bytes();
+        with_frame(|f| f.add_entry(key, None, self.epoch));
+        let slot = (self.ops.into_slot)((self.ops.clone)(&value), self.expiration);
+        let addr = &*slot as *const AnySlot as *const () as usize;
+        self.inner.memory.insert(key, slot, None);
+        if self.inner.epoch.load(Ordering::SeqCst) != self.epoch
+            && self.inner.is_stale(key, self.epoch, &Frame::default())
+        {
+            self.inner.memory.remove_slot(key, addr);
+        }
+        leader.complete(Arc::new(Handoff {
+            value: (self.ops.into_shared)((self.ops.clone)(&value)),
+            deps: None,
+        }));
+        K::from_stored(value)
+    }
+}
+
 /// The steps of the miss path, written once for the async and the blocking forms:
 /// `$run` runs the body in a dependency frame (it appears in two arms, each of which
 /// returns), `$wait` waits for another caller's flight.
 macro_rules! miss_loop {
-    ($miss:ident, $refresh:expr, $run:expr, |$flight:ident| $wait:expr) => {{
+    ($miss:ident, $refresh:expr, $remote:expr, $run:expr, |$flight:ident| $wait:expr) => {{
         let mut next = $miss.start($refresh);
         loop {
             next = match next {
                 Next::Return(r) => return r,
                 Next::Lead(leader) => {
+                    if let Some(value) = $remote {
+                        return $miss.finish_remote(value, leader);
+                    }
+                    $miss.running();
                     let (result, frame) = $run;
                     $miss.finish(&result, frame, Some(leader), false);
                     return result;
@@ -429,6 +545,7 @@ macro_rules! miss_loop {
                     $miss.waited(waited)
                 }
                 Next::RunAlone => {
+                    $miss.running();
                     let (result, frame) = $run;
                     $miss.finish(&result, frame, None, $refresh);
                     return result;
@@ -455,9 +572,13 @@ where
         return body.await;
     };
     let mut miss = Miss::<K, R>::new(&path, desc, ops);
-    miss_loop!(miss, path.refresh, collect_async(body).await, |flight| {
-        flight.wait(miss.lock_timeout).await
-    })
+    miss_loop!(
+        miss,
+        path.refresh,
+        miss.read_remote().await,
+        collect_async(body).await,
+        |flight| flight.wait(miss.lock_timeout).await
+    )
 }
 
 /// The miss path of a plain `fn`: concurrent callers of the same key block until the
@@ -477,8 +598,14 @@ where
         return body();
     };
     let mut miss = Miss::<K, R>::new(&path, desc, ops);
-    miss_loop!(miss, path.refresh, collect_sync(body), |flight| flight
-        .wait_blocking(miss.lock_timeout))
+    // plain functions use the in-process tier only
+    miss_loop!(
+        miss,
+        path.refresh,
+        None::<K::Stored>,
+        collect_sync(body),
+        |flight| flight.wait_blocking(miss.lock_timeout)
+    )
 }
 
 /// The key of one call of a cached function, computed by the function's companion
@@ -537,7 +664,9 @@ pub async fn invalidate_calls(keys: impl IntoIterator<Item = CallKey>) {
         .map(|k| Node::Entry(k.as_bytes().into()))
         .collect();
     if !nodes.is_empty() {
-        with_current(|svc| svc.inner.invalidate(nodes));
+        let service = CachingService::current();
+        let keys = service.inner.invalidate(nodes);
+        service.inner.remove_remote(keys).await;
     }
 }
 
@@ -561,6 +690,8 @@ pub fn invalidate_after_sync(keys: Vec<CallKey>, dependencies: Vec<crate::Depend
         .collect();
     nodes.extend(dependencies.iter().flat_map(crate::deps::nodes_of));
     if !nodes.is_empty() {
-        with_current(|svc| svc.inner.invalidate(nodes));
+        let service = CachingService::current();
+        let keys = service.inner.invalidate(nodes);
+        service.remove_remote_detached(keys);
     }
 }

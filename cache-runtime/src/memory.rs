@@ -273,6 +273,14 @@ impl MemoryBackend {
         self
     }
 
+    /// A tier that holds nothing, for a service whose only tier is remote.
+    pub(crate) fn build_disabled() -> MemoryTier {
+        MemoryTier {
+            enabled: false,
+            ..MemoryBackend::new().max_entries(1).build()
+        }
+    }
+
     pub(crate) fn build(&self) -> MemoryTier {
         let items = self.max_entries as u64;
         let weight = self.max_weight.unwrap_or(items);
@@ -300,6 +308,7 @@ impl MemoryBackend {
             mask: shards - 1,
             graph: Mutex::default(),
             linked: AtomicBool::new(false),
+            enabled: true,
         }
     }
 }
@@ -312,6 +321,8 @@ pub(crate) struct MemoryTier {
     graph: Mutex<Graph>,
     /// Set once any entry has had dependencies: until then, stores skip the graph.
     linked: AtomicBool,
+    /// False for a service without an in-process tier (a remote store alone).
+    enabled: bool,
 }
 
 impl MemoryTier {
@@ -327,6 +338,9 @@ impl MemoryTier {
     /// under the shard's read lock. An expired slot is removed.
     #[inline]
     pub(crate) fn get<X>(&self, key: &[u8], read: impl FnOnce(&AnySlot) -> Option<X>) -> Option<X> {
+        if !self.enabled {
+            return None;
+        }
         let (lookup, shard) = self.locate(key);
         let expired = {
             let guard = shard.read();
@@ -351,6 +365,9 @@ impl MemoryTier {
     /// Stores `slot` under `key`, with the dependencies `frame` collected, replacing
     /// the entry and the links it had.
     pub(crate) fn insert(&self, key: &[u8], mut slot: Box<AnySlot>, frame: Option<&Frame>) {
+        if !self.enabled {
+            return;
+        }
         let nodes = frame.filter(|f| !f.nodes.is_empty());
         if let Some(f) = nodes {
             slot.deps = Some(f.nodes.as_slice().into());

@@ -11,6 +11,7 @@ use crate::deps::{Dependency, Frame, Node};
 use crate::flight::Flights;
 use crate::memory::{Expiration, MemoryBackend, MemoryTier};
 use crate::registry::FnTable;
+use crate::remote::{RateLimitedWarn, RemoteStore};
 pub use crate::stats::{FunctionStats, Stats};
 
 /// Run-time settings shared by the cached functions that name it with
@@ -106,16 +107,40 @@ impl Profile {
     }
 }
 
-/// What the service stores entries in. Built from a [`MemoryBackend`]; the Redis
-/// tier of `cache-redis` converts into it as well.
-#[derive(Clone, Debug)]
+/// What the service stores entries in: an in-process tier, a remote store, or a
+/// remote store with an in-process tier in front. Built from a [`MemoryBackend`], or by
+/// a remote store's crate (`cache-redis`) with [`Backend::remote`].
+#[derive(Clone)]
 pub struct Backend {
-    pub(crate) memory: MemoryBackend,
+    pub(crate) memory: Option<MemoryBackend>,
+    pub(crate) remote: Option<Arc<dyn RemoteStore>>,
+}
+
+impl Backend {
+    /// A remote store, with `l1` in front of it (or none).
+    pub fn remote(store: impl RemoteStore, l1: Option<MemoryBackend>) -> Self {
+        Backend {
+            memory: l1,
+            remote: Some(Arc::new(store)),
+        }
+    }
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend")
+            .field("memory", &self.memory)
+            .field("remote", &self.remote.is_some())
+            .finish()
+    }
 }
 
 impl From<MemoryBackend> for Backend {
     fn from(memory: MemoryBackend) -> Self {
-        Backend { memory }
+        Backend {
+            memory: Some(memory),
+            remote: None,
+        }
     }
 }
 
@@ -197,7 +222,12 @@ impl CachingServiceBuilder {
         }
         Ok(CachingService {
             inner: Arc::new(Inner {
-                memory: self.backend.memory.build(),
+                memory: match &self.backend.memory {
+                    Some(m) => m.build(),
+                    None => MemoryBackend::build_disabled(),
+                },
+                remote: self.backend.remote,
+                warn: RateLimitedWarn::default(),
                 profiles,
                 max_key_length: self.max_key_length,
                 flights: Flights::default(),
@@ -256,6 +286,8 @@ pub struct CachingService {
 
 pub(crate) struct Inner {
     pub(crate) memory: MemoryTier,
+    pub(crate) remote: Option<Arc<dyn RemoteStore>>,
+    pub(crate) warn: RateLimitedWarn,
     pub(crate) profiles: HashMap<String, Profile>,
     pub(crate) max_key_length: usize,
     pub(crate) flights: Flights,
@@ -283,22 +315,33 @@ impl Inner {
     /// running flights (so no later call joins a computation that may have read what is
     /// invalidated), remove the entries and their dependents, and record what was
     /// reached. Returns how many entries were removed.
-    pub(crate) fn invalidate(&self, nodes: Vec<Node>) -> usize {
-        self.invalidating(|memory| memory.invalidate(nodes))
+    ///
+    /// The returned keys are to be removed from the remote tier: the entries removed
+    /// here and the entries named in `nodes` (which the remote tier may hold alone).
+    pub(crate) fn invalidate(&self, nodes: Vec<Node>) -> RemoteKeys {
+        let named: Vec<Arc<[u8]>> = nodes
+            .iter()
+            .filter_map(|n| match n {
+                Node::Entry(k) => Some(k.clone()),
+                Node::Key(_) => None,
+            })
+            .collect();
+        self.invalidating(named, |memory| memory.invalidate(nodes))
     }
 
     /// Removes the entries depending on the entry `key`, not the entry itself (its
     /// value was just replaced).
-    pub(crate) fn invalidate_dependents(&self, key: &[u8]) {
-        self.invalidating(|memory| memory.invalidate_dependents(key));
+    pub(crate) fn invalidate_dependents(&self, key: &[u8]) -> RemoteKeys {
+        self.invalidating(Vec::new(), |memory| memory.invalidate_dependents(key))
     }
 
     /// Runs `remove` (which returns the entries it removed and the nodes it reached)
     /// as an invalidation: see [`Inner::invalidate`].
     fn invalidating(
         &self,
-        remove: impl FnOnce(&MemoryTier) -> (Vec<std::sync::Arc<[u8]>>, HashSet<Node>),
-    ) -> usize {
+        mut named: Vec<Arc<[u8]>>,
+        remove: impl FnOnce(&MemoryTier) -> (Vec<Arc<[u8]>>, HashSet<Node>),
+    ) -> RemoteKeys {
         let mut log = self.log.lock();
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         self.flights.detach_all();
@@ -306,9 +349,58 @@ impl Inner {
         log.record(epoch, reached);
         drop(log);
         removed.iter().for_each(|key| self.count_invalidation(key));
-        removed.len()
+        if self.remote.is_none() {
+            return RemoteKeys(Vec::new());
+        }
+        named.extend(removed);
+        named.sort_unstable();
+        named.dedup();
+        RemoteKeys(
+            named
+                .iter()
+                .filter_map(|bytes| crate::Key::from_bytes(bytes))
+                .map(|key| key.to_text(self.max_key_length))
+                .collect(),
+        )
     }
 
+    /// Removes keys from the remote tier; a failure is counted and logged.
+    pub(crate) async fn remove_remote(&self, keys: RemoteKeys) {
+        let (Some(remote), false) = (&self.remote, keys.0.is_empty()) else {
+            return;
+        };
+        if let Err(e) = remote.remove(keys.0).await {
+            self.warn
+                .warn(format_args!("removing invalidated entries failed: {e}"));
+        }
+    }
+}
+
+/// Keys to remove from the remote tier after an invalidation.
+#[must_use = "the remote tier still holds these entries: pass them to `remove_remote`"]
+pub(crate) struct RemoteKeys(Vec<String>);
+
+impl CachingService {
+    /// Removes keys from the remote tier without waiting, from code that cannot wait
+    /// (a plain function, a refresh). Needs a tokio runtime; without one the removal is
+    /// skipped and logged.
+    pub(crate) fn remove_remote_detached(&self, keys: RemoteKeys) {
+        if keys.0.is_empty() || self.inner.remote.is_none() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let inner = self.inner.clone();
+                handle.spawn(async move { inner.remove_remote(keys).await });
+            }
+            Err(_) => self.inner.warn.warn(format_args!(
+                "invalidated entries could not be removed from the remote tier: no tokio runtime here"
+            )),
+        }
+    }
+}
+
+impl Inner {
     /// Whether a value for `key`, computed since the invalidation count `since` from
     /// what `frame` collected, is out of date: an invalidation after `since` reached the
     /// key itself, or reached something the body read before that invalidation.
@@ -443,9 +535,16 @@ impl CachingService {
         SCOPED.sync_scope(self.clone(), f)
     }
 
-    /// Removes every entry of the current service (and the links between them).
+    /// Removes every entry of the current service (and the links between them), in
+    /// every tier.
     pub async fn clear() {
-        with_current(|s| s.inner.clear());
+        let service = CachingService::current();
+        service.inner.clear();
+        if let Some(remote) = &service.inner.remote {
+            if let Err(e) = remote.clear().await {
+                service.inner.warn.warn(format_args!("clear failed: {e}"));
+            }
+        }
     }
 
     /// Hit, miss and execution counts of this service, in total and per function.
@@ -467,11 +566,17 @@ impl CachingService {
             .collect()
     }
 
-    /// Completes this service's pending background work. The in-memory tier has none;
-    /// a remote tier drains its queued writes here.
+    /// Completes this service's pending background writes to the remote tier, waiting
+    /// at most [`Self::SHUTDOWN_TIMEOUT`]. The in-process tier has none.
     pub async fn shutdown(&self) -> ShutdownReport {
-        ShutdownReport::default()
+        match &self.inner.remote {
+            Some(remote) => remote.flush(Self::SHUTDOWN_TIMEOUT).await,
+            None => ShutdownReport::default(),
+        }
     }
+
+    /// How long [`shutdown`](Self::shutdown) waits for pending writes.
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 }
 
 /// Stats of the current service (see [`CachingService::stats`]).
@@ -484,7 +589,9 @@ pub fn stats() -> Stats {
 /// depend on those, transitively, and the dependencies of its cascade.
 pub async fn invalidate_dependency(dependency: impl Into<Dependency>) {
     let nodes = crate::deps::nodes_of(&dependency.into());
-    with_current(|s| s.inner.invalidate(nodes));
+    let service = CachingService::current();
+    let keys = service.inner.invalidate(nodes);
+    service.inner.remove_remote(keys).await;
 }
 
 /// Completes the current service's pending background writes before it returns.
@@ -502,6 +609,17 @@ pub struct ShutdownReport {
     pub abandoned: u64,
     /// Whether the shutdown timeout passed before everything was written.
     pub timed_out: bool,
+}
+
+impl ShutdownReport {
+    /// A report of `written` completed and `abandoned` dropped writes.
+    pub fn new(written: u64, abandoned: u64, timed_out: bool) -> Self {
+        ShutdownReport {
+            written,
+            abandoned,
+            timed_out,
+        }
+    }
 }
 
 #[cfg(test)]

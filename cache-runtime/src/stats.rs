@@ -36,6 +36,11 @@ pub struct FunctionStats {
     /// Calls that ran uncached because of a configuration error (unknown profile,
     /// two functions with the same key name).
     pub config_errors: u64,
+    /// Remote values that did not decode (another format, corruption): each was a
+    /// miss, and the value was written again.
+    pub decode_errors: u64,
+    /// Values larger than the remote store's limit: returned, not stored remotely.
+    pub oversized: u64,
 }
 
 impl FunctionStats {
@@ -48,6 +53,8 @@ impl FunctionStats {
         self.invalidations += o.invalidations;
         self.backend_errors += o.backend_errors;
         self.config_errors += o.config_errors;
+        self.decode_errors += o.decode_errors;
+        self.oversized += o.oversized;
     }
 }
 
@@ -77,9 +84,11 @@ pub(crate) enum Counter {
     Invalidation,
     BackendError,
     ConfigError,
+    DecodeError,
+    Oversized,
 }
 
-const COUNTERS: usize = 7;
+const COUNTERS: usize = 9;
 
 /// Number of threads that count without atomic read-modify-write at a time.
 pub(crate) const SLOTS: usize = 16;
@@ -172,6 +181,8 @@ impl Counters {
             invalidations: get(Counter::Invalidation),
             backend_errors: get(Counter::BackendError),
             config_errors: get(Counter::ConfigError),
+            decode_errors: get(Counter::DecodeError),
+            oversized: get(Counter::Oversized),
         }
     }
 }

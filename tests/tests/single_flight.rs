@@ -39,7 +39,7 @@ async fn a_thousand_callers_one_execution() {
     assert_eq!(RUNS.get(), 1);
     assert!(values.iter().all(|v| v == "value 7"));
     let s = svc.stats().total;
-    assert_eq!((s.executions, s.hits + s.misses), (1, 1000));
+    assert_eq!((s.executions, s.hits + s.misses), (1, 1000), "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,0 +1,139 @@
+//! The remote tier: a store outside the process (Redis, in `cache-redis`) holding
+//! serialized values under readable keys, shared by every instance.
+//!
+//! The runtime reaches it on a miss of the in-process tier, inside the key's flight
+//! (so concurrent callers cause one read), and writes to it after running a body,
+//! through the store's write-behind queue (a call never waits for a write). A store
+//! failure never fails a call: it is counted, logged at `warn` (at most once a second
+//! per service), and the call goes on as a miss.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::memory::now_nanos;
+use crate::service::ShutdownReport;
+
+/// A boxed future, as the [`RemoteStore`] methods return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a remote operation failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RemoteError(pub String);
+
+/// A store outside the process: bytes under string keys, with expiry.
+///
+/// Keys given to the store are the readable keys of the entries (the store adds its
+/// own prefix). Implementations bound every operation by a timeout and never panic.
+pub trait RemoteStore: Send + Sync + 'static {
+    /// Reads the bytes under `key`. With `touch`, a sliding entry's expiry is moved
+    /// to `touch` from now in the same round trip.
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        touch: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>>;
+
+    /// Queues a write of `value` under `key`, expiring after `ttl` (the store's
+    /// default expiry when `None`). Never waits: when the queue is full, the write is
+    /// dropped and counted.
+    fn set(&self, key: String, value: Vec<u8>, ttl: Option<Duration>);
+
+    /// Removes `keys`. Awaited: an invalidation is done when the caller continues.
+    fn remove(&self, keys: Vec<String>) -> BoxFuture<'_, Result<(), RemoteError>>;
+
+    /// Removes every entry of this store (its prefix).
+    fn clear(&self) -> BoxFuture<'_, Result<(), RemoteError>>;
+
+    /// Completes the queued writes, waiting at most `timeout`.
+    fn flush(&self, timeout: Duration) -> BoxFuture<'_, ShutdownReport>;
+
+    /// The largest encoded value the store accepts; larger values are returned to the
+    /// caller and not stored remotely.
+    fn max_value_size(&self) -> usize;
+}
+
+/// First bytes of every encoded value: a marker and the encoding's version. A value
+/// whose header differs (another format, corruption) does not decode.
+const HEADER: [u8; 2] = [0xCA, 1];
+
+/// The encoding's version, also part of the remote key space, so that a deploy that
+/// changes the encoding never reads old bytes.
+pub const FORMAT_VERSION: u8 = HEADER[1];
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    let mut out = HEADER.to_vec();
+    rmp_serde::encode::write(&mut out, value).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let body = bytes
+        .strip_prefix(&HEADER)
+        .ok_or_else(|| "unknown header".to_owned())?;
+    rmp_serde::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// Logs a remote failure at `warn`, at most once a second (the others are counted).
+#[derive(Default)]
+pub(crate) struct RateLimitedWarn {
+    last: AtomicU64,
+}
+
+impl RateLimitedWarn {
+    pub(crate) fn warn(&self, what: fmt::Arguments<'_>) {
+        let now = now_nanos();
+        let last = self.last.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1_000_000_000)
+            && self
+                .last
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(target: "cache_runtime", "remote cache: {what} (the call goes on without it; later failures within a second are only counted)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Product {
+        id: u64,
+        name: String,
+        tags: Vec<String>,
+    }
+
+    #[test]
+    fn round_trip() {
+        let p = Product {
+            id: 7,
+            name: "kettle".into(),
+            tags: vec!["a".into()],
+        };
+        let bytes = encode(&p).unwrap();
+        assert_eq!(&bytes[..2], &HEADER);
+        assert_eq!(decode::<Product>(&bytes).unwrap(), p);
+    }
+
+    #[test]
+    fn foreign_bytes_do_not_decode() {
+        assert!(decode::<Product>(b"").is_err());
+        assert!(decode::<Product>(b"{\"id\":7}").is_err(), "no header");
+        let mut wrong_version = encode(&1u8).unwrap();
+        wrong_version[1] = 99;
+        assert!(decode::<u8>(&wrong_version).is_err());
+        let truncated = &encode(&"a long enough string".to_owned()).unwrap()[..5];
+        assert!(decode::<String>(truncated).is_err());
+        // another shape of value
+        assert!(decode::<Product>(&encode(&(1u8, 2u8)).unwrap()).is_err());
+    }
+}
