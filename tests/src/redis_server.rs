@@ -146,6 +146,14 @@ impl RedisServer {
         assert_eq!(reply.as_deref(), Some("+OK"), "CLIENT PAUSE failed");
     }
 
+    /// Stops the server from running write commands for `duration`; reads go on
+    /// (`CLIENT PAUSE ... WRITE`).
+    pub fn pause_writes(&self, duration: Duration) {
+        let ms = duration.as_millis().to_string();
+        let reply = self.command(&["CLIENT", "PAUSE", &ms, "WRITE"]);
+        assert_eq!(reply.as_deref(), Some("+OK"), "CLIENT PAUSE WRITE failed");
+    }
+
     /// Sends one command and returns the first line of the reply (`+OK`, `:3`, ...).
     pub fn command(&self, args: &[&str]) -> Option<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;

@@ -1,0 +1,526 @@
+//! `RedisBackend`: Redis as the remote (L2) tier.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cache_runtime::{
+    Backend, BoxFuture, MemoryBackend, RemoteError, RemoteStore, ShutdownReport, FORMAT_VERSION,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{mpsc, Notify};
+
+/// Why [`RedisBackendBuilder::build`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisBackendError {
+    /// The URL is not a Redis URL.
+    #[error("invalid Redis URL: {0}")]
+    Url(#[source] redis::RedisError),
+    /// Redis did not answer. Start it, check the address, or build with
+    /// `.connect_lazily(true)` to start without it.
+    #[error("cannot connect to Redis at {addr}: {source} (start Redis, check the URL, or use `.connect_lazily(true)` to start without it and connect later)")]
+    Connect {
+        /// The server's address (without credentials).
+        addr: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// The builder's settings contradict each other.
+    #[error("{0}")]
+    Config(&'static str),
+}
+
+/// Counters of the Redis backend's background writes, readable while it runs.
+#[derive(Clone, Debug, Default)]
+pub struct RedisMetrics(Arc<Counters>);
+
+#[derive(Debug, Default)]
+struct Counters {
+    written: AtomicU64,
+    dropped: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl RedisMetrics {
+    /// Writes completed.
+    pub fn written(&self) -> u64 {
+        self.0.written.load(Ordering::Relaxed)
+    }
+    /// Writes dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.0.dropped.load(Ordering::Relaxed)
+    }
+    /// Writes that Redis refused or that timed out.
+    pub fn failed(&self) -> u64 {
+        self.0.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// Configures a [`RedisBackend`].
+#[must_use = "call `.build().await`"]
+pub struct RedisBackendBuilder {
+    url: String,
+    key_prefix: String,
+    l1: Option<MemoryBackend>,
+    default_ttl: Duration,
+    max_value_size: usize,
+    operation_timeout: Duration,
+    write_queue: usize,
+    lazy: bool,
+}
+
+impl fmt::Debug for RedisBackendBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackendBuilder")
+            .field("key_prefix", &self.key_prefix)
+            .field("l1", &self.l1)
+            .field("default_ttl", &self.default_ttl)
+            .field("max_value_size", &self.max_value_size)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("write_queue", &self.write_queue)
+            .field("lazy", &self.lazy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackendBuilder {
+    /// The prefix of every key this backend writes (`shop` gives `shop:1:...`, where
+    /// `1` is the value format's version). Default: `cache`.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// An in-process tier in front of Redis. Without one, every call reads Redis.
+    pub fn l1(mut self, l1: MemoryBackend) -> Self {
+        self.l1 = Some(l1);
+        self
+    }
+
+    /// Expiry of entries whose function and profile give none, so that Redis's
+    /// `volatile-*` eviction can remove them. Default: one day.
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// The largest encoded value written to Redis; larger values are returned to the
+    /// caller and kept in the in-process tier only. Default: 1 MiB.
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes;
+        self
+    }
+
+    /// How long one Redis operation may take before the call goes on without it.
+    /// Default: 200 ms.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// How many writes may wait for Redis; beyond that, writes are dropped and
+    /// counted ([`RedisMetrics::dropped`]). Default: 10,000.
+    pub fn write_queue(mut self, capacity: usize) -> Self {
+        self.write_queue = capacity;
+        self
+    }
+
+    /// With `true`, `build` succeeds while Redis is down: calls run without the Redis
+    /// tier (each failure counted) until it answers. Default: `false`, `build` fails.
+    pub fn connect_lazily(mut self, lazy: bool) -> Self {
+        self.lazy = lazy;
+        self
+    }
+
+    /// Connects (unless lazy) and starts the background writer. Needs a tokio runtime.
+    pub async fn build(self) -> Result<RedisBackend, RedisBackendError> {
+        if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
+            return Err(RedisBackendError::Config(
+                "key_prefix must be non-empty and without spaces",
+            ));
+        }
+        if self.operation_timeout.is_zero() || self.write_queue == 0 {
+            return Err(RedisBackendError::Config(
+                "operation_timeout and write_queue must be positive",
+            ));
+        }
+        let client = redis::Client::open(self.url.as_str()).map_err(RedisBackendError::Url)?;
+        let addr = client.get_connection_info().addr().to_string();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.operation_timeout.max(Duration::from_secs(1))))
+            .set_response_timeout(Some(self.operation_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        // Reads and writes use separate connections: Redis answers a connection's
+        // commands in order, so reads sharing one with a slow write would wait for it.
+        let connect = |config: ConnectionManagerConfig| {
+            let client = client.clone();
+            let addr = addr.clone();
+            let lazy = self.lazy;
+            async move {
+                if lazy {
+                    client.get_connection_manager_lazy(config)
+                } else {
+                    client.get_connection_manager_with_config(config).await
+                }
+                .map_err(|source| RedisBackendError::Connect { addr, source })
+            }
+        };
+        let manager = connect(config.clone()).await?;
+        let write_manager = connect(config).await?;
+        let metrics = RedisMetrics::default();
+        let (tx, rx) = mpsc::channel(self.write_queue);
+        let shared = Arc::new(Shared {
+            pending: AtomicUsize::new(0),
+            drained: Notify::new(),
+        });
+        tokio::spawn(writer(
+            write_manager,
+            rx,
+            self.operation_timeout,
+            metrics.clone(),
+            shared.clone(),
+        ));
+        let store = RedisStore {
+            manager,
+            prefix: format!("{}:{FORMAT_VERSION}:", self.key_prefix),
+            default_ttl: self.default_ttl,
+            max_value_size: self.max_value_size,
+            timeout: self.operation_timeout,
+            queue: tx,
+            metrics: metrics.clone(),
+            shared,
+        };
+        if !self.lazy {
+            store.check_server().await;
+        }
+        Ok(RedisBackend {
+            store,
+            l1: self.l1,
+            metrics,
+        })
+    }
+}
+
+/// Redis as the remote tier of a [`CachingService`](cache_runtime::CachingService),
+/// with an optional in-process tier in front.
+///
+/// ```no_run
+/// use cache_redis::RedisBackend;
+/// use cache_runtime::{CachingService, MemoryBackend};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// CachingService::builder()
+///     .backend(
+///         RedisBackend::builder("redis://127.0.0.1:6379/0")
+///             .key_prefix("shop")
+///             .l1(MemoryBackend::new().max_entries(10_000))
+///             .build()
+///             .await?,
+///     )
+///     .install()?;
+/// # Ok(()) }
+/// ```
+///
+/// Entries are MessagePack under `{prefix}:{format version}:{readable key}`, always
+/// with an expiry (`ttl`, `sliding`, or the default one). Reads happen on a miss of
+/// the in-process tier, once per key however many callers wait; writes go through a
+/// bounded queue and a background task, so a miss never waits for Redis.
+/// `cache_runtime::shutdown().await` waits for the queue to drain.
+pub struct RedisBackend {
+    store: RedisStore,
+    l1: Option<MemoryBackend>,
+    metrics: RedisMetrics,
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("prefix", &self.store.prefix)
+            .field("l1", &self.l1)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// Starts configuring a backend for the server at `url`:
+    /// `redis://[user:password@]host:port/db`.
+    pub fn builder(url: impl Into<String>) -> RedisBackendBuilder {
+        RedisBackendBuilder {
+            url: url.into(),
+            key_prefix: "cache".into(),
+            l1: None,
+            default_ttl: Duration::from_secs(86_400),
+            max_value_size: 1 << 20,
+            operation_timeout: Duration::from_millis(200),
+            write_queue: 10_000,
+            lazy: false,
+        }
+    }
+
+    /// The background writer's counters (keep a clone before passing the backend to
+    /// the service).
+    pub fn metrics(&self) -> RedisMetrics {
+        self.metrics.clone()
+    }
+}
+
+impl From<RedisBackend> for Backend {
+    fn from(backend: RedisBackend) -> Backend {
+        Backend::remote(backend.store, backend.l1)
+    }
+}
+
+/// State shared with the writer: how many writes are queued or in progress.
+struct Shared {
+    pending: AtomicUsize,
+    drained: Notify,
+}
+
+struct Write {
+    key: String,
+    value: Vec<u8>,
+    ttl: Duration,
+}
+
+struct RedisStore {
+    manager: ConnectionManager,
+    prefix: String,
+    default_ttl: Duration,
+    max_value_size: usize,
+    timeout: Duration,
+    queue: mpsc::Sender<Write>,
+    metrics: RedisMetrics,
+    shared: Arc<Shared>,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl RedisStore {
+    async fn timed<T>(
+        &self,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, RemoteError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(RemoteError(e.to_string())),
+            Err(_) => Err(RemoteError(format!("no answer within {:?}", self.timeout))),
+        }
+    }
+
+    /// Warns about server settings that will cause trouble.
+    async fn check_server(&self) {
+        let mut con = self.manager.clone();
+        let policy: Result<Vec<String>, _> = self
+            .timed(
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("maxmemory-policy")
+                    .query_async(&mut con),
+            )
+            .await;
+        if let Ok(values) = policy {
+            if values.get(1).is_some_and(|p| p == "noeviction") {
+                tracing::warn!(target: "cache_redis", "Redis uses `maxmemory-policy noeviction`: once full it refuses writes. Set `maxmemory-policy volatile-lru` (cache entries always carry an expiry)");
+            }
+        }
+    }
+}
+
+impl RemoteStore for RedisStore {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        touch: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>> {
+        Box::pin(async move {
+            let mut con = self.manager.clone();
+            let full = format!("{}{key}", self.prefix);
+            let cmd = match touch {
+                Some(d) => {
+                    let mut c = redis::cmd("GETEX");
+                    c.arg(&full).arg("PX").arg(millis(d));
+                    c
+                }
+                None => {
+                    let mut c = redis::cmd("GET");
+                    c.arg(&full);
+                    c
+                }
+            };
+            self.timed(cmd.query_async::<Option<Vec<u8>>>(&mut con))
+                .await
+        })
+    }
+
+    fn set(&self, key: String, value: Vec<u8>, ttl: Option<Duration>) {
+        let write = Write {
+            key: format!("{}{key}", self.prefix),
+            value,
+            ttl: ttl.unwrap_or(self.default_ttl),
+        };
+        self.shared.pending.fetch_add(1, Ordering::SeqCst);
+        if self.queue.try_send(write).is_err() {
+            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.0.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn remove(&self, keys: Vec<String>) -> BoxFuture<'_, Result<(), RemoteError>> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let mut con = self.manager.clone();
+            let mut cmd = redis::cmd("DEL");
+            for k in &keys {
+                cmd.arg(format!("{}{k}", self.prefix));
+            }
+            self.timed(cmd.query_async::<()>(&mut con)).await
+        })
+    }
+
+    fn clear(&self) -> BoxFuture<'_, Result<(), RemoteError>> {
+        Box::pin(async move {
+            let mut con = self.manager.clone();
+            let pattern = format!("{}*", redis_glob_escape(&self.prefix));
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = self
+                    .timed(
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(&pattern)
+                            .arg("COUNT")
+                            .arg(500)
+                            .query_async(&mut con),
+                    )
+                    .await?;
+                if !keys.is_empty() {
+                    self.timed(redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut con))
+                        .await?;
+                }
+                if next == 0 {
+                    return Ok(());
+                }
+                cursor = next;
+            }
+        })
+    }
+
+    fn flush(&self, timeout: Duration) -> BoxFuture<'_, ShutdownReport> {
+        Box::pin(async move {
+            let before = self.metrics.written();
+            let drained = tokio::time::timeout(timeout, async {
+                loop {
+                    let notified = self.shared.drained.notified();
+                    if self.shared.pending.load(Ordering::SeqCst) == 0 {
+                        return;
+                    }
+                    notified.await;
+                }
+            })
+            .await;
+            let written = self.metrics.written() - before;
+            match drained {
+                Ok(()) => ShutdownReport::new(written, 0, false),
+                Err(_) => {
+                    let left = self.shared.pending.load(Ordering::SeqCst) as u64;
+                    tracing::warn!(target: "cache_redis", "shutdown: {left} writes to Redis were not completed within {timeout:?}");
+                    ShutdownReport::new(written, left, true)
+                }
+            }
+        })
+    }
+
+    fn max_value_size(&self) -> usize {
+        self.max_value_size
+    }
+}
+
+/// Escapes the glob characters of `SCAN MATCH` in a literal prefix.
+fn redis_glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The background writer: takes queued writes in batches and sends each batch as one
+/// pipeline. A failed batch is counted and dropped (the entries are simply not in
+/// Redis; the next miss writes them again).
+async fn writer(
+    manager: ConnectionManager,
+    mut rx: mpsc::Receiver<Write>,
+    timeout: Duration,
+    metrics: RedisMetrics,
+    shared: Arc<Shared>,
+) {
+    const BATCH: usize = 128;
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let mut pipe = redis::pipe();
+        for w in &batch {
+            pipe.cmd("SET")
+                .arg(&w.key)
+                .arg(&w.value)
+                .arg("PX")
+                .arg(millis(w.ttl))
+                .ignore();
+        }
+        let mut con = manager.clone();
+        let n = batch.len() as u64;
+        match tokio::time::timeout(timeout, pipe.query_async::<()>(&mut con)).await {
+            Ok(Ok(())) => {
+                metrics.0.written.fetch_add(n, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => {
+                metrics.0.failed.fetch_add(n, Ordering::Relaxed);
+                tracing::debug!(target: "cache_redis", error = %e, "writing {n} entries to Redis failed");
+            }
+            Err(_) => {
+                metrics.0.failed.fetch_add(n, Ordering::Relaxed);
+                tracing::debug!(target: "cache_redis", "writing {n} entries to Redis timed out");
+            }
+        }
+        batch.clear();
+        if shared.pending.fetch_sub(n as usize, Ordering::SeqCst) == n as usize {
+            shared.drained.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_escape() {
+        assert_eq!(redis_glob_escape("shop:1:"), "shop:1:");
+        assert_eq!(redis_glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    #[tokio::test]
+    async fn bad_settings_are_refused() {
+        let err = RedisBackend::builder("redis://127.0.0.1:1/0")
+            .key_prefix("")
+            .build()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("key_prefix"), "{err}");
+        let err = RedisBackend::builder("http://nope")
+            .build()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RedisBackendError::Url(_)), "{err}");
+    }
+}
