@@ -352,8 +352,10 @@ impl RemoteStore for RedisStore {
                     c
                 }
             };
-            self.timed(cmd.query_async::<Option<Vec<u8>>>(&mut con))
+            // bounded by the connection's response timeout (no second timer per read)
+            cmd.query_async::<Option<Vec<u8>>>(&mut con)
                 .await
+                .map_err(|e| RemoteError(e.to_string()))
         })
     }
 

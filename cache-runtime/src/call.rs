@@ -417,7 +417,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             let keys = self.inner.invalidate_dependents(key);
             self.service.remove_remote_detached(keys);
         }
-        if let Some(leader) = leader {
+        if let Some(leader) = leader.filter(Leader::has_waiters) {
             leader.complete(Arc::new(Handoff {
                 value: (self.ops.into_shared)((self.ops.clone)(value)),
                 deps,
@@ -514,10 +514,12 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         {
             self.inner.memory.remove_slot(key, addr);
         }
-        leader.complete(Arc::new(Handoff {
-            value: (self.ops.into_shared)((self.ops.clone)(&value)),
-            deps: None,
-        }));
+        if leader.has_waiters() {
+            leader.complete(Arc::new(Handoff {
+                value: (self.ops.into_shared)((self.ops.clone)(&value)),
+                deps: None,
+            }));
+        }
         K::from_stored(value)
     }
 }

@@ -92,9 +92,21 @@ impl From<Outcome> for Waited {
     }
 }
 
+/// Shards of the flight table, so concurrent misses of different keys rarely meet.
+const SHARDS: usize = 16;
+
 #[derive(Default)]
 pub(crate) struct Flights {
-    map: Mutex<HashMap<Box<[u8]>, Arc<Flight>>>,
+    shards: [Mutex<HashMap<Box<[u8]>, Arc<Flight>>>; SHARDS],
+}
+
+fn shard_of(key: &[u8]) -> usize {
+    // FNV-1a over the key: cheap, and keys differ in their arguments
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in key {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h as usize % SHARDS
 }
 
 pub(crate) enum Join<'a> {
@@ -105,7 +117,7 @@ pub(crate) enum Join<'a> {
 impl Flights {
     /// Joins the flight for `key`, or starts one and leads it.
     pub(crate) fn join(&self, key: &[u8]) -> Join<'_> {
-        let mut map = lock(&self.map);
+        let mut map = lock(&self.shards[shard_of(key)]);
         if let Some(flight) = map.get(key) {
             return Join::Wait(flight.clone());
         }
@@ -125,12 +137,14 @@ impl Flights {
     /// Lets every running flight finish without new callers joining it: after an
     /// invalidation, a call must not receive a value computed before it.
     pub(crate) fn detach_all(&self) {
-        lock(&self.map).clear();
+        for shard in &self.shards {
+            lock(shard).clear();
+        }
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        lock(&self.map).len()
+        self.shards.iter().map(|s| lock(s).len()).sum()
     }
 }
 
@@ -147,9 +161,16 @@ impl Leader<'_> {
         self.finish(Outcome::Done(value));
     }
 
+    /// Whether anyone waits for this flight: the table and the leader hold it, each
+    /// waiter one more. A waiter that joins after this check finds the flight
+    /// abandoned if the leader skips `complete`, and looks again.
+    pub(crate) fn has_waiters(&self) -> bool {
+        Arc::strong_count(&self.flight) > 2
+    }
+
     fn finish(&self, outcome: Outcome) {
         {
-            let mut map = lock(&self.flights.map);
+            let mut map = lock(&self.flights.shards[shard_of(&self.key)]);
             if map
                 .get(&self.key)
                 .is_some_and(|f| Arc::ptr_eq(f, &self.flight))

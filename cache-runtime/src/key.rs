@@ -409,7 +409,8 @@ impl Key {
     /// part stays readable and the rest is replaced by a 128-bit hash of the whole
     /// readable key, as in `shop::search:v1#5f0c…` (32 hex digits).
     pub fn to_text(&self, max_len: usize) -> String {
-        let full = self.to_string();
+        let mut full = String::with_capacity(2 * self.bytes.len() + 16);
+        let _ = write!(full, "{self}");
         if full.len() <= max_len {
             return full;
         }

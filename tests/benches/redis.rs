@@ -1,0 +1,265 @@
+//! The Redis tier against a raw redis-rs GET of the same bytes, in one run, on a
+//! `redis-server` the benchmark starts:
+//! - an L2 hit (no in-process tier), sequential and with 64 concurrent tasks on one
+//!   multiplexed connection, with the `cached` crate's Redis hit alongside;
+//! - a miss (one GET that finds nothing, the body, a queued SET) against the body plus
+//!   one GET.
+//!
+//! Run: `cargo bench -p tests --bench redis`
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cache_redis::RedisBackend;
+use cache_runtime::CachingService;
+use criterion::{criterion_group, criterion_main, Criterion};
+use serde::{Deserialize, Serialize};
+use tests::redis_server::RedisServer;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Product {
+    pub id: u64,
+    pub price_cents: u64,
+    pub name: String,
+    pub category: String,
+}
+
+fn product(id: u64) -> Product {
+    Product {
+        id,
+        price_cents: 1999,
+        name: "Stainless steel water bottle, 750 ml".to_owned(),
+        category: "kitchen/drinkware/bottles".to_owned(),
+    }
+}
+
+#[cache_runtime::cached(name = "bench.product")]
+async fn ours(id: u64, region: &str) -> Product {
+    let _ = region;
+    product(id)
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchError(String);
+
+#[cached::macros::concurrent_cached(
+    redis = true,
+    ttl_secs = 3600,
+    cache_prefix_block = r##"{ "bench-cached:" }"##,
+    key = "String",
+    convert = r##"{ format!("{id}:{region}") }"##,
+    map_error = r##"|e| BenchError(format!("{e:?}"))"##
+)]
+async fn theirs(id: u64, region: &str) -> Result<Product, BenchError> {
+    let _ = region;
+    Ok(product(id))
+}
+
+#[cache_runtime::cached(name = "bench.fresh")]
+async fn fresh(id: u64) -> u64 {
+    id
+}
+
+impl std::fmt::Display for BenchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A service on the Redis server, without an in-process tier: every call reads Redis.
+async fn service(url: &str) -> CachingService {
+    CachingService::builder()
+        .backend(
+            RedisBackend::builder(url)
+                .key_prefix("bench")
+                .build()
+                .await
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
+}
+
+fn key_of(id: u64) -> String {
+    format!(r#"bench:1:bench.product:v1({id},"eu-west")"#)
+}
+
+async fn raw_get(con: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<Vec<u8>> {
+    redis::cmd("GET").arg(key).query_async(con).await.unwrap()
+}
+
+fn redis(c: &mut Criterion) {
+    let server = RedisServer::start();
+    // read by the `cached` crate when it creates its store, on the first call
+    std::env::set_var("CACHED_REDIS_CONNECTION_STRING", server.url());
+    let region = "eu-west";
+
+    // Sequential latency: one task on a current-thread runtime.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (svc, mut con) = rt.block_on(async {
+        let svc = service(&server.url()).await;
+        // ids 0..64 are stored, for the concurrent runs too
+        for id in 0..64 {
+            svc.scope(ours(id, region)).await;
+        }
+        svc.shutdown().await;
+        theirs(42, region).await.unwrap();
+        let client = redis::Client::open(server.url()).unwrap();
+        (
+            svc,
+            client.get_multiplexed_async_connection().await.unwrap(),
+        )
+    });
+    let key = key_of(42);
+    assert!(
+        rt.block_on(raw_get(&mut con, &key)).is_some(),
+        "the cache wrote {key}"
+    );
+
+    let mut g = c.benchmark_group("redis hit");
+    g.bench_function("raw redis-rs GET, sequential", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(raw_get(&mut con, &key).await);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.bench_function("#[cached] L2 hit, sequential", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(svc.scope(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(ours(42, region).await);
+                }
+                start.elapsed()
+            }))
+        })
+    });
+    g.bench_function("cached crate Redis hit, sequential", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(theirs(42, region).await.unwrap());
+                }
+                start.elapsed()
+            })
+        })
+    });
+
+    // Throughput: 64 tasks on a multi-threaded runtime, each reading its own key (so
+    // single flight does not merge them), on one multiplexed connection.
+    let mt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mt_svc, mt_con) = mt.block_on(async {
+        let client = redis::Client::open(server.url()).unwrap();
+        (
+            service(&server.url()).await,
+            client.get_multiplexed_async_connection().await.unwrap(),
+        )
+    });
+    let per_op = |iters: u64, elapsed: Duration, per_task: u64| {
+        elapsed.mul_f64(iters as f64 / (per_task * 64) as f64)
+    };
+    g.bench_function("raw redis-rs GET, 64 tasks", |b| {
+        b.iter_custom(|iters| {
+            mt.block_on(async {
+                let per_task = iters.div_ceil(64);
+                let start = Instant::now();
+                let tasks: Vec<_> = (0..64u64)
+                    .map(|id| {
+                        let mut con = mt_con.clone();
+                        tokio::spawn(async move {
+                            let key = key_of(id);
+                            for _ in 0..per_task {
+                                black_box(raw_get(&mut con, &key).await);
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+                per_op(iters, start.elapsed(), per_task)
+            })
+        })
+    });
+    g.bench_function("#[cached] L2 hit, 64 tasks", |b| {
+        b.iter_custom(|iters| {
+            mt.block_on(async {
+                let per_task = iters.div_ceil(64);
+                let start = Instant::now();
+                let tasks: Vec<_> = (0..64u64)
+                    .map(|id| {
+                        tokio::spawn(mt_svc.scope(async move {
+                            for _ in 0..per_task {
+                                black_box(ours(id, "eu-west").await);
+                            }
+                        }))
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+                per_op(iters, start.elapsed(), per_task)
+            })
+        })
+    });
+    g.finish();
+    assert_eq!(
+        mt_svc.stats().total.executions,
+        0,
+        "every measured call was an L2 hit"
+    );
+
+    let next = AtomicU64::new(1_000_000);
+    let mut g = c.benchmark_group("redis miss");
+    g.bench_function("body + one raw GET", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let k = format!("absent:{}", next.fetch_add(1, Ordering::Relaxed));
+                    black_box(raw_get(&mut con, &k).await);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.bench_function("#[cached] miss (GET, body, queued SET)", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(svc.scope(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(fresh(next.fetch_add(1, Ordering::Relaxed)).await);
+                }
+                start.elapsed()
+            }))
+        })
+    });
+    g.finish();
+    rt.block_on(svc.shutdown());
+    mt.block_on(mt_svc.shutdown());
+    drop(server);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(20);
+    targets = redis
+}
+criterion_main!(benches);
