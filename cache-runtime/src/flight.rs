@@ -95,9 +95,12 @@ impl From<Outcome> for Waited {
 /// Shards of the flight table, so concurrent misses of different keys rarely meet.
 const SHARDS: usize = 16;
 
+/// The running flights of some keys.
+type Shard = Mutex<HashMap<Box<[u8]>, Arc<Flight>>>;
+
 #[derive(Default)]
 pub(crate) struct Flights {
-    shards: [Mutex<HashMap<Box<[u8]>, Arc<Flight>>>; SHARDS],
+    shards: [Shard; SHARDS],
 }
 
 fn shard_of(key: &[u8]) -> usize {
