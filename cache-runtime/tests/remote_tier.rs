@@ -231,3 +231,31 @@ async fn one_remote_read_and_one_write_for_concurrent_callers() {
     assert_eq!(store.gets.load(Ordering::SeqCst), 1);
     assert_eq!(store.sets.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn failures_are_counted_each_and_logged_once_a_second() {
+    use std::sync::Mutex as StdMutex;
+    use tracing::Level;
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    #[derive(Clone, Default)]
+    struct Warnings(Arc<StdMutex<usize>>);
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            if *event.metadata().level() == Level::WARN {
+                *self.0.lock().unwrap() += 1;
+            }
+        }
+    }
+    let warnings = Warnings::default();
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+
+    let store = Store::default();
+    store.down.store(true, Ordering::SeqCst);
+    let svc = service(&store, false);
+    for _ in 0..50 {
+        svc.scope(product(8)).await;
+    }
+    assert_eq!(svc.stats().total.backend_errors, 50);
+    assert_eq!(*warnings.0.lock().unwrap(), 1, "one warning for 50 failures within a second");
+}
