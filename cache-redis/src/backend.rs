@@ -69,6 +69,7 @@ pub struct RedisBackendBuilder {
     operation_timeout: Duration,
     write_queue: usize,
     lazy: bool,
+    root_certificate: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for RedisBackendBuilder {
@@ -127,6 +128,13 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// For `rediss://` URLs: trust this certificate (PEM) instead of the system's
+    /// root certificates, as for a server whose certificate a private CA signed.
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificate = Some(pem.into());
+        self
+    }
+
     /// With `true`, `build` succeeds while Redis is down: calls run without the Redis
     /// tier (each failure counted) until it answers. Default: `false`, `build` fails.
     pub fn connect_lazily(mut self, lazy: bool) -> Self {
@@ -146,7 +154,20 @@ impl RedisBackendBuilder {
                 "operation_timeout and write_queue must be positive",
             ));
         }
-        let client = redis::Client::open(self.url.as_str()).map_err(RedisBackendError::Url)?;
+        // TLS (`rediss://`) uses rustls with the ring provider, unless the application
+        // installed another provider already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = match &self.root_certificate {
+            None => redis::Client::open(self.url.as_str()),
+            Some(pem) => redis::Client::build_with_tls(
+                self.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+        }
+        .map_err(RedisBackendError::Url)?;
         let addr = client.get_connection_info().addr().to_string();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.operation_timeout.max(Duration::from_secs(1))))
@@ -246,7 +267,7 @@ impl fmt::Debug for RedisBackend {
 
 impl RedisBackend {
     /// Starts configuring a backend for the server at `url`:
-    /// `redis://[user:password@]host:port/db`.
+    /// `redis://[user:password@]host:port/db`, or `rediss://...` for TLS.
     pub fn builder(url: impl Into<String>) -> RedisBackendBuilder {
         RedisBackendBuilder {
             url: url.into(),
@@ -257,6 +278,7 @@ impl RedisBackend {
             operation_timeout: Duration::from_millis(200),
             write_queue: 10_000,
             lazy: false,
+            root_certificate: None,
         }
     }
 

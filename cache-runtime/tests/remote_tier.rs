@@ -248,7 +248,8 @@ async fn failures_are_counted_each_and_logged_once_a_second() {
         }
     }
     let warnings = Warnings::default();
-    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
 
     let store = Store::default();
     store.down.store(true, Ordering::SeqCst);
@@ -257,5 +258,9 @@ async fn failures_are_counted_each_and_logged_once_a_second() {
         svc.scope(product(8)).await;
     }
     assert_eq!(svc.stats().total.backend_errors, 50);
-    assert_eq!(*warnings.0.lock().unwrap(), 1, "one warning for 50 failures within a second");
+    assert_eq!(
+        *warnings.0.lock().unwrap(),
+        1,
+        "one warning for 50 failures within a second"
+    );
 }

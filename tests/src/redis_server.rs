@@ -17,6 +17,8 @@ const INSTALL_HINT: &str = "redis-server was not found on PATH. The Redis tests 
 /// A `redis-server` process owned by a test.
 pub struct RedisServer {
     port: u16,
+    /// With TLS: the TLS port and the CA certificate (PEM) that signed the server's.
+    tls: Option<(u16, Vec<u8>)>,
     dir: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
@@ -53,6 +55,7 @@ impl RedisServer {
             let port = free_port();
             let mut server = RedisServer {
                 port,
+                tls: None,
                 dir: dir.clone(),
                 args: args.clone(),
                 child: None,
@@ -62,6 +65,101 @@ impl RedisServer {
             }
         }
         panic!("could not start redis-server on a free port after 10 tries");
+    }
+
+    /// Starts a server that also accepts TLS connections, with a certificate for
+    /// 127.0.0.1 signed by a CA made for it (with the `openssl` command).
+    pub fn start_tls() -> RedisServer {
+        let dir = std::env::temp_dir().join(format!(
+            "cache-rs-redis-tls-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create the certificates' directory");
+        let openssl = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl is needed for the TLS test: apt-get install -y openssl");
+            assert!(status.success(), "openssl {args:?} failed");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=cache-rs test CA",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")
+            .expect("write san.ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ]);
+        let ca = std::fs::read(dir.join("ca.crt")).expect("read ca.crt");
+        let tls_port = free_port();
+        let tls_port_arg = tls_port.to_string();
+        let cert = dir.join("server.crt");
+        let key = dir.join("server.key");
+        let ca_file = dir.join("ca.crt");
+        let mut server = Self::start_with(&[
+            "--tls-port",
+            &tls_port_arg,
+            "--tls-cert-file",
+            cert.to_str().expect("utf-8 path"),
+            "--tls-key-file",
+            key.to_str().expect("utf-8 path"),
+            "--tls-ca-cert-file",
+            ca_file.to_str().expect("utf-8 path"),
+            "--tls-auth-clients",
+            "no",
+        ]);
+        server.tls = Some((tls_port, ca));
+        server
+    }
+
+    /// `rediss://127.0.0.1:<tls port>/0` and the CA certificate to trust, for a server
+    /// started with [`RedisServer::start_tls`].
+    pub fn tls(&self) -> Option<(String, Vec<u8>)> {
+        self.tls
+            .as_ref()
+            .map(|(port, ca)| (format!("rediss://127.0.0.1:{port}/0"), ca.clone()))
     }
 
     /// Starts the process on this server's port; false if it did not come up.

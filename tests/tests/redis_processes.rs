@@ -70,3 +70,36 @@ async fn credentials_and_database_from_the_url() {
         .unwrap_err();
     assert!(wrong.to_string().contains("cannot connect"), "{wrong}");
 }
+
+#[tokio::test]
+async fn tls_with_rediss_urls() {
+    let server = RedisServer::start_tls();
+    let (url, ca) = server.tls().expect("a TLS server");
+    let svc = CachingService::builder()
+        .backend(
+            RedisBackend::builder(&url)
+                .key_prefix("tls")
+                .tls_root_certificate(ca)
+                .build()
+                .await
+                .expect("a TLS connection"),
+        )
+        .build()
+        .unwrap();
+    svc.scope(report(2)).await;
+    svc.shutdown().await;
+    svc.scope(report(2)).await;
+    assert_eq!(svc.stats().total.l2_hits, 1, "read back over TLS");
+    assert_eq!(
+        server
+            .command(&["EXISTS", "tls:1:p.report:v1(2)"])
+            .as_deref(),
+        Some(":1")
+    );
+    // without the CA, the server's certificate is not trusted
+    let untrusted = RedisBackend::builder(&url).build().await.unwrap_err();
+    assert!(
+        untrusted.to_string().contains("cannot connect"),
+        "{untrusted}"
+    );
+}
