@@ -11,25 +11,9 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use serde::{Deserialize, Serialize};
+use tests::{product, Product};
 
 /// About 100 bytes: two integers and two short strings.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Product {
-    pub id: u64,
-    pub price_cents: u64,
-    pub name: String,
-    pub category: String,
-}
-
-fn product(id: u64) -> Product {
-    Product {
-        id,
-        price_cents: 1999,
-        name: "Stainless steel water bottle, 750 ml".to_owned(),
-        category: "kitchen/drinkware/bottles".to_owned(),
-    }
-}
 
 #[cache_runtime::cached]
 async fn ours(id: u64, region: &str) -> Product {

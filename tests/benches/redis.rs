@@ -14,25 +14,9 @@ use std::time::{Duration, Instant};
 use cache_redis::RedisBackend;
 use cache_runtime::CachingService;
 use criterion::{criterion_group, criterion_main, Criterion};
-use serde::{Deserialize, Serialize};
+use tests::{product, Product};
 use tests::redis_server::RedisServer;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Product {
-    pub id: u64,
-    pub price_cents: u64,
-    pub name: String,
-    pub category: String,
-}
-
-fn product(id: u64) -> Product {
-    Product {
-        id,
-        price_cents: 1999,
-        name: "Stainless steel water bottle, 750 ml".to_owned(),
-        category: "kitchen/drinkware/bottles".to_owned(),
-    }
-}
 
 #[cache_runtime::cached(name = "bench.product")]
 async fn ours(id: u64, region: &str) -> Product {

@@ -4,6 +4,29 @@ pub mod redis_server;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// The value of the benchmarks: about 100 bytes, two integers and two short strings.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Product {
+    /// Id.
+    pub id: u64,
+    /// Price.
+    pub price_cents: u64,
+    /// Name.
+    pub name: String,
+    /// Category path.
+    pub category: String,
+}
+
+/// The benchmarks' product `id`.
+pub fn product(id: u64) -> Product {
+    Product {
+        id,
+        price_cents: 1999,
+        name: "Stainless steel water bottle, 750 ml".to_owned(),
+        category: "kitchen/drinkware/bottles".to_owned(),
+    }
+}
+
 /// Counts how many times a function body ran.
 #[derive(Debug, Default)]
 pub struct Runs(AtomicUsize);
