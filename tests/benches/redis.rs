@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 use cache_redis::RedisBackend;
 use cache_runtime::CachingService;
 use criterion::{criterion_group, criterion_main, Criterion};
-use tests::{product, Product};
 use tests::redis_server::RedisServer;
-
+use tests::{product, Product};
 
 #[cache_runtime::cached(name = "bench.product")]
 async fn ours(id: u64, region: &str) -> Product {
