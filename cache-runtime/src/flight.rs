@@ -186,8 +186,12 @@ impl Leader<'_> {
             *state = Some(outcome);
         }
         drop(state);
-        self.flight.cond.notify_all();
-        self.flight.notify.notify_waiters();
+        // Out of the table, the flight gains no new waiters: the ones it has hold it
+        // besides this leader. Waking nobody would still cost a system call.
+        if Arc::strong_count(&self.flight) > 1 {
+            self.flight.cond.notify_all();
+            self.flight.notify.notify_waiters();
+        }
     }
 }
 
