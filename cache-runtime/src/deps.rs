@@ -208,16 +208,20 @@ tokio::task_local! {
 /// task-local lookup.
 static FRAMES: AtomicUsize = AtomicUsize::new(0);
 
-struct FrameCount;
-impl FrameCount {
-    fn enter() -> Self {
-        FRAMES.fetch_add(1, Ordering::Relaxed);
-        FrameCount
+/// Counts one live thing in a process-wide counter while it exists: task-local scopes
+/// (frames here, scoped services) are looked up only while their counter is not zero.
+pub(crate) struct Live(&'static AtomicUsize);
+
+impl Live {
+    pub(crate) fn enter(counter: &'static AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Live(counter)
     }
 }
-impl Drop for FrameCount {
+
+impl Drop for Live {
     fn drop(&mut self) {
-        FRAMES.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -243,7 +247,7 @@ pub(crate) fn collecting() -> bool {
 
 /// Runs `body` in a new frame and returns what it collected.
 pub(crate) async fn collect_async<F: Future>(body: F) -> (F::Output, Frame) {
-    let _count = FrameCount::enter();
+    let _live = Live::enter(&FRAMES);
     let frame = RefCell::new(Frame::default());
     FRAME
         .scope(frame, async move {
@@ -256,7 +260,7 @@ pub(crate) async fn collect_async<F: Future>(body: F) -> (F::Output, Frame) {
 
 /// Runs `body` in a new frame and returns what it collected (plain functions).
 pub(crate) fn collect_sync<R>(body: impl FnOnce() -> R) -> (R, Frame) {
-    let _count = FrameCount::enter();
+    let _live = Live::enter(&FRAMES);
     FRAME.sync_scope(RefCell::new(Frame::default()), || {
         let out = body();
         let frame = FRAME.with(|f| std::mem::take(&mut *f.borrow_mut()));
@@ -294,7 +298,7 @@ pub fn add_dependency(dependency: impl Into<Dependency>) {
 /// Runs `future` without collecting dependencies: the cached calls and
 /// `add_dependency` calls it makes are not linked to the cached function around it.
 pub async fn untracked<F: Future>(future: F) -> F::Output {
-    let _count = FrameCount::enter();
+    let _live = Live::enter(&FRAMES);
     let frame = Frame {
         suspended: true,
         ..Frame::default()

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::deps::{Dependency, Frame, Node};
+use crate::deps::{Dependency, Frame, Live, Node};
 use crate::flight::Flights;
 use crate::memory::{Expiration, MemoryBackend, MemoryTier};
 use crate::registry::FnTable;
@@ -469,19 +469,6 @@ tokio::task_local! {
 /// task-local lookup and goes straight to the global service.
 static SCOPES: AtomicUsize = AtomicUsize::new(0);
 
-struct ScopeCount;
-impl ScopeCount {
-    fn enter() -> Self {
-        SCOPES.fetch_add(1, Ordering::Relaxed);
-        ScopeCount
-    }
-}
-impl Drop for ScopeCount {
-    fn drop(&mut self) {
-        SCOPES.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Runs `f` with the current service: the one of the enclosing
 /// [`CachingService::scope`], else the global one (installed with defaults if needed).
 #[inline]
@@ -524,14 +511,14 @@ impl CachingService {
     pub fn scope<F: Future>(&self, future: F) -> impl Future<Output = F::Output> {
         let service = self.clone();
         async move {
-            let _count = ScopeCount::enter();
+            let _live = Live::enter(&SCOPES);
             SCOPED.scope(service, future).await
         }
     }
 
     /// Runs `f` with this service as the current one, for plain cached functions.
     pub fn scope_sync<R>(&self, f: impl FnOnce() -> R) -> R {
-        let _count = ScopeCount::enter();
+        let _live = Live::enter(&SCOPES);
         SCOPED.sync_scope(self.clone(), f)
     }
 

@@ -8,10 +8,10 @@
 //! Run: `cargo bench -p tests --bench hit`
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tests::{product, Product};
+use tests::{product, time_loop, Product};
 
 /// About 100 bytes: two integers and two short strings.
 
@@ -33,20 +33,12 @@ async fn theirs(id: u64, region: &str) -> Product {
     product(id)
 }
 
-/// Times `iters` sequential awaits inside one `block_on`, so the executor's entry cost
-/// is not counted per iteration.
-fn time_async<F, Fut>(rt: &tokio::runtime::Runtime, iters: u64, mut f: F) -> Duration
+fn time_async<F, Fut>(rt: &tokio::runtime::Runtime, iters: u64, f: F) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future,
 {
-    rt.block_on(async {
-        let start = Instant::now();
-        for _ in 0..iters {
-            black_box(f().await);
-        }
-        start.elapsed()
-    })
+    rt.block_on(time_loop(iters, f))
 }
 
 fn hit(c: &mut Criterion) {

@@ -5,12 +5,12 @@
 //!
 //! Run: `cargo bench -p tests --bench invalidation`
 
-use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cache_runtime::{add_dependency, cached, invalidate_dependency, CachingService, MemoryBackend};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use tests::time_loop;
 
 #[cached]
 async fn dependent(group: u32, id: u64) -> u64 {
@@ -79,13 +79,9 @@ fn invalidation(c: &mut Criterion) {
         |name: &str, f: fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = u64>>>| {
             g.bench_function(name, |b| {
                 b.iter_custom(|iters| {
-                    rt.block_on(svc.scope(async {
-                        let start = Instant::now();
-                        for _ in 0..iters {
-                            black_box(f(next.fetch_add(1, Ordering::Relaxed)).await);
-                        }
-                        start.elapsed()
-                    }))
+                    rt.block_on(
+                        svc.scope(time_loop(iters, || f(next.fetch_add(1, Ordering::Relaxed)))),
+                    )
                 })
             });
         };

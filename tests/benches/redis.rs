@@ -15,7 +15,7 @@ use cache_redis::RedisBackend;
 use cache_runtime::CachingService;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tests::redis_server::RedisServer;
-use tests::{product, Product};
+use tests::{product, time_loop, Product};
 
 #[cache_runtime::cached(name = "bench.product")]
 async fn ours(id: u64, region: &str) -> Product {
@@ -116,26 +116,10 @@ fn redis(c: &mut Criterion) {
         })
     });
     g.bench_function("#[cached] L2 hit, sequential", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(svc.scope(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    black_box(ours(42, region).await);
-                }
-                start.elapsed()
-            }))
-        })
+        b.iter_custom(|iters| rt.block_on(svc.scope(time_loop(iters, || ours(42, region)))))
     });
     g.bench_function("cached crate Redis hit, sequential", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    black_box(theirs(42, region).await.unwrap());
-                }
-                start.elapsed()
-            })
-        })
+        b.iter_custom(|iters| rt.block_on(time_loop(iters, || theirs(42, region))))
     });
 
     // Throughput: 64 tasks on a multi-threaded runtime, each reading its own key (so
@@ -222,13 +206,9 @@ fn redis(c: &mut Criterion) {
     });
     g.bench_function("#[cached] miss (GET, body, queued SET)", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(svc.scope(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    black_box(fresh(next.fetch_add(1, Ordering::Relaxed)).await);
-                }
-                start.elapsed()
-            }))
+            rt.block_on(svc.scope(time_loop(iters, || {
+                fresh(next.fetch_add(1, Ordering::Relaxed))
+            })))
         })
     });
     g.finish();

@@ -27,6 +27,20 @@ pub fn product(id: u64) -> Product {
     }
 }
 
+/// Times `iters` sequential awaits of `f()`, for benchmarks: timing a whole loop inside
+/// one `block_on` keeps the executor's entry cost out of each iteration.
+pub async fn time_loop<F, Fut>(iters: u64, mut f: F) -> std::time::Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future,
+{
+    let start = std::time::Instant::now();
+    for _ in 0..iters {
+        std::hint::black_box(f().await);
+    }
+    start.elapsed()
+}
+
 /// Counts how many times a function body ran.
 #[derive(Debug, Default)]
 pub struct Runs(AtomicUsize);
