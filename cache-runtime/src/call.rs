@@ -20,7 +20,7 @@ use std::time::Duration;
 use crate::deps::{collect_async, collect_sync, collecting, with_frame, Frame, Node};
 use crate::flight::{Flight, Handoff, Join, Leader, Waited};
 use crate::key::{with_function_key, Key, KeyWriter};
-use crate::memory::{AnySlot, Expiration, Slot};
+use crate::memory::{slot_id, AnySlot, Expiration, Slot};
 use crate::registry::{Descriptor, FnState, Mode, Registration};
 use crate::service::{with_current, CachingService, Inner};
 use crate::stats::Counter;
@@ -401,15 +401,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
         let Some(value) = K::stored(result, self.desc.cache_none) else {
             return; // dropping the leader abandons the flight: a waiter runs the body
         };
-        let slot = (self.ops.into_slot)((self.ops.clone)(value), self.expiration);
-        let addr = &*slot as *const AnySlot as *const () as usize;
-        self.inner.memory.insert(key, slot, Some(&frame));
-        // An invalidation that started before the entry was in place may have missed it.
-        if self.inner.epoch.load(Ordering::SeqCst) != self.epoch
-            && self.inner.is_stale(key, self.epoch, &frame)
-        {
-            self.inner.memory.remove_slot(key, addr);
-        } else {
+        if self.keep_local(value, &frame) {
             self.write_remote(value);
         }
         if refresh {
@@ -427,6 +419,23 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
 }
 
 impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
+    /// Stores the value in the in-process tier with what it depends on, unless an
+    /// invalidation made it out of date while it was computed; returns whether it was
+    /// kept. An invalidation that started before the entry was in place may have missed
+    /// it, so the check comes after the insert.
+    fn keep_local(&self, value: &K::Stored, frame: &Frame) -> bool {
+        let key = self.key.as_bytes();
+        let slot = (self.ops.into_slot)((self.ops.clone)(value), self.expiration);
+        let id = slot_id(&slot);
+        self.inner.memory.insert(key, slot, Some(frame));
+        let stale = self.inner.epoch.load(Ordering::SeqCst) != self.epoch
+            && self.inner.is_stale(key, self.epoch, frame);
+        if stale {
+            self.inner.memory.remove_slot(key, id);
+        }
+        !stale
+    }
+
     /// Counts a call that runs the body.
     fn running(&self) {
         self.state.counters.bump(Counter::Miss);
@@ -506,14 +515,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     fn finish_remote(&self, value: K::Stored, leader: Leader<'_>) -> R {
         let key = self.key.as_bytes();
         with_frame(|f| f.add_entry(key, None, self.epoch));
-        let slot = (self.ops.into_slot)((self.ops.clone)(&value), self.expiration);
-        let addr = &*slot as *const AnySlot as *const () as usize;
-        self.inner.memory.insert(key, slot, None);
-        if self.inner.epoch.load(Ordering::SeqCst) != self.epoch
-            && self.inner.is_stale(key, self.epoch, &Frame::default())
-        {
-            self.inner.memory.remove_slot(key, addr);
-        }
+        self.keep_local(&value, &Frame::default());
         if leader.has_waiters() {
             leader.complete(Arc::new(Handoff {
                 value: (self.ops.into_shared)((self.ops.clone)(&value)),

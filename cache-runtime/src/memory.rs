@@ -67,6 +67,12 @@ pub(crate) struct Slot<V: ?Sized> {
 
 pub(crate) type AnySlot = Slot<dyn Any + Send + Sync>;
 
+/// Identifies a stored slot (its address), to remove it only if it is still the one
+/// stored under its key.
+pub(crate) fn slot_id(slot: &AnySlot) -> usize {
+    slot as *const AnySlot as *const () as usize
+}
+
 impl<V> Slot<V> {
     pub(crate) fn new(value: V, expiration: Expiration) -> Self {
         let (expires_at, sliding) = match expiration {
@@ -348,17 +354,9 @@ impl MemoryTier {
             if slot.touch() {
                 return read(slot);
             }
-            &**slot as *const AnySlot as *const () as usize
+            slot_id(slot)
         };
-        // Remove it, unless another caller replaced it meanwhile.
-        let removed = shard.write().remove_if(&lookup, |current| {
-            &**current as *const AnySlot as *const () as usize == expired
-        });
-        if let Some((_, slot)) = removed {
-            if slot.deps.is_some() {
-                self.graph.lock().unlink(key);
-            }
-        }
+        self.remove_slot(key, expired);
         None
     }
 
@@ -442,12 +440,13 @@ impl MemoryTier {
             .collect()
     }
 
-    /// Removes the slot `slot` points to, if it is still the one stored under `key`.
+    /// Removes the slot identified by `slot` ([`slot_id`]), if it is still the one
+    /// stored under `key` (another caller may have replaced it meanwhile).
     pub(crate) fn remove_slot(&self, key: &[u8], slot: usize) {
         let (lookup, shard) = self.locate(key);
-        let removed = shard.write().remove_if(&lookup, |current| {
-            &**current as *const AnySlot as *const () as usize == slot
-        });
+        let removed = shard
+            .write()
+            .remove_if(&lookup, |current| slot_id(current) == slot);
         if removed.is_some_and(|(_, s)| s.deps.is_some()) {
             self.graph.lock().unlink(key);
         }
@@ -591,6 +590,7 @@ mod tests {
             .map(|s| s.len())
             .sum();
         assert!(total <= 1000, "{total} bytes held");
+        assert!(total >= 500, "the bound is used: {total} bytes held");
     }
 
     #[tokio::test(start_paused = true)]

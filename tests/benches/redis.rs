@@ -72,6 +72,28 @@ async fn raw_get(con: &mut redis::aio::MultiplexedConnection, key: &str) -> Opti
     redis::cmd("GET").arg(key).query_async(con).await.unwrap()
 }
 
+/// Spreads `iters` operations over 64 spawned tasks (`task(id, operations)` makes task
+/// `id`'s future) and returns the time `iters` operations took.
+fn in_64_tasks<F, Fut>(rt: &tokio::runtime::Runtime, iters: u64, task: F) -> Duration
+where
+    F: Fn(u64, u64) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let per_task = iters.div_ceil(64);
+    rt.block_on(async {
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..64u64)
+            .map(|id| tokio::spawn(task(id, per_task)))
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        start
+            .elapsed()
+            .mul_f64(iters as f64 / (per_task * 64) as f64)
+    })
+}
+
 fn redis(c: &mut Criterion) {
     let server = RedisServer::start();
     // read by the `cached` crate when it creates its store, on the first call
@@ -136,50 +158,27 @@ fn redis(c: &mut Criterion) {
             client.get_multiplexed_async_connection().await.unwrap(),
         )
     });
-    let per_op = |iters: u64, elapsed: Duration, per_task: u64| {
-        elapsed.mul_f64(iters as f64 / (per_task * 64) as f64)
-    };
     g.bench_function("raw redis-rs GET, 64 tasks", |b| {
         b.iter_custom(|iters| {
-            mt.block_on(async {
-                let per_task = iters.div_ceil(64);
-                let start = Instant::now();
-                let tasks: Vec<_> = (0..64u64)
-                    .map(|id| {
-                        let mut con = mt_con.clone();
-                        tokio::spawn(async move {
-                            let key = key_of(id);
-                            for _ in 0..per_task {
-                                black_box(raw_get(&mut con, &key).await);
-                            }
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap();
+            in_64_tasks(&mt, iters, |id, ops| {
+                let mut con = mt_con.clone();
+                async move {
+                    let key = key_of(id);
+                    for _ in 0..ops {
+                        black_box(raw_get(&mut con, &key).await);
+                    }
                 }
-                per_op(iters, start.elapsed(), per_task)
             })
         })
     });
     g.bench_function("#[cached] L2 hit, 64 tasks", |b| {
         b.iter_custom(|iters| {
-            mt.block_on(async {
-                let per_task = iters.div_ceil(64);
-                let start = Instant::now();
-                let tasks: Vec<_> = (0..64u64)
-                    .map(|id| {
-                        tokio::spawn(mt_svc.scope(async move {
-                            for _ in 0..per_task {
-                                black_box(ours(id, "eu-west").await);
-                            }
-                        }))
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap();
-                }
-                per_op(iters, start.elapsed(), per_task)
+            in_64_tasks(&mt, iters, |id, ops| {
+                mt_svc.scope(async move {
+                    for _ in 0..ops {
+                        black_box(ours(id, "eu-west").await);
+                    }
+                })
             })
         })
     });

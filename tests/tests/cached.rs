@@ -490,7 +490,8 @@ async fn bounded_by_max_entries() {
         }
     })
     .await;
-    assert!(svc.local_keys().len() <= 50);
+    let held = svc.local_keys().len();
+    assert!((25..=50).contains(&held), "{held} entries held");
 }
 
 #[tokio::test]
