@@ -8,8 +8,10 @@ use std::time::Duration;
 use cache_runtime::{
     Backend, BoxFuture, MemoryBackend, RemoteError, RemoteStore, ShutdownReport, FORMAT_VERSION,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, RedisWrite, ToRedisArgs};
 use tokio::sync::{mpsc, Notify};
+
+use crate::link::Link;
 
 /// Why [`RedisBackendBuilder::build`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -169,28 +171,19 @@ impl RedisBackendBuilder {
         }
         .map_err(RedisBackendError::Url)?;
         let addr = client.get_connection_info().addr().to_string();
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.operation_timeout.max(Duration::from_secs(1))))
-            .set_response_timeout(Some(self.operation_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
         // Reads and writes use separate connections: Redis answers a connection's
         // commands in order, so reads sharing one with a slow write would wait for it.
-        let connect = |config: ConnectionManagerConfig| {
-            let client = client.clone();
-            let addr = addr.clone();
-            let lazy = self.lazy;
-            async move {
-                if lazy {
-                    client.get_connection_manager_lazy(config)
-                } else {
-                    client.get_connection_manager_with_config(config).await
-                }
-                .map_err(|source| RedisBackendError::Connect { addr, source })
-            }
+        let open = || async {
+            Link::open(client.clone(), self.operation_timeout, self.lazy)
+                .await
+                .map_err(|source| RedisBackendError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })
         };
-        let manager = connect(config.clone()).await?;
-        let write_manager = connect(config).await?;
+        let reads = open().await?;
+        let writes = open().await?;
+        let prefix = format!("{}:{FORMAT_VERSION}:", self.key_prefix);
         let metrics = RedisMetrics::default();
         let (tx, rx) = mpsc::channel(self.write_queue);
         let shared = Arc::new(Shared {
@@ -198,18 +191,17 @@ impl RedisBackendBuilder {
             drained: Notify::new(),
         });
         tokio::spawn(writer(
-            write_manager,
+            writes,
+            prefix.clone(),
             rx,
-            self.operation_timeout,
             metrics.clone(),
             shared.clone(),
         ));
         let store = RedisStore {
-            manager,
-            prefix: format!("{}:{FORMAT_VERSION}:", self.key_prefix),
+            link: reads,
+            prefix,
             default_ttl: self.default_ttl,
             max_value_size: self.max_value_size,
-            timeout: self.operation_timeout,
             queue: tx,
             metrics: metrics.clone(),
             shared,
@@ -308,11 +300,10 @@ struct Write {
 }
 
 struct RedisStore {
-    manager: ConnectionManager,
+    link: Arc<Link>,
     prefix: String,
     default_ttl: Duration,
     max_value_size: usize,
-    timeout: Duration,
     queue: mpsc::Sender<Write>,
     metrics: RedisMetrics,
     shared: Arc<Shared>,
@@ -322,28 +313,26 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-impl RedisStore {
-    async fn timed<T>(
-        &self,
-        f: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, RemoteError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(RemoteError(e.to_string())),
-            Err(_) => Err(RemoteError(format!("no answer within {:?}", self.timeout))),
-        }
-    }
+/// A key with the backend's prefix, written as one argument without formatting a
+/// string first.
+struct Prefixed<'a>(&'a str, &'a str);
 
+impl ToRedisArgs for Prefixed<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        // writing into memory does not fail
+        let _ = arg.write_all(self.0.as_bytes());
+        let _ = arg.write_all(self.1.as_bytes());
+    }
+}
+
+impl RedisStore {
     /// Warns about server settings that will cause trouble.
     async fn check_server(&self) {
-        let mut con = self.manager.clone();
         let policy: Result<Vec<String>, _> = self
-            .timed(
-                redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg("maxmemory-policy")
-                    .query_async(&mut con),
-            )
+            .link
+            .query(redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"))
             .await;
         if let Ok(values) = policy {
             if values.get(1).is_some_and(|p| p == "noeviction") {
@@ -360,30 +349,20 @@ impl RemoteStore for RedisStore {
         touch: Option<Duration>,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>> {
         Box::pin(async move {
-            let mut con = self.manager.clone();
-            let full = format!("{}{key}", self.prefix);
-            let cmd = match touch {
-                Some(d) => {
-                    let mut c = redis::cmd("GETEX");
-                    c.arg(&full).arg("PX").arg(millis(d));
-                    c
-                }
-                None => {
-                    let mut c = redis::cmd("GET");
-                    c.arg(&full);
-                    c
-                }
+            let mut cmd = Cmd::with_capacity(4, self.prefix.len() + key.len() + 32);
+            let key = Prefixed(&self.prefix, key);
+            match touch {
+                Some(d) => cmd.arg("GETEX").arg(key).arg("PX").arg(millis(d)),
+                None => cmd.arg("GET").arg(key),
             };
             // bounded by the connection's response timeout (no second timer per read)
-            cmd.query_async::<Option<Vec<u8>>>(&mut con)
-                .await
-                .map_err(|e| RemoteError(e.to_string()))
+            self.link.query(&cmd).await
         })
     }
 
     fn set(&self, key: String, value: Vec<u8>, ttl: Option<Duration>) {
         let write = Write {
-            key: format!("{}{key}", self.prefix),
+            key,
             value,
             ttl: ttl.unwrap_or(self.default_ttl),
         };
@@ -399,34 +378,33 @@ impl RemoteStore for RedisStore {
             if keys.is_empty() {
                 return Ok(());
             }
-            let mut con = self.manager.clone();
             let mut cmd = redis::cmd("DEL");
             for k in &keys {
-                cmd.arg(format!("{}{k}", self.prefix));
+                cmd.arg(Prefixed(&self.prefix, k));
             }
-            self.timed(cmd.query_async::<()>(&mut con)).await
+            self.link.query(&cmd).await
         })
     }
 
     fn clear(&self) -> BoxFuture<'_, Result<(), RemoteError>> {
         Box::pin(async move {
-            let mut con = self.manager.clone();
             let pattern = format!("{}*", redis_glob_escape(&self.prefix));
             let mut cursor: u64 = 0;
             loop {
                 let (next, keys): (u64, Vec<String>) = self
-                    .timed(
+                    .link
+                    .query(
                         redis::cmd("SCAN")
                             .arg(cursor)
                             .arg("MATCH")
                             .arg(&pattern)
                             .arg("COUNT")
-                            .arg(500)
-                            .query_async(&mut con),
+                            .arg(500),
                     )
                     .await?;
                 if !keys.is_empty() {
-                    self.timed(redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut con))
+                    self.link
+                        .query::<()>(redis::cmd("UNLINK").arg(&keys))
                         .await?;
                 }
                 if next == 0 {
@@ -483,9 +461,9 @@ fn redis_glob_escape(s: &str) -> String {
 /// pipeline. A failed batch is counted and dropped (the entries are simply not in
 /// Redis; the next miss writes them again).
 async fn writer(
-    manager: ConnectionManager,
+    link: Arc<Link>,
+    prefix: String,
     mut rx: mpsc::Receiver<Write>,
-    timeout: Duration,
     metrics: RedisMetrics,
     shared: Arc<Shared>,
 ) {
@@ -495,25 +473,20 @@ async fn writer(
         let mut pipe = redis::pipe();
         for w in &batch {
             pipe.cmd("SET")
-                .arg(&w.key)
+                .arg(Prefixed(&prefix, &w.key))
                 .arg(&w.value)
                 .arg("PX")
                 .arg(millis(w.ttl))
                 .ignore();
         }
-        let mut con = manager.clone();
         let n = batch.len() as u64;
-        match tokio::time::timeout(timeout, pipe.query_async::<()>(&mut con)).await {
-            Ok(Ok(())) => {
+        match link.query_pipeline::<()>(&pipe).await {
+            Ok(()) => {
                 metrics.0.written.fetch_add(n, Ordering::Relaxed);
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 metrics.0.failed.fetch_add(n, Ordering::Relaxed);
                 tracing::debug!(target: "cache_redis", error = %e, "writing {n} entries to Redis failed");
-            }
-            Err(_) => {
-                metrics.0.failed.fetch_add(n, Ordering::Relaxed);
-                tracing::debug!(target: "cache_redis", "writing {n} entries to Redis timed out");
             }
         }
         batch.clear();

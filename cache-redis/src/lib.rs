@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod link;
 
 pub use backend::{RedisBackend, RedisBackendBuilder, RedisBackendError, RedisMetrics};
 pub use cache_runtime;

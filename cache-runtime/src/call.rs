@@ -298,6 +298,8 @@ struct Miss<'a, K: ReturnKind<R>, R> {
     lock_timeout: Duration,
     /// The invalidation count when the body started (see [`Inner::epoch`]).
     epoch: u64,
+    /// The key's readable form, once rendered for the remote tier.
+    remote_key: Option<String>,
     _r: std::marker::PhantomData<fn() -> R>,
 }
 
@@ -334,6 +336,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             expiration,
             lock_timeout,
             epoch: 0,
+            remote_key: None,
             _r: std::marker::PhantomData,
         }
     }
@@ -349,7 +352,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
 
     /// Leads the key's flight, or joins it.
     fn join(&mut self) -> Next<'a, R> {
-        match self.inner.flights.join(self.key.as_bytes()) {
+        match self.inner.flights.join(self.key.shared()) {
             Join::Lead(leader) => {
                 self.epoch = self.inner.epoch.load(Ordering::SeqCst);
                 // A flight that ended between the first look and `join` stored its value.
@@ -409,27 +412,35 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             let keys = self.inner.invalidate_dependents(key);
             self.service.remove_remote_detached(keys);
         }
-        if let Some(leader) = leader.filter(Leader::has_waiters) {
-            leader.complete(Arc::new(Handoff {
-                value: (self.ops.into_shared)((self.ops.clone)(value)),
-                deps,
-            }));
+        if let Some(leader) = leader {
+            leader.complete(|| {
+                Arc::new(Handoff {
+                    value: (self.ops.into_shared)((self.ops.clone)(value)),
+                    deps,
+                })
+            });
         }
     }
 }
 
 impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
-    /// Stores the value in the in-process tier with what it depends on, unless an
-    /// invalidation made it out of date while it was computed; returns whether it was
-    /// kept. An invalidation that started before the entry was in place may have missed
-    /// it, so the check comes after the insert.
+    /// Stores the value in the in-process tier (if the service has one) with what it
+    /// depends on, unless an invalidation made it out of date while it was computed;
+    /// returns whether it is current. An invalidation that started before the entry
+    /// was in place may have missed it, so the check comes after the insert.
     fn keep_local(&self, value: &K::Stored, frame: &Frame) -> bool {
         let key = self.key.as_bytes();
+        let changed = || {
+            self.inner.epoch.load(Ordering::SeqCst) != self.epoch
+                && self.inner.is_stale(key, self.epoch, frame)
+        };
+        if !self.inner.memory.enabled() {
+            return !changed();
+        }
         let slot = (self.ops.into_slot)((self.ops.clone)(value), self.expiration);
         let id = slot_id(&slot);
         self.inner.memory.insert(key, slot, Some(frame));
-        let stale = self.inner.epoch.load(Ordering::SeqCst) != self.epoch
-            && self.inner.is_stale(key, self.epoch, frame);
+        let stale = changed();
         if stale {
             self.inner.memory.remove_slot(key, id);
         }
@@ -444,12 +455,15 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
 
     /// The entry's key in the remote tier: its readable form.
     fn remote_key(&self) -> String {
-        self.key.to_text(self.inner.max_key_length)
+        match &self.remote_key {
+            Some(k) => k.clone(),
+            None => self.key.to_text(self.inner.max_key_length),
+        }
     }
 
     /// Reads the entry from the remote tier, if there is one and it holds the entry.
     /// A failure or bytes that do not decode are a miss (counted).
-    async fn read_remote(&self) -> Option<K::Stored> {
+    async fn read_remote(&mut self) -> Option<K::Stored> {
         let (Some(remote), Some(decode)) = (&self.inner.remote, self.ops.decode) else {
             return None;
         };
@@ -458,7 +472,10 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
             _ => None,
         };
         let c = &self.state.counters;
-        match remote.get(&self.remote_key(), touch).await {
+        let key = self
+            .remote_key
+            .insert(self.key.to_text(self.inner.max_key_length));
+        match remote.get(key, touch).await {
             Ok(Some(bytes)) => match decode(&bytes) {
                 Ok(value) => {
                     c.bump(Counter::L2Hit);
@@ -516,12 +533,12 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         let key = self.key.as_bytes();
         with_frame(|f| f.add_entry(key, None, self.epoch));
         self.keep_local(&value, &Frame::default());
-        if leader.has_waiters() {
-            leader.complete(Arc::new(Handoff {
+        leader.complete(|| {
+            Arc::new(Handoff {
                 value: (self.ops.into_shared)((self.ops.clone)(&value)),
                 deps: None,
-            }));
-        }
+            })
+        });
         K::from_stored(value)
     }
 }

@@ -9,9 +9,12 @@
 //!
 //! Flights are removed from the table before their outcome is published, so a caller
 //! that arrives after the outcome finds the value in the cache (stored before
-//! `complete`) or starts a new flight; it never joins a finished one.
+//! `complete`) or starts a new flight; it never joins a finished one. What waiters
+//! wait on is allocated by the first of them: a flight nobody joins costs a table
+//! insert and remove.
 
-use std::collections::HashMap;
+use hashbrown::HashTable;
+use std::hash::BuildHasher;
 use std::pin::pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -95,21 +98,19 @@ impl From<Outcome> for Waited {
 /// Shards of the flight table, so concurrent misses of different keys rarely meet.
 const SHARDS: usize = 16;
 
-/// The running flights of some keys.
-type Shard = Mutex<HashMap<Box<[u8]>, Arc<Flight>>>;
+/// A running flight. Its [`Flight`] exists only once a second caller waits: a miss
+/// nobody waits for allocates nothing but the entry.
+struct Entry {
+    hash: u64,
+    /// Shared with the leader, which finds its own entry by this pointer.
+    key: Arc<[u8]>,
+    flight: Option<Arc<Flight>>,
+}
 
 #[derive(Default)]
 pub(crate) struct Flights {
-    shards: [Shard; SHARDS],
-}
-
-fn shard_of(key: &[u8]) -> usize {
-    // FNV-1a over the key: cheap, and keys differ in their arguments
-    let mut h: u32 = 0x811c_9dc5;
-    for &b in key {
-        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-    }
-    h as usize % SHARDS
+    hasher: quick_cache::DefaultHashBuilder,
+    shards: [Mutex<HashTable<Entry>>; SHARDS],
 }
 
 pub(crate) enum Join<'a> {
@@ -119,29 +120,46 @@ pub(crate) enum Join<'a> {
 
 impl Flights {
     /// Joins the flight for `key`, or starts one and leads it.
-    pub(crate) fn join(&self, key: &[u8]) -> Join<'_> {
-        let mut map = lock(&self.shards[shard_of(key)]);
-        if let Some(flight) = map.get(key) {
+    pub(crate) fn join(&self, key: &Arc<[u8]>) -> Join<'_> {
+        let hash = self.hasher.hash_one(&**key);
+        // the table uses the low bits of the hash: pick the shard with the high ones
+        let shard = &self.shards[(hash >> 60) as usize % SHARDS];
+        let mut table = lock(shard);
+        if let Some(entry) = table.find_mut(hash, |e| *e.key == **key) {
+            let flight = entry.flight.get_or_insert_with(|| {
+                Arc::new(Flight {
+                    state: Mutex::new(None),
+                    cond: Condvar::new(),
+                    notify: Notify::new(),
+                })
+            });
             return Join::Wait(flight.clone());
         }
-        let flight = Arc::new(Flight {
-            state: Mutex::new(None),
-            cond: Condvar::new(),
-            notify: Notify::new(),
-        });
-        map.insert(key.into(), flight.clone());
+        table.insert_unique(
+            hash,
+            Entry {
+                hash,
+                key: key.clone(),
+                flight: None,
+            },
+            |e| e.hash,
+        );
         Join::Lead(Leader {
-            flights: self,
-            key: key.into(),
-            flight,
+            shard,
+            hash,
+            key: Some(key.clone()),
         })
     }
 
-    /// Lets every running flight finish without new callers joining it: after an
-    /// invalidation, a call must not receive a value computed before it.
+    /// Ends every running flight for new callers: after an invalidation, a call must
+    /// not receive a value computed before it. Callers already waiting try again (and
+    /// one of them leads a new flight); the leaders finish on their own.
     pub(crate) fn detach_all(&self) {
         for shard in &self.shards {
-            lock(shard).clear();
+            let waited: Vec<Arc<Flight>> = lock(shard).drain().filter_map(|e| e.flight).collect();
+            for flight in waited {
+                flight.publish(Outcome::Abandoned);
+            }
         }
     }
 
@@ -151,59 +169,62 @@ impl Flights {
     }
 }
 
-/// Held by the caller that runs the body. Dropping it without [`Leader::complete`]
-/// (error, panic, cancellation) abandons the flight and wakes the waiters.
-pub(crate) struct Leader<'a> {
-    flights: &'a Flights,
-    key: Box<[u8]>,
-    flight: Arc<Flight>,
-}
-
-impl Leader<'_> {
-    pub(crate) fn complete(self, value: Shared) {
-        self.finish(Outcome::Done(value));
-    }
-
-    /// Whether anyone waits for this flight: the table and the leader hold it, each
-    /// waiter one more. A waiter that joins after this check finds the flight
-    /// abandoned if the leader skips `complete`, and looks again.
-    pub(crate) fn has_waiters(&self) -> bool {
-        Arc::strong_count(&self.flight) > 2
-    }
-
-    fn finish(&self, outcome: Outcome) {
-        {
-            let mut map = lock(&self.flights.shards[shard_of(&self.key)]);
-            if map
-                .get(&self.key)
-                .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
-            {
-                map.remove(&self.key);
-            }
-        }
-        let mut state = lock(&self.flight.state);
+impl Flight {
+    fn publish(&self, outcome: Outcome) {
+        let mut state = lock(&self.state);
         if state.is_none() {
             *state = Some(outcome);
         }
         drop(state);
-        // Out of the table, the flight gains no new waiters: the ones it has hold it
-        // besides this leader. Waking nobody would still cost a system call.
-        if Arc::strong_count(&self.flight) > 1 {
-            self.flight.cond.notify_all();
-            self.flight.notify.notify_waiters();
+        self.cond.notify_all();
+        self.notify.notify_waiters();
+    }
+}
+
+/// Held by the caller that runs the body. Dropping it without [`Leader::complete`]
+/// (error, panic, cancellation) abandons the flight and wakes the waiters.
+pub(crate) struct Leader<'a> {
+    shard: &'a Mutex<HashTable<Entry>>,
+    hash: u64,
+    /// `None` once the flight has ended.
+    key: Option<Arc<[u8]>>,
+}
+
+impl Leader<'_> {
+    /// Ends the flight with a value: `handoff` makes it, if anyone waits.
+    pub(crate) fn complete(mut self, handoff: impl FnOnce() -> Shared) {
+        if let Some(flight) = self.end() {
+            flight.publish(Outcome::Done(handoff()));
         }
+    }
+
+    /// Takes the flight out of the table (unless an invalidation detached it) and
+    /// returns what its waiters wait on, if any wait.
+    fn end(&mut self) -> Option<Arc<Flight>> {
+        let key = self.key.take()?;
+        let mut table = lock(self.shard);
+        let entry = table
+            .find_entry(self.hash, |e| Arc::ptr_eq(&e.key, &key))
+            .ok()?;
+        entry.remove().0.flight
     }
 }
 
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
-        self.finish(Outcome::Abandoned);
+        if let Some(flight) = self.end() {
+            flight.publish(Outcome::Abandoned);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key() -> Arc<[u8]> {
+        Arc::from(&b"k"[..])
+    }
 
     fn slot(v: u32) -> Shared {
         Arc::new(Handoff {
@@ -222,16 +243,16 @@ mod tests {
     #[tokio::test]
     async fn waiters_get_the_leaders_value() {
         let flights = Flights::default();
-        let Join::Lead(leader) = flights.join(b"k") else {
+        let Join::Lead(leader) = flights.join(&key()) else {
             panic!("first caller leads")
         };
-        let Join::Wait(flight) = flights.join(b"k") else {
+        let Join::Wait(flight) = flights.join(&key()) else {
             panic!("second caller waits")
         };
         let waiter = flight.clone();
         let task = tokio::spawn(async move { value(waiter.wait(Duration::from_secs(5)).await) });
         tokio::task::yield_now().await;
-        leader.complete(slot(7));
+        leader.complete(|| slot(7));
         assert_eq!(task.await.unwrap(), Some(7));
         assert_eq!(flights.len(), 0);
         // a finished flight still answers late waiters
@@ -241,8 +262,8 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_leader_abandons_the_flight() {
         let flights = Flights::default();
-        let leader = flights.join(b"k");
-        let Join::Wait(flight) = flights.join(b"k") else {
+        let leader = flights.join(&key());
+        let Join::Wait(flight) = flights.join(&key()) else {
             panic!()
         };
         drop(leader);
@@ -251,7 +272,7 @@ mod tests {
             Waited::Abandoned
         ));
         assert!(
-            matches!(flights.join(b"k"), Join::Lead(_)),
+            matches!(flights.join(&key()), Join::Lead(_)),
             "the key is free again"
         );
     }
@@ -259,16 +280,16 @@ mod tests {
     #[tokio::test]
     async fn detached_flights_take_no_new_waiters() {
         let flights = Flights::default();
-        let Join::Lead(old) = flights.join(b"k") else {
+        let Join::Lead(old) = flights.join(&key()) else {
             panic!()
         };
         flights.detach_all();
-        let Join::Lead(new) = flights.join(b"k") else {
+        let Join::Lead(new) = flights.join(&key()) else {
             panic!("a new caller leads a new flight")
         };
-        old.complete(slot(1));
+        old.complete(|| slot(1));
         assert!(
-            matches!(flights.join(b"k"), Join::Wait(_)),
+            matches!(flights.join(&key()), Join::Wait(_)),
             "the old leader left the new flight in place"
         );
         drop(new);
@@ -277,8 +298,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiting_is_bounded() {
         let flights = Flights::default();
-        let _leader = flights.join(b"k");
-        let Join::Wait(flight) = flights.join(b"k") else {
+        let _leader = flights.join(&key());
+        let Join::Wait(flight) = flights.join(&key()) else {
             panic!()
         };
         assert!(matches!(
@@ -294,15 +315,15 @@ mod tests {
     #[test]
     fn blocking_waiters_are_woken() {
         let flights = Arc::new(Flights::default());
-        let Join::Lead(leader) = flights.join(b"k") else {
+        let Join::Lead(leader) = flights.join(&key()) else {
             panic!()
         };
-        let Join::Wait(flight) = flights.join(b"k") else {
+        let Join::Wait(flight) = flights.join(&key()) else {
             panic!()
         };
         let t = std::thread::spawn(move || value(flight.wait_blocking(Duration::from_secs(5))));
         std::thread::sleep(Duration::from_millis(20));
-        leader.complete(slot(3));
+        leader.complete(|| slot(3));
         assert_eq!(t.join().unwrap(), Some(3));
     }
 }

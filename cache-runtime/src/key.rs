@@ -382,13 +382,19 @@ impl fmt::Display for KeyRef<'_> {
 /// `Display` renders the readable form, for example `shop::get_product:v1(42)`.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Key {
-    bytes: Box<[u8]>,
+    bytes: Arc<[u8]>,
 }
 
 impl Key {
     /// The encoded bytes: what the in-process tier hashes and compares.
     #[inline]
     pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The encoded bytes, shared (a call's single flight holds them too).
+    #[inline]
+    pub(crate) fn shared(&self) -> &Arc<[u8]> {
         &self.bytes
     }
 
@@ -409,8 +415,11 @@ impl Key {
     /// part stays readable and the rest is replaced by a 128-bit hash of the whole
     /// readable key, as in `shop::search:v1#5f0c…` (32 hex digits).
     pub fn to_text(&self, max_len: usize) -> String {
-        let mut full = String::with_capacity(2 * self.bytes.len() + 16);
-        let _ = write!(full, "{self}");
+        let mut full = String::with_capacity(2 * self.bytes.len() + 32);
+        if render_key(&self.bytes, &mut full).is_err() {
+            full.clear();
+            full.push_str(INVALID_KEY);
+        }
         if full.len() <= max_len {
             return full;
         }
@@ -475,15 +484,19 @@ fn parse_header(bytes: &[u8]) -> Option<(Header<'_>, &[u8])> {
     ))
 }
 
-fn render_key(bytes: &[u8], f: &mut fmt::Formatter<'_>) -> fmt::Result {
+const INVALID_KEY: &str = "<invalid key>";
+
+/// Writes the readable form of a key: its function part, then its arguments.
+fn render_key<W: fmt::Write + ?Sized>(bytes: &[u8], f: &mut W) -> fmt::Result {
     match parse_header(bytes) {
         Some((header, rest)) => {
-            write!(f, "{header}(")?;
+            header.render(f)?;
+            f.write_str("(")?;
             let mut r = Reader { bytes: rest };
             render_items(&mut r, f, ",", false)?;
             f.write_str(")")
         }
-        None => f.write_str("<invalid key>"),
+        None => f.write_str(INVALID_KEY),
     }
 }
 
@@ -502,6 +515,12 @@ struct Header<'a> {
 
 impl fmt::Display for Header<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.render(f)
+    }
+}
+
+impl Header<'_> {
+    fn render<W: fmt::Write + ?Sized>(&self, f: &mut W) -> fmt::Result {
         if let Some(receiver) = self.receiver {
             f.write_str(receiver)?;
             f.write_str("::")?;
@@ -517,8 +536,27 @@ impl fmt::Display for Header<'_> {
             }
             f.write_str(">")?;
         }
-        write!(f, ":v{}", self.version)
+        f.write_str(":v")?;
+        write_u64(f, u64::from(self.version))
     }
+}
+
+/// Writes `n` in decimal (without the formatting machinery: keys are rendered on
+/// every read of a remote tier).
+fn write_u64<W: fmt::Write + ?Sized>(f: &mut W, mut n: u64) -> fmt::Result {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf[i..]
+        .iter()
+        .try_for_each(|&d| f.write_char(char::from(d)))
 }
 
 /// Renders one value's key in the readable form, as it appears in a function key.
@@ -532,19 +570,10 @@ pub fn key_text<T: CacheKey + ?Sized>(value: &T) -> String {
     value.write_key(&mut w);
     let mut out = String::new();
     let mut r = Reader { bytes: &w.buf };
-    let mut adapter = StringFmt(&mut out);
-    if render_value(&mut r, &mut adapter).is_err() {
+    if render_value(&mut r, &mut out).is_err() {
         return "<invalid key>".to_owned();
     }
     out
-}
-
-struct StringFmt<'a>(&'a mut String);
-impl fmt::Write for StringFmt<'_> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.0.push_str(s);
-        Ok(())
-    }
 }
 
 struct Reader<'a> {
@@ -597,9 +626,9 @@ fn bad() -> fmt::Error {
 
 /// Renders values until the closing `END` (consumed), separated by `sep`.
 /// With `fields`, each value is preceded by `FIELD name` and rendered `name:value`.
-fn render_items(
+fn render_items<W: fmt::Write + ?Sized>(
     r: &mut Reader<'_>,
-    f: &mut dyn fmt::Write,
+    f: &mut W,
     sep: &str,
     fields: bool,
 ) -> fmt::Result {
@@ -624,13 +653,17 @@ fn render_items(
     }
 }
 
-fn render_value(r: &mut Reader<'_>, f: &mut dyn fmt::Write) -> fmt::Result {
+fn render_value<W: fmt::Write + ?Sized>(r: &mut Reader<'_>, f: &mut W) -> fmt::Result {
     let t = r.byte().ok_or_else(bad)?;
     match t {
-        tag::U64 => write!(f, "{}", r.varint().ok_or_else(bad)?),
+        tag::U64 => write_u64(f, r.varint().ok_or_else(bad)?),
         tag::I64 => {
             let z = r.varint().ok_or_else(bad)?;
-            write!(f, "{}", (z >> 1) as i64 ^ -((z & 1) as i64))
+            let v = (z >> 1) as i64 ^ -((z & 1) as i64);
+            if v < 0 {
+                f.write_str("-")?;
+            }
+            write_u64(f, v.unsigned_abs())
         }
         tag::U128 => write!(f, "{}", u128::from_le_bytes(r.array().ok_or_else(bad)?)),
         tag::I128 => write!(f, "{}", i128::from_le_bytes(r.array().ok_or_else(bad)?)),
@@ -662,9 +695,21 @@ fn render_value(r: &mut Reader<'_>, f: &mut dyn fmt::Write) -> fmt::Result {
         tag::STR => {
             let s = r.str().ok_or_else(bad)?;
             f.write_char('"')?;
-            for c in s.chars() {
-                escape(f, c, '"')?;
+            let plain = |b: &u8| matches!(b, 0x20..=0x7e) && *b != b'"' && *b != b'\\';
+            if s.as_bytes().iter().all(plain) {
+                f.write_str(s)?;
+                return f.write_char('"');
             }
+            // runs of characters that need no escape are written whole
+            let mut run = 0;
+            for (i, c) in s.char_indices() {
+                if needs_escape(c, '"') {
+                    f.write_str(&s[run..i])?;
+                    escape(f, c, '"')?;
+                    run = i + c.len_utf8();
+                }
+            }
+            f.write_str(&s[run..])?;
             f.write_char('"')
         }
         tag::UNIT => f.write_str("()"),
@@ -743,8 +788,13 @@ fn render_value(r: &mut Reader<'_>, f: &mut dyn fmt::Write) -> fmt::Result {
     }
 }
 
+/// Whether [`escape`] writes `c` otherwise than as itself.
+fn needs_escape(c: char, quote: char) -> bool {
+    c == quote || c == '\\' || c.is_control()
+}
+
 /// Writes `c` as it appears inside a quoted string or char literal.
-fn escape(f: &mut dyn fmt::Write, c: char, quote: char) -> fmt::Result {
+fn escape<W: fmt::Write + ?Sized>(f: &mut W, c: char, quote: char) -> fmt::Result {
     match c {
         '\\' => f.write_str("\\\\"),
         '\n' => f.write_str("\\n"),

@@ -340,6 +340,12 @@ impl MemoryTier {
         (LookupKey { hash, bytes: key }, shard)
     }
 
+    /// Whether this tier holds entries (false for a remote store alone).
+    #[inline]
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Reads the live slot stored under `key` with `read` (a downcast and a clone),
     /// under the shard's read lock. An expired slot is removed.
     #[inline]

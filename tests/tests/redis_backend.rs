@@ -290,3 +290,71 @@ async fn a_full_write_queue_drops_and_counts() {
     assert!(metrics.dropped() > 0, "dropped {}", metrics.dropped());
     assert_eq!(svc.scope(many(1)).await, 1);
 }
+
+#[tokio::test]
+async fn a_lazy_backend_reads_redis_from_its_first_call() {
+    let server = RedisServer::start();
+    let filler = service(&server, "lazy", false).await;
+    filler.scope(product(8)).await;
+    filler.shutdown().await;
+
+    let svc = CachingService::builder()
+        .backend(
+            RedisBackend::builder(server.url())
+                .key_prefix("lazy")
+                .connect_lazily(true)
+                .build()
+                .await
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    assert_eq!(svc.scope(product(8)).await, "product 8");
+    let s = svc.stats().total;
+    assert_eq!(
+        (s.l2_hits, s.executions, s.backend_errors),
+        (1, 0, 0),
+        "the first call waited for the connection"
+    );
+}
+
+#[tokio::test]
+async fn reconnection_attempts_are_paced_while_redis_is_unreachable() {
+    // Something that accepts connections and closes them at once: every attempt to
+    // set up a Redis connection fails.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    let svc = CachingService::builder()
+        .backend(
+            RedisBackend::builder(format!("redis://127.0.0.1:{port}/0"))
+                .connect_lazily(true)
+                .build()
+                .await
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_millis(300) {
+        assert_eq!(svc.scope(product(calls)).await, format!("product {calls}"));
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let attempts = accepted.load(Ordering::SeqCst);
+    assert!(calls > 50, "calls went on without Redis: {calls}");
+    // reads and writes each back off from 25 ms: about 5 attempts each in 300 ms
+    assert!(
+        (1..=14).contains(&attempts),
+        "{attempts} connection attempts for {calls} calls"
+    );
+    assert!(svc.stats().total.backend_errors > 0);
+}
