@@ -8,8 +8,16 @@
 //! for a running attempt at most the operation timeout, and otherwise fails at once:
 //! the caller runs the body, so Redis being down never blocks anyone. Failed attempts
 //! back off from 25 ms to 1 s, so a server that is down is not flooded with connects.
+//!
+//! A call sends on its own handle to the connection. Cloning one increments counters
+//! that every thread shares, which under load costs more than the rest of the call's
+//! bookkeeping, so each thread keeps the handles its calls are done with (up to
+//! [`SPARES_PER_THREAD`]) and lends them to its next calls. Spares of an older
+//! connection are dropped when met; when any link is dropped, every thread drops its
+//! spares at its next call.
 
-use std::future::Future;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -22,6 +30,42 @@ use tokio::time::Instant;
 
 const FIRST_RETRY: Duration = Duration::from_millis(25);
 const MAX_RETRY: Duration = Duration::from_secs(1);
+
+/// How many idle connection handles a thread keeps, over all links.
+const SPARES_PER_THREAD: usize = 64;
+
+static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
+/// How many links were dropped in this process: a thread that sees it change drops
+/// its spares, so no handle outlives its link for long.
+static LINKS_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+struct Spare {
+    link: u64,
+    generation: u64,
+    conn: MultiplexedConnection,
+}
+
+struct Spares {
+    links_dropped: u64,
+    conns: Vec<Spare>,
+}
+
+impl Spares {
+    fn current(&mut self) -> &mut Vec<Spare> {
+        let dropped = LINKS_DROPPED.load(Ordering::Relaxed);
+        if dropped != self.links_dropped {
+            self.conns.clear();
+            self.links_dropped = dropped;
+        }
+        &mut self.conns
+    }
+}
+
+thread_local! {
+    static SPARES: RefCell<Spares> = const {
+        RefCell::new(Spares { links_dropped: 0, conns: Vec::new() })
+    };
+}
 
 struct Current {
     conn: MultiplexedConnection,
@@ -38,6 +82,9 @@ struct Attempts {
 }
 
 pub(crate) struct Link {
+    id: u64,
+    /// The current connection's generation (0: none), for checking spares.
+    generation: AtomicU64,
     client: Client,
     config: AsyncConnectionConfig,
     connect_timeout: Duration,
@@ -61,6 +108,8 @@ impl Link {
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(timeout));
         let link = Arc::new(Link {
+            id: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
             client,
             config,
             connect_timeout,
@@ -86,8 +135,9 @@ impl Link {
         self: &Arc<Self>,
         cmd: &redis::Cmd,
     ) -> Result<T, RemoteError> {
-        self.send(|mut conn| async move { cmd.query_async(&mut conn).await })
-            .await
+        let (mut conn, generation) = self.connection().await?;
+        let result = cmd.query_async(&mut conn).await;
+        self.done(conn, generation, result)
     }
 
     /// Sends a pipeline.
@@ -95,26 +145,76 @@ impl Link {
         self: &Arc<Self>,
         pipe: &redis::Pipeline,
     ) -> Result<T, RemoteError> {
-        self.send(|mut conn| async move { pipe.query_async(&mut conn).await })
-            .await
+        let (mut conn, generation) = self.connection().await?;
+        let result = pipe.query_async(&mut conn).await;
+        self.done(conn, generation, result)
     }
 
-    async fn send<T, F, Fut>(self: &Arc<Self>, f: F) -> Result<T, RemoteError>
-    where
-        F: FnOnce(MultiplexedConnection) -> Fut,
-        Fut: Future<Output = RedisResult<T>>,
-    {
-        let (conn, generation) = self.connection().await?;
-        f(conn).await.map_err(|e| {
-            if e.is_unrecoverable_error() {
+    /// After a command: keeps the handle for this thread's next call, or drops the
+    /// connection if the error left it unusable.
+    fn done<T>(
+        self: &Arc<Self>,
+        conn: MultiplexedConnection,
+        generation: u64,
+        result: RedisResult<T>,
+    ) -> Result<T, RemoteError> {
+        match result {
+            Err(e) if e.is_unrecoverable_error() => {
                 self.broken(generation);
+                Err(RemoteError(e.to_string()))
             }
-            RemoteError(e.to_string())
-        })
+            result => {
+                self.give_back(conn, generation);
+                result.map_err(|e| RemoteError(e.to_string()))
+            }
+        }
+    }
+
+    /// A spare handle to the current connection, kept by this thread.
+    fn take_spare(&self) -> Option<(MultiplexedConnection, u64)> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation == 0 {
+            return None;
+        }
+        SPARES
+            .try_with(|spares| {
+                let mut spares = spares.try_borrow_mut().ok()?;
+                let conns = spares.current();
+                loop {
+                    let i = conns.iter().rposition(|s| s.link == self.id)?;
+                    let spare = conns.swap_remove(i);
+                    if spare.generation == generation {
+                        return Some((spare.conn, generation));
+                    }
+                }
+            })
+            .ok()
+            .flatten()
+    }
+
+    fn give_back(&self, conn: MultiplexedConnection, generation: u64) {
+        if generation != self.generation.load(Ordering::Relaxed) {
+            return;
+        }
+        let _ = SPARES.try_with(|spares| {
+            if let Ok(mut spares) = spares.try_borrow_mut() {
+                let conns = spares.current();
+                if conns.len() < SPARES_PER_THREAD {
+                    conns.push(Spare {
+                        link: self.id,
+                        generation,
+                        conn,
+                    });
+                }
+            }
+        });
     }
 
     /// The current connection, or the one an attempt under way makes within the wait.
     async fn connection(self: &Arc<Self>) -> Result<(MultiplexedConnection, u64), RemoteError> {
+        if let Some(spare) = self.take_spare() {
+            return Ok(spare);
+        }
         if let Some(c) = &*self.current.load() {
             return Ok((c.conn.clone(), c.generation));
         }
@@ -189,6 +289,7 @@ impl Link {
             conn,
             generation: a.generation,
         })));
+        self.generation.store(a.generation, Ordering::Release);
     }
 
     /// Drops the connection of `generation` (if it is still the current one) and
@@ -196,10 +297,22 @@ impl Link {
     fn broken(self: &Arc<Self>, generation: u64) {
         let current = self.current.load();
         if current.as_ref().is_some_and(|c| c.generation == generation) {
+            let _ = self.generation.compare_exchange(
+                generation,
+                0,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
             self.current
                 .compare_and_swap(&current, None::<Arc<Current>>);
             tracing::debug!(target: "cache_redis", "the connection to Redis broke; reconnecting");
             self.start_attempt();
         }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        LINKS_DROPPED.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -358,3 +358,43 @@ async fn reconnection_attempts_are_paced_while_redis_is_unreachable() {
     );
     assert!(svc.stats().total.backend_errors > 0);
 }
+
+/// Clients connected to `server`, this one excluded.
+fn clients(server: &RedisServer) -> usize {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut con).unwrap();
+    list.lines().count() - 1
+}
+
+#[tokio::test]
+async fn connections_end_with_their_backend() {
+    let server = RedisServer::start();
+    let first = service(&server, "gone", false).await;
+    first
+        .scope(async {
+            for i in 0..10 {
+                product(i).await;
+            }
+        })
+        .await;
+    first.shutdown().await;
+    assert_eq!(
+        clients(&server),
+        2,
+        "one connection for reads, one for writes"
+    );
+    drop(first);
+
+    let second = service(&server, "gone", false).await;
+    assert_eq!(second.scope(product(1)).await, "product 1");
+    let started = Instant::now();
+    while clients(&server) != 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the dropped backend's connections stay open: {} clients",
+            clients(&server)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
