@@ -476,6 +476,7 @@ fn parse_header(bytes: &[u8]) -> Option<(Header<'_>, &[u8])> {
     Some((
         Header {
             receiver,
+            plain: &reg.header,
             name: reg.key_name,
             version: reg.version,
             types,
@@ -508,6 +509,8 @@ impl fmt::Debug for Key {
 
 struct Header<'a> {
     receiver: Option<&'a str>,
+    /// The whole header when there is no receiver and no type name.
+    plain: &'a str,
     name: &'a str,
     version: u32,
     types: Vec<&'a str>,
@@ -521,6 +524,9 @@ impl fmt::Display for Header<'_> {
 
 impl Header<'_> {
     fn render<W: fmt::Write + ?Sized>(&self, f: &mut W) -> fmt::Result {
+        if self.receiver.is_none() && self.types.is_empty() {
+            return f.write_str(self.plain);
+        }
         if let Some(receiver) = self.receiver {
             f.write_str(receiver)?;
             f.write_str("::")?;
@@ -544,6 +550,9 @@ impl Header<'_> {
 /// Writes `n` in decimal (without the formatting machinery: keys are rendered on
 /// every read of a remote tier).
 fn write_u64<W: fmt::Write + ?Sized>(f: &mut W, mut n: u64) -> fmt::Result {
+    if n < 10 {
+        return f.write_char(char::from(b'0' + n as u8));
+    }
     let mut buf = [0u8; 20];
     let mut i = buf.len();
     loop {
