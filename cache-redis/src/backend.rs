@@ -116,8 +116,9 @@ impl RedisBackendBuilder {
         self
     }
 
-    /// How long one Redis operation may take before the call goes on without it.
-    /// Default: 200 ms.
+    /// How long one Redis operation may take before the call goes on without it; also
+    /// how long a call waits for a connection being made (at start with
+    /// `connect_lazily`, or after Redis went away). Default: 200 ms.
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout;
         self
