@@ -212,25 +212,29 @@ impl Link {
 
     /// The current connection, or the one an attempt under way makes within the wait.
     async fn connection(self: &Arc<Self>) -> Result<(MultiplexedConnection, u64), RemoteError> {
-        if let Some(spare) = self.take_spare() {
-            return Ok(spare);
-        }
-        if let Some(c) = &*self.current.load() {
-            return Ok((c.conn.clone(), c.generation));
+        if let Some(conn) = self.take_spare().or_else(|| self.current()) {
+            return Ok(conn);
         }
         let mut notified = std::pin::pin!(self.attempted.notified());
         notified.as_mut().enable();
-        if let Some(c) = &*self.current.load() {
-            return Ok((c.conn.clone(), c.generation));
+        if let Some(conn) = self.current() {
+            return Ok(conn);
         }
         if self.start_attempt() {
             // one attempt at most: its outcome is final for this call
             let _ = tokio::time::timeout(self.wait, notified).await;
-            if let Some(c) = &*self.current.load() {
-                return Ok((c.conn.clone(), c.generation));
+            if let Some(conn) = self.current() {
+                return Ok(conn);
             }
         }
         Err(RemoteError("not connected to Redis".into()))
+    }
+
+    /// A new handle to the current connection, and its generation.
+    fn current(&self) -> Option<(MultiplexedConnection, u64)> {
+        let current = self.current.load();
+        let c = current.as_ref()?;
+        Some((c.conn.clone(), c.generation))
     }
 
     /// Starts a connection attempt unless one runs or the last failure is too recent.

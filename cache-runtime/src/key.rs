@@ -476,7 +476,6 @@ fn parse_header(bytes: &[u8]) -> Option<(Header<'_>, &[u8])> {
     Some((
         Header {
             receiver,
-            plain: &reg.header,
             name: reg.key_name,
             version: reg.version,
             types,
@@ -509,8 +508,6 @@ impl fmt::Debug for Key {
 
 struct Header<'a> {
     receiver: Option<&'a str>,
-    /// The whole header when there is no receiver and no type name.
-    plain: &'a str,
     name: &'a str,
     version: u32,
     types: Vec<&'a str>,
@@ -524,9 +521,6 @@ impl fmt::Display for Header<'_> {
 
 impl Header<'_> {
     fn render<W: fmt::Write + ?Sized>(&self, f: &mut W) -> fmt::Result {
-        if self.receiver.is_none() && self.types.is_empty() {
-            return f.write_str(self.plain);
-        }
         if let Some(receiver) = self.receiver {
             f.write_str(receiver)?;
             f.write_str("::")?;
@@ -550,9 +544,6 @@ impl Header<'_> {
 /// Writes `n` in decimal (without the formatting machinery: keys are rendered on
 /// every read of a remote tier).
 fn write_u64<W: fmt::Write + ?Sized>(f: &mut W, mut n: u64) -> fmt::Result {
-    if n < 10 {
-        return f.write_char(char::from(b'0' + n as u8));
-    }
     let mut buf = [0u8; 20];
     let mut i = buf.len();
     loop {
@@ -704,11 +695,6 @@ fn render_value<W: fmt::Write + ?Sized>(r: &mut Reader<'_>, f: &mut W) -> fmt::R
         tag::STR => {
             let s = r.str().ok_or_else(bad)?;
             f.write_char('"')?;
-            let plain = |b: &u8| matches!(b, 0x20..=0x7e) && *b != b'"' && *b != b'\\';
-            if s.as_bytes().iter().all(plain) {
-                f.write_str(s)?;
-                return f.write_char('"');
-            }
             // runs of characters that need no escape are written whole
             let mut run = 0;
             for (i, c) in s.char_indices() {

@@ -177,6 +177,8 @@ pub mod __private {
     pub use crate::key::KeyWriter;
     pub use crate::memory::Expiration;
     pub use crate::registry::Descriptor;
+    /// The remote tier's decoder, for benchmarks that compare against raw reads.
+    pub use crate::remote::decode;
     pub use cache_macros::__by_name as by_name;
     pub use core::any::type_name;
     pub use core::time::Duration;

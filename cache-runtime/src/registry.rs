@@ -54,8 +54,6 @@ pub struct Registration {
     pub(crate) key_name: &'static str,
     pub(crate) method: bool,
     pub(crate) version: u32,
-    /// `key_name:vN`: the readable key's function part when it has no type names.
-    pub(crate) header: Box<str>,
     /// Why this function runs uncached, if it does (its key name is taken, or the
     /// process has more cached functions than keys can number).
     pub(crate) unusable: Option<&'static str>,
@@ -117,7 +115,6 @@ fn register(desc: &'static Descriptor, self_type: Option<&str>) -> Registration 
         key_name: desc.key_name,
         method: desc.method,
         version: desc.version,
-        header: format!("{}:v{}", desc.key_name, desc.version).into(),
         unusable,
     }
 }

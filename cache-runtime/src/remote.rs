@@ -73,7 +73,8 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+/// Decodes bytes written by the remote tier: the header, then MessagePack.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     let body = bytes
         .strip_prefix(&HEADER)
         .ok_or_else(|| "unknown header".to_owned())?;

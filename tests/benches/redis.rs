@@ -187,8 +187,7 @@ fn redis(c: &mut Criterion) {
             let key = key_of(id);
             for _ in 0..ops {
                 let bytes = raw_get(&mut con, &key).await.unwrap();
-                // the stored value: a 2-byte header, then MessagePack
-                let value: Product = rmp_serde::from_slice(&bytes[2..]).unwrap();
+                let value: Product = cache_runtime::__private::decode(&bytes).unwrap();
                 black_box(value);
             }
         }
