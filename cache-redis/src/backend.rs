@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cache_runtime::{
-    Backend, BoxFuture, MemoryBackend, RemoteError, RemoteStore, ShutdownReport, FORMAT_VERSION,
+    Backend, BoxFuture, MemoryBackend, RemoteError, RemoteKey, RemoteStore, ShutdownReport,
+    FORMAT_VERSION,
 };
-use redis::{Cmd, RedisWrite, ToRedisArgs};
+use redis::{RedisWrite, ToRedisArgs};
 use tokio::sync::{mpsc, Notify};
 
 use crate::link::Link;
@@ -346,19 +347,19 @@ impl RedisStore {
 impl RemoteStore for RedisStore {
     fn get<'a>(
         &'a self,
-        key: &'a str,
+        key: RemoteKey<'a>,
         touch: Option<Duration>,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>> {
-        Box::pin(async move {
-            let mut cmd = Cmd::with_capacity(4, self.prefix.len() + key.len() + 32);
-            let key = Prefixed(&self.prefix, key);
-            match touch {
-                Some(d) => cmd.arg("GETEX").arg(key).arg("PX").arg(millis(d)),
-                None => cmd.arg("GET").arg(key),
-            };
-            // bounded by the connection's response timeout (no second timer per read)
-            self.link.query(&cmd).await
-        })
+        // bounded by the connection's response timeout (no second timer per read)
+        Box::pin(self.link.request(move |cmd| {
+            key.with_text(|key| {
+                let key = Prefixed(&self.prefix, key);
+                match touch {
+                    Some(d) => cmd.arg("GETEX").arg(key).arg("PX").arg(millis(d)),
+                    None => cmd.arg("GET").arg(key),
+                };
+            })
+        }))
     }
 
     fn set(&self, key: String, value: Vec<u8>, ttl: Option<Duration>) {

@@ -22,6 +22,7 @@ use crate::flight::{Flight, Handoff, Join, Leader, Waited};
 use crate::key::{with_function_key, Key, KeyWriter};
 use crate::memory::{slot_id, AnySlot, Expiration, Slot};
 use crate::registry::{Descriptor, FnState, Mode, Registration};
+use crate::remote::RemoteKey;
 use crate::service::{with_current, CachingService, Inner};
 use crate::stats::Counter;
 
@@ -298,8 +299,6 @@ struct Miss<'a, K: ReturnKind<R>, R> {
     lock_timeout: Duration,
     /// The invalidation count when the body started (see [`Inner::epoch`]).
     epoch: u64,
-    /// The key's readable form, once rendered for the remote tier.
-    remote_key: Option<String>,
     _r: std::marker::PhantomData<fn() -> R>,
 }
 
@@ -336,7 +335,6 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             expiration,
             lock_timeout,
             epoch: 0,
-            remote_key: None,
             _r: std::marker::PhantomData,
         }
     }
@@ -453,17 +451,9 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         self.state.counters.bump(Counter::Execution);
     }
 
-    /// The entry's key in the remote tier: its readable form.
-    fn remote_key(&self) -> String {
-        match &self.remote_key {
-            Some(k) => k.clone(),
-            None => self.key.to_text(self.inner.max_key_length),
-        }
-    }
-
     /// Reads the entry from the remote tier, if there is one and it holds the entry.
     /// A failure or bytes that do not decode are a miss (counted).
-    async fn read_remote(&mut self) -> Option<K::Stored> {
+    async fn read_remote(&self) -> Option<K::Stored> {
         let (Some(remote), Some(decode)) = (&self.inner.remote, self.ops.decode) else {
             return None;
         };
@@ -472,9 +462,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
             _ => None,
         };
         let c = &self.state.counters;
-        let key = self
-            .remote_key
-            .insert(self.key.to_text(self.inner.max_key_length));
+        let key = RemoteKey::new(self.key, self.inner.max_key_length);
         match remote.get(key, touch).await {
             Ok(Some(bytes)) => match decode(&bytes) {
                 Ok(value) => {
@@ -515,7 +503,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
                     Expiration::Absolute(d) | Expiration::Sliding(d) => Some(d),
                     Expiration::Never => None,
                 };
-                remote.set(self.remote_key(), bytes, ttl);
+                remote.set(self.key.to_text(self.inner.max_key_length), bytes, ttl);
             }
             Err(e) => {
                 c.bump(Counter::BackendError);
@@ -532,7 +520,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     fn finish_remote(&self, value: K::Stored, leader: Leader<'_>) -> R {
         let key = self.key.as_bytes();
         with_frame(|f| f.add_entry(key, None, self.epoch));
-        self.keep_local(&value, &Frame::default());
+        self.keep_local(&value, Frame::EMPTY);
         leader.complete(|| {
             Arc::new(Handoff {
                 value: (self.ops.into_shared)((self.ops.clone)(&value)),

@@ -149,6 +149,14 @@ pub(crate) struct Frame {
 }
 
 impl Frame {
+    /// A frame with nothing in it, for values that depend on nothing.
+    pub(crate) const EMPTY: &Frame = &Frame {
+        nodes: Vec::new(),
+        read_at: Vec::new(),
+        cascades: Vec::new(),
+        suspended: false,
+    };
+
     fn add(&mut self, node: Node, read_at: u64) {
         if self.suspended {
             return;

@@ -324,6 +324,8 @@ impl KeyWriter {
 // building a key allocates nothing once the buffer has grown to the largest key.
 thread_local! {
     static KEY_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    /// Where [`Key::with_text`] renders.
+    static TEXT_BUFFER: Cell<String> = const { Cell::new(String::new()) };
 }
 
 /// Builds a function key in this thread's buffer and runs `f` on it. The buffer is
@@ -415,28 +417,43 @@ impl Key {
     /// part stays readable and the rest is replaced by a 128-bit hash of the whole
     /// readable key, as in `shop::search:v1#5f0c…` (32 hex digits).
     pub fn to_text(&self, max_len: usize) -> String {
-        let mut full = String::with_capacity(2 * self.bytes.len() + 32);
-        if render_key(&self.bytes, &mut full).is_err() {
-            full.clear();
-            full.push_str(INVALID_KEY);
+        let mut out = String::with_capacity((2 * self.bytes.len() + 32).min(max_len));
+        self.write_text(max_len, &mut out);
+        out
+    }
+
+    /// Runs `f` on the readable form ([`Key::to_text`]), rendered into a buffer the
+    /// thread reuses, so that reading a remote tier allocates no string for the key.
+    pub(crate) fn with_text<R>(&self, max_len: usize, f: impl FnOnce(&str) -> R) -> R {
+        let mut text = TEXT_BUFFER.with(Cell::take);
+        text.clear();
+        self.write_text(max_len, &mut text);
+        let r = f(&text);
+        TEXT_BUFFER.with(|b| b.set(text));
+        r
+    }
+
+    /// Appends the readable form ([`Key::to_text`]) to `out`.
+    fn write_text(&self, max_len: usize, out: &mut String) {
+        let start = out.len();
+        if render_key(&self.bytes, out).is_err() {
+            out.truncate(start);
+            out.push_str(INVALID_KEY);
         }
-        if full.len() <= max_len {
-            return full;
+        if out.len() - start <= max_len {
+            return;
         }
-        let hash = xxhash_rust::xxh3::xxh3_128(full.as_bytes());
-        let mut out = String::with_capacity(max_len.min(full.len()));
+        let hash = xxhash_rust::xxh3::xxh3_128(&out.as_bytes()[start..]);
+        out.truncate(start);
         match self.parse_header() {
             Some((header, _)) => {
-                let _ = write!(out, "{header}");
+                let _ = header.render(out);
             }
             None => out.push('?'),
         }
         let _ = write!(out, "#{hash:032x}");
-        out
     }
 }
-
-impl KeyRef<'_> {}
 
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -488,6 +505,18 @@ const INVALID_KEY: &str = "<invalid key>";
 
 /// Writes the readable form of a key: its function part, then its arguments.
 fn render_key<W: fmt::Write + ?Sized>(bytes: &[u8], f: &mut W) -> fmt::Result {
+    // A function that is not generic nor a method: its part is rendered already.
+    let mut r = Reader { bytes };
+    if let (Some(tag::KEY_V1), Some(id)) = (r.byte(), r.varint()) {
+        let reg = u32::try_from(id).ok().and_then(registration_by_id);
+        if let (Some(header), Some(tag::TUPLE)) = (reg.and_then(|r| r.header.as_deref()), r.byte())
+        {
+            f.write_str(header)?;
+            f.write_str("(")?;
+            render_items(&mut r, f, ",", false)?;
+            return f.write_str(")");
+        }
+    }
     match parse_header(bytes) {
         Some((header, rest)) => {
             header.render(f)?;

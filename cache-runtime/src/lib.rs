@@ -50,7 +50,7 @@ pub use deps::{add_dependency, untracked, CacheDependency, Dependency};
 pub(crate) use key::Key;
 pub use key::{key_text, CacheKey, KeyWriter};
 pub use memory::{Expiration, MemoryBackend, WeighFn};
-pub use remote::{BoxFuture, RemoteError, RemoteStore, FORMAT_VERSION};
+pub use remote::{BoxFuture, RemoteError, RemoteKey, RemoteStore, FORMAT_VERSION};
 pub use service::{
     invalidate_dependency, shutdown, stats, Backend, CachingService, CachingServiceBuilder,
     ConfigError, FunctionStats, InstallError, Profile, ShutdownReport, Stats,

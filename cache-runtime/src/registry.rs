@@ -54,6 +54,9 @@ pub struct Registration {
     pub(crate) key_name: &'static str,
     pub(crate) method: bool,
     pub(crate) version: u32,
+    /// The readable key's function part, `key_name:vN`, for functions that are not
+    /// methods (a method's key part depends on the receiver in each key).
+    pub(crate) header: Option<Box<str>>,
     /// Why this function runs uncached, if it does (its key name is taken, or the
     /// process has more cached functions than keys can number).
     pub(crate) unusable: Option<&'static str>,
@@ -115,6 +118,7 @@ fn register(desc: &'static Descriptor, self_type: Option<&str>) -> Registration 
         key_name: desc.key_name,
         method: desc.method,
         version: desc.version,
+        header: (!desc.method).then(|| format!("{}:v{}", desc.key_name, desc.version).into()),
         unusable,
     }
 }

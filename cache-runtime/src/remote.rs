@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::key::Key;
 use crate::memory::now_nanos;
 use crate::service::ShutdownReport;
 
@@ -27,6 +28,34 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[error("{0}")]
 pub struct RemoteError(pub String);
 
+/// The key of an entry being read from a [`RemoteStore`]. The store renders it to
+/// the entry's readable key with [`RemoteKey::with_text`], into a buffer the thread
+/// reuses: a read allocates no string for its key.
+#[derive(Clone, Copy)]
+pub struct RemoteKey<'a> {
+    key: &'a Key,
+    max_len: usize,
+}
+
+impl<'a> RemoteKey<'a> {
+    pub(crate) fn new(key: &'a Key, max_len: usize) -> Self {
+        RemoteKey { key, max_len }
+    }
+
+    /// Runs `f` on the readable key, the same text [`RemoteStore::set`] receives for
+    /// the entry. Call it where the key is needed (it renders each time), and do not
+    /// hold the text across an `.await`.
+    pub fn with_text<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        self.key.with_text(self.max_len, f)
+    }
+}
+
+impl fmt::Display for RemoteKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.with_text(|text| f.write_str(text))
+    }
+}
+
 /// A store outside the process: bytes under string keys, with expiry.
 ///
 /// Keys given to the store are the readable keys of the entries (the store adds its
@@ -36,7 +65,7 @@ pub trait RemoteStore: Send + Sync + 'static {
     /// to `touch` from now in the same round trip.
     fn get<'a>(
         &'a self,
-        key: &'a str,
+        key: RemoteKey<'a>,
         touch: Option<Duration>,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>>;
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cache_runtime::{
     cached, invalidate_cache, Backend, BoxFuture, CachingService, MemoryBackend, RemoteError,
-    RemoteStore, ShutdownReport,
+    RemoteKey, RemoteStore, ShutdownReport,
 };
 
 /// Value and expiry, by key.
@@ -35,7 +35,7 @@ impl Store {
 impl RemoteStore for Store {
     fn get<'a>(
         &'a self,
-        key: &'a str,
+        key: RemoteKey<'a>,
         touch: Option<Duration>,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>> {
         Box::pin(async move {
@@ -46,7 +46,8 @@ impl RemoteStore for Store {
             if let Some(t) = touch {
                 self.touches.lock().unwrap().push(t);
             }
-            Ok(self.data.lock().unwrap().get(key).map(|(v, _)| v.clone()))
+            let data = self.data.lock().unwrap();
+            Ok(key.with_text(|key| data.get(key).map(|(v, _)| v.clone())))
         })
     }
     fn set(&self, key: String, value: Vec<u8>, ttl: Option<Duration>) {
