@@ -146,7 +146,10 @@ impl Link {
         self: &Arc<Self>,
         build: impl FnOnce(&mut Cmd),
     ) -> Result<T, RemoteError> {
-        let mut handle = self.connection().await?;
+        let mut handle = match self.ready() {
+            Some(handle) => handle,
+            None => Box::pin(self.connection()).await?,
+        };
         handle.cmd.clear();
         build(&mut handle.cmd);
         let result = send(&mut handle.conn, &handle.cmd).await;
@@ -220,7 +223,8 @@ impl Link {
         }
         let _ = SPARES.try_with(|spares| {
             if let Ok(mut spares) = spares.try_borrow_mut() {
-                let conns = spares.current();
+                // spares of dropped links are cleared when a handle is taken
+                let conns = &mut spares.conns;
                 if conns.len() < SPARES_PER_THREAD {
                     conns.push(handle);
                 }
@@ -228,9 +232,14 @@ impl Link {
         });
     }
 
+    /// A handle to the current connection, if there is one: a spare, or a new one.
+    fn ready(&self) -> Option<Box<Handle>> {
+        self.take_spare().or_else(|| self.current())
+    }
+
     /// The current connection, or the one an attempt under way makes within the wait.
     async fn connection(self: &Arc<Self>) -> Result<Box<Handle>, RemoteError> {
-        if let Some(conn) = self.take_spare().or_else(|| self.current()) {
+        if let Some(conn) = self.ready() {
             return Ok(conn);
         }
         let mut notified = std::pin::pin!(self.attempted.notified());
