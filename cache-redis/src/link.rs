@@ -42,8 +42,7 @@ static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 static LINKS_DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// What one call sends with: a handle to the connection of `link` made in
-/// `generation`, and a command buffer, kept by the thread for its next calls (boxed,
-/// so that lending and keeping one moves a pointer).
+/// `generation`, and a command buffer, kept by the thread for its next calls.
 struct Handle {
     link: u64,
     generation: u64,

@@ -50,12 +50,6 @@ impl<'a> RemoteKey<'a> {
     }
 }
 
-impl fmt::Display for RemoteKey<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.with_text(|text| f.write_str(text))
-    }
-}
-
 /// A store outside the process: bytes under string keys, with expiry.
 ///
 /// Keys given to the store are the readable keys of the entries (the store adds its
