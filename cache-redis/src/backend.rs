@@ -10,8 +10,9 @@ use cache_runtime::{
     FORMAT_VERSION,
 };
 use redis::{RedisWrite, ToRedisArgs};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::bus::RedisBus;
 use crate::link::Link;
 
 /// Why [`RedisBackendBuilder::build`] failed.
@@ -158,20 +159,7 @@ impl RedisBackendBuilder {
                 "operation_timeout and write_queue must be positive",
             ));
         }
-        // TLS (`rediss://`) uses rustls with the ring provider, unless the application
-        // installed another provider already.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = match &self.root_certificate {
-            None => redis::Client::open(self.url.as_str()),
-            Some(pem) => redis::Client::build_with_tls(
-                self.url.as_str(),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.clone()),
-                },
-            ),
-        }
-        .map_err(RedisBackendError::Url)?;
+        let client = client(&self.url, self.root_certificate.as_deref())?;
         let addr = client.get_connection_info().addr().to_string();
         // Reads and writes use separate connections: Redis answers a connection's
         // commands in order, so reads sharing one with a slow write would wait for it.
@@ -199,6 +187,24 @@ impl RedisBackendBuilder {
             metrics.clone(),
             shared.clone(),
         ));
+        let channel = channel_name(&self.key_prefix);
+        // Every instance publishes its invalidations; one with an in-process tier also
+        // listens to the others'.
+        let bus = match self.l1 {
+            Some(_) => RedisBus::start(
+                client.clone(),
+                reads.clone(),
+                channel,
+                self.lazy,
+                self.operation_timeout,
+            )
+            .await
+            .map_err(|source| RedisBackendError::Connect {
+                addr: addr.clone(),
+                source,
+            })?,
+            None => RedisBus::publish_only(reads.clone(), channel),
+        };
         let store = RedisStore {
             link: reads,
             prefix,
@@ -207,6 +213,7 @@ impl RedisBackendBuilder {
             queue: tx,
             metrics: metrics.clone(),
             shared,
+            operation_timeout: self.operation_timeout,
         };
         if !self.lazy {
             store.check_server().await;
@@ -214,13 +221,14 @@ impl RedisBackendBuilder {
         Ok(RedisBackend {
             store,
             l1: self.l1,
+            bus,
             metrics,
         })
     }
 }
 
 /// Redis as the remote tier of a [`CachingService`](cache_runtime::CachingService),
-/// with an optional in-process tier in front.
+/// with an optional in-process tier (L1) in front, kept in sync across instances.
 ///
 /// ```no_run
 /// use cache_redis::RedisBackend;
@@ -244,9 +252,16 @@ impl RedisBackendBuilder {
 /// the in-process tier, once per key however many callers wait; writes go through a
 /// bounded queue and a background task, so a miss never waits for Redis.
 /// `cache_runtime::shutdown().await` waits for the queue to drain.
+///
+/// Instances sharing a Redis and a `key_prefix` form one cache. Every invalidation is
+/// applied in Redis (behind any queued write of the same entry, on the writer's
+/// connection) and then published on the channel `{prefix}:invalidations`; an instance
+/// with an L1 subscribes to it and drops what other instances invalidated. After a
+/// lost subscription it clears its L1 at once and again once resubscribed.
 pub struct RedisBackend {
     store: RedisStore,
     l1: Option<MemoryBackend>,
+    bus: RedisBus,
     metrics: RedisMetrics,
 }
 
@@ -255,6 +270,7 @@ impl fmt::Debug for RedisBackend {
         f.debug_struct("RedisBackend")
             .field("prefix", &self.store.prefix)
             .field("l1", &self.l1)
+            .field("channel", &self.bus.channel())
             .finish_non_exhaustive()
     }
 }
@@ -285,8 +301,34 @@ impl RedisBackend {
 
 impl From<RedisBackend> for Backend {
     fn from(backend: RedisBackend) -> Backend {
-        Backend::remote(backend.store, backend.l1)
+        Backend::remote(backend.store, backend.l1).with_bus(backend.bus)
     }
+}
+
+/// The pub/sub channel of the instances sharing `prefix`.
+pub(crate) fn channel_name(prefix: &str) -> String {
+    format!("{prefix}:invalidations")
+}
+
+/// A client for `url`, trusting `root_certificate` (PEM) for TLS if given.
+pub(crate) fn client(
+    url: &str,
+    root_certificate: Option<&[u8]>,
+) -> Result<redis::Client, RedisBackendError> {
+    // TLS (`rediss://`) uses rustls with the ring provider, unless the application
+    // installed another provider already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match root_certificate {
+        None => redis::Client::open(url),
+        Some(pem) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
+    }
+    .map_err(RedisBackendError::Url)
 }
 
 /// State shared with the writer: how many writes are queued or in progress.
@@ -295,10 +337,19 @@ struct Shared {
     drained: Notify,
 }
 
-struct Write {
-    key: String,
-    value: Vec<u8>,
-    ttl: Duration,
+/// What the writer does, in the order queued: a removal queued after a write of the
+/// same key lands after it.
+enum Op {
+    Set {
+        key: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    },
+    /// Removes `keys` (none: only waits for the writes before it), and says when done.
+    Del {
+        keys: Vec<String>,
+        done: oneshot::Sender<Result<(), RemoteError>>,
+    },
 }
 
 struct RedisStore {
@@ -306,9 +357,10 @@ struct RedisStore {
     prefix: String,
     default_ttl: Duration,
     max_value_size: usize,
-    queue: mpsc::Sender<Write>,
+    queue: mpsc::Sender<Op>,
     metrics: RedisMetrics,
     shared: Arc<Shared>,
+    operation_timeout: Duration,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -362,14 +414,9 @@ impl RemoteStore for RedisStore {
         }))
     }
 
-    fn set(&self, key: String, value: Vec<u8>, ttl: Option<Duration>) {
-        let write = Write {
-            key,
-            value,
-            ttl: ttl.unwrap_or(self.default_ttl),
-        };
+    fn set(&self, key: String, value: Vec<u8>, ttl: Duration) {
         self.shared.pending.fetch_add(1, Ordering::SeqCst);
-        if self.queue.try_send(write).is_err() {
+        if self.queue.try_send(Op::Set { key, value, ttl }).is_err() {
             self.shared.pending.fetch_sub(1, Ordering::SeqCst);
             self.metrics.0.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -377,14 +424,31 @@ impl RemoteStore for RedisStore {
 
     fn remove(&self, keys: Vec<String>) -> BoxFuture<'_, Result<(), RemoteError>> {
         Box::pin(async move {
-            if keys.is_empty() {
-                return Ok(());
+            // On the writer's connection, behind the writes queued before: Redis runs a
+            // connection's commands in order, so no queued or in-flight write of an
+            // old value lands after its removal.
+            let (done, result) = oneshot::channel();
+            self.shared.pending.fetch_add(1, Ordering::SeqCst);
+            match self.queue.try_send(Op::Del { keys, done }) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(op)) => {
+                    // never dropped: it must land after the writes before it
+                    let queue = self.queue.clone();
+                    tokio::spawn(async move { queue.send(op).await });
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                    return Err(RemoteError("the writer has stopped".into()));
+                }
             }
-            let mut cmd = redis::cmd("DEL");
-            for k in &keys {
-                cmd.arg(Prefixed(&self.prefix, k));
+            match tokio::time::timeout(self.operation_timeout, result).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(RemoteError("the writer has stopped".into())),
+                Err(_) => Err(RemoteError(format!(
+                    "removal not confirmed within {:?}; it stays queued behind earlier writes",
+                    self.operation_timeout
+                ))),
             }
-            self.link.query(&cmd).await
         })
     }
 
@@ -445,6 +509,10 @@ impl RemoteStore for RedisStore {
     fn max_value_size(&self) -> usize {
         self.max_value_size
     }
+
+    fn default_ttl(&self) -> Duration {
+        self.default_ttl
+    }
 }
 
 /// Escapes the glob characters of `SCAN MATCH` in a literal prefix.
@@ -459,13 +527,14 @@ fn redis_glob_escape(s: &str) -> String {
     out
 }
 
-/// The background writer: takes queued writes in batches and sends each batch as one
-/// pipeline. A failed batch is counted and dropped (the entries are simply not in
-/// Redis; the next miss writes them again).
+/// The background writer: takes queued operations in batches and sends each batch as
+/// one pipeline, in order. A failed batch is counted and dropped (the entries are
+/// simply not in Redis; the next miss writes them again), and its removals report
+/// the failure.
 async fn writer(
     link: Arc<Link>,
     prefix: String,
-    mut rx: mpsc::Receiver<Write>,
+    mut rx: mpsc::Receiver<Op>,
     metrics: RedisMetrics,
     shared: Arc<Shared>,
 ) {
@@ -473,26 +542,48 @@ async fn writer(
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let mut pipe = redis::pipe();
-        for w in &batch {
-            pipe.cmd("SET")
-                .arg(Prefixed(&prefix, &w.key))
-                .arg(&w.value)
-                .arg("PX")
-                .arg(millis(w.ttl))
-                .ignore();
+        let mut sets = 0u64;
+        for op in &batch {
+            match op {
+                Op::Set { key, value, ttl } => {
+                    sets += 1;
+                    pipe.cmd("SET")
+                        .arg(Prefixed(&prefix, key))
+                        .arg(value)
+                        .arg("PX")
+                        .arg(millis(*ttl))
+                        .ignore();
+                }
+                Op::Del { keys, .. } if !keys.is_empty() => {
+                    let cmd = pipe.cmd("DEL");
+                    for k in keys {
+                        cmd.arg(Prefixed(&prefix, k));
+                    }
+                    cmd.ignore();
+                }
+                Op::Del { .. } => {}
+            }
         }
-        let n = batch.len() as u64;
-        match link.query_pipeline::<()>(&pipe).await {
+        let result = match pipe.is_empty() {
+            true => Ok(()),
+            false => link.query_pipeline::<()>(&pipe).await,
+        };
+        match &result {
             Ok(()) => {
-                metrics.0.written.fetch_add(n, Ordering::Relaxed);
+                metrics.0.written.fetch_add(sets, Ordering::Relaxed);
             }
             Err(e) => {
-                metrics.0.failed.fetch_add(n, Ordering::Relaxed);
-                tracing::debug!(target: "cache_redis", error = %e, "writing {n} entries to Redis failed");
+                metrics.0.failed.fetch_add(sets, Ordering::Relaxed);
+                tracing::debug!(target: "cache_redis", error = %e, "a batch of {} operations on Redis failed", batch.len());
             }
         }
-        batch.clear();
-        if shared.pending.fetch_sub(n as usize, Ordering::SeqCst) == n as usize {
+        let n = batch.len();
+        for op in batch.drain(..) {
+            if let Op::Del { done, .. } = op {
+                let _ = done.send(result.as_ref().map(|_| ()).map_err(|e| RemoteError(e.0.clone())));
+            }
+        }
+        if shared.pending.fetch_sub(n, Ordering::SeqCst) == n {
             shared.drained.notify_waiters();
         }
     }

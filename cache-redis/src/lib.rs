@@ -1,11 +1,13 @@
 //! The Redis tier of `cache-runtime`.
 //!
 //! - [`RedisBackend`]: Redis as the shared (L2) store behind the in-process tier, with
-//!   values in MessagePack, write-behind, and a cache failure never failing a call.
+//!   values in MessagePack, write-behind, and a cache failure never failing a call; its
+//!   in-process L1 is kept in sync across instances over pub/sub.
+//! - [`RedisSync`]: purely in-memory caches kept in sync across instances over Redis
+//!   pub/sub (no values in Redis).
 //!
-//! Coming in this crate: an in-process L1 kept in sync across instances over pub/sub,
-//! `RedisSync` for purely in-memory caches, and the dependency graph in Redis with its
-//! collector (`cache-redis-gc`).
+//! Coming in this crate: the dependency graph in Redis with its collector
+//! (`cache-redis-gc`).
 //!
 //! Server settings: `maxmemory-policy volatile-lru` (or `volatile-random`): every cache
 //! entry carries an expiry, so eviction removes cache entries only.
@@ -13,8 +15,11 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod bus;
 mod link;
+mod sync;
 
 pub use backend::{RedisBackend, RedisBackendBuilder, RedisBackendError, RedisMetrics};
+pub use sync::{RedisSync, RedisSyncBuilder};
 pub use cache_runtime;
 pub use redis;

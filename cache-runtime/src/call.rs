@@ -23,7 +23,7 @@ use crate::key::{with_function_key, Key, KeyWriter};
 use crate::memory::{slot_id, AnySlot, Expiration, Slot};
 use crate::registry::{Descriptor, FnState, Mode, Registration};
 use crate::remote::RemoteKey;
-use crate::service::{with_current, CachingService, Inner};
+use crate::service::{with_current, CachingService, Inner, Pending};
 use crate::stats::Counter;
 
 /// A value a cached function can store in the in-process tier.
@@ -58,8 +58,8 @@ pub struct ValueOps<T> {
     decode: Option<Decode<T>>,
 }
 
-type Encode<T> = fn(&T) -> Result<Vec<u8>, String>;
-type Decode<T> = fn(&[u8]) -> Result<T, String>;
+type Encode<T> = fn(&T, u64) -> Result<Vec<u8>, String>;
+type Decode<T> = fn(&[u8]) -> Result<(T, u64), String>;
 
 impl<T> Clone for ValueOps<T> {
     fn clone(&self) -> Self {
@@ -393,24 +393,29 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
     /// on, links the calling function's entry to it, and hands it to the waiters. A
     /// result that an invalidation made out of date while it was computed is returned
     /// but not kept (see [`Inner::is_stale`]).
-    fn finish(&self, result: &R, frame: Frame, leader: Option<Leader<'_>>, refresh: bool) {
+    ///
+    /// A refresh returns what is left to do in the shared tiers: the refreshing
+    /// caller waits for it, so that it never reads the old value back.
+    fn finish(
+        &self,
+        result: &R,
+        frame: Frame,
+        leader: Option<Leader<'_>>,
+        refresh: bool,
+    ) -> Option<Pending> {
         let key = self.key.as_bytes();
         let deps: Option<Arc<[Node]>> =
             (!frame.nodes.is_empty()).then(|| frame.nodes.as_slice().into());
         // The calling function read this value as of when it started computing.
         with_frame(|f| f.add_entry(key, deps.as_deref(), self.epoch));
-        let Some(value) = K::stored(result, self.desc.cache_none) else {
-            return; // dropping the leader abandons the flight: a waiter runs the body
-        };
-        if self.keep_local(value, &frame) {
-            self.write_remote(value);
-        }
-        if refresh {
-            // Entries computed from the old value are out of date.
-            let keys = self.inner.invalidate_dependents(key);
-            self.service.remove_remote_detached(keys);
-        }
-        if let Some(leader) = leader {
+        // Without a value to store, dropping the leader abandons the flight: a waiter
+        // runs the body. So does a value that is out of date: the waiters that joined
+        // before the invalidation retry, as callers after it would.
+        let value = K::stored(result, self.desc.cache_none)?;
+        let current = self.keep(value, &frame);
+        // Entries computed from the old value are out of date.
+        let pending = refresh.then(|| self.inner.invalidate_dependents(key));
+        if let (Some(leader), true) = (leader, current) {
             leader.complete(|| {
                 Arc::new(Handoff {
                     value: (self.ops.into_shared)((self.ops.clone)(value)),
@@ -418,31 +423,50 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
                 })
             });
         }
+        pending
     }
 }
 
 impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
-    /// Stores the value in the in-process tier (if the service has one) with what it
-    /// depends on, unless an invalidation made it out of date while it was computed;
-    /// returns whether it is current. An invalidation that started before the entry
-    /// was in place may have missed it, so the check comes after the insert.
-    fn keep_local(&self, value: &K::Stored, frame: &Frame) -> bool {
+    /// Stores a computed value: in the in-process tier (if the service has one) with
+    /// what it depends on, and in the remote tier, unless an invalidation made it out
+    /// of date while it was computed; returns whether it is current. An invalidation
+    /// that started before the entry was in place may have missed it, so the check
+    /// comes after the insert; the remote write is queued under the same check, so an
+    /// invalidation either sees it, or queues its removal after it.
+    fn keep(&self, value: &K::Stored, frame: &Frame) -> bool {
+        self.keep_local(value, frame, self.expiration, || self.write_remote(value))
+    }
+
+    /// Stores the value in the in-process tier with `expiration`, then runs
+    /// `then_current` if it is current (see [`Miss::keep`]); returns whether it is.
+    fn keep_local(
+        &self,
+        value: &K::Stored,
+        frame: &Frame,
+        expiration: Expiration,
+        then_current: impl FnOnce(),
+    ) -> bool {
         let key = self.key.as_bytes();
-        let changed = || {
-            self.inner.epoch.load(Ordering::SeqCst) != self.epoch
-                && self.inner.is_stale(key, self.epoch, frame)
+        let slot = self.inner.memory.enabled().then(|| {
+            let slot = (self.ops.into_slot)((self.ops.clone)(value), expiration);
+            let id = slot_id(&slot);
+            self.inner.memory.insert(key, slot, Some(frame));
+            id
+        });
+        let current = if self.inner.epoch.load(Ordering::SeqCst) == self.epoch
+            && self.inner.remote.is_none()
+        {
+            // Nothing to queue: an invalidation that starts now finds the entry.
+            true
+        } else {
+            self.inner
+                .if_current(key, self.epoch, frame, then_current)
         };
-        if !self.inner.memory.enabled() {
-            return !changed();
-        }
-        let slot = (self.ops.into_slot)((self.ops.clone)(value), self.expiration);
-        let id = slot_id(&slot);
-        self.inner.memory.insert(key, slot, Some(frame));
-        let stale = changed();
-        if stale {
+        if let (false, Some(id)) = (current, slot) {
             self.inner.memory.remove_slot(key, id);
         }
-        !stale
+        current
     }
 
     /// Counts a call that runs the body.
@@ -453,7 +477,8 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
 
     /// Reads the entry from the remote tier, if there is one and it holds the entry.
     /// A failure or bytes that do not decode are a miss (counted).
-    async fn read_remote(&self) -> Option<K::Stored> {
+    /// Returns the value with the remote entry's deadline (see [`crate::remote::encode`]).
+    async fn read_remote(&self) -> Option<(K::Stored, u64)> {
         let (Some(remote), Some(decode)) = (&self.inner.remote, self.ops.decode) else {
             return None;
         };
@@ -466,6 +491,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         match remote.get(key, touch).await {
             Ok(Some(bytes)) => match decode(&bytes) {
                 Ok(value) => {
+                    // (the value and its deadline)
                     c.bump(Counter::L2Hit);
                     tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.key, "remote hit");
                     Some(value)
@@ -487,22 +513,29 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         }
     }
 
-    /// Queues the value's write to the remote tier (never waited for).
+    /// Queues the value's write to the remote tier (never waited for). The value
+    /// carries its deadline, so that an instance filling its in-process tier from the
+    /// remote one expires it when the remote entry expires.
     fn write_remote(&self, value: &K::Stored) {
         let (Some(remote), Some(encode)) = (&self.inner.remote, self.ops.encode) else {
             return;
         };
         let c = &self.state.counters;
-        match encode(value) {
+        let (ttl, deadline) = match self.expiration {
+            // a sliding entry's deadline moves with each read
+            Expiration::Sliding(d) => (d, 0),
+            Expiration::Absolute(d) => (d, crate::remote::deadline_after(d)),
+            Expiration::Never => {
+                let d = remote.default_ttl();
+                (d, crate::remote::deadline_after(d))
+            }
+        };
+        match encode(value, deadline) {
             Ok(bytes) if bytes.len() > remote.max_value_size() => {
                 c.bump(Counter::Oversized);
                 tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.key, size = bytes.len(), "value over the remote size limit: not stored remotely");
             }
             Ok(bytes) => {
-                let ttl = match self.expiration {
-                    Expiration::Absolute(d) | Expiration::Sliding(d) => Some(d),
-                    Expiration::Never => None,
-                };
                 remote.set(self.key.to_text(self.inner.max_key_length), bytes, ttl);
             }
             Err(e) => {
@@ -515,27 +548,39 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         }
     }
 
-    /// Serves a value read from the remote tier: fills the in-process tier, links the
-    /// calling function's entry, hands it to the waiters.
-    fn finish_remote(&self, value: K::Stored, leader: Leader<'_>) -> R {
+    /// Serves a value read from the remote tier: fills the in-process tier until the
+    /// remote entry's `deadline` (unix milliseconds; 0 for a sliding entry, which the
+    /// read renewed), links the calling function's entry, hands it to the waiters. A
+    /// value invalidated while it was read is returned to this caller (whose call
+    /// began before the invalidation) but neither kept nor handed on.
+    fn finish_remote(&self, (value, deadline): (K::Stored, u64), leader: Leader<'_>) -> R {
         let key = self.key.as_bytes();
         with_frame(|f| f.add_entry(key, None, self.epoch));
-        self.keep_local(&value, Frame::EMPTY);
-        leader.complete(|| {
-            Arc::new(Handoff {
-                value: (self.ops.into_shared)((self.ops.clone)(&value)),
-                deps: None,
-            })
-        });
+        let expiration = match deadline {
+            0 => self.expiration,
+            d => match crate::remote::until(d) {
+                Some(left) => Expiration::Absolute(left),
+                None => return K::from_stored(value), // expired meanwhile
+            },
+        };
+        if self.keep_local(&value, Frame::EMPTY, expiration, || {}) {
+            leader.complete(|| {
+                Arc::new(Handoff {
+                    value: (self.ops.into_shared)((self.ops.clone)(&value)),
+                    deps: None,
+                })
+            });
+        }
         K::from_stored(value)
     }
 }
 
 /// The steps of the miss path, written once for the async and the blocking forms:
 /// `$run` runs the body in a dependency frame (it appears in two arms, each of which
-/// returns), `$wait` waits for another caller's flight.
+/// returns), `$wait` waits for another caller's flight, `$complete` completes a
+/// refresh in the shared tiers.
 macro_rules! miss_loop {
-    ($miss:ident, $refresh:expr, $remote:expr, $run:expr, |$flight:ident| $wait:expr) => {{
+    ($miss:ident, $refresh:expr, $remote:expr, $run:expr, |$flight:ident| $wait:expr, |$pending:ident| $complete:expr) => {{
         let mut next = $miss.start($refresh);
         loop {
             next = match next {
@@ -546,7 +591,7 @@ macro_rules! miss_loop {
                     }
                     $miss.running();
                     let (result, frame) = $run;
-                    $miss.finish(&result, frame, Some(leader), false);
+                    let _ = $miss.finish(&result, frame, Some(leader), false);
                     return result;
                 }
                 Next::Wait($flight) => {
@@ -556,7 +601,9 @@ macro_rules! miss_loop {
                 Next::RunAlone => {
                     $miss.running();
                     let (result, frame) = $run;
-                    $miss.finish(&result, frame, None, $refresh);
+                    if let Some($pending) = $miss.finish(&result, frame, None, $refresh) {
+                        $complete;
+                    }
                     return result;
                 }
             }
@@ -586,7 +633,8 @@ where
         path.refresh,
         miss.read_remote().await,
         collect_async(body).await,
-        |flight| flight.wait(miss.lock_timeout).await
+        |flight| flight.wait(miss.lock_timeout).await,
+        |pending| miss.inner.complete(pending).await
     )
 }
 
@@ -611,9 +659,10 @@ where
     miss_loop!(
         miss,
         path.refresh,
-        None::<K::Stored>,
+        None::<(K::Stored, u64)>,
         collect_sync(body),
-        |flight| flight.wait_blocking(miss.lock_timeout)
+        |flight| flight.wait_blocking(miss.lock_timeout),
+        |pending| miss.service.complete_detached(pending)
     )
 }
 
@@ -674,8 +723,8 @@ pub async fn invalidate_calls(keys: impl IntoIterator<Item = CallKey>) {
         .collect();
     if !nodes.is_empty() {
         let service = CachingService::current();
-        let keys = service.inner.invalidate(nodes);
-        service.inner.remove_remote(keys).await;
+        let pending = service.inner.invalidate(nodes);
+        service.inner.complete(pending).await;
     }
 }
 
@@ -700,7 +749,7 @@ pub fn invalidate_after_sync(keys: Vec<CallKey>, dependencies: Vec<crate::Depend
     nodes.extend(dependencies.iter().flat_map(crate::deps::nodes_of));
     if !nodes.is_empty() {
         let service = CachingService::current();
-        let keys = service.inner.invalidate(nodes);
-        service.remove_remote_detached(keys);
+        let pending = service.inner.invalidate(nodes);
+        service.complete_detached(pending);
     }
 }

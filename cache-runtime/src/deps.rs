@@ -314,7 +314,75 @@ pub async fn untracked<F: Future>(future: F) -> F::Output {
     FRAME.scope(RefCell::new(frame), future).await
 }
 
-/// The dependency graph of one service.
+/// The dependency graph of a service: which entries depend on which nodes. The
+/// in-process tier tells it about the entries it stores and drops; an invalidation asks
+/// it for the dependents to remove. [`MemoryGraph`] keeps it in this process.
+pub(crate) trait DependencyGraph: Send + Sync {
+    /// Records what `entry` depends on, replacing what it depended on before.
+    fn link(&self, entry: &[u8], frame: &Frame);
+    /// Forgets what `entry` depends on (it was removed or replaced).
+    fn unlink(&self, entry: &[u8]);
+    /// Every entry that depends, directly or not, on `start`, and every node reached
+    /// on the way (`start` included); see [`Graph::dependents`].
+    fn dependents(&self, start: Vec<Node>, unlink_start: bool)
+        -> (Vec<Arc<[u8]>>, HashSet<Node>);
+    /// Forgets everything.
+    fn clear(&self);
+}
+
+/// The dependency graph in this process's memory. Until an entry has dependencies,
+/// every operation is a flag check.
+#[derive(Default)]
+pub(crate) struct MemoryGraph {
+    graph: parking_lot::Mutex<Graph>,
+    /// Set once any entry has had dependencies.
+    linked: std::sync::atomic::AtomicBool,
+}
+
+impl MemoryGraph {
+    fn linked(&self) -> bool {
+        self.linked.load(Ordering::Relaxed)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn sizes(&self) -> (usize, usize, usize) {
+        self.graph.lock().sizes()
+    }
+}
+
+impl DependencyGraph for MemoryGraph {
+    fn link(&self, entry: &[u8], frame: &Frame) {
+        if !frame.nodes.is_empty() {
+            self.linked.store(true, Ordering::Relaxed);
+        }
+        if self.linked() {
+            self.graph.lock().link(entry, frame);
+        }
+    }
+
+    fn unlink(&self, entry: &[u8]) {
+        if self.linked() {
+            self.graph.lock().unlink(entry);
+        }
+    }
+
+    fn dependents(
+        &self,
+        start: Vec<Node>,
+        unlink_start: bool,
+    ) -> (Vec<Arc<[u8]>>, HashSet<Node>) {
+        if !self.linked() {
+            return (Vec::new(), start.into_iter().collect());
+        }
+        self.graph.lock().dependents(start, unlink_start)
+    }
+
+    fn clear(&self) {
+        self.graph.lock().clear();
+    }
+}
+
+/// The graph's data.
 #[derive(Default)]
 pub(crate) struct Graph {
     /// What each entry depends on.

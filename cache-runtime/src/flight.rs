@@ -163,6 +163,39 @@ impl Flights {
         }
     }
 
+    /// Ends the running flights of `keys` for new callers (see [`Flights::detach_all`]).
+    pub(crate) fn detach<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
+        for key in keys {
+            let hash = self.hasher.hash_one(key);
+            let shard = &self.shards[(hash >> 60) as usize % SHARDS];
+            let flight = {
+                let mut table = lock(shard);
+                match table.find_entry(hash, |e| *e.key == *key) {
+                    Ok(entry) => entry.remove().0.flight,
+                    Err(_) => None,
+                }
+            };
+            if let Some(flight) = flight {
+                flight.publish(Outcome::Abandoned);
+            }
+        }
+    }
+
+    /// The keys of the running flights whose readable key (with keys longer than
+    /// `max_len` hashed) is `text`.
+    pub(crate) fn keys_with_text(&self, text: &str, max_len: usize) -> Vec<Arc<[u8]>> {
+        let mut found = Vec::new();
+        for shard in &self.shards {
+            let keys: Vec<Arc<[u8]>> = lock(shard).iter().map(|e| e.key.clone()).collect();
+            for key in keys {
+                if crate::Key::from_bytes(&key).is_some_and(|k| k.to_text(max_len) == text) {
+                    found.push(key);
+                }
+            }
+        }
+        found
+    }
+
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| lock(s).len()).sum()

@@ -36,16 +36,19 @@
 
 #![warn(missing_docs)]
 
+mod bus;
 mod call;
 mod deps;
 mod flight;
 mod key;
 mod memory;
+mod profile;
 mod registry;
 mod remote;
 mod service;
 mod stats;
 
+pub use bus::{BusReceiver, InvalidationBus, Item, MemoryBus, Message, SyncStats};
 pub use deps::{add_dependency, untracked, CacheDependency, Dependency};
 pub(crate) use key::Key;
 pub use key::{key_text, CacheKey, KeyWriter};

@@ -14,18 +14,17 @@
 
 use std::any::Any;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use std::collections::HashSet;
 use std::hash::{BuildHasher, Hash, Hasher};
 
 use parking_lot::{Mutex, RwLock};
 use quick_cache::unsync::Cache;
 use quick_cache::{DefaultHashBuilder, Equivalent, Lifecycle, Weighter};
 
-use crate::deps::{Frame, Graph, Node};
+use crate::deps::{DependencyGraph, Frame};
 
 /// Deadline meaning "never expires".
 pub(crate) const NEVER: u64 = u64::MAX;
@@ -61,7 +60,10 @@ pub(crate) struct Slot<V: ?Sized> {
     sliding: u64,
     /// The dependencies collected while the value was computed; a cached function that
     /// reads this entry from inside its own body links to them too.
-    pub(crate) deps: Option<Arc<[Node]>>,
+    pub(crate) deps: Option<Arc<[crate::deps::Node]>>,
+    /// The readable key, kept while the service has an invalidation bus: messages
+    /// name entries by it (see [`KeyIndex`]).
+    text: Option<Box<str>>,
     pub(crate) value: V,
 }
 
@@ -87,6 +89,7 @@ impl<V> Slot<V> {
             expires_at: AtomicU64::new(expires_at),
             sliding,
             deps: None,
+            text: None,
             value,
         }
     }
@@ -190,17 +193,63 @@ impl Hasher for PreHashedHasher {
 }
 
 /// Collects the keys of evicted entries that had dependencies, to unlink them from
-/// the graph once the shard's lock is released.
+/// the graph once the shard's lock is released; drops evicted entries from the key
+/// index under the shard's lock.
 #[derive(Clone, Default)]
-struct Evictions;
+struct Evictions(Option<Arc<KeyIndex>>);
 
 impl Lifecycle<StoredKey, Box<AnySlot>> for Evictions {
     type RequestState = Vec<Box<[u8]>>;
 
     fn on_evict(&self, evicted: &mut Vec<Box<[u8]>>, key: StoredKey, val: Box<AnySlot>) {
+        if let (Some(index), Some(text)) = (&self.0, &val.text) {
+            index.remove(text);
+        }
         if val.deps.is_some() {
             evicted.push(key.bytes);
         }
+    }
+}
+
+/// The readable keys of the entries held, mapped to their in-process keys: an
+/// invalidation message names entries by readable key, and the in-process key (which
+/// holds a registration number local to the process) cannot be parsed back from it
+/// (long keys are hashed). Kept only while the service has a bus. It is changed under
+/// the write lock of the entry's shard (lock order: shard, then index), so it names
+/// exactly the entries held.
+#[derive(Default)]
+pub(crate) struct KeyIndex {
+    shards: [Mutex<std::collections::HashMap<Box<str>, Box<[u8]>>>; 16],
+    hasher: DefaultHashBuilder,
+}
+
+impl KeyIndex {
+    fn shard(&self, text: &str) -> &Mutex<std::collections::HashMap<Box<str>, Box<[u8]>>> {
+        &self.shards[(self.hasher.hash_one(text) >> 60) as usize]
+    }
+
+    fn insert(&self, text: &str, key: &[u8]) {
+        self.shard(text).lock().insert(text.into(), key.into());
+    }
+
+    fn remove(&self, text: &str) {
+        self.shard(text).lock().remove(text);
+    }
+
+    /// The in-process key of the entry whose readable key is `text`, if one is held.
+    pub(crate) fn get(&self, text: &str) -> Option<Box<[u8]>> {
+        self.shard(text).lock().get(text).cloned()
+    }
+
+    fn clear(&self) {
+        for s in &self.shards {
+            s.lock().clear();
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
     }
 }
 
@@ -280,14 +329,21 @@ impl MemoryBackend {
     }
 
     /// A tier that holds nothing, for a service whose only tier is remote.
-    pub(crate) fn build_disabled() -> MemoryTier {
+    pub(crate) fn build_disabled(graph: Arc<dyn DependencyGraph>) -> MemoryTier {
         MemoryTier {
             enabled: false,
-            ..MemoryBackend::new().max_entries(1).build()
+            ..MemoryBackend::new().max_entries(1).build(graph, None)
         }
     }
 
-    pub(crate) fn build(&self) -> MemoryTier {
+    /// The tier, telling `graph` about the entries it drops on its own (expiry,
+    /// eviction). With `index`, it keeps a [`KeyIndex`] of readable keys no longer
+    /// than the given length.
+    pub(crate) fn build(
+        &self,
+        graph: Arc<dyn DependencyGraph>,
+        index: Option<usize>,
+    ) -> MemoryTier {
         let items = self.max_entries as u64;
         let weight = self.max_weight.unwrap_or(items);
         // As `quick_cache::sync` does: four shards per core, halved while a shard
@@ -298,6 +354,7 @@ impl MemoryBackend {
             shards /= 2;
         }
         let weigher = EntryWeighter(self.weigher.clone());
+        let key_index = index.map(|_| Arc::new(KeyIndex::default()));
         MemoryTier {
             hasher: DefaultHashBuilder::default(),
             shards: (0..shards)
@@ -307,26 +364,28 @@ impl MemoryBackend {
                         weight.div_ceil(shards),
                         weigher.clone(),
                         PreHashed,
-                        Evictions,
+                        Evictions(key_index.clone()),
                     ))
                 })
                 .collect(),
             mask: shards - 1,
-            graph: Mutex::default(),
-            linked: AtomicBool::new(false),
+            graph,
+            index: key_index.zip(index),
             enabled: true,
         }
     }
 }
 
-/// A built [`MemoryBackend`]: the entries, and the dependency graph between them.
+/// A built [`MemoryBackend`]: the entries. The dependency graph between them is the
+/// service's; the tier tells it when it stores an entry and when it drops one on its
+/// own (expiry, eviction).
 pub(crate) struct MemoryTier {
     hasher: DefaultHashBuilder,
     shards: Box<[RwLock<Shard>]>,
     mask: u64,
-    graph: Mutex<Graph>,
-    /// Set once any entry has had dependencies: until then, stores skip the graph.
-    linked: AtomicBool,
+    graph: Arc<dyn DependencyGraph>,
+    /// The readable keys of the entries, with the longest key rendered in full.
+    index: Option<(Arc<KeyIndex>, usize)>,
     /// False for a service without an in-process tier (a remote store alone).
     enabled: bool,
 }
@@ -376,98 +435,94 @@ impl MemoryTier {
         if let Some(f) = nodes {
             slot.deps = Some(f.nodes.as_slice().into());
         }
+        if let Some((_, max_len)) = &self.index {
+            slot.text = crate::Key::from_bytes(key).map(|k| k.to_text(*max_len).into());
+        }
+        let text = slot.text.clone();
         let (lookup, shard) = self.locate(key);
         let mut evicted = Vec::new();
-        shard.write().insert_with_lifecycle(
-            StoredKey {
-                hash: lookup.hash,
-                bytes: key.into(),
-            },
-            slot,
-            &mut evicted,
-        );
-        if nodes.is_some() {
-            self.linked.store(true, Ordering::Relaxed);
-        }
-        if self.linked.load(Ordering::Relaxed) {
-            let mut graph = self.graph.lock();
-            for k in &evicted {
-                graph.unlink(k);
-            }
-            match frame {
-                Some(f) => graph.link(key, f),
-                None => graph.unlink(key),
+        {
+            let mut shard = shard.write();
+            shard.insert_with_lifecycle(
+                StoredKey {
+                    hash: lookup.hash,
+                    bytes: key.into(),
+                },
+                slot,
+                &mut evicted,
+            );
+            if let (Some((index, _)), Some(text)) = (&self.index, &text) {
+                // unless the insert evicted the new entry itself
+                if shard.get(&lookup).is_some() {
+                    index.insert(text, key);
+                }
             }
         }
-    }
-
-    /// Removes the entries under `nodes` (entry nodes) and every entry that depends on
-    /// them, transitively. Returns the keys of the entries removed, and every node
-    /// the invalidation reached.
-    pub(crate) fn invalidate(&self, nodes: Vec<Node>) -> (Vec<Arc<[u8]>>, HashSet<Node>) {
-        let mut keys: Vec<Arc<[u8]>> = nodes
-            .iter()
-            .filter_map(|n| match n {
-                Node::Entry(k) => Some(k.clone()),
-                Node::Key(_) => None,
-            })
-            .collect();
-        let reached = if self.linked.load(Ordering::Relaxed) {
-            let (dependents, reached) = self.graph.lock().dependents(nodes, true);
-            keys.extend(dependents);
-            reached
-        } else {
-            nodes.into_iter().collect()
-        };
-        (self.remove_all(keys), reached)
-    }
-
-    /// Removes the entries that depend on the entry `key`, but not the entry itself.
-    pub(crate) fn invalidate_dependents(&self, key: &[u8]) -> (Vec<Arc<[u8]>>, HashSet<Node>) {
-        if !self.linked.load(Ordering::Relaxed) {
-            return (Vec::new(), HashSet::new());
+        for k in &evicted {
+            self.graph.unlink(k);
         }
-        let (keys, mut reached) = self
-            .graph
-            .lock()
-            .dependents(vec![Node::Entry(key.into())], false);
-        // the entry itself stays valid
-        reached.remove(&Node::Entry(key.into()));
-        (self.remove_all(keys), reached)
+        match frame {
+            Some(f) => self.graph.link(key, f),
+            None => self.graph.unlink(key),
+        }
     }
 
-    fn remove_all(&self, keys: Vec<Arc<[u8]>>) -> Vec<Arc<[u8]>> {
+    /// Removes the entries under `keys`; returns those it held.
+    pub(crate) fn remove_all(&self, keys: Vec<Arc<[u8]>>) -> Vec<Arc<[u8]>> {
         keys.into_iter()
             .filter(|key| {
                 let (lookup, shard) = self.locate(key);
-                let removed = shard.write().remove(&lookup).is_some();
-                removed
+                let mut shard = shard.write();
+                let removed = shard.remove(&lookup);
+                self.unindex(removed.as_ref().map(|(_, s)| s));
+                removed.is_some()
             })
             .collect()
+    }
+
+    fn unindex(&self, removed: Option<&Box<AnySlot>>) {
+        if let (Some((index, _)), Some(text)) = (&self.index, removed.and_then(|s| s.text.as_ref()))
+        {
+            index.remove(text);
+        }
+    }
+
+    /// The in-process key of the entry held under the readable key `text`.
+    pub(crate) fn key_of(&self, text: &str) -> Option<Box<[u8]>> {
+        self.index.as_ref().and_then(|(index, _)| index.get(text))
     }
 
     /// Removes the slot identified by `slot` ([`slot_id`]), if it is still the one
     /// stored under `key` (another caller may have replaced it meanwhile).
     pub(crate) fn remove_slot(&self, key: &[u8], slot: usize) {
         let (lookup, shard) = self.locate(key);
-        let removed = shard
-            .write()
-            .remove_if(&lookup, |current| slot_id(current) == slot);
+        let removed = {
+            let mut shard = shard.write();
+            let removed = shard.remove_if(&lookup, |current| slot_id(current) == slot);
+            self.unindex(removed.as_ref().map(|(_, s)| s));
+            removed
+        };
         if removed.is_some_and(|(_, s)| s.deps.is_some()) {
-            self.graph.lock().unlink(key);
+            self.graph.unlink(key);
         }
     }
 
     #[cfg(test)]
     pub(crate) fn remove(&self, key: &[u8]) -> bool {
-        !self.invalidate(vec![Node::Entry(key.into())]).0.is_empty()
+        self.graph.unlink(key);
+        !self.remove_all(vec![key.into()]).is_empty()
     }
 
+    /// Removes every entry (the graph is the caller's to clear).
     pub(crate) fn clear(&self) {
-        for shard in self.shards.iter() {
-            shard.write().clear();
+        // every shard at once, so the index never lacks an entry a shard holds
+        let mut shards: Vec<_> = self.shards.iter().map(|s| s.write()).collect();
+        for shard in &mut shards {
+            shard.clear();
         }
-        self.graph.lock().clear();
+        if let Some((index, _)) = &self.index {
+            index.clear();
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -486,15 +541,15 @@ impl MemoryTier {
             .collect()
     }
 
-    #[cfg(test)]
-    pub(crate) fn graph_sizes(&self) -> (usize, usize, usize) {
-        self.graph.lock().sizes()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tier(backend: MemoryBackend) -> MemoryTier {
+        backend.build(Arc::new(crate::deps::MemoryGraph::default()), None)
+    }
 
     fn slot<T: Send + Sync + 'static>(v: T, e: Expiration) -> Box<AnySlot> {
         Box::new(Slot::new(v, e))
@@ -508,7 +563,7 @@ mod tests {
 
     #[test]
     fn stores_typed_values() {
-        let tier = MemoryBackend::new().build();
+        let tier = tier(MemoryBackend::new());
         tier.insert(b"a", slot(String::from("x"), Expiration::Never), None);
         assert_eq!(tier.get_as::<String>(b"a"), Some("x".to_owned()));
         assert_eq!(tier.get_as::<u32>(b"a"), None, "another type is a miss");
@@ -519,7 +574,7 @@ mod tests {
 
     #[test]
     fn is_bounded_by_entries() {
-        let tier = MemoryBackend::new().max_entries(100).build();
+        let tier = tier(MemoryBackend::new().max_entries(100));
         for i in 0..1000u32 {
             tier.insert(&i.to_le_bytes(), slot(i, Expiration::Never), None);
         }
@@ -528,7 +583,7 @@ mod tests {
 
     #[test]
     fn is_bounded_across_shards() {
-        let tier = MemoryBackend::new().max_entries(4096).build();
+        let tier = tier(MemoryBackend::new().max_entries(4096));
         assert!(tier.shards.len() > 1, "{} shards", tier.shards.len());
         for i in 0..50_000u32 {
             tier.insert(&i.to_le_bytes(), slot(i, Expiration::Never), None);
@@ -551,37 +606,48 @@ mod tests {
     }
 
     #[test]
-    fn evicted_and_expired_entries_leave_the_graph() {
-        let tier = MemoryBackend::new().max_entries(64).build();
+    fn evicted_entries_leave_the_graph_and_the_index() {
+        let graph = Arc::new(crate::deps::MemoryGraph::default());
+        let tier = MemoryBackend::new()
+            .max_entries(64)
+            .build(graph.clone(), Some(1024));
         let mut frame = Frame::default();
         frame.add_entry(b"inner", None, 0);
+        let key = |i: u32| {
+            crate::registry::test_key(&i.to_string())
+        };
         for i in 0..10_000u32 {
-            tier.insert(&i.to_le_bytes(), slot(i, Expiration::Never), Some(&frame));
+            tier.insert(key(i).as_bytes(), slot(i, Expiration::Never), Some(&frame));
         }
-        let (forward, reverse, _) = tier.graph_sizes();
+        let (forward, reverse, _) = graph.sizes();
         assert!(
             forward <= 64 + tier.shards.len(),
             "{forward} entries still linked"
         );
         assert_eq!(reverse, 1);
-        // invalidating the inner entry removes every live dependent
+        let index = &tier.index.as_ref().unwrap().0;
+        assert_eq!(index.len(), tier.len(), "the index names exactly the entries held");
+        for k in tier.keys() {
+            let text = crate::Key::from_bytes(&k).unwrap().to_text(1024);
+            assert_eq!(tier.key_of(&text).as_deref(), Some(&*k));
+        }
+        // invalidating the inner entry reaches every live dependent
         let live = tier.len();
-        assert_eq!(
-            tier.invalidate(vec![Node::Entry(b"inner".as_slice().into())])
-                .0
-                .len(),
-            live
-        );
-        assert_eq!(tier.graph_sizes(), (0, 0, 0));
+        let (dependents, _) =
+            graph.dependents(vec![crate::deps::Node::Entry(b"inner".as_slice().into())], true);
+        assert_eq!(tier.remove_all(dependents).len(), live);
+        assert_eq!(graph.sizes(), (0, 0, 0));
+        assert_eq!(index.len(), 0);
     }
 
     #[test]
     fn is_bounded_by_weight() {
-        let tier = MemoryBackend::new()
-            .max_entries(10)
-            .max_weight(1000)
-            .weigher(|_, v| v.downcast_ref::<String>().map_or(1, |s| s.len() as u64))
-            .build();
+        let tier = tier(
+            MemoryBackend::new()
+                .max_entries(10)
+                .max_weight(1000)
+                .weigher(|_, v| v.downcast_ref::<String>().map_or(1, |s| s.len() as u64)),
+        );
         for i in 0..100u32 {
             tier.insert(
                 &i.to_le_bytes(),
@@ -601,7 +667,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn absolute_expiry() {
-        let tier = MemoryBackend::new().build();
+        let tier = tier(MemoryBackend::new());
         tier.insert(
             b"k",
             slot(1u8, Expiration::Absolute(Duration::from_secs(10))),
@@ -616,7 +682,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn sliding_expiry() {
-        let tier = MemoryBackend::new().build();
+        let tier = tier(MemoryBackend::new());
         tier.insert(
             b"k",
             slot(1u8, Expiration::Sliding(Duration::from_secs(10))),

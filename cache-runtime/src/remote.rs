@@ -63,12 +63,13 @@ pub trait RemoteStore: Send + Sync + 'static {
         touch: Option<Duration>,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>>;
 
-    /// Queues a write of `value` under `key`, expiring after `ttl` (the store's
-    /// default expiry when `None`). Never waits: when the queue is full, the write is
-    /// dropped and counted.
-    fn set(&self, key: String, value: Vec<u8>, ttl: Option<Duration>);
+    /// Queues a write of `value` under `key`, expiring after `ttl`. Never waits: when
+    /// the queue is full, the write is dropped and counted.
+    fn set(&self, key: String, value: Vec<u8>, ttl: Duration);
 
-    /// Removes `keys`. Awaited: an invalidation is done when the caller continues.
+    /// Removes `keys`, after every write queued before this call (so a queued write
+    /// of an old value never lands after its removal); with no keys, just waits for
+    /// those writes. Awaited: an invalidation is done when the caller continues.
     fn remove(&self, keys: Vec<String>) -> BoxFuture<'_, Result<(), RemoteError>>;
 
     /// Removes every entry of this store (its prefix).
@@ -80,28 +81,55 @@ pub trait RemoteStore: Send + Sync + 'static {
     /// The largest encoded value the store accepts; larger values are returned to the
     /// caller and not stored remotely.
     fn max_value_size(&self) -> usize;
+
+    /// The expiry of entries whose function and profile give none.
+    fn default_ttl(&self) -> Duration;
 }
 
 /// First bytes of every encoded value: a marker and the encoding's version. A value
 /// whose header differs (another format, corruption) does not decode.
-const HEADER: [u8; 2] = [0xCA, 1];
+const HEADER: [u8; 2] = [0xCA, 2];
 
 /// The encoding's version, also part of the remote key space, so that a deploy that
 /// changes the encoding never reads old bytes.
 pub const FORMAT_VERSION: u8 = HEADER[1];
 
-pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The wall-clock deadline `d` from now, in unix milliseconds.
+pub(crate) fn deadline_after(d: Duration) -> u64 {
+    unix_millis().saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// How long until the wall-clock `deadline`; `None` once it has passed.
+pub(crate) fn until(deadline: u64) -> Option<Duration> {
+    let left = deadline.checked_sub(unix_millis())?;
+    (left > 0).then(|| Duration::from_millis(left))
+}
+
+/// Encodes a value: the header, the entry's deadline (unix milliseconds, little
+/// endian; 0 when it moves with each read), then MessagePack.
+pub(crate) fn encode<T: Serialize>(value: &T, deadline: u64) -> Result<Vec<u8>, String> {
     let mut out = HEADER.to_vec();
+    out.extend_from_slice(&deadline.to_le_bytes());
     rmp_serde::encode::write(&mut out, value).map_err(|e| e.to_string())?;
     Ok(out)
 }
 
-/// Decodes bytes written by the remote tier: the header, then MessagePack.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+/// Decodes bytes written by the remote tier: the value and its deadline.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, u64), String> {
     let body = bytes
         .strip_prefix(&HEADER)
         .ok_or_else(|| "unknown header".to_owned())?;
-    rmp_serde::from_slice(body).map_err(|e| e.to_string())
+    let (deadline, body) = body
+        .split_first_chunk::<8>()
+        .ok_or_else(|| "truncated".to_owned())?;
+    let value = rmp_serde::from_slice(body).map_err(|e| e.to_string())?;
+    Ok((value, u64::from_le_bytes(*deadline)))
 }
 
 /// Logs a remote failure at `warn`, at most once a second (the others are counted).
@@ -143,21 +171,23 @@ mod tests {
             name: "kettle".into(),
             tags: vec!["a".into()],
         };
-        let bytes = encode(&p).unwrap();
+        let bytes = encode(&p, 1234).unwrap();
         assert_eq!(&bytes[..2], &HEADER);
-        assert_eq!(decode::<Product>(&bytes).unwrap(), p);
+        assert_eq!(decode::<Product>(&bytes).unwrap(), (p, 1234));
     }
 
     #[test]
     fn foreign_bytes_do_not_decode() {
         assert!(decode::<Product>(b"").is_err());
         assert!(decode::<Product>(b"{\"id\":7}").is_err(), "no header");
-        let mut wrong_version = encode(&1u8).unwrap();
+        let mut wrong_version = encode(&1u8, 0).unwrap();
         wrong_version[1] = 99;
         assert!(decode::<u8>(&wrong_version).is_err());
-        let truncated = &encode(&"a long enough string".to_owned()).unwrap()[..5];
+        let truncated = &encode(&"a long enough string".to_owned(), 0).unwrap()[..5];
+        assert!(decode::<String>(truncated).is_err());
+        let truncated = &encode(&"a long enough string".to_owned(), 0).unwrap()[..14];
         assert!(decode::<String>(truncated).is_err());
         // another shape of value
-        assert!(decode::<Product>(&encode(&(1u8, 2u8)).unwrap()).is_err());
+        assert!(decode::<Product>(&encode(&(1u8, 2u8), 0).unwrap()).is_err());
     }
 }

@@ -7,105 +7,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::deps::{Dependency, Frame, Live, Node};
+use crate::bus::{new_instance_id, BusReceiver, InvalidationBus, Item, Message, SyncCounters};
+use crate::deps::{Dependency, DependencyGraph, Frame, Live, MemoryGraph, Node};
 use crate::flight::Flights;
-use crate::memory::{Expiration, MemoryBackend, MemoryTier};
-use crate::registry::FnTable;
+use crate::memory::{MemoryBackend, MemoryTier};
+pub use crate::profile::{ConfigError, Profile};
+use crate::registry::{Descriptor, FnState, FnTable, Registration, MAX_FUNCTIONS};
 use crate::remote::{RateLimitedWarn, RemoteStore};
 pub use crate::stats::{FunctionStats, Stats};
-
-/// Run-time settings shared by the cached functions that name it with
-/// `#[cached(profile = "...")]`. Values given on the attribute win over the profile's.
-///
-/// ```
-/// use cache_runtime::Profile;
-/// use std::time::Duration;
-///
-/// let catalog = Profile::new("catalog").ttl(Duration::from_secs(600));
-/// let sessions = Profile::new("sessions").sliding(Duration::from_secs(120));
-/// let off = Profile::new("reports").enabled(false);
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Profile {
-    pub(crate) name: String,
-    pub(crate) ttl: Option<Duration>,
-    pub(crate) sliding: Option<Duration>,
-    pub(crate) enabled: bool,
-    pub(crate) lock_timeout: Duration,
-}
-
-impl Profile {
-    /// The name of the profile used when the attribute names none.
-    pub const DEFAULT: &'static str = "default";
-    /// How long a caller waits for another call of the same key before running the
-    /// body itself, unless the profile says otherwise.
-    pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
-
-    /// A profile with no expiration, enabled, with the default lock timeout.
-    pub fn new(name: impl Into<String>) -> Self {
-        Profile {
-            name: name.into(),
-            ttl: None,
-            sliding: None,
-            enabled: true,
-            lock_timeout: Self::DEFAULT_LOCK_TIMEOUT,
-        }
-    }
-
-    /// Absolute expiration: entries are removed this long after they are stored.
-    /// Cannot be combined with [`sliding`](Self::sliding).
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = Some(ttl);
-        self
-    }
-
-    /// Sliding expiration: entries are removed when not read for this long.
-    /// Cannot be combined with [`ttl`](Self::ttl).
-    pub fn sliding(mut self, sliding: Duration) -> Self {
-        self.sliding = Some(sliding);
-        self
-    }
-
-    /// `false` turns caching off for the functions of this profile: they run every time.
-    pub fn enabled(mut self, enabled: bool) -> Self {
-        self.enabled = enabled;
-        self
-    }
-
-    /// How long a call waits for a concurrent call of the same key before it runs the
-    /// body itself.
-    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
-        self.lock_timeout = timeout;
-        self
-    }
-
-    /// The profile's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub(crate) fn expiration(&self) -> Expiration {
-        match (self.ttl, self.sliding) {
-            (Some(d), _) => Expiration::Absolute(d),
-            (None, Some(d)) => Expiration::Sliding(d),
-            (None, None) => Expiration::Never,
-        }
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        let problem = if self.ttl.is_some() && self.sliding.is_some() {
-            "sets both `ttl` and `sliding`; choose one"
-        } else if self.ttl == Some(Duration::ZERO) || self.sliding == Some(Duration::ZERO) {
-            "has a zero expiration, which would never serve a hit; use `enabled(false)` to turn caching off"
-        } else {
-            return Ok(());
-        };
-        Err(ConfigError::Profile {
-            name: self.name.clone(),
-            problem,
-        })
-    }
-}
 
 /// What the service stores entries in: an in-process tier, a remote store, or a
 /// remote store with an in-process tier in front. Built from a [`MemoryBackend`], or by
@@ -114,6 +23,7 @@ impl Profile {
 pub struct Backend {
     pub(crate) memory: Option<MemoryBackend>,
     pub(crate) remote: Option<Arc<dyn RemoteStore>>,
+    pub(crate) bus: Option<Arc<dyn InvalidationBus>>,
 }
 
 impl Backend {
@@ -122,7 +32,15 @@ impl Backend {
         Backend {
             memory: l1,
             remote: Some(Arc::new(store)),
+            bus: None,
         }
+    }
+
+    /// Publishes this backend's invalidations on `bus`, and applies the other
+    /// instances' ones to its in-process tier (see [`InvalidationBus`]).
+    pub fn with_bus(mut self, bus: impl InvalidationBus) -> Self {
+        self.bus = Some(Arc::new(bus));
+        self
     }
 }
 
@@ -131,6 +49,7 @@ impl fmt::Debug for Backend {
         f.debug_struct("Backend")
             .field("memory", &self.memory)
             .field("remote", &self.remote.is_some())
+            .field("bus", &self.bus.is_some())
             .finish()
     }
 }
@@ -140,27 +59,9 @@ impl From<MemoryBackend> for Backend {
         Backend {
             memory: Some(memory),
             remote: None,
+            bus: None,
         }
     }
-}
-
-/// A configuration the service refuses.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ConfigError {
-    /// A profile's settings contradict each other.
-    #[error("profile `{name}` {problem}")]
-    Profile {
-        /// The profile.
-        name: String,
-        /// What is wrong with it.
-        problem: &'static str,
-    },
-    /// Two profiles have the same name.
-    #[error("profile `{0}` is configured twice")]
-    DuplicateProfile(String),
-    /// The key length limit is too small to hold a function name and a hash.
-    #[error("max_key_length must be at least 64 bytes, got {0}")]
-    KeyLength(usize),
 }
 
 /// Why [`CachingServiceBuilder::install`] failed.
@@ -188,6 +89,15 @@ impl CachingServiceBuilder {
     /// Where entries are stored. Default: `MemoryBackend::new()`.
     pub fn backend(mut self, backend: impl Into<Backend>) -> Self {
         self.backend = backend.into();
+        self
+    }
+
+    /// Keeps this instance's in-process tier in sync with other instances over `bus`:
+    /// every invalidation is published on it, and the other instances' ones are
+    /// applied here (see [`InvalidationBus`]; `cache_redis::RedisSync` is the Redis
+    /// one). Replaces the bus a backend brings with it.
+    pub fn sync(mut self, bus: impl InvalidationBus) -> Self {
+        self.backend.bus = Some(Arc::new(bus));
         self
     }
 
@@ -220,22 +130,31 @@ impl CachingServiceBuilder {
             }
             profiles.insert(p.name.clone(), p);
         }
-        Ok(CachingService {
-            inner: Arc::new(Inner {
-                memory: match &self.backend.memory {
-                    Some(m) => m.build(),
-                    None => MemoryBackend::build_disabled(),
-                },
-                remote: self.backend.remote,
-                warn: RateLimitedWarn::default(),
-                profiles,
-                max_key_length: self.max_key_length,
-                flights: Flights::default(),
-                functions: FnTable::default(),
-                epoch: AtomicU64::new(0),
-                log: parking_lot::Mutex::default(),
-            }),
-        })
+        let graph: Arc<dyn DependencyGraph> = Arc::new(MemoryGraph::default());
+        let bus = self.backend.bus;
+        let index = bus.as_ref().map(|_| self.max_key_length);
+        let inner = Arc::new(Inner {
+            memory: match &self.backend.memory {
+                Some(m) => m.build(graph.clone(), index),
+                None => MemoryBackend::build_disabled(graph.clone()),
+            },
+            graph,
+            remote: self.backend.remote,
+            bus: bus.clone(),
+            instance_id: new_instance_id(),
+            sync_stats: SyncCounters::default(),
+            warn: RateLimitedWarn::default(),
+            profiles,
+            max_key_length: self.max_key_length,
+            flights: Flights::default(),
+            functions: FnTable::default(),
+            epoch: AtomicU64::new(0),
+            log: parking_lot::Mutex::default(),
+        });
+        if let Some(bus) = bus {
+            bus.attach(BusReceiver::new(&inner));
+        }
+        Ok(CachingService { inner })
     }
 
     /// Builds the service and makes it the global one, used by every cached call that
@@ -286,7 +205,14 @@ pub struct CachingService {
 
 pub(crate) struct Inner {
     pub(crate) memory: MemoryTier,
+    /// What the entries depend on; the in-process tier keeps it in step with what it
+    /// holds.
+    pub(crate) graph: Arc<dyn DependencyGraph>,
     pub(crate) remote: Option<Arc<dyn RemoteStore>>,
+    pub(crate) bus: Option<Arc<dyn InvalidationBus>>,
+    /// This instance's id in bus messages.
+    pub(crate) instance_id: u64,
+    pub(crate) sync_stats: SyncCounters,
     pub(crate) warn: RateLimitedWarn,
     pub(crate) profiles: HashMap<String, Profile>,
     pub(crate) max_key_length: usize,
@@ -311,101 +237,288 @@ pub(crate) struct InvalidationLog {
 const LOG_CAPACITY: usize = 1024;
 
 impl Inner {
-    /// Every invalidation goes through here. Under the log's lock: count it, detach the
-    /// running flights (so no later call joins a computation that may have read what is
-    /// invalidated), remove the entries and their dependents, and record what was
-    /// reached. Returns how many entries were removed.
-    ///
-    /// The returned keys are to be removed from the remote tier: the entries removed
-    /// here and the entries named in `nodes` (which the remote tier may hold alone).
-    pub(crate) fn invalidate(&self, nodes: Vec<Node>) -> RemoteKeys {
-        let named: Vec<Arc<[u8]>> = nodes
-            .iter()
-            .filter_map(|n| match n {
-                Node::Entry(k) => Some(k.clone()),
-                Node::Key(_) => None,
-            })
-            .collect();
-        self.invalidating(named, |memory| memory.invalidate(nodes))
+    /// Every invalidation of this instance goes through here: removes the entries
+    /// under `nodes` (entry nodes) and everything that depends on `nodes`, here; what
+    /// it returns completes it in the shared tiers ([`Inner::complete`]).
+    pub(crate) fn invalidate(&self, nodes: Vec<Node>) -> Pending {
+        let mut items = Vec::new();
+        let mut named: Vec<Arc<[u8]>> = Vec::new();
+        for n in &nodes {
+            match n {
+                Node::Entry(k) => named.push(k.clone()),
+                Node::Key(d) => items.push(Item::Dependency(d.to_string())),
+            }
+        }
+        let (removed, _) = self.invalidating(nodes, true);
+        named.extend(removed);
+        self.pending(named, items, Item::Removed, false)
     }
 
     /// Removes the entries depending on the entry `key`, not the entry itself (its
-    /// value was just replaced).
-    pub(crate) fn invalidate_dependents(&self, key: &[u8]) -> RemoteKeys {
-        self.invalidating(Vec::new(), |memory| memory.invalidate_dependents(key))
+    /// value was just replaced, by a refresh).
+    pub(crate) fn invalidate_dependents(&self, key: &[u8]) -> Pending {
+        let (removed, _) = self.invalidating(vec![Node::Entry(key.into())], false);
+        let mut pending = self.pending(removed, Vec::new(), Item::Removed, true);
+        if self.bus.is_some() {
+            if let Some(k) = crate::Key::from_bytes(key) {
+                pending
+                    .items
+                    .push(Item::Replaced(k.to_text(self.max_key_length)));
+            }
+        }
+        pending
     }
 
-    /// Runs `remove` (which returns the entries it removed and the nodes it reached)
-    /// as an invalidation: see [`Inner::invalidate`].
+    /// What an invalidation leaves to do in the shared tiers.
+    fn pending(
+        &self,
+        mut keys: Vec<Arc<[u8]>>,
+        mut items: Vec<Item>,
+        kind: fn(String) -> Item,
+        barrier: bool,
+    ) -> Pending {
+        if self.remote.is_none() && self.bus.is_none() {
+            return Pending::default();
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        let texts: Vec<String> = keys
+            .iter()
+            .filter_map(|bytes| crate::Key::from_bytes(bytes))
+            .map(|key| key.to_text(self.max_key_length))
+            .collect();
+        if self.bus.is_some() {
+            items.extend(texts.iter().cloned().map(kind));
+        }
+        Pending {
+            remote: if self.remote.is_some() { texts } else { Vec::new() },
+            items: if self.bus.is_some() { items } else { Vec::new() },
+            barrier: barrier && self.remote.is_some(),
+        }
+    }
+
+    /// Removes, in this process, the entries under the entry nodes of `start` (with
+    /// `remove_start`) and every entry depending on `start`. Under the invalidation
+    /// log's lock: count it, remove, detach the running flights of what it reached
+    /// (so no later call joins a computation that may have read it), and record what
+    /// was reached. Returns the entries removed and the nodes reached.
     fn invalidating(
         &self,
-        mut named: Vec<Arc<[u8]>>,
-        remove: impl FnOnce(&MemoryTier) -> (Vec<Arc<[u8]>>, HashSet<Node>),
-    ) -> RemoteKeys {
+        start: Vec<Node>,
+        remove_start: bool,
+    ) -> (Vec<Arc<[u8]>>, HashSet<Node>) {
+        let mut keys: Vec<Arc<[u8]>> = Vec::new();
+        if remove_start {
+            keys.extend(start.iter().filter_map(|n| match n {
+                Node::Entry(k) => Some(k.clone()),
+                Node::Key(_) => None,
+            }));
+        }
+        let starting: Vec<Node> = if remove_start {
+            Vec::new()
+        } else {
+            start.clone()
+        };
         let mut log = self.log.lock();
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        self.flights.detach_all();
-        let (removed, reached) = remove(&self.memory);
-        log.record(epoch, reached);
+        let (dependents, mut reached) = self.graph.dependents(start, remove_start);
+        for n in &starting {
+            // the entry itself stays valid
+            reached.remove(n);
+        }
+        keys.extend(dependents);
+        let removed = self.memory.remove_all(keys);
+        self.flights.detach(reached.iter().filter_map(|n| match n {
+            Node::Entry(k) => Some(&**k),
+            Node::Key(_) => None,
+        }));
+        log.record(epoch, reached.clone());
         drop(log);
         removed.iter().for_each(|key| self.count_invalidation(key));
-        if self.remote.is_none() {
-            return RemoteKeys(Vec::new());
-        }
-        named.extend(removed);
-        named.sort_unstable();
-        named.dedup();
-        RemoteKeys(
-            named
-                .iter()
-                .filter_map(|bytes| crate::Key::from_bytes(bytes))
-                .map(|key| key.to_text(self.max_key_length))
-                .collect(),
-        )
+        (removed, reached)
     }
 
-    /// Removes keys from the remote tier; a failure is counted and logged.
-    pub(crate) async fn remove_remote(&self, keys: RemoteKeys) {
-        let (Some(remote), false) = (&self.remote, keys.0.is_empty()) else {
-            return;
-        };
-        if let Err(e) = remote.remove(keys.0).await {
-            self.warn
-                .warn(format_args!("removing invalidated entries failed: {e}"));
+    /// Completes an invalidation in the shared tiers: removes its entries from the
+    /// remote tier (after any write of them queued before), then tells the other
+    /// instances. Failures are counted and logged, never returned.
+    pub(crate) async fn complete(&self, pending: Pending) {
+        if let Some(remote) = &self.remote {
+            if !pending.remote.is_empty() || pending.barrier {
+                if let Err(e) = remote.remove(pending.remote).await {
+                    self.warn
+                        .warn(format_args!("removing invalidated entries failed: {e}"));
+                }
+            }
         }
+        if let (Some(bus), false) = (&self.bus, pending.items.is_empty()) {
+            self.publish(bus, pending.items).await;
+        }
+    }
+
+    async fn publish(&self, bus: &Arc<dyn InvalidationBus>, items: Vec<Item>) {
+        let message = Message {
+            sender: self.instance_id,
+            items,
+        };
+        match bus.publish(message.encode()).await {
+            Ok(()) => self.sync_stats.bump(&self.sync_stats.published),
+            Err(e) => {
+                self.sync_stats.bump(&self.sync_stats.publish_errors);
+                self.warn.warn(format_args!(
+                    "publishing an invalidation failed: {e} (other instances keep their copies until they expire)"
+                ));
+            }
+        }
+    }
+
+    /// Applies another instance's invalidation here, locally only.
+    pub(crate) fn apply_received(&self, message: Message) {
+        if message.sender == self.instance_id {
+            return;
+        }
+        self.sync_stats.bump(&self.sync_stats.received);
+        let mut nodes = Vec::new();
+        for item in message.items {
+            match item {
+                Item::Removed(text) | Item::Replaced(text) => {
+                    if let Some(key) = self.memory.key_of(&text) {
+                        nodes.push(Node::Entry(key.into()));
+                    }
+                    // a call computing it now may have read the old value
+                    nodes.extend(
+                        self.flights
+                            .keys_with_text(&text, self.max_key_length)
+                            .into_iter()
+                            .map(Node::Entry),
+                    );
+                }
+                Item::Dependency(d) => nodes.push(Node::Key(d.into())),
+                Item::Clear => self.clear_local(),
+            }
+        }
+        if !nodes.is_empty() {
+            let _ = self.invalidating(nodes, true);
+        }
+    }
+
+    /// Clears the in-process tier because invalidations may have been missed.
+    pub(crate) fn clear_after_loss(&self) {
+        self.clear_local();
+        self.sync_stats.bump(&self.sync_stats.l1_clears);
     }
 }
 
-/// Keys to remove from the remote tier after an invalidation.
-#[must_use = "the remote tier still holds these entries: pass them to `remove_remote`"]
-pub(crate) struct RemoteKeys(Vec<String>);
+/// What an invalidation leaves to do in the shared tiers: the readable keys to remove
+/// from the remote tier and the message items to publish.
+#[derive(Default)]
+#[must_use = "the shared tiers still hold these entries: pass this to `Inner::complete`"]
+pub(crate) struct Pending {
+    remote: Vec<String>,
+    items: Vec<Item>,
+    /// Wait for the remote tier's queued writes even with nothing to remove.
+    barrier: bool,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.remote.is_empty() && self.items.is_empty() && !self.barrier
+    }
+}
 
 impl CachingService {
-    /// Removes keys from the remote tier without waiting, from code that cannot wait
-    /// (a plain function, a refresh). Needs a tokio runtime; without one the removal is
+    /// Completes an invalidation in the shared tiers without waiting, from code that
+    /// cannot wait (a plain function). Needs a tokio runtime; without one it is
     /// skipped and logged.
-    pub(crate) fn remove_remote_detached(&self, keys: RemoteKeys) {
-        if keys.0.is_empty() || self.inner.remote.is_none() {
+    pub(crate) fn complete_detached(&self, pending: Pending) {
+        if pending.is_empty() {
             return;
         }
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 let inner = self.inner.clone();
-                handle.spawn(async move { inner.remove_remote(keys).await });
+                handle.spawn(async move { inner.complete(pending).await });
             }
             Err(_) => self.inner.warn.warn(format_args!(
-                "invalidated entries could not be removed from the remote tier: no tokio runtime here"
+                "invalidated entries could not be removed from the shared tiers: no tokio runtime here"
             )),
         }
     }
 }
 
 impl Inner {
+    /// This service's state for a function, created on first use. The registration must
+    /// be usable (its number below [`MAX_FUNCTIONS`]).
+    #[inline]
+    pub(crate) fn function(
+        &self,
+        desc: &'static Descriptor,
+        reg: &'static Registration,
+    ) -> &FnState {
+        self.functions
+            .0
+            .get_or_init(reg.id as usize, || FnState::resolve(&self.profiles, desc, reg))
+    }
+
+    /// The state counting the calls of a function that runs uncached because it
+    /// cannot have keys.
+    pub(crate) fn unusable(
+        &self,
+        desc: &'static Descriptor,
+        reg: &'static Registration,
+    ) -> &FnState {
+        if (reg.id as usize) < MAX_FUNCTIONS {
+            self.function(desc, reg)
+        } else {
+            self.functions
+                .1
+                .get_or_init(|| FnState::resolve(&self.profiles, desc, reg))
+        }
+    }
+
+    fn count_invalidation(&self, key: &[u8]) {
+        if let Some(state) = crate::key::function_id(key).and_then(|id| self.functions.get(id)) {
+            state.counters.bump(crate::stats::Counter::Invalidation);
+        }
+    }
+
+    /// Runs `then` if a value for `key`, computed since `since` from what `frame`
+    /// collected, is current ([`InvalidationLog::is_stale`]), under the invalidation log's
+    /// lock: an invalidation is either seen here, or starts after `then` ran (so its
+    /// removal is queued after what `then` queued).
+    pub(crate) fn if_current(
+        &self,
+        key: &[u8],
+        since: u64,
+        frame: &Frame,
+        then: impl FnOnce(),
+    ) -> bool {
+        let log = self.log.lock();
+        if self.epoch.load(Ordering::SeqCst) != since && log.is_stale(key, since, frame) {
+            return false;
+        }
+        then();
+        true
+    }
+
+    /// Removes every entry of this process's tier and every link, and ends the
+    /// running flights.
+    pub(crate) fn clear_local(&self) {
+        let mut log = self.log.lock();
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        self.flights.detach_all();
+        self.memory.clear();
+        self.graph.clear();
+        log.entries.clear();
+        log.floor = epoch;
+    }
+}
+
+impl InvalidationLog {
     /// Whether a value for `key`, computed since the invalidation count `since` from
     /// what `frame` collected, is out of date: an invalidation after `since` reached the
     /// key itself, or reached something the body read before that invalidation.
-    pub(crate) fn is_stale(&self, key: &[u8], since: u64, frame: &Frame) -> bool {
-        let log = self.log.lock();
+    fn is_stale(&self, key: &[u8], since: u64, frame: &Frame) -> bool {
+        let log = self;
         if since < log.floor {
             return true;
         }
@@ -423,23 +536,6 @@ impl Inner {
             })
     }
 
-    fn count_invalidation(&self, key: &[u8]) {
-        if let Some(state) = crate::key::function_id(key).and_then(|id| self.functions.get(id)) {
-            state.counters.bump(crate::stats::Counter::Invalidation);
-        }
-    }
-
-    fn clear(&self) {
-        let mut log = self.log.lock();
-        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        self.flights.detach_all();
-        self.memory.clear();
-        log.entries.clear();
-        log.floor = epoch;
-    }
-}
-
-impl InvalidationLog {
     fn record(&mut self, epoch: u64, reached: HashSet<Node>) {
         if self.entries.len() == LOG_CAPACITY {
             if let Some((dropped, _)) = self.entries.pop_front() {
@@ -526,17 +622,30 @@ impl CachingService {
     /// every tier.
     pub async fn clear() {
         let service = CachingService::current();
-        service.inner.clear();
-        if let Some(remote) = &service.inner.remote {
+        let inner = &service.inner;
+        inner.clear_local();
+        if let Some(remote) = &inner.remote {
             if let Err(e) = remote.clear().await {
-                service.inner.warn.warn(format_args!("clear failed: {e}"));
+                inner.warn.warn(format_args!("clear failed: {e}"));
             }
+        }
+        if let Some(bus) = &inner.bus {
+            inner.publish(bus, vec![Item::Clear]).await;
         }
     }
 
-    /// Hit, miss and execution counts of this service, in total and per function.
+    /// Hit, miss and execution counts of this service, in total and per function,
+    /// and its invalidation bus's counters.
     pub fn stats(&self) -> Stats {
-        self.inner.functions.stats()
+        let mut stats = self.inner.functions.stats();
+        stats.sync = self.inner.sync_stats.snapshot();
+        stats
+    }
+
+    /// This instance's id: the sender of the invalidation messages it publishes. Each
+    /// service has its own, so two services in one process are two instances.
+    pub fn instance_id(&self) -> u64 {
+        self.inner.instance_id
     }
 
     /// The readable keys of the entries in the in-process tier (including expired
@@ -577,8 +686,8 @@ pub fn stats() -> Stats {
 pub async fn invalidate_dependency(dependency: impl Into<Dependency>) {
     let nodes = crate::deps::nodes_of(&dependency.into());
     let service = CachingService::current();
-    let keys = service.inner.invalidate(nodes);
-    service.inner.remove_remote(keys).await;
+    let pending = service.inner.invalidate(nodes);
+    service.inner.complete(pending).await;
 }
 
 /// Completes the current service's pending background writes before it returns.
@@ -644,20 +753,6 @@ mod tests {
                 .build()
                 .unwrap_err(),
             ConfigError::KeyLength(10)
-        );
-    }
-
-    #[test]
-    fn profile_expiration() {
-        assert_eq!(Profile::new("a").expiration(), Expiration::Never);
-        let d = Duration::from_secs(3);
-        assert_eq!(
-            Profile::new("a").ttl(d).expiration(),
-            Expiration::Absolute(d)
-        );
-        assert_eq!(
-            Profile::new("a").sliding(d).expiration(),
-            Expiration::Sliding(d)
         );
     }
 }

@@ -65,6 +65,8 @@ pub struct Stats {
     pub total: FunctionStats,
     /// Per function, by key name (`module::function`, or `module::Type::method`).
     pub functions: BTreeMap<String, FunctionStats>,
+    /// The invalidation bus: messages published and received, in-process tier clears.
+    pub sync: crate::bus::SyncStats,
 }
 
 impl Stats {

@@ -13,7 +13,7 @@ use cache_runtime::{
 };
 
 /// Value and expiry, by key.
-type Entries = HashMap<String, (Vec<u8>, Option<Duration>)>;
+type Entries = HashMap<String, (Vec<u8>, Duration)>;
 
 #[derive(Clone, Default)]
 struct Store {
@@ -50,7 +50,7 @@ impl RemoteStore for Store {
             Ok(key.with_text(|key| data.get(key).map(|(v, _)| v.clone())))
         })
     }
-    fn set(&self, key: String, value: Vec<u8>, ttl: Option<Duration>) {
+    fn set(&self, key: String, value: Vec<u8>, ttl: Duration) {
         if !self.down.load(Ordering::SeqCst) {
             self.sets.fetch_add(1, Ordering::SeqCst);
             self.data.lock().unwrap().insert(key, (value, ttl));
@@ -76,6 +76,9 @@ impl RemoteStore for Store {
     }
     fn max_value_size(&self) -> usize {
         64
+    }
+    fn default_ttl(&self) -> Duration {
+        Duration::from_secs(3600)
     }
 }
 
@@ -136,7 +139,7 @@ async fn bytes_that_do_not_decode_are_a_miss_and_are_overwritten() {
         .data
         .lock()
         .unwrap()
-        .insert("t.product:v1(3)".into(), (b"not msgpack".to_vec(), None));
+        .insert("t.product:v1(3)".into(), (b"not msgpack".to_vec(), Duration::ZERO));
     let svc = service(&store, true);
     assert_eq!(svc.scope(product(3)).await, "product 3");
     let s = svc.stats().total;
@@ -200,8 +203,8 @@ async fn expiry_reaches_the_store() {
     a.scope(with_ttl(1)).await;
     a.scope(sliding(1)).await;
     let data = store.data.lock().unwrap().clone();
-    assert_eq!(data["t.ttl:v1(1)"].1, Some(Duration::from_secs(90)));
-    assert_eq!(data["t.sliding:v1(1)"].1, Some(Duration::from_secs(120)));
+    assert_eq!(data["t.ttl:v1(1)"].1, Duration::from_secs(90));
+    assert_eq!(data["t.sliding:v1(1)"].1, Duration::from_secs(120));
     b.scope(sliding(1)).await;
     // every read of a sliding entry moves its expiry (a's miss and b's hit)
     assert_eq!(

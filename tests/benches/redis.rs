@@ -187,7 +187,7 @@ fn redis(c: &mut Criterion) {
             let key = key_of(id);
             for _ in 0..ops {
                 let bytes = raw_get(&mut con, &key).await.unwrap();
-                let value: Product = cache_runtime::__private::decode(&bytes).unwrap();
+                let (value, _deadline): (Product, u64) = cache_runtime::__private::decode(&bytes).unwrap();
                 black_box(value);
             }
         }

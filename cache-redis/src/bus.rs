@@ -1,0 +1,234 @@
+//! The invalidation bus on Redis pub/sub, for `RedisBackend`'s L1 and for `RedisSync`.
+//!
+//! One subscriber connection per bus, in a task of its own, and publications on a
+//! multiplexed [`Link`]. Pub/sub is at most once, so the subscriber treats any doubt
+//! as a loss: the connection closed, or a `PING` sent every [`PING_EVERY`] went
+//! unanswered for [`PING_TIMEOUT`] (a half-open connection). On a loss it tells the
+//! service at once (which clears its in-process tier), reconnects and resubscribes
+//! with back-off, and tells it again once subscribed, since messages published in
+//! between were lost.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use cache_runtime::{BoxFuture, BusReceiver, InvalidationBus, RemoteError};
+use futures_util::StreamExt;
+use redis::Client;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use crate::link::Link;
+
+/// How often the subscriber checks its connection.
+pub(crate) const PING_EVERY: Duration = Duration::from_millis(300);
+/// How long a check may take before the connection counts as lost.
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_millis(600);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const FIRST_RETRY: Duration = Duration::from_millis(25);
+const MAX_RETRY: Duration = Duration::from_secs(1);
+
+/// Where received messages go: the service's receiver, once attached.
+#[derive(Default)]
+struct Slot(Mutex<Option<BusReceiver>>);
+
+impl Slot {
+    fn receiver(&self) -> Option<BusReceiver> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Delivers a payload; `false` once the service is gone.
+    fn deliver(&self, payload: &[u8]) -> bool {
+        self.receiver().is_none_or(|r| r.deliver(payload))
+    }
+
+    fn missed(&self) -> bool {
+        self.receiver().is_none_or(|r| r.missed())
+    }
+}
+
+/// Redis pub/sub as an [`InvalidationBus`].
+pub(crate) struct RedisBus {
+    channel: String,
+    publisher: Arc<Link>,
+    slot: Arc<Slot>,
+    subscribed: watch::Receiver<bool>,
+    /// The subscriber, if this bus receives.
+    task: Option<AbortHandle>,
+}
+
+impl Drop for RedisBus {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+impl RedisBus {
+    /// A bus that only publishes, for an instance without an in-process tier.
+    pub(crate) fn publish_only(publisher: Arc<Link>, channel: String) -> RedisBus {
+        RedisBus {
+            channel,
+            publisher,
+            slot: Arc::default(),
+            subscribed: watch::channel(false).1,
+            task: None,
+        }
+    }
+
+    /// Starts the subscriber on `channel`; unless `lazy`, waits until it is subscribed
+    /// (at most `wait`) and fails if it is not.
+    pub(crate) async fn start(
+        client: Client,
+        publisher: Arc<Link>,
+        channel: String,
+        lazy: bool,
+        wait: Duration,
+    ) -> Result<RedisBus, redis::RedisError> {
+        let slot = Arc::new(Slot::default());
+        let (tx, mut subscribed) = watch::channel(false);
+        let (first_error_tx, mut first_error) = watch::channel(None::<String>);
+        let task = tokio::spawn(subscriber(
+            client,
+            channel.clone(),
+            slot.clone(),
+            tx,
+            first_error_tx,
+        ))
+        .abort_handle();
+        let bus = RedisBus {
+            channel,
+            publisher,
+            slot,
+            subscribed: subscribed.clone(),
+            task: Some(task),
+        };
+        if !lazy {
+            let ready = tokio::time::timeout(wait.max(CONNECT_TIMEOUT), async {
+                tokio::select! {
+                    r = subscribed.wait_for(|s| *s) => r.map(|_| None).unwrap_or(None),
+                    r = first_error.wait_for(Option::is_some) => r.ok().and_then(|e| e.clone()),
+                }
+            })
+            .await;
+            match ready {
+                Ok(None) => {}
+                Ok(Some(e)) => {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "cannot subscribe",
+                        e,
+                    )))
+                }
+                Err(_) => {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "subscribing timed out",
+                    )))
+                }
+            }
+        }
+        Ok(bus)
+    }
+
+    /// The channel's name.
+    pub(crate) fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Whether the subscriber is subscribed now.
+    pub(crate) fn is_subscribed(&self) -> bool {
+        *self.subscribed.borrow()
+    }
+}
+
+impl InvalidationBus for RedisBus {
+    fn attach(&self, receiver: BusReceiver) {
+        *self.slot.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(receiver);
+    }
+
+    fn publish(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<(), RemoteError>> {
+        Box::pin(async move {
+            self.publisher
+                .query::<i64>(redis::cmd("PUBLISH").arg(&self.channel).arg(payload))
+                .await
+                .map(|_| ())
+        })
+    }
+}
+
+/// The subscriber: subscribes, delivers, checks the connection, and starts over
+/// after a loss. Ends when the service it delivers to is gone.
+async fn subscriber(
+    client: Client,
+    channel: String,
+    slot: Arc<Slot>,
+    subscribed: watch::Sender<bool>,
+    first_error: watch::Sender<Option<String>>,
+) {
+    let mut delay = FIRST_RETRY;
+    let mut first = true;
+    loop {
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let (mut sink, stream) = client.get_async_pubsub().await?.split();
+            sink.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>((sink, stream))
+        })
+        .await;
+        match connected {
+            Ok(Ok((mut sink, mut stream))) => {
+                delay = FIRST_RETRY;
+                if !first && !slot.missed() {
+                    return;
+                }
+                first = false;
+                subscribed.send_replace(true);
+                tracing::debug!(target: "cache_redis", channel, "subscribed");
+                let mut ping = tokio::time::interval(PING_EVERY);
+                ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let why = loop {
+                    tokio::select! {
+                        msg = stream.next() => match msg {
+                            Some(msg) => {
+                                if !slot.deliver(msg.get_payload_bytes()) {
+                                    return;
+                                }
+                            }
+                            None => break "the connection closed".to_owned(),
+                        },
+                        _ = ping.tick() => {
+                            match tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await {
+                                Ok(Ok(_)) => {}
+                                Ok(Err(e)) => break e.to_string(),
+                                Err(_) => break format!("no answer to PING within {PING_TIMEOUT:?}"),
+                            }
+                        }
+                    }
+                };
+                subscribed.send_replace(false);
+                tracing::warn!(target: "cache_redis", channel, "invalidation subscription lost ({why}): clearing the in-process tier and resubscribing");
+                if !slot.missed() {
+                    return;
+                }
+            }
+            Ok(Err(e)) => {
+                if first {
+                    first_error.send_replace(Some(e.to_string()));
+                }
+                first = false;
+                tracing::debug!(target: "cache_redis", channel, error = %e, "subscribing failed");
+            }
+            Err(_) => {
+                if first {
+                    first_error.send_replace(Some("timed out".into()));
+                }
+                first = false;
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(MAX_RETRY);
+    }
+}

@@ -1,0 +1,155 @@
+//! `RedisSync`: in-memory caches kept in sync across instances over Redis pub/sub.
+
+use std::fmt;
+use std::time::Duration;
+
+use cache_runtime::{BoxFuture, BusReceiver, InvalidationBus, RemoteError};
+
+use crate::backend::{channel_name, client, RedisBackendError};
+use crate::bus::RedisBus;
+use crate::link::Link;
+
+/// Configures a [`RedisSync`].
+#[must_use = "call `.build().await`"]
+pub struct RedisSyncBuilder {
+    url: String,
+    channel_prefix: String,
+    operation_timeout: Duration,
+    lazy: bool,
+    root_certificate: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for RedisSyncBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSyncBuilder")
+            .field("channel_prefix", &self.channel_prefix)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("lazy", &self.lazy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisSyncBuilder {
+    /// The instances that share this prefix (and server) keep each other in sync; the
+    /// channel is `{prefix}:invalidations`, as for a `RedisBackend` with the same
+    /// `key_prefix`. Default: `cache`.
+    pub fn channel_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.channel_prefix = prefix.into();
+        self
+    }
+
+    /// How long publishing an invalidation may take before the call goes on without
+    /// it (counted in `publish_errors`). Default: 200 ms.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// With `true`, `build` succeeds while Redis is down: the instance subscribes when
+    /// Redis answers (and clears its cache then). Default: `false`, `build` fails.
+    pub fn connect_lazily(mut self, lazy: bool) -> Self {
+        self.lazy = lazy;
+        self
+    }
+
+    /// For `rediss://` URLs: trust this certificate (PEM) instead of the system's
+    /// root certificates.
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificate = Some(pem.into());
+        self
+    }
+
+    /// Connects and subscribes (unless lazy). Needs a tokio runtime.
+    pub async fn build(self) -> Result<RedisSync, RedisBackendError> {
+        if self.channel_prefix.is_empty() || self.channel_prefix.contains(char::is_whitespace) {
+            return Err(RedisBackendError::Config(
+                "channel_prefix must be non-empty and without spaces",
+            ));
+        }
+        if self.operation_timeout.is_zero() {
+            return Err(RedisBackendError::Config(
+                "operation_timeout must be positive",
+            ));
+        }
+        let client = client(&self.url, self.root_certificate.as_deref())?;
+        let addr = client.get_connection_info().addr().to_string();
+        let connect_error = |source| RedisBackendError::Connect {
+            addr: addr.clone(),
+            source,
+        };
+        let publisher = Link::open(client.clone(), self.operation_timeout, self.lazy)
+            .await
+            .map_err(connect_error)?;
+        let bus = RedisBus::start(
+            client,
+            publisher,
+            channel_name(&self.channel_prefix),
+            self.lazy,
+            self.operation_timeout,
+        )
+        .await
+        .map_err(connect_error)?;
+        Ok(RedisSync { bus })
+    }
+}
+
+/// Keeps in-memory caches in sync across instances over Redis pub/sub: every
+/// invalidation (by key, by dependency, `refresh!`, `clear`) is published, and every
+/// other instance drops what it names. No value is ever written to Redis.
+///
+/// ```no_run
+/// use cache_redis::RedisSync;
+/// use cache_runtime::{CachingService, MemoryBackend};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// CachingService::builder()
+///     .backend(MemoryBackend::new().max_entries(50_000))
+///     .sync(RedisSync::builder("redis://127.0.0.1:6379").channel_prefix("shop").build().await?)
+///     .install()?;
+/// # Ok(()) }
+/// ```
+///
+/// Pub/sub is at most once: after a lost subscription (server restart, `CLIENT KILL`,
+/// a connection that stopped answering its periodic `PING`), the instance clears its
+/// cache as soon as it notices, resubscribes by itself, and clears it again once
+/// subscribed (counted in `stats().sync.l1_clears`).
+pub struct RedisSync {
+    bus: RedisBus,
+}
+
+impl fmt::Debug for RedisSync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSync")
+            .field("channel", &self.bus.channel())
+            .field("subscribed", &self.bus.is_subscribed())
+            .finish()
+    }
+}
+
+impl RedisSync {
+    /// Starts configuring a sync for the server at `url`.
+    pub fn builder(url: impl Into<String>) -> RedisSyncBuilder {
+        RedisSyncBuilder {
+            url: url.into(),
+            channel_prefix: "cache".into(),
+            operation_timeout: Duration::from_millis(200),
+            lazy: false,
+            root_certificate: None,
+        }
+    }
+
+    /// Whether it is subscribed now (false while Redis is unreachable).
+    pub fn is_subscribed(&self) -> bool {
+        self.bus.is_subscribed()
+    }
+}
+
+impl InvalidationBus for RedisSync {
+    fn attach(&self, receiver: BusReceiver) {
+        self.bus.attach(receiver);
+    }
+
+    fn publish(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<(), RemoteError>> {
+        self.bus.publish(payload)
+    }
+}
