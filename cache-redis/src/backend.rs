@@ -566,7 +566,7 @@ async fn writer(
         }
         let result = match pipe.is_empty() {
             true => Ok(()),
-            false => link.query_pipeline::<()>(&pipe).await,
+            false => link.pipeline_again::<()>(&pipe).await,
         };
         match &result {
             Ok(()) => {
@@ -580,7 +580,12 @@ async fn writer(
         let n = batch.len();
         for op in batch.drain(..) {
             if let Op::Del { done, .. } = op {
-                let _ = done.send(result.as_ref().map(|_| ()).map_err(|e| RemoteError(e.0.clone())));
+                let _ = done.send(
+                    result
+                        .as_ref()
+                        .map(|_| ())
+                        .map_err(|e| RemoteError(e.0.clone())),
+                );
             }
         }
         if shared.pending.fetch_sub(n, Ordering::SeqCst) == n {

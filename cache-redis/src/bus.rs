@@ -153,7 +153,7 @@ impl InvalidationBus for RedisBus {
     fn publish(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<(), RemoteError>> {
         Box::pin(async move {
             self.publisher
-                .query::<i64>(redis::cmd("PUBLISH").arg(&self.channel).arg(payload))
+                .query_again::<i64>(redis::cmd("PUBLISH").arg(&self.channel).arg(payload))
                 .await
                 .map(|_| ())
         })

@@ -20,6 +20,6 @@ mod link;
 mod sync;
 
 pub use backend::{RedisBackend, RedisBackendBuilder, RedisBackendError, RedisMetrics};
-pub use sync::{RedisSync, RedisSyncBuilder};
 pub use cache_runtime;
 pub use redis;
+pub use sync::{RedisSync, RedisSyncBuilder};

@@ -175,6 +175,32 @@ impl Link {
         self.done(handle, result)
     }
 
+    /// Sends one command, and once more if it failed at once: the connection had
+    /// dropped (a server restart, a killed client), which a command finds out only
+    /// when it is sent. For commands that may run twice (`PUBLISH`, `DEL`, `SET`).
+    pub(crate) async fn query_again<T: FromRedisValue>(
+        self: &Arc<Self>,
+        cmd: &Cmd,
+    ) -> Result<T, RemoteError> {
+        let start = Instant::now();
+        match self.query(cmd).await {
+            Err(_) if start.elapsed() < self.wait / 2 => self.query(cmd).await,
+            result => result,
+        }
+    }
+
+    /// [`Link::query_again`] for a pipeline.
+    pub(crate) async fn pipeline_again<T: FromRedisValue>(
+        self: &Arc<Self>,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, RemoteError> {
+        let start = Instant::now();
+        match self.query_pipeline(pipe).await {
+            Err(_) if start.elapsed() < self.wait / 2 => self.query_pipeline(pipe).await,
+            result => result,
+        }
+    }
+
     /// After a command: keeps the handle for this thread's next call, or drops the
     /// connection if the error left it unusable.
     fn done<T>(

@@ -460,8 +460,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
             // Nothing to queue: an invalidation that starts now finds the entry.
             true
         } else {
-            self.inner
-                .if_current(key, self.epoch, frame, then_current)
+            self.inner.if_current(key, self.epoch, frame, then_current)
         };
         if let (false, Some(id)) = (current, slot) {
             self.inner.memory.remove_slot(key, id);

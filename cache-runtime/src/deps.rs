@@ -324,8 +324,7 @@ pub(crate) trait DependencyGraph: Send + Sync {
     fn unlink(&self, entry: &[u8]);
     /// Every entry that depends, directly or not, on `start`, and every node reached
     /// on the way (`start` included); see [`Graph::dependents`].
-    fn dependents(&self, start: Vec<Node>, unlink_start: bool)
-        -> (Vec<Arc<[u8]>>, HashSet<Node>);
+    fn dependents(&self, start: Vec<Node>, unlink_start: bool) -> (Vec<Arc<[u8]>>, HashSet<Node>);
     /// Forgets everything.
     fn clear(&self);
 }
@@ -366,11 +365,7 @@ impl DependencyGraph for MemoryGraph {
         }
     }
 
-    fn dependents(
-        &self,
-        start: Vec<Node>,
-        unlink_start: bool,
-    ) -> (Vec<Arc<[u8]>>, HashSet<Node>) {
+    fn dependents(&self, start: Vec<Node>, unlink_start: bool) -> (Vec<Arc<[u8]>>, HashSet<Node>) {
         if !self.linked() {
             return (Vec::new(), start.into_iter().collect());
         }

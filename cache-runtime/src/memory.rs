@@ -540,7 +540,6 @@ impl MemoryTier {
             })
             .collect()
     }
-
 }
 
 #[cfg(test)]
@@ -613,9 +612,7 @@ mod tests {
             .build(graph.clone(), Some(1024));
         let mut frame = Frame::default();
         frame.add_entry(b"inner", None, 0);
-        let key = |i: u32| {
-            crate::registry::test_key(&i.to_string())
-        };
+        let key = |i: u32| crate::registry::test_key(&i.to_string());
         for i in 0..10_000u32 {
             tier.insert(key(i).as_bytes(), slot(i, Expiration::Never), Some(&frame));
         }
@@ -626,15 +623,21 @@ mod tests {
         );
         assert_eq!(reverse, 1);
         let index = &tier.index.as_ref().unwrap().0;
-        assert_eq!(index.len(), tier.len(), "the index names exactly the entries held");
+        assert_eq!(
+            index.len(),
+            tier.len(),
+            "the index names exactly the entries held"
+        );
         for k in tier.keys() {
             let text = crate::Key::from_bytes(&k).unwrap().to_text(1024);
             assert_eq!(tier.key_of(&text).as_deref(), Some(&*k));
         }
         // invalidating the inner entry reaches every live dependent
         let live = tier.len();
-        let (dependents, _) =
-            graph.dependents(vec![crate::deps::Node::Entry(b"inner".as_slice().into())], true);
+        let (dependents, _) = graph.dependents(
+            vec![crate::deps::Node::Entry(b"inner".as_slice().into())],
+            true,
+        );
         assert_eq!(tier.remove_all(dependents).len(), live);
         assert_eq!(graph.sizes(), (0, 0, 0));
         assert_eq!(index.len(), 0);

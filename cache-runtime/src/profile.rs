@@ -117,7 +117,6 @@ pub enum ConfigError {
     KeyLength(usize),
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,5 +134,4 @@ mod tests {
             Expiration::Sliding(d)
         );
     }
-
 }

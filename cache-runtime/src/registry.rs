@@ -219,7 +219,10 @@ impl<T> IdTable<T> {
 
 /// Per-service function states, by registration number, and one shared state for
 /// functions numbered beyond the table.
-pub(crate) struct FnTable(pub(crate) Box<IdTable<FnState>>, pub(crate) OnceLock<FnState>);
+pub(crate) struct FnTable(
+    pub(crate) Box<IdTable<FnState>>,
+    pub(crate) OnceLock<FnState>,
+);
 
 impl Default for FnTable {
     fn default() -> Self {

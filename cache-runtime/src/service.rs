@@ -291,8 +291,16 @@ impl Inner {
             items.extend(texts.iter().cloned().map(kind));
         }
         Pending {
-            remote: if self.remote.is_some() { texts } else { Vec::new() },
-            items: if self.bus.is_some() { items } else { Vec::new() },
+            remote: if self.remote.is_some() {
+                texts
+            } else {
+                Vec::new()
+            },
+            items: if self.bus.is_some() {
+                items
+            } else {
+                Vec::new()
+            },
             barrier: barrier && self.remote.is_some(),
         }
     }
@@ -454,9 +462,9 @@ impl Inner {
         desc: &'static Descriptor,
         reg: &'static Registration,
     ) -> &FnState {
-        self.functions
-            .0
-            .get_or_init(reg.id as usize, || FnState::resolve(&self.profiles, desc, reg))
+        self.functions.0.get_or_init(reg.id as usize, || {
+            FnState::resolve(&self.profiles, desc, reg)
+        })
     }
 
     /// The state counting the calls of a function that runs uncached because it

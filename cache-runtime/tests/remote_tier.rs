@@ -135,11 +135,10 @@ async fn without_an_in_process_tier() {
 #[tokio::test]
 async fn bytes_that_do_not_decode_are_a_miss_and_are_overwritten() {
     let store = Store::default();
-    store
-        .data
-        .lock()
-        .unwrap()
-        .insert("t.product:v1(3)".into(), (b"not msgpack".to_vec(), Duration::ZERO));
+    store.data.lock().unwrap().insert(
+        "t.product:v1(3)".into(),
+        (b"not msgpack".to_vec(), Duration::ZERO),
+    );
     let svc = service(&store, true);
     assert_eq!(svc.scope(product(3)).await, "product 3");
     let s = svc.stats().total;

@@ -61,7 +61,7 @@ async fn backend(url: &str) -> RedisBackend {
 }
 
 fn key_of(id: u64) -> String {
-    format!(r#"bench:1:bench.product:v1({id},"eu-west")"#)
+    format!(r#"bench:2:bench.product:v1({id},"eu-west")"#)
 }
 
 async fn raw_get(con: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<Vec<u8>> {
@@ -187,7 +187,8 @@ fn redis(c: &mut Criterion) {
             let key = key_of(id);
             for _ in 0..ops {
                 let bytes = raw_get(&mut con, &key).await.unwrap();
-                let (value, _deadline): (Product, u64) = cache_runtime::__private::decode(&bytes).unwrap();
+                let (value, _deadline): (Product, u64) =
+                    cache_runtime::__private::decode(&bytes).unwrap();
                 black_box(value);
             }
         }

@@ -31,7 +31,7 @@ async fn a_second_instance_gets_hits_and_prefixes_are_apart() {
     assert!(!a.shutdown().await.timed_out, "the write reached Redis");
     assert_eq!(
         server
-            .command(&["EXISTS", "shop:1:r.product:v1(1)"])
+            .command(&["EXISTS", "shop:2:r.product:v1(1)"])
             .as_deref(),
         Some(":1")
     );
@@ -181,7 +181,7 @@ async fn redis_down_at_start() {
 #[tokio::test]
 async fn bytes_that_do_not_decode_are_overwritten() {
     let server = RedisServer::start();
-    server.command(&["SET", "junk:1:r.product:v1(7)", "not a cache value"]);
+    server.command(&["SET", "junk:2:r.product:v1(7)", "not a cache value"]);
     let svc = service(&server, "junk", false).await;
     assert_eq!(svc.scope(product(7)).await, "product 7");
     svc.shutdown().await;
@@ -244,10 +244,10 @@ async fn expiry_in_redis() {
             .parse()
             .unwrap()
     };
-    assert!((80_000..=90_000).contains(&pttl("exp:1:r.ttl:v1(1)")));
-    assert!((110_000..=120_000).contains(&pttl("exp:1:r.sliding:v1(1)")));
+    assert!((80_000..=90_000).contains(&pttl("exp:2:r.ttl:v1(1)")));
+    assert!((110_000..=120_000).contains(&pttl("exp:2:r.sliding:v1(1)")));
     assert!(
-        pttl("exp:1:r.default:v1(1)") > 80_000_000,
+        pttl("exp:2:r.default:v1(1)") > 80_000_000,
         "the default expiry (a day)"
     );
     svc.scope(sliding(1)).await;

@@ -60,7 +60,7 @@ async fn credentials_and_database_from_the_url() {
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut con = client.get_connection().unwrap();
     let exists: bool = redis::cmd("EXISTS")
-        .arg("procs:1:p.report:v1(1)")
+        .arg("procs:2:p.report:v1(1)")
         .query(&mut con)
         .unwrap();
     assert!(exists, "written to database 3");
@@ -92,7 +92,7 @@ async fn tls_with_rediss_urls() {
     assert_eq!(svc.stats().total.l2_hits, 1, "read back over TLS");
     assert_eq!(
         server
-            .command(&["EXISTS", "tls:1:p.report:v1(2)"])
+            .command(&["EXISTS", "tls:2:p.report:v1(2)"])
             .as_deref(),
         Some(":1")
     );

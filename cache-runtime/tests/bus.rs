@@ -1,0 +1,181 @@
+//! The invalidation bus's rules, with two instances (services) on an in-process bus:
+//! what one invalidates, the other drops; own messages are ignored; received
+//! invalidations are applied locally only; a loss clears the in-process tier.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cache_runtime::{
+    add_dependency, cached, invalidate_cache, invalidate_dependency, BoxFuture, BusReceiver,
+    CachingService, InvalidationBus, Item, MemoryBackend, MemoryBus, Message, RemoteError,
+};
+
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+#[cached(name = "b.item")]
+async fn item(id: u64) -> String {
+    RUNS.fetch_add(1, Ordering::SeqCst);
+    add_dependency(format!("item:{id}"));
+    format!("item {id}")
+}
+
+#[cached(name = "b.page")]
+async fn page(id: u64) -> String {
+    format!("page of {}", item(id).await)
+}
+
+#[invalidate_cache(item)]
+async fn touch(id: u64) {
+    let _ = id;
+}
+
+fn instance(bus: &MemoryBus) -> CachingService {
+    CachingService::builder()
+        .backend(MemoryBackend::new())
+        .sync(bus.clone())
+        .build()
+        .unwrap()
+}
+
+fn held(svc: &CachingService) -> Vec<String> {
+    let mut keys = svc.local_keys();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn an_invalidation_reaches_the_other_instance_only_once() {
+    let bus = MemoryBus::new();
+    let (a, b) = (instance(&bus), instance(&bus));
+    a.scope(page(1)).await;
+    b.scope(page(1)).await;
+    b.scope(page(2)).await;
+    assert_eq!(held(&b).len(), 4);
+
+    a.scope(touch(1)).await;
+    // b dropped item(1) and what depends on it (page(1)), by its own graph
+    assert_eq!(held(&b), vec!["b.item:v1(2)", "b.page:v1(2)"]);
+    assert_eq!(held(&a), Vec::<String>::new());
+    let (sa, sb) = (a.stats().sync, b.stats().sync);
+    assert_eq!(
+        (sa.published, sa.received),
+        (1, 0),
+        "own messages are ignored"
+    );
+    assert_eq!(
+        (sb.published, sb.received),
+        (0, 1),
+        "received, not published again"
+    );
+}
+
+#[tokio::test]
+async fn dependencies_and_clear_cross() {
+    let bus = MemoryBus::new();
+    let (a, b) = (instance(&bus), instance(&bus));
+    b.scope(page(3)).await;
+    b.scope(page(4)).await;
+    a.scope(invalidate_dependency("item:3")).await;
+    assert_eq!(held(&b), vec!["b.item:v1(4)", "b.page:v1(4)"]);
+    a.scope(CachingService::clear()).await;
+    assert!(held(&b).is_empty());
+    assert_eq!(b.stats().sync.received, 2);
+}
+
+#[tokio::test]
+async fn a_refresh_replaces_the_other_copies() {
+    let bus = MemoryBus::new();
+    let (a, b) = (instance(&bus), instance(&bus));
+    b.scope(item(5)).await;
+    b.scope(page(5)).await;
+    a.scope(cache_runtime::refresh!(item(5))).await;
+    assert!(held(&b).is_empty(), "{:?}", held(&b));
+    assert_eq!(held(&a), vec!["b.item:v1(5)"]);
+}
+
+#[tokio::test]
+async fn a_loss_clears_the_in_process_tier() {
+    let bus = MemoryBus::new();
+    let b = instance(&bus);
+    b.scope(item(6)).await;
+    bus.signal_loss();
+    assert!(held(&b).is_empty());
+    assert_eq!(b.stats().sync.l1_clears, 1);
+}
+
+#[tokio::test]
+async fn messages_for_entries_not_held_leave_the_rest_alone() {
+    let bus = MemoryBus::new();
+    let (a, b) = (instance(&bus), instance(&bus));
+    b.scope(item(7)).await;
+    let runs = RUNS.load(Ordering::SeqCst);
+    for id in 1_000..6_000 {
+        a.scope(cache_runtime::invalidate!(item(id))).await;
+    }
+    assert_eq!(b.stats().sync.received, 5_000);
+    b.scope(item(7)).await;
+    assert_eq!(RUNS.load(Ordering::SeqCst), runs, "still cached");
+    assert_eq!(b.stats().function("b.item").hits, 1);
+}
+
+/// A bus that delivers a message to the other instance while that instance is in the
+/// middle of computing the entry: its result must not be kept.
+#[tokio::test]
+async fn a_message_during_a_computation_keeps_its_result_out() {
+    static GATE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+    static ENTERED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+    #[cached(name = "b.slow")]
+    async fn slow(id: u64) -> u64 {
+        ENTERED.notify_one();
+        GATE.notified().await;
+        id
+    }
+    let bus = MemoryBus::new();
+    let (a, b) = (instance(&bus), instance(&bus));
+    let running = tokio::spawn(b.scope(slow(1)));
+    ENTERED.notified().await;
+    a.scope(cache_runtime::invalidate!(slow(1))).await;
+    GATE.notify_one();
+    assert_eq!(running.await.unwrap(), 1);
+    assert!(
+        held(&b).is_empty(),
+        "computed across an invalidation: not kept"
+    );
+}
+
+/// Payloads that are not messages are counted and ignored.
+#[tokio::test]
+async fn undecodable_payloads_are_counted() {
+    #[derive(Default, Clone)]
+    struct Capture(Arc<std::sync::Mutex<Option<BusReceiver>>>);
+    impl InvalidationBus for Capture {
+        fn attach(&self, receiver: BusReceiver) {
+            *self.0.lock().unwrap() = Some(receiver);
+        }
+        fn publish(&self, _: Vec<u8>) -> BoxFuture<'_, Result<(), RemoteError>> {
+            Box::pin(async { Err(RemoteError("down".into())) })
+        }
+    }
+    let bus = Capture::default();
+    let svc = CachingService::builder().sync(bus.clone()).build().unwrap();
+    let receiver = bus.0.lock().unwrap().clone().unwrap();
+    assert!(receiver.deliver(b"garbage"));
+    let other = Message {
+        sender: svc.instance_id() ^ 1,
+        items: vec![Item::Clear],
+    };
+    svc.scope(item(8)).await;
+    assert!(receiver.deliver(&other.encode()));
+    assert!(held(&svc).is_empty());
+    // a failing publication is counted; the invalidation still completes locally
+    svc.scope(item(9)).await;
+    tokio::time::timeout(Duration::from_secs(1), svc.scope(touch(9)))
+        .await
+        .unwrap();
+    assert!(held(&svc).is_empty());
+    let s = svc.stats().sync;
+    assert_eq!((s.undecodable, s.received, s.publish_errors), (1, 1, 1));
+    drop(svc);
+    assert!(!receiver.deliver(&other.encode()), "the service is gone");
+}

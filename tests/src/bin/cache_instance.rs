@@ -1,0 +1,163 @@
+//! One instance of an application, as a process of its own, for the tests that check
+//! what crosses between instances (`tests/tests/sync_processes.rs`).
+//!
+//! `cache_instance <mode> <cache redis url> <database redis url>`, where mode is `l1`
+//! (`RedisBackend` with an in-process L1), `redis` (`RedisBackend` alone) or `sync`
+//! (`MemoryBackend` with `RedisSync`). The "database" is a second Redis holding rows
+//! `db:{id}`. Reads commands on stdin, one per line, and answers each with one line:
+//!
+//! | command | answer |
+//! |---|---|
+//! | `get ID` | the cached value of row ID (`none` if absent) |
+//! | `set ID VALUE` | writes the row and invalidates it (`#[invalidate_cache]`): `ok` |
+//! | `inv_range FROM TO` | invalidates rows FROM..TO one by one: `ok` |
+//! | `dep NAME` | `invalidate_dependency(NAME)`: `ok` |
+//! | `clear` | `CachingService::clear()`: `ok` |
+//! | `peek ID` | the value in the in-process tier, or `-` |
+//! | `wait_drop ID MS` | polls `peek` until the entry is gone: microseconds taken, or `timeout` |
+//! | `wait_value ID VALUE MS` | polls `get` every 5 ms until it returns VALUE: milliseconds, or `timeout` |
+//! | `stats` | `runs=N received=N published=N l1_clears=N` |
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cache_redis::{RedisBackend, RedisSync};
+use cache_runtime::{add_dependency, cached, invalidate_cache, CachingService, MemoryBackend};
+use redis::aio::MultiplexedConnection;
+use tokio::io::AsyncBufReadExt;
+
+static DB: OnceLock<MultiplexedConnection> = OnceLock::new();
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+async fn db_get(id: u64) -> Option<String> {
+    let mut db = DB.get().expect("database").clone();
+    redis::cmd("GET")
+        .arg(format!("db:{id}"))
+        .query_async(&mut db)
+        .await
+        .expect("database read")
+}
+
+#[cached(name = "inst.row")]
+async fn row(id: u64) -> String {
+    RUNS.fetch_add(1, Ordering::SeqCst);
+    add_dependency(format!("row:{id}"));
+    db_get(id).await.unwrap_or_else(|| "none".into())
+}
+
+#[invalidate_cache(row)]
+async fn write_row(id: u64, value: String) {
+    let mut db = DB.get().expect("database").clone();
+    let () = redis::cmd("SET")
+        .arg(format!("db:{id}"))
+        .arg(value)
+        .query_async(&mut db)
+        .await
+        .expect("database write");
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, mode, cache_url, db_url] = &args[..] else {
+        panic!("usage: cache_instance l1|redis|sync <cache redis url> <database redis url>");
+    };
+    let db = redis::Client::open(db_url.as_str()).expect("database url");
+    DB.set(
+        db.get_multiplexed_async_connection()
+            .await
+            .expect("database"),
+    )
+    .ok();
+    let builder = CachingService::builder();
+    let builder = match mode.as_str() {
+        "l1" | "redis" => {
+            let mut backend = RedisBackend::builder(cache_url.as_str()).key_prefix("inst");
+            if mode == "l1" {
+                backend = backend.l1(MemoryBackend::new().max_entries(100_000));
+            }
+            builder.backend(backend.build().await.expect("cache redis"))
+        }
+        "sync" => builder.backend(MemoryBackend::new()).sync(
+            RedisSync::builder(cache_url.as_str())
+                .channel_prefix("inst")
+                .build()
+                .await
+                .expect("cache redis"),
+        ),
+        other => panic!("unknown mode {other}"),
+    };
+    builder.install().expect("install");
+    println!("ready");
+
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| -> u64 { words[i].parse().expect("a number") };
+        let answer = match words.first().copied() {
+            Some("get") => row(num(1)).await,
+            Some("set") => {
+                write_row(num(1), words[2].to_owned()).await;
+                "ok".into()
+            }
+            Some("inv_range") => {
+                for id in num(1)..num(2) {
+                    cache_runtime::invalidate!(row(id)).await;
+                }
+                "ok".into()
+            }
+            Some("dep") => {
+                cache_runtime::invalidate_dependency(words[1]).await;
+                "ok".into()
+            }
+            Some("clear") => {
+                CachingService::clear().await;
+                "ok".into()
+            }
+            Some("peek") => cache_runtime::peek!(row(num(1)))
+                .await
+                .unwrap_or_else(|| "-".into()),
+            Some("wait_drop") => {
+                let (id, limit) = (num(1), Duration::from_millis(num(2)));
+                let start = Instant::now();
+                loop {
+                    if cache_runtime::peek!(row(id)).await.is_none() {
+                        break start.elapsed().as_micros().to_string();
+                    }
+                    if start.elapsed() > limit {
+                        break "timeout".into();
+                    }
+                    tokio::time::sleep(Duration::from_micros(50)).await;
+                }
+            }
+            Some("wait_value") => {
+                let (id, limit) = (num(1), Duration::from_millis(num(3)));
+                let start = Instant::now();
+                loop {
+                    if row(id).await == words[2] {
+                        break start.elapsed().as_millis().to_string();
+                    }
+                    if start.elapsed() > limit {
+                        break "timeout".into();
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            Some("stats") => {
+                let s = cache_runtime::stats().sync;
+                format!(
+                    "runs={} received={} published={} l1_clears={}",
+                    RUNS.load(Ordering::SeqCst),
+                    s.received,
+                    s.published,
+                    s.l1_clears
+                )
+            }
+            Some("quit") | None => break,
+            Some(other) => format!("unknown command {other}"),
+        };
+        println!("{answer}");
+    }
+    cache_runtime::shutdown().await;
+}

@@ -1,0 +1,245 @@
+//! Instances as separate OS processes (`src/bin/cache_instance.rs`) on one Redis:
+//! invalidations cross between them, within the bus latency, and recover after a lost
+//! subscription or a Redis restart. The "database" is a second Redis.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::redis_server::RedisServer;
+
+struct Instance {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Instance {
+    fn start(mode: &str, cache: &RedisServer, db: &RedisServer) -> Instance {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cache_instance"))
+            .args([mode, &cache.url(), &db.url()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start cache_instance");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut instance = Instance {
+            child,
+            stdin,
+            stdout,
+        };
+        assert_eq!(instance.line(), "ready");
+        instance
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read an answer");
+        assert!(!line.is_empty(), "the instance exited");
+        line.trim_end().to_owned()
+    }
+
+    fn cmd(&mut self, command: &str) -> String {
+        writeln!(self.stdin, "{command}").expect("send a command");
+        self.line()
+    }
+
+    /// A counter from `stats`.
+    fn stat(&mut self, name: &str) -> u64 {
+        let stats = self.cmd("stats");
+        stats
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {stats}"))
+    }
+
+    /// Waits until `stat` reaches `at_least`.
+    fn wait_stat(&mut self, name: &str, at_least: u64, limit: Duration) -> u64 {
+        let start = Instant::now();
+        loop {
+            let v = self.stat(name);
+            if v >= at_least {
+                return v;
+            }
+            assert!(start.elapsed() < limit, "{name} stayed at {v}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+/// A's invalidation drops B's copy within 200 ms, and B reads the new value.
+fn crossing(mode: &str) {
+    let (cache, db) = (RedisServer::start(), RedisServer::start());
+    let (mut a, mut b) = (
+        Instance::start(mode, &cache, &db),
+        Instance::start(mode, &cache, &db),
+    );
+    for round in 0..20 {
+        let id = round % 3;
+        let old = b.cmd(&format!("get {id}"));
+        let runs = b.stat("runs");
+        assert_eq!(b.cmd(&format!("get {id}")), old);
+        assert_eq!(b.stat("runs"), runs, "B served it from its cache");
+        assert_eq!(a.cmd(&format!("set {id} v{round}")), "ok");
+        let micros: u64 = b
+            .cmd(&format!("wait_drop {id} 200"))
+            .parse()
+            .expect("B dropped its copy within 200 ms");
+        assert!(micros < 200_000);
+        assert_eq!(b.cmd(&format!("get {id}")), format!("v{round}"));
+    }
+    assert_eq!(a.stat("received"), 0, "A ignores its own messages");
+    assert!(b.stat("received") >= 20);
+}
+
+#[test]
+fn an_invalidation_reaches_the_other_processes_l1() {
+    crossing("l1");
+}
+
+#[test]
+fn an_invalidation_reaches_the_other_processes_memory_cache_with_redis_sync() {
+    crossing("sync");
+}
+
+#[test]
+fn redis_sync_leaves_no_key_in_redis() {
+    let (cache, db) = (RedisServer::start(), RedisServer::start());
+    let (mut a, mut b) = (
+        Instance::start("sync", &cache, &db),
+        Instance::start("sync", &cache, &db),
+    );
+    for id in 0..50 {
+        a.cmd(&format!("get {id}"));
+        b.cmd(&format!("get {id}"));
+        a.cmd(&format!("set {id} x"));
+    }
+    a.cmd("dep row:1");
+    a.cmd("clear");
+    assert_eq!(cache.command(&["DBSIZE"]).as_deref(), Some(":0"));
+    assert_eq!(db.command(&["DBSIZE"]).as_deref(), Some(":50"));
+}
+
+#[test]
+fn dependencies_and_clear_cross_processes() {
+    let (cache, db) = (RedisServer::start(), RedisServer::start());
+    let (mut a, mut b) = (
+        Instance::start("l1", &cache, &db),
+        Instance::start("l1", &cache, &db),
+    );
+    b.cmd("get 1");
+    b.cmd("get 2");
+    a.cmd("dep row:1");
+    assert_ne!(b.cmd("wait_drop 1 1000"), "timeout");
+    assert_eq!(b.cmd("peek 2"), "none", "row 2 stays");
+    a.cmd("clear");
+    assert_ne!(b.cmd("wait_drop 2 1000"), "timeout");
+}
+
+/// The subscription is killed and an invalidation is published at once, which B
+/// cannot hear: B notices the loss, clears its L1, and serves the new value within
+/// 1.5 s.
+#[test]
+fn a_killed_subscription_recovers() {
+    for mode in ["l1", "sync"] {
+        let (cache, db) = (RedisServer::start(), RedisServer::start());
+        let (mut a, mut b) = (
+            Instance::start(mode, &cache, &db),
+            Instance::start(mode, &cache, &db),
+        );
+        assert_eq!(b.cmd("get 1"), "none");
+        let killed = cache.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        assert!(killed.is_some_and(|k| k != ":0"), "a subscriber was killed");
+        assert_eq!(a.cmd("set 1 new"), "ok");
+        let ms: u64 = b
+            .cmd("wait_value 1 new 1500")
+            .parse()
+            .expect("B served the new value within 1.5 s");
+        assert!(ms <= 1500);
+        b.wait_stat("l1_clears", 2, Duration::from_secs(5));
+        // and it hears invalidations again
+        b.cmd("get 1");
+        a.cmd("set 1 newer");
+        assert_ne!(b.cmd("wait_drop 1 1000"), "timeout", "{mode}");
+    }
+}
+
+/// Redis killed and restarted: B drops what it held, and later invalidations reach
+/// it again.
+#[test]
+fn a_redis_restart_clears_and_resubscribes() {
+    let (mut cache, db) = (RedisServer::start(), RedisServer::start());
+    let (mut a, mut b) = (
+        Instance::start("l1", &cache, &db),
+        Instance::start("l1", &cache, &db),
+    );
+    a.cmd("set 1 before");
+    assert_eq!(b.cmd("get 1"), "before");
+    cache.stop();
+    // B notices the loss and clears its L1
+    b.wait_stat("l1_clears", 1, Duration::from_secs(3));
+    assert_eq!(b.cmd("peek 1"), "-");
+    cache.restart();
+    b.wait_stat("l1_clears", 2, Duration::from_secs(5));
+    a.wait_stat("l1_clears", 2, Duration::from_secs(5));
+    let runs = b.stat("runs");
+    assert_eq!(b.cmd("get 1"), "before");
+    assert_eq!(b.stat("runs"), runs + 1, "read from the database again");
+    a.cmd("set 1 after");
+    assert_ne!(b.cmd("wait_drop 1 1000"), "timeout");
+    assert_eq!(b.cmd("get 1"), "after");
+}
+
+/// 5,000 invalidations of other keys leave B's entry cached.
+#[test]
+fn invalidations_of_other_keys_leave_an_entry_cached() {
+    let (cache, db) = (RedisServer::start(), RedisServer::start());
+    let (mut a, mut b) = (
+        Instance::start("l1", &cache, &db),
+        Instance::start("l1", &cache, &db),
+    );
+    b.cmd("get 1");
+    let runs = b.stat("runs");
+    a.cmd("inv_range 1000 6000");
+    b.wait_stat("received", 5_000, Duration::from_secs(30));
+    b.cmd("get 1");
+    assert_eq!(b.stat("runs"), runs, "B's entry stayed cached");
+    assert_eq!(b.stat("l1_clears"), 0);
+}
+
+/// A connection that stops answering (the server paused) is noticed by the
+/// subscriber's `PING` within about a second: B clears its L1 without any message.
+#[test]
+fn an_unanswering_connection_is_noticed() {
+    let (cache, db) = (RedisServer::start(), RedisServer::start());
+    let mut b = Instance::start("l1", &cache, &db);
+    b.cmd("get 1");
+    let start = Instant::now();
+    cache.pause(Duration::from_secs(3));
+    b.wait_stat("l1_clears", 1, Duration::from_secs(3));
+    let noticed = start.elapsed();
+    eprintln!("loss noticed after {noticed:?}");
+    assert!(
+        noticed < Duration::from_millis(2_000),
+        "noticed after {noticed:?}"
+    );
+    assert_eq!(b.cmd("peek 1"), "-");
+    // once the server answers again, B subscribes again and clears once more
+    b.wait_stat("l1_clears", 2, Duration::from_secs(10));
+}
