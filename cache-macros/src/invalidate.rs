@@ -358,8 +358,10 @@ pub(crate) fn expand_imperative(input: TokenStream, what: &str) -> syn::Result<T
         }
         "refresh" => companion_call(&call, "refresh")?,
         _ => {
+            // looked up when awaited, so that `service.scope(peek!(..))` reads that
+            // service
             let peek = companion_call(&call, "peek")?;
-            quote!(::core::future::ready(#peek))
+            quote!(async { #peek })
         }
     })
 }

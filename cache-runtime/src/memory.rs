@@ -219,12 +219,15 @@ impl Lifecycle<StoredKey, Box<AnySlot>> for Evictions {
 /// exactly the entries held.
 #[derive(Default)]
 pub(crate) struct KeyIndex {
-    shards: [Mutex<std::collections::HashMap<Box<str>, Box<[u8]>>>; 16],
+    shards: [Mutex<IndexShard>; 16],
     hasher: DefaultHashBuilder,
 }
 
+/// Readable keys to in-process keys.
+type IndexShard = std::collections::HashMap<Box<str>, Box<[u8]>>;
+
 impl KeyIndex {
-    fn shard(&self, text: &str) -> &Mutex<std::collections::HashMap<Box<str>, Box<[u8]>>> {
+    fn shard(&self, text: &str) -> &Mutex<IndexShard> {
         &self.shards[(self.hasher.hash_one(text) >> 60) as usize]
     }
 
@@ -474,13 +477,13 @@ impl MemoryTier {
                 let (lookup, shard) = self.locate(key);
                 let mut shard = shard.write();
                 let removed = shard.remove(&lookup);
-                self.unindex(removed.as_ref().map(|(_, s)| s));
+                self.unindex(removed.as_ref().map(|(_, s)| &**s));
                 removed.is_some()
             })
             .collect()
     }
 
-    fn unindex(&self, removed: Option<&Box<AnySlot>>) {
+    fn unindex(&self, removed: Option<&AnySlot>) {
         if let (Some((index, _)), Some(text)) = (&self.index, removed.and_then(|s| s.text.as_ref()))
         {
             index.remove(text);
@@ -499,7 +502,7 @@ impl MemoryTier {
         let removed = {
             let mut shard = shard.write();
             let removed = shard.remove_if(&lookup, |current| slot_id(current) == slot);
-            self.unindex(removed.as_ref().map(|(_, s)| s));
+            self.unindex(removed.as_ref().map(|(_, s)| &**s));
             removed
         };
         if removed.is_some_and(|(_, s)| s.deps.is_some()) {

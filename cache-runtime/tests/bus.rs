@@ -179,3 +179,19 @@ async fn undecodable_payloads_are_counted() {
     drop(svc);
     assert!(!receiver.deliver(&other.encode()), "the service is gone");
 }
+
+/// `peek!` reads the service of the scope it is awaited in.
+#[tokio::test]
+async fn peek_reads_the_scoped_service() {
+    let b = instance(&MemoryBus::new());
+    b.scope(item(10)).await;
+    assert_eq!(
+        b.scope(cache_runtime::peek!(item(10))).await.as_deref(),
+        Some("item 10")
+    );
+    assert_eq!(
+        cache_runtime::peek!(item(10)).await,
+        None,
+        "the global service"
+    );
+}
