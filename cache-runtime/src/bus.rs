@@ -17,9 +17,10 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::flight::lock;
+use crate::lock;
 use crate::remote::{BoxFuture, RemoteError};
 use crate::service::Inner;
+use crate::stats::SyncStats;
 
 /// A channel between the instances of a service: carries invalidation messages.
 ///
@@ -208,22 +209,6 @@ impl BusReceiver {
     pub fn is_alive(&self) -> bool {
         self.inner.strong_count() > 0
     }
-}
-
-/// Counters of a service's invalidation bus.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct SyncStats {
-    /// Messages this instance published.
-    pub published: u64,
-    /// Publications that failed (the bus was unreachable or too slow).
-    pub publish_errors: u64,
-    /// Messages of other instances received and applied.
-    pub received: u64,
-    /// Payloads received that did not decode.
-    pub undecodable: u64,
-    /// Times the in-process tier was cleared because messages may have been lost.
-    pub l1_clears: u64,
 }
 
 #[derive(Default)]

@@ -16,7 +16,9 @@
 use hashbrown::HashTable;
 use std::hash::BuildHasher;
 use std::pin::pin;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use crate::lock;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -33,10 +35,6 @@ pub(crate) struct Handoff {
 }
 
 pub(crate) type Shared = Arc<Handoff>;
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 #[derive(Clone)]
 pub(crate) enum Outcome {
@@ -181,17 +179,12 @@ impl Flights {
         }
     }
 
-    /// The keys of the running flights whose readable key (with keys longer than
-    /// `max_len` hashed) is `text`.
-    pub(crate) fn keys_with_text(&self, text: &str, max_len: usize) -> Vec<Arc<[u8]>> {
+    /// The keys of the running flights for which `matches` holds.
+    pub(crate) fn keys_matching(&self, mut matches: impl FnMut(&[u8]) -> bool) -> Vec<Arc<[u8]>> {
         let mut found = Vec::new();
         for shard in &self.shards {
             let keys: Vec<Arc<[u8]>> = lock(shard).iter().map(|e| e.key.clone()).collect();
-            for key in keys {
-                if crate::Key::from_bytes(&key).is_some_and(|k| k.to_text(max_len) == text) {
-                    found.push(key);
-                }
-            }
+            found.extend(keys.into_iter().filter(|k| matches(k)));
         }
         found
     }

@@ -30,6 +30,9 @@
 //!   defaults by the first cached call; [`CachingService::scope`] runs code against
 //!   another service.
 //! - [`stats`]: hit, miss and execution counts per function.
+//! - [`InvalidationBus`]: how instances tell each other what they invalidated, so that
+//!   each drops its in-process copies (`cache_redis::RedisSync` and `RedisBackend`'s L1
+//!   use Redis pub/sub; [`MemoryBus`] works inside one process).
 //!
 //! Tracing: each hit and miss is a `debug` event of target `cache_runtime` with the
 //! readable key; configuration errors are `error` events.
@@ -48,16 +51,18 @@ mod remote;
 mod service;
 mod stats;
 
-pub use bus::{BusReceiver, InvalidationBus, Item, MemoryBus, Message, SyncStats};
+pub use bus::{BusReceiver, InvalidationBus, Item, MemoryBus, Message};
 pub use deps::{add_dependency, untracked, CacheDependency, Dependency};
 pub(crate) use key::Key;
 pub use key::{key_text, CacheKey, KeyWriter};
-pub use memory::{Expiration, MemoryBackend, WeighFn};
+pub use memory::{MemoryBackend, WeighFn};
+pub use profile::Expiration;
 pub use remote::{BoxFuture, RemoteError, RemoteKey, RemoteStore, FORMAT_VERSION};
 pub use service::{
     invalidate_dependency, shutdown, stats, Backend, CachingService, CachingServiceBuilder,
     ConfigError, FunctionStats, InstallError, Profile, ShutdownReport, Stats,
 };
+pub use stats::SyncStats;
 
 /// Caches a function's result under a key built from its arguments.
 ///
@@ -168,6 +173,12 @@ pub use cache_macros::refresh;
 /// ```
 pub use cache_macros::peek;
 
+/// Locks a std mutex, ignoring poisoning (the data behind it stays consistent: no
+/// lock is held across code that can panic halfway through a change).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Items used by the generated code. Not a public API: names and signatures change
 /// without notice.
 #[doc(hidden)]
@@ -178,7 +189,7 @@ pub mod __private {
         CallKey, Lookup, MissPath, Optional, Plain, ResultOk, ReturnKind, SharedValue, ValueOps,
     };
     pub use crate::key::KeyWriter;
-    pub use crate::memory::Expiration;
+    pub use crate::profile::Expiration;
     pub use crate::registry::Descriptor;
     /// The remote tier's decoder, for benchmarks that compare against raw reads.
     pub use crate::remote::decode;

@@ -25,6 +25,7 @@ use quick_cache::unsync::Cache;
 use quick_cache::{DefaultHashBuilder, Equivalent, Lifecycle, Weighter};
 
 use crate::deps::{DependencyGraph, Frame};
+pub use crate::profile::Expiration;
 
 /// Deadline meaning "never expires".
 pub(crate) const NEVER: u64 = u64::MAX;
@@ -40,18 +41,6 @@ pub(crate) fn now_nanos() -> u64 {
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(NEVER - 1)
-}
-
-/// How an entry expires.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Expiration {
-    /// Kept until evicted or invalidated.
-    #[default]
-    Never,
-    /// Removed this long after it was stored.
-    Absolute(Duration),
-    /// Removed when not read for this long.
-    Sliding(Duration),
 }
 
 /// One stored value with its deadline and what it depends on.

@@ -3,7 +3,17 @@
 
 use std::time::Duration;
 
-use crate::memory::Expiration;
+/// How an entry expires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Expiration {
+    /// Kept until evicted or invalidated.
+    #[default]
+    Never,
+    /// Removed this long after it was stored.
+    Absolute(Duration),
+    /// Removed when not read for this long.
+    Sliding(Duration),
+}
 
 /// Run-time settings shared by the cached functions that name it with
 /// `#[cached(profile = "...")]`. Values given on the attribute win over the profile's.

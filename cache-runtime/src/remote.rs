@@ -18,7 +18,6 @@ use serde::Serialize;
 
 use crate::key::Key;
 use crate::memory::now_nanos;
-use crate::service::ShutdownReport;
 
 /// A boxed future, as the [`RemoteStore`] methods return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -84,6 +83,29 @@ pub trait RemoteStore: Send + Sync + 'static {
 
     /// The expiry of entries whose function and profile give none.
     fn default_ttl(&self) -> Duration;
+}
+
+/// What [`shutdown`](crate::shutdown) did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Background writes completed during shutdown.
+    pub written: u64,
+    /// Background writes abandoned because the shutdown timeout passed.
+    pub abandoned: u64,
+    /// Whether the shutdown timeout passed before everything was written.
+    pub timed_out: bool,
+}
+
+impl ShutdownReport {
+    /// A report of `written` completed and `abandoned` dropped writes.
+    pub fn new(written: u64, abandoned: u64, timed_out: bool) -> Self {
+        ShutdownReport {
+            written,
+            abandoned,
+            timed_out,
+        }
+    }
 }
 
 /// First bytes of every encoded value: a marker and the encoding's version. A value

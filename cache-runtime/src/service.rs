@@ -13,6 +13,7 @@ use crate::flight::Flights;
 use crate::memory::{MemoryBackend, MemoryTier};
 pub use crate::profile::{ConfigError, Profile};
 use crate::registry::{Descriptor, FnState, FnTable, Registration, MAX_FUNCTIONS};
+pub use crate::remote::ShutdownReport;
 use crate::remote::{RateLimitedWarn, RemoteStore};
 pub use crate::stats::{FunctionStats, Stats};
 
@@ -393,9 +394,13 @@ impl Inner {
                         nodes.push(Node::Entry(key.into()));
                     }
                     // a call computing it now may have read the old value
+                    let renders_to = |bytes: &[u8]| {
+                        crate::Key::from_bytes(bytes)
+                            .is_some_and(|k| k.to_text(self.max_key_length) == text)
+                    };
                     nodes.extend(
                         self.flights
-                            .keys_with_text(&text, self.max_key_length)
+                            .keys_matching(renders_to)
                             .into_iter()
                             .map(Node::Entry),
                     );
@@ -701,29 +706,6 @@ pub async fn invalidate_dependency(dependency: impl Into<Dependency>) {
 /// Completes the current service's pending background writes before it returns.
 pub async fn shutdown() -> ShutdownReport {
     CachingService::current().shutdown().await
-}
-
-/// What [`shutdown`] did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ShutdownReport {
-    /// Background writes completed during shutdown.
-    pub written: u64,
-    /// Background writes abandoned because the shutdown timeout passed.
-    pub abandoned: u64,
-    /// Whether the shutdown timeout passed before everything was written.
-    pub timed_out: bool,
-}
-
-impl ShutdownReport {
-    /// A report of `written` completed and `abandoned` dropped writes.
-    pub fn new(written: u64, abandoned: u64, timed_out: bool) -> Self {
-        ShutdownReport {
-            written,
-            abandoned,
-            timed_out,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::flight::lock;
+use crate::lock;
 
 /// Counters of one function, or of the whole service.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -66,7 +66,7 @@ pub struct Stats {
     /// Per function, by key name (`module::function`, or `module::Type::method`).
     pub functions: BTreeMap<String, FunctionStats>,
     /// The invalidation bus: messages published and received, in-process tier clears.
-    pub sync: crate::bus::SyncStats,
+    pub sync: SyncStats,
 }
 
 impl Stats {
@@ -74,6 +74,22 @@ impl Stats {
     pub fn function(&self, name: &str) -> FunctionStats {
         self.functions.get(name).copied().unwrap_or_default()
     }
+}
+
+/// Counters of a service's invalidation bus.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SyncStats {
+    /// Messages this instance published.
+    pub published: u64,
+    /// Publications that failed (the bus was unreachable or too slow).
+    pub publish_errors: u64,
+    /// Messages of other instances received and applied.
+    pub received: u64,
+    /// Payloads received that did not decode.
+    pub undecodable: u64,
+    /// Times the in-process tier was cleared because messages may have been lost.
+    pub l1_clears: u64,
 }
 
 /// What is counted.
