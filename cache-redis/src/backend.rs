@@ -203,7 +203,7 @@ impl RedisBackendBuilder {
                 addr: addr.clone(),
                 source,
             })?,
-            None => RedisBus::publish_only(reads.clone(), channel),
+            None => RedisBus::publish_only(reads.clone(), channel, self.operation_timeout),
         };
         let store = RedisStore {
             link: reads,

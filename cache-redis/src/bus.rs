@@ -53,6 +53,8 @@ impl Slot {
 pub(crate) struct RedisBus {
     channel: String,
     publisher: Arc<Link>,
+    /// Bounds a publication.
+    timeout: Duration,
     slot: Arc<Slot>,
     subscribed: watch::Receiver<bool>,
     /// The subscriber, if this bus receives.
@@ -69,10 +71,15 @@ impl Drop for RedisBus {
 
 impl RedisBus {
     /// A bus that only publishes, for an instance without an in-process tier.
-    pub(crate) fn publish_only(publisher: Arc<Link>, channel: String) -> RedisBus {
+    pub(crate) fn publish_only(
+        publisher: Arc<Link>,
+        channel: String,
+        timeout: Duration,
+    ) -> RedisBus {
         RedisBus {
             channel,
             publisher,
+            timeout,
             slot: Arc::default(),
             subscribed: watch::channel(false).1,
             task: None,
@@ -80,7 +87,8 @@ impl RedisBus {
     }
 
     /// Starts the subscriber on `channel`; unless `lazy`, waits until it is subscribed
-    /// (at most `wait`) and fails if it is not.
+    /// (at most `wait`, or the connect timeout if longer) and fails if it is not.
+    /// Publications take at most `wait`.
     pub(crate) async fn start(
         client: Client,
         publisher: Arc<Link>,
@@ -102,6 +110,7 @@ impl RedisBus {
         let bus = RedisBus {
             channel,
             publisher,
+            timeout: wait,
             slot,
             subscribed: subscribed.clone(),
             task: Some(task),
@@ -152,9 +161,12 @@ impl InvalidationBus for RedisBus {
 
     fn publish(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<(), RemoteError>> {
         Box::pin(async move {
-            self.publisher
-                .query_again::<i64>(redis::cmd("PUBLISH").arg(&self.channel).arg(payload))
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(&self.channel).arg(payload);
+            // a second try included
+            tokio::time::timeout(self.timeout, self.publisher.query_again::<i64>(&cmd))
                 .await
+                .map_err(|_| RemoteError(format!("no answer within {:?}", self.timeout)))?
                 .map(|_| ())
         })
     }

@@ -633,7 +633,7 @@ where
         miss.read_remote().await,
         collect_async(body).await,
         |flight| flight.wait(miss.lock_timeout).await,
-        |pending| miss.inner.complete(pending).await
+        |pending| path.service.inner.complete(pending).await
     )
 }
 

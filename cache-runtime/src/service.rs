@@ -350,17 +350,29 @@ impl Inner {
     /// Completes an invalidation in the shared tiers: removes its entries from the
     /// remote tier (after any write of them queued before), then tells the other
     /// instances. Failures are counted and logged, never returned.
-    pub(crate) async fn complete(&self, pending: Pending) {
+    ///
+    /// Bounded by the remote store's timeout: when the removal failed (the store is
+    /// down or slow), the publication is left to a task of its own.
+    pub(crate) async fn complete(self: &Arc<Self>, pending: Pending) {
+        let mut removed = true;
         if let Some(remote) = &self.remote {
             if !pending.remote.is_empty() || pending.barrier {
                 if let Err(e) = remote.remove(pending.remote).await {
+                    removed = false;
                     self.warn
                         .warn(format_args!("removing invalidated entries failed: {e}"));
                 }
             }
         }
-        if let (Some(bus), false) = (&self.bus, pending.items.is_empty()) {
-            self.publish(bus, pending.items).await;
+        let Some(bus) = self.bus.clone().filter(|_| !pending.items.is_empty()) else {
+            return;
+        };
+        match (removed, tokio::runtime::Handle::try_current()) {
+            (false, Ok(handle)) => {
+                let inner = self.clone();
+                handle.spawn(async move { inner.publish(&bus, pending.items).await });
+            }
+            _ => self.publish(&bus, pending.items).await,
         }
     }
 
