@@ -27,25 +27,39 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const FIRST_RETRY: Duration = Duration::from_millis(25);
 const MAX_RETRY: Duration = Duration::from_secs(1);
 
-/// Where received messages go: the service's receiver, once attached.
+/// Where received messages go: the receivers of the services attached (usually one;
+/// several when a backend was cloned into several services).
 #[derive(Default)]
-struct Slot(Mutex<Option<BusReceiver>>);
+struct Slot(Mutex<Vec<BusReceiver>>);
 
 impl Slot {
-    fn receiver(&self) -> Option<BusReceiver> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// The live receivers; `None` once every attached service is gone.
+    fn receivers(&self) -> Option<Vec<BusReceiver>> {
+        let mut receivers = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let attached = !receivers.is_empty();
+        receivers.retain(BusReceiver::is_alive);
+        (!attached || !receivers.is_empty()).then(|| receivers.clone())
     }
 
-    /// Delivers a payload; `false` once the service is gone.
+    /// Delivers a payload; `false` once the services are gone.
     fn deliver(&self, payload: &[u8]) -> bool {
-        self.receiver().is_none_or(|r| r.deliver(payload))
+        let Some(receivers) = self.receivers() else {
+            return false;
+        };
+        for r in receivers {
+            r.deliver(payload);
+        }
+        true
     }
 
     fn missed(&self) -> bool {
-        self.receiver().is_none_or(|r| r.missed())
+        let Some(receivers) = self.receivers() else {
+            return false;
+        };
+        for r in receivers {
+            r.missed();
+        }
+        true
     }
 }
 
@@ -156,7 +170,11 @@ impl RedisBus {
 
 impl InvalidationBus for RedisBus {
     fn attach(&self, receiver: BusReceiver) {
-        *self.slot.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(receiver);
+        self.slot
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(receiver);
     }
 
     fn publish(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<(), RemoteError>> {
