@@ -435,17 +435,18 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     /// comes after the insert; the remote write is queued under the same check, so an
     /// invalidation either sees it, or queues its removal after it.
     fn keep(&self, value: &K::Stored, frame: &Frame) -> bool {
-        self.keep_local(value, frame, self.expiration, || self.write_remote(value))
+        self.keep_local(value, frame, self.expiration, true)
     }
 
-    /// Stores the value in the in-process tier with `expiration`, then runs
-    /// `then_current` if it is current (see [`Miss::keep`]); returns whether it is.
+    /// Stores the value in the in-process tier with `expiration`, then, with `write`,
+    /// queues its remote write if it is current (see [`Miss::keep`]); returns whether
+    /// it is.
     fn keep_local(
         &self,
         value: &K::Stored,
         frame: &Frame,
         expiration: Expiration,
-        then_current: impl FnOnce(),
+        write: bool,
     ) -> bool {
         let key = self.key.as_bytes();
         let slot = self.inner.memory.enabled().then(|| {
@@ -454,13 +455,16 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
             self.inner.memory.insert(key, slot, Some(frame));
             id
         });
-        let current = if self.inner.epoch.load(Ordering::SeqCst) == self.epoch
-            && self.inner.remote.is_none()
-        {
+        let write = write && self.inner.remote.is_some();
+        let current = if self.inner.epoch.load(Ordering::SeqCst) == self.epoch && !write {
             // Nothing to queue: an invalidation that starts now finds the entry.
             true
         } else {
-            self.inner.if_current(key, self.epoch, frame, then_current)
+            self.inner.if_current(key, self.epoch, frame, || {
+                if write {
+                    self.write_remote(value);
+                }
+            })
         };
         if let (false, Some(id)) = (current, slot) {
             self.inner.memory.remove_slot(key, id);
@@ -562,7 +566,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
                 None => return K::from_stored(value), // expired meanwhile
             },
         };
-        if self.keep_local(&value, Frame::EMPTY, expiration, || {}) {
+        if self.keep_local(&value, Frame::EMPTY, expiration, false) {
             leader.complete(|| {
                 Arc::new(Handoff {
                     value: (self.ops.into_shared)((self.ops.clone)(&value)),
