@@ -250,7 +250,7 @@ impl Inner {
                 Node::Key(d) => items.push(Item::Dependency(d.to_string())),
             }
         }
-        let (removed, _) = self.invalidating(nodes, true);
+        let removed = self.invalidating(nodes, true);
         named.extend(removed);
         self.pending(named, items, Item::Removed, false)
     }
@@ -258,7 +258,7 @@ impl Inner {
     /// Removes the entries depending on the entry `key`, not the entry itself (its
     /// value was just replaced, by a refresh).
     pub(crate) fn invalidate_dependents(&self, key: &[u8]) -> Pending {
-        let (removed, _) = self.invalidating(vec![Node::Entry(key.into())], false);
+        let removed = self.invalidating(vec![Node::Entry(key.into())], false);
         let mut pending = self.pending(removed, Vec::new(), Item::Removed, true);
         if self.bus.is_some() {
             if let Some(k) = crate::Key::from_bytes(key) {
@@ -310,12 +310,8 @@ impl Inner {
     /// `remove_start`) and every entry depending on `start`. Under the invalidation
     /// log's lock: count it, remove, detach the running flights of what it reached
     /// (so no later call joins a computation that may have read it), and record what
-    /// was reached. Returns the entries removed and the nodes reached.
-    fn invalidating(
-        &self,
-        start: Vec<Node>,
-        remove_start: bool,
-    ) -> (Vec<Arc<[u8]>>, HashSet<Node>) {
+    /// was reached. Returns the entries removed.
+    fn invalidating(&self, start: Vec<Node>, remove_start: bool) -> Vec<Arc<[u8]>> {
         let mut keys: Vec<Arc<[u8]>> = Vec::new();
         if remove_start {
             keys.extend(start.iter().filter_map(|n| match n {
@@ -341,10 +337,10 @@ impl Inner {
             Node::Entry(k) => Some(&**k),
             Node::Key(_) => None,
         }));
-        log.record(epoch, reached.clone());
+        log.record(epoch, reached);
         drop(log);
         removed.iter().for_each(|key| self.count_invalidation(key));
-        (removed, reached)
+        removed
     }
 
     /// Completes an invalidation in the shared tiers: removes its entries from the
@@ -422,7 +418,7 @@ impl Inner {
             }
         }
         if !nodes.is_empty() {
-            let _ = self.invalidating(nodes, true);
+            self.invalidating(nodes, true);
         }
     }
 
