@@ -93,6 +93,7 @@ fn crossing(mode: &str) {
     for round in 0..20 {
         let id = round % 3;
         let old = b.cmd(&format!("get {id}"));
+        b.cmd("flush"); // B's write of the old value, if any, lands first
         let runs = b.stat("runs");
         assert_eq!(b.cmd(&format!("get {id}")), old);
         assert_eq!(b.stat("runs"), runs, "B served it from its cache");
@@ -164,6 +165,7 @@ fn a_killed_subscription_recovers() {
             Instance::start(mode, &cache, &db),
         );
         assert_eq!(b.cmd("get 1"), "none");
+        b.cmd("flush");
         let killed = cache.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
         assert!(killed.is_some_and(|k| k != ":0"), "a subscriber was killed");
         assert_eq!(a.cmd("set 1 new"), "ok");
@@ -175,6 +177,7 @@ fn a_killed_subscription_recovers() {
         b.wait_stat("l1_clears", 2, Duration::from_secs(5));
         // and it hears invalidations again
         b.cmd("get 1");
+        b.cmd("flush");
         a.cmd("set 1 newer");
         assert_ne!(b.cmd("wait_drop 1 1000"), "timeout", "{mode}");
     }
@@ -201,6 +204,10 @@ fn a_redis_restart_clears_and_resubscribes() {
     let runs = b.stat("runs");
     assert_eq!(b.cmd("get 1"), "before");
     assert_eq!(b.stat("runs"), runs + 1, "read from the database again");
+    // B's write of "before" goes on a connection that has to be made again: let it
+    // land first (a write still queued on another instance can land after an
+    // invalidation unless the backend has `.dependencies(true)`)
+    b.cmd("flush");
     a.cmd("set 1 after");
     assert_ne!(b.cmd("wait_drop 1 1000"), "timeout");
     assert_eq!(b.cmd("get 1"), "after");

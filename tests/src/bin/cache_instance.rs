@@ -16,6 +16,7 @@
 //! | `peek ID` | the value in the in-process tier, or `-` |
 //! | `wait_drop ID MS` | polls `peek` until the entry is gone: microseconds taken, or `timeout` |
 //! | `wait_value ID VALUE MS` | polls `get` every 5 ms until it returns VALUE: milliseconds, or `timeout` |
+//! | `flush` | waits for this instance's queued writes to Redis: `ok` |
 //! | `stats` | `runs=N received=N published=N l1_clears=N` |
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -143,6 +144,10 @@ async fn main() {
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
+            }
+            Some("flush") => {
+                cache_runtime::shutdown().await;
+                "ok".into()
             }
             Some("stats") => {
                 let s = cache_runtime::stats().sync;
