@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cache_runtime::{
-    Backend, BoxFuture, MemoryBackend, RemoteError, RemoteKey, RemoteStore, ShutdownReport,
-    FORMAT_VERSION,
+    Backend, BoxFuture, Fetched, LinkedWrite, MemoryBackend, RemoteError, RemoteGraph, RemoteKey,
+    RemoteStore, ShutdownReport, FORMAT_VERSION,
 };
 use redis::{RedisWrite, ToRedisArgs};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::bus::RedisBus;
+use crate::graph::{glob_escape, GraphKeys};
 use crate::link::Link;
 
 /// Why [`RedisBackendBuilder::build`] failed.
@@ -34,6 +35,17 @@ pub enum RedisBackendError {
     /// The builder's settings contradict each other.
     #[error("{0}")]
     Config(&'static str),
+    /// A command failed.
+    #[error("Redis command failed: {0}")]
+    Command(String),
+    /// The server's settings do not fit (the message names the `CONFIG SET` to run).
+    #[error("Redis at {addr}: {problem}")]
+    ServerSettings {
+        /// The server's address.
+        addr: String,
+        /// What is wrong, and how to fix it.
+        problem: String,
+    },
 }
 
 /// Counters of the Redis backend's background writes, readable while it runs.
@@ -74,6 +86,8 @@ pub struct RedisBackendBuilder {
     write_queue: usize,
     lazy: bool,
     root_certificate: Option<Vec<u8>>,
+    dependencies: bool,
+    marker_ttl: Duration,
 }
 
 impl fmt::Debug for RedisBackendBuilder {
@@ -86,6 +100,7 @@ impl fmt::Debug for RedisBackendBuilder {
             .field("operation_timeout", &self.operation_timeout)
             .field("write_queue", &self.write_queue)
             .field("lazy", &self.lazy)
+            .field("dependencies", &self.dependencies)
             .finish_non_exhaustive()
     }
 }
@@ -137,6 +152,30 @@ impl RedisBackendBuilder {
     /// root certificates, as for a server whose certificate a private CA signed.
     pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.root_certificate = Some(pem.into());
+        self
+    }
+
+    /// With `true`, the dependency graph is kept in Redis: an entry's links are
+    /// written with it atomically, an invalidation (by key or by dependency) on any
+    /// instance removes every dependent entry from Redis in one round trip, and a
+    /// value computed across an invalidation on any instance is not written. Needs
+    /// `maxmemory-policy volatile-lru` (or `volatile-random`) and
+    /// `notify-keyspace-events Exe` (checked by `build`), and a running
+    /// [`DependencyCollector`](crate::DependencyCollector).
+    ///
+    /// With `false` (the default), an entry that has dependencies is kept in the
+    /// in-process tier only, never written to Redis (counted in `local_only`), so
+    /// invalidating a dependency stays exact.
+    pub fn dependencies(mut self, enabled: bool) -> Self {
+        self.dependencies = enabled;
+        self
+    }
+
+    /// With dependencies: how long an invalidation's markers are kept, during which a
+    /// value computed before it is not written. Longer than any cached body runs.
+    /// Default: 10 minutes.
+    pub fn marker_ttl(mut self, ttl: Duration) -> Self {
+        self.marker_ttl = ttl;
         self
     }
 
@@ -214,9 +253,28 @@ impl RedisBackendBuilder {
             metrics: metrics.clone(),
             shared,
             operation_timeout: self.operation_timeout,
+            graph: self
+                .dependencies
+                .then(|| GraphKeys::new(&self.key_prefix, self.marker_ttl)),
         };
         if !self.lazy {
             store.check_server().await;
+            if self.dependencies {
+                let mut con =
+                    client
+                        .get_multiplexed_async_connection()
+                        .await
+                        .map_err(|source| RedisBackendError::Connect {
+                            addr: addr.clone(),
+                            source,
+                        })?;
+                crate::graph::check_settings(&mut con)
+                    .await
+                    .map_err(|problem| RedisBackendError::ServerSettings {
+                        addr: addr.clone(),
+                        problem,
+                    })?;
+            }
         }
         Ok(RedisBackend {
             store,
@@ -289,6 +347,8 @@ impl RedisBackend {
             write_queue: 10_000,
             lazy: false,
             root_certificate: None,
+            dependencies: false,
+            marker_ttl: Duration::from_secs(600),
         }
     }
 
@@ -339,16 +399,19 @@ struct Shared {
 
 /// What the writer does, in the order queued: a removal queued after a write of the
 /// same key lands after it.
-enum Op {
+pub(crate) enum Op {
     Set {
         key: String,
         value: Vec<u8>,
         ttl: Duration,
     },
-    /// Removes `keys` (none: only waits for the writes before it), and says when done.
-    Del {
-        keys: Vec<String>,
-        done: oneshot::Sender<Result<(), RemoteError>>,
+    /// A command whose reply nobody waits for (a conditional write).
+    Send(redis::Cmd),
+    /// A command whose reply the sender waits for; without one, the sender only waits
+    /// for the operations queued before.
+    Call {
+        cmd: Option<redis::Cmd>,
+        done: oneshot::Sender<Result<redis::Value, RemoteError>>,
     },
 }
 
@@ -361,6 +424,8 @@ struct RedisStore {
     metrics: RedisMetrics,
     shared: Arc<Shared>,
     operation_timeout: Duration,
+    /// With `dependencies(true)`.
+    graph: Option<GraphKeys>,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -382,6 +447,47 @@ impl ToRedisArgs for Prefixed<'_> {
 }
 
 impl RedisStore {
+    /// Queues an operation for the writer; a write is dropped (and counted) when the
+    /// queue is full.
+    pub(crate) fn queue(&self, op: Op) -> Result<(), Op> {
+        self.shared.pending.fetch_add(1, Ordering::SeqCst);
+        self.queue.try_send(op).map_err(|e| {
+            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+            match e {
+                mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op) => op,
+            }
+        })
+    }
+
+    /// Runs `cmd` on the writer's connection, behind the operations queued before
+    /// (Redis runs a connection's commands in order, so no queued or in-flight write
+    /// of an old value lands after its removal), and waits for its reply at most the
+    /// operation timeout. Without a command, only waits for the operations before.
+    pub(crate) async fn call(&self, cmd: Option<redis::Cmd>) -> Result<redis::Value, RemoteError> {
+        let (done, result) = oneshot::channel();
+        self.shared.pending.fetch_add(1, Ordering::SeqCst);
+        match self.queue.try_send(Op::Call { cmd, done }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(op)) => {
+                // never dropped: it must land after the writes before it
+                let queue = self.queue.clone();
+                tokio::spawn(async move { queue.send(op).await });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                return Err(RemoteError("the writer has stopped".into()));
+            }
+        }
+        match tokio::time::timeout(self.operation_timeout, result).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(RemoteError("the writer has stopped".into())),
+            Err(_) => Err(RemoteError(format!(
+                "not confirmed within {:?}; it stays queued behind earlier writes",
+                self.operation_timeout
+            ))),
+        }
+    }
+
     /// Warns about server settings that will cause trouble.
     async fn check_server(&self) {
         let policy: Result<Vec<String>, _> = self
@@ -401,83 +507,104 @@ impl RemoteStore for RedisStore {
         &'a self,
         key: RemoteKey<'a>,
         touch: Option<Duration>,
-    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>> {
+    ) -> BoxFuture<'a, Result<Fetched, RemoteError>> {
         // bounded by the connection's response timeout (no second timer per read)
-        Box::pin(self.link.request(move |cmd| {
-            key.with_text(|key| {
-                let key = Prefixed(&self.prefix, key);
-                match touch {
-                    Some(d) => cmd.arg("GETEX").arg(key).arg("PX").arg(millis(d)),
-                    None => cmd.arg("GET").arg(key),
-                };
+        let Some(graph) = &self.graph else {
+            return Box::pin(async move {
+                let value: Option<Vec<u8>> = self
+                    .link
+                    .request(move |cmd| {
+                        key.with_text(|key| {
+                            let key = Prefixed(&self.prefix, key);
+                            match touch {
+                                Some(d) => cmd.arg("GETEX").arg(key).arg("PX").arg(millis(d)),
+                                None => cmd.arg("GET").arg(key),
+                            };
+                        })
+                    })
+                    .await?;
+                Ok(value.into())
+            });
+        };
+        // with the graph, the invalidation count comes in the same round trip
+        Box::pin(async move {
+            let (value, epoch): (Option<Vec<u8>>, Option<u64>) = self
+                .link
+                .request(move |cmd| {
+                    key.with_text(|key| {
+                        let key = Prefixed(&self.prefix, key);
+                        let epoch = Prefixed(&graph.graph, "epoch");
+                        match touch {
+                            Some(d) => cmd
+                                .arg("EVAL")
+                                .arg(GET_TOUCH_EPOCH)
+                                .arg(2)
+                                .arg(key)
+                                .arg(epoch)
+                                .arg(millis(d)),
+                            None => cmd.arg("MGET").arg(key).arg(epoch),
+                        };
+                    })
+                })
+                .await?;
+            Ok(Fetched {
+                value,
+                epoch: epoch.unwrap_or(0),
             })
-        }))
+        })
     }
 
     fn set(&self, key: String, value: Vec<u8>, ttl: Duration) {
-        self.shared.pending.fetch_add(1, Ordering::SeqCst);
-        if self.queue.try_send(Op::Set { key, value, ttl }).is_err() {
-            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+        if self.queue(Op::Set { key, value, ttl }).is_err() {
             self.metrics.0.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     fn remove(&self, keys: Vec<String>) -> BoxFuture<'_, Result<(), RemoteError>> {
         Box::pin(async move {
-            // On the writer's connection, behind the writes queued before: Redis runs a
-            // connection's commands in order, so no queued or in-flight write of an
-            // old value lands after its removal.
-            let (done, result) = oneshot::channel();
-            self.shared.pending.fetch_add(1, Ordering::SeqCst);
-            match self.queue.try_send(Op::Del { keys, done }) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(op)) => {
-                    // never dropped: it must land after the writes before it
-                    let queue = self.queue.clone();
-                    tokio::spawn(async move { queue.send(op).await });
+            let cmd = (!keys.is_empty()).then(|| {
+                let mut cmd = redis::cmd("DEL");
+                for k in &keys {
+                    cmd.arg(Prefixed(&self.prefix, k));
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.shared.pending.fetch_sub(1, Ordering::SeqCst);
-                    return Err(RemoteError("the writer has stopped".into()));
-                }
-            }
-            match tokio::time::timeout(self.operation_timeout, result).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(RemoteError("the writer has stopped".into())),
-                Err(_) => Err(RemoteError(format!(
-                    "removal not confirmed within {:?}; it stays queued behind earlier writes",
-                    self.operation_timeout
-                ))),
-            }
+                cmd
+            });
+            self.call(cmd).await.map(|_| ())
         })
     }
 
     fn clear(&self) -> BoxFuture<'_, Result<(), RemoteError>> {
         Box::pin(async move {
-            let pattern = format!("{}*", redis_glob_escape(&self.prefix));
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, keys): (u64, Vec<String>) = self
-                    .link
-                    .query(
-                        redis::cmd("SCAN")
-                            .arg(cursor)
-                            .arg("MATCH")
-                            .arg(&pattern)
-                            .arg("COUNT")
-                            .arg(500),
-                    )
-                    .await?;
-                if !keys.is_empty() {
-                    self.link
-                        .query::<()>(redis::cmd("UNLINK").arg(&keys))
+            // the values, and with dependencies the graph too
+            let mut prefixes = vec![self.prefix.as_str()];
+            prefixes.extend(self.graph.as_ref().map(|g| g.graph.as_str()));
+            for prefix in prefixes {
+                let pattern = format!("{}*", glob_escape(prefix));
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = self
+                        .link
+                        .query(
+                            redis::cmd("SCAN")
+                                .arg(cursor)
+                                .arg("MATCH")
+                                .arg(&pattern)
+                                .arg("COUNT")
+                                .arg(500),
+                        )
                         .await?;
+                    if !keys.is_empty() {
+                        self.link
+                            .query::<()>(redis::cmd("UNLINK").arg(&keys))
+                            .await?;
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
                 }
-                if next == 0 {
-                    return Ok(());
-                }
-                cursor = next;
             }
+            Ok(())
         })
     }
 
@@ -513,18 +640,40 @@ impl RemoteStore for RedisStore {
     fn default_ttl(&self) -> Duration {
         self.default_ttl
     }
+
+    fn graph(&self) -> Option<&dyn RemoteGraph> {
+        self.graph.as_ref().map(|_| self as &dyn RemoteGraph)
+    }
 }
 
-/// Escapes the glob characters of `SCAN MATCH` in a literal prefix.
-fn redis_glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
+/// A sliding entry's read with the graph: the value, its expiry moved, and the
+/// invalidation count.
+const GET_TOUCH_EPOCH: &str =
+    "return {redis.call('GETEX', KEYS[1], 'PX', ARGV[1]), redis.call('GET', KEYS[2])}";
+
+impl RemoteGraph for RedisStore {
+    fn set_linked(&self, write: LinkedWrite) {
+        let Some(graph) = &self.graph else { return };
+        if self.queue(Op::Send(graph.write(&write))).is_err() {
+            self.metrics.0.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        out.push(c);
     }
-    out
+
+    fn invalidate(
+        &self,
+        start: Vec<String>,
+        keep: Option<String>,
+    ) -> BoxFuture<'_, Result<Vec<String>, RemoteError>> {
+        Box::pin(async move {
+            let Some(graph) = &self.graph else {
+                return Ok(Vec::new());
+            };
+            let reply = self
+                .call(Some(graph.invalidate(&start, keep.as_deref())))
+                .await?;
+            redis::from_redis_value(reply).map_err(|e| RemoteError(e.to_string()))
+        })
+    }
 }
 
 /// The background writer: takes queued operations in batches and sends each batch as
@@ -554,22 +703,22 @@ async fn writer(
                         .arg(millis(*ttl))
                         .ignore();
                 }
-                Op::Del { keys, .. } if !keys.is_empty() => {
-                    let cmd = pipe.cmd("DEL");
-                    for k in keys {
-                        cmd.arg(Prefixed(&prefix, k));
-                    }
-                    cmd.ignore();
+                Op::Send(cmd) => {
+                    sets += 1;
+                    pipe.add_command(cmd.clone()).ignore();
                 }
-                Op::Del { .. } => {}
+                Op::Call { cmd: Some(cmd), .. } => {
+                    pipe.add_command(cmd.clone());
+                }
+                Op::Call { cmd: None, .. } => {}
             }
         }
         let result = match pipe.is_empty() {
-            true => Ok(()),
-            false => link.pipeline_again::<()>(&pipe).await,
+            true => Ok(Vec::new()),
+            false => link.pipeline_again::<Vec<redis::Value>>(&pipe).await,
         };
         match &result {
-            Ok(()) => {
+            Ok(_) => {
                 metrics.0.written.fetch_add(sets, Ordering::Relaxed);
             }
             Err(e) => {
@@ -578,15 +727,22 @@ async fn writer(
             }
         }
         let n = batch.len();
+        let mut replies = match &result {
+            Ok(values) => values.clone().into_iter(),
+            Err(_) => Vec::new().into_iter(),
+        };
         for op in batch.drain(..) {
-            if let Op::Del { done, .. } = op {
-                let _ = done.send(
-                    result
-                        .as_ref()
-                        .map(|_| ())
-                        .map_err(|e| RemoteError(e.0.clone())),
-                );
-            }
+            let Op::Call { cmd, done } = op else { continue };
+            let reply = match (&result, cmd) {
+                (Err(e), _) => Err(RemoteError(e.0.clone())),
+                (Ok(_), None) => Ok(redis::Value::Nil),
+                (Ok(_), Some(_)) => match replies.next() {
+                    Some(redis::Value::ServerError(e)) => Err(RemoteError(format!("{e:?}"))),
+                    Some(v) => Ok(v),
+                    None => Err(RemoteError("no reply".into())),
+                },
+            };
+            let _ = done.send(reply);
         }
         if shared.pending.fetch_sub(n, Ordering::SeqCst) == n {
             shared.drained.notify_waiters();
@@ -599,9 +755,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn glob_escape() {
-        assert_eq!(redis_glob_escape("shop:1:"), "shop:1:");
-        assert_eq!(redis_glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    fn glob_escape_escapes() {
+        assert_eq!(glob_escape("shop:1:"), "shop:1:");
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
 
     #[tokio::test]

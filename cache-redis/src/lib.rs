@@ -16,10 +16,14 @@
 
 mod backend;
 mod bus;
+mod collector;
+mod graph;
 mod link;
 mod sync;
 
 pub use backend::{RedisBackend, RedisBackendBuilder, RedisBackendError, RedisMetrics};
 pub use cache_runtime;
+pub use collector::{full_collection, DependencyCollector, DependencyCollectorBuilder};
+pub use graph::CollectionReport;
 pub use redis;
 pub use sync::{RedisSync, RedisSyncBuilder};

@@ -13,7 +13,7 @@
 use std::any::Any;
 use std::cell::Cell;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -299,6 +299,9 @@ struct Miss<'a, K: ReturnKind<R>, R> {
     lock_timeout: Duration,
     /// The invalidation count when the body started (see [`Inner::epoch`]).
     epoch: u64,
+    /// The remote store's invalidation count, read with the entry (see
+    /// [`crate::Fetched::epoch`]).
+    remote_epoch: AtomicU64,
     _r: std::marker::PhantomData<fn() -> R>,
 }
 
@@ -335,6 +338,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             expiration,
             lock_timeout,
             epoch: 0,
+            remote_epoch: AtomicU64::new(0),
             _r: std::marker::PhantomData,
         }
     }
@@ -438,6 +442,25 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         self.keep_local(value, frame, self.expiration, true)
     }
 
+    /// What the value depends on, as the remote graph names it.
+    fn links(&self, frame: &Frame) -> (Vec<String>, Vec<(String, Vec<String>)>) {
+        let max = self.inner.max_key_length;
+        let links = frame
+            .nodes
+            .iter()
+            .filter_map(|n| n.remote_id(max))
+            .collect();
+        let cascades = frame
+            .cascades
+            .iter()
+            .map(|(d, c)| {
+                let keys = c.iter().filter_map(|n| n.dependency_key()).collect();
+                (d.to_string(), keys)
+            })
+            .collect();
+        (links, cascades)
+    }
+
     /// Stores the value in the in-process tier with `expiration`, then, with `write`,
     /// queues its remote write if it is current (see [`Miss::keep`]); returns whether
     /// it is.
@@ -462,7 +485,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         } else {
             self.inner.if_current(key, self.epoch, frame, || {
                 if write {
-                    self.write_remote(value);
+                    self.write_remote(value, frame);
                 }
             })
         };
@@ -491,7 +514,11 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         };
         let c = &self.state.counters;
         let key = RemoteKey::new(self.key, self.inner.max_key_length);
-        match remote.get(key, touch).await {
+        let fetched = remote.get(key, touch).await.map(|f| {
+            self.remote_epoch.store(f.epoch, Ordering::Relaxed);
+            f.value
+        });
+        match fetched {
             Ok(Some(bytes)) => match decode(&bytes) {
                 Ok(value) => {
                     // (the value and its deadline)
@@ -519,11 +546,20 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     /// Queues the value's write to the remote tier (never waited for). The value
     /// carries its deadline, so that an instance filling its in-process tier from the
     /// remote one expires it when the remote entry expires.
-    fn write_remote(&self, value: &K::Stored) {
+    ///
+    /// A value with dependencies goes through the store's graph, with its links; a
+    /// store without one does not get it (it could not remove it when a dependency
+    /// is invalidated on another instance).
+    fn write_remote(&self, value: &K::Stored, frame: &Frame) {
         let (Some(remote), Some(encode)) = (&self.inner.remote, self.ops.encode) else {
             return;
         };
         let c = &self.state.counters;
+        let graph = remote.graph();
+        if graph.is_none() && !frame.nodes.is_empty() {
+            c.bump(Counter::LocalOnly);
+            return;
+        }
         let (ttl, deadline) = match self.expiration {
             // a sliding entry's deadline moves with each read
             Expiration::Sliding(d) => (d, 0),
@@ -539,7 +575,21 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
                 tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.key, size = bytes.len(), "value over the remote size limit: not stored remotely");
             }
             Ok(bytes) => {
-                remote.set(self.key.to_text(self.inner.max_key_length), bytes, ttl);
+                let key = self.key.to_text(self.inner.max_key_length);
+                match graph {
+                    Some(graph) => {
+                        let (links, cascades) = self.links(frame);
+                        graph.set_linked(crate::LinkedWrite {
+                            key,
+                            value: bytes,
+                            ttl,
+                            links,
+                            cascades,
+                            since: self.remote_epoch.load(Ordering::Relaxed),
+                        });
+                    }
+                    None => remote.set(key, bytes, ttl),
+                }
             }
             Err(e) => {
                 c.bump(Counter::BackendError);

@@ -27,6 +27,26 @@ pub(crate) enum Node {
     Entry(Arc<[u8]>),
 }
 
+impl Node {
+    /// The node's id in a remote graph: `d:{dependency}`, or `e:{readable key}`.
+    pub(crate) fn remote_id(&self, max_key_length: usize) -> Option<String> {
+        match self {
+            Node::Key(d) => Some(format!("d:{d}")),
+            Node::Entry(bytes) => {
+                crate::Key::from_bytes(bytes).map(|k| format!("e:{}", k.to_text(max_key_length)))
+            }
+        }
+    }
+
+    /// The dependency key of a dependency node.
+    pub(crate) fn dependency_key(&self) -> Option<String> {
+        match self {
+            Node::Key(d) => Some(d.to_string()),
+            Node::Entry(_) => None,
+        }
+    }
+}
+
 /// Something an entry can depend on: a dependency key, with the keys invalidated along
 /// with it (its cascade). Built from strings and from any [`CacheDependency`].
 ///

@@ -57,7 +57,10 @@ pub(crate) use key::Key;
 pub use key::{key_text, CacheKey, KeyWriter};
 pub use memory::{MemoryBackend, WeighFn};
 pub use profile::Expiration;
-pub use remote::{BoxFuture, RemoteError, RemoteKey, RemoteStore, FORMAT_VERSION};
+pub use remote::{
+    BoxFuture, Fetched, LinkedWrite, RemoteError, RemoteGraph, RemoteKey, RemoteStore,
+    FORMAT_VERSION,
+};
 pub use service::{
     invalidate_dependency, shutdown, stats, Backend, CachingService, CachingServiceBuilder,
     ConfigError, FunctionStats, InstallError, Profile, ShutdownReport, Stats,

@@ -60,7 +60,7 @@ pub trait RemoteStore: Send + Sync + 'static {
         &'a self,
         key: RemoteKey<'a>,
         touch: Option<Duration>,
-    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>>;
+    ) -> BoxFuture<'a, Result<Fetched, RemoteError>>;
 
     /// Queues a write of `value` under `key`, expiring after `ttl`. Never waits: when
     /// the queue is full, the write is dropped and counted.
@@ -83,6 +83,68 @@ pub trait RemoteStore: Send + Sync + 'static {
 
     /// The expiry of entries whose function and profile give none.
     fn default_ttl(&self) -> Duration;
+
+    /// The store's dependency graph, if it keeps one: then every value is written
+    /// with its links through it, and invalidations walk it. Without one, values
+    /// that have dependencies are kept in the in-process tier only.
+    fn graph(&self) -> Option<&dyn RemoteGraph> {
+        None
+    }
+}
+
+/// What a read of the remote tier found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fetched {
+    /// The bytes, if the entry is there.
+    pub value: Option<Vec<u8>>,
+    /// With a [`RemoteGraph`]: the store's invalidation count as of the read, which a
+    /// later [`LinkedWrite`] of the same call carries as `since`. Otherwise 0.
+    pub epoch: u64,
+}
+
+impl From<Option<Vec<u8>>> for Fetched {
+    fn from(value: Option<Vec<u8>>) -> Self {
+        Fetched { value, epoch: 0 }
+    }
+}
+
+/// A value to write with what it depends on, unless an invalidation reached the entry
+/// or one of its links after `since`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkedWrite {
+    /// The entry's readable key.
+    pub key: String,
+    /// The encoded value.
+    pub value: Vec<u8>,
+    /// Its expiry.
+    pub ttl: Duration,
+    /// What it depends on: `d:{dependency}` and `e:{readable key}` (another entry).
+    pub links: Vec<String>,
+    /// Dependencies invalidated along with a dependency (`CacheDependency::cascade`):
+    /// the dependency key, then the keys of its cascade.
+    pub cascades: Vec<(String, Vec<String>)>,
+    /// The invalidation count read before the value was computed ([`Fetched::epoch`];
+    /// 0 when unknown: then any recent invalidation of the entry or a link drops it).
+    pub since: u64,
+}
+
+/// A dependency graph kept by the remote store, so that an invalidation on any
+/// instance removes every dependent entry from the store.
+pub trait RemoteGraph: Send + Sync {
+    /// Queues a conditional write of a value with its links, replacing the links the
+    /// entry had (never waits).
+    fn set_linked(&self, write: LinkedWrite);
+
+    /// Removes the entries among `start` (nodes `e:{key}`) and every entry that
+    /// depends on a node of `start` (`e:{key}` or `d:{dependency}`), transitively,
+    /// except `keep` (an entry just replaced); marks every node reached, so that a
+    /// value computed across this call is not written. Ordered behind the writes
+    /// queued before it. Returns the readable keys of the entries removed.
+    fn invalidate(
+        &self,
+        start: Vec<String>,
+        keep: Option<String>,
+    ) -> BoxFuture<'_, Result<Vec<String>, RemoteError>>;
 }
 
 /// What [`shutdown`](crate::shutdown) did.

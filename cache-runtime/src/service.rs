@@ -242,67 +242,61 @@ impl Inner {
     /// under `nodes` (entry nodes) and everything that depends on `nodes`, here; what
     /// it returns completes it in the shared tiers ([`Inner::complete`]).
     pub(crate) fn invalidate(&self, nodes: Vec<Node>) -> Pending {
-        let mut items = Vec::new();
         let mut named: Vec<Arc<[u8]>> = Vec::new();
+        let mut dependencies = Vec::new();
         for n in &nodes {
             match n {
                 Node::Entry(k) => named.push(k.clone()),
-                Node::Key(d) => items.push(Item::Dependency(d.to_string())),
+                Node::Key(d) => dependencies.push(d.to_string()),
             }
         }
-        let removed = self.invalidating(nodes, true);
-        named.extend(removed);
-        self.pending(named, items, Item::Removed, false)
+        named.extend(self.invalidating(nodes, true));
+        self.pending(named, dependencies, None)
     }
 
     /// Removes the entries depending on the entry `key`, not the entry itself (its
     /// value was just replaced, by a refresh).
     pub(crate) fn invalidate_dependents(&self, key: &[u8]) -> Pending {
         let removed = self.invalidating(vec![Node::Entry(key.into())], false);
-        let mut pending = self.pending(removed, Vec::new(), Item::Removed, true);
-        if self.bus.is_some() {
-            if let Some(k) = crate::Key::from_bytes(key) {
-                pending
-                    .items
-                    .push(Item::Replaced(k.to_text(self.max_key_length)));
-            }
-        }
-        pending
+        self.pending(removed, Vec::new(), Some(key))
     }
 
-    /// What an invalidation leaves to do in the shared tiers.
+    /// What an invalidation leaves to do in the shared tiers: `entries` removed,
+    /// `dependencies` invalidated, and with `replaced`, an entry given a new value.
     fn pending(
         &self,
-        mut keys: Vec<Arc<[u8]>>,
-        mut items: Vec<Item>,
-        kind: fn(String) -> Item,
-        barrier: bool,
+        mut entries: Vec<Arc<[u8]>>,
+        dependencies: Vec<String>,
+        replaced: Option<&[u8]>,
     ) -> Pending {
         if self.remote.is_none() && self.bus.is_none() {
             return Pending::default();
         }
-        keys.sort_unstable();
-        keys.dedup();
-        let texts: Vec<String> = keys
-            .iter()
-            .filter_map(|bytes| crate::Key::from_bytes(bytes))
-            .map(|key| key.to_text(self.max_key_length))
-            .collect();
+        entries.sort_unstable();
+        entries.dedup();
+        let text =
+            |bytes: &[u8]| crate::Key::from_bytes(bytes).map(|k| k.to_text(self.max_key_length));
+        let removed: Vec<String> = entries.iter().filter_map(|k| text(k)).collect();
+        let replaced = replaced.and_then(text);
+        let mut items = Vec::new();
         if self.bus.is_some() {
-            items.extend(texts.iter().cloned().map(kind));
+            items.extend(dependencies.iter().cloned().map(Item::Dependency));
+            items.extend(removed.iter().cloned().map(Item::Removed));
+            items.extend(replaced.iter().cloned().map(Item::Replaced));
+        }
+        if self.remote.is_none() {
+            return Pending {
+                items,
+                ..Pending::default()
+            };
         }
         Pending {
-            remote: if self.remote.is_some() {
-                texts
-            } else {
-                Vec::new()
-            },
-            items: if self.bus.is_some() {
-                items
-            } else {
-                Vec::new()
-            },
-            barrier: barrier && self.remote.is_some(),
+            // a replaced entry waits for its write, even with nothing to remove
+            barrier: replaced.is_some(),
+            removed,
+            dependencies,
+            replaced,
+            items,
         }
     }
 
@@ -344,31 +338,64 @@ impl Inner {
     }
 
     /// Completes an invalidation in the shared tiers: removes its entries from the
-    /// remote tier (after any write of them queued before), then tells the other
+    /// remote tier (after any write of them queued before; with a remote graph, their
+    /// dependents too, which are then dropped here as well), then tells the other
     /// instances. Failures are counted and logged, never returned.
     ///
     /// Bounded by the remote store's timeout: when the removal failed (the store is
     /// down or slow), the publication is left to a task of its own.
     pub(crate) async fn complete(self: &Arc<Self>, pending: Pending) {
-        let mut removed = true;
-        if let Some(remote) = &self.remote {
-            if !pending.remote.is_empty() || pending.barrier {
-                if let Err(e) = remote.remove(pending.remote).await {
-                    removed = false;
+        let Pending {
+            removed,
+            dependencies,
+            replaced,
+            mut items,
+            barrier,
+        } = pending;
+        let mut done = true;
+        match self.remote.as_ref().map(|r| (r, r.graph())) {
+            Some((_, Some(graph))) => {
+                let mut start: Vec<String> = removed.iter().map(|t| format!("e:{t}")).collect();
+                start.extend(dependencies.iter().map(|d| format!("d:{d}")));
+                start.extend(replaced.iter().map(|t| format!("e:{t}")));
+                if !start.is_empty() {
+                    match graph.invalidate(start, replaced).await {
+                        Ok(found) => {
+                            // entries only the remote graph knew to depend on these
+                            let known: HashSet<&String> = removed.iter().collect();
+                            let extra: Vec<String> =
+                                found.into_iter().filter(|t| !known.contains(t)).collect();
+                            self.remove_local(&extra);
+                            if self.bus.is_some() {
+                                items.extend(extra.into_iter().map(Item::Removed));
+                            }
+                        }
+                        Err(e) => {
+                            done = false;
+                            self.warn
+                                .warn(format_args!("invalidating in the remote graph failed: {e}"));
+                        }
+                    }
+                }
+            }
+            Some((remote, None)) if !removed.is_empty() || barrier => {
+                if let Err(e) = remote.remove(removed).await {
+                    done = false;
                     self.warn
                         .warn(format_args!("removing invalidated entries failed: {e}"));
                 }
             }
+            _ => {}
         }
-        let Some(bus) = self.bus.clone().filter(|_| !pending.items.is_empty()) else {
+        let Some(bus) = self.bus.clone().filter(|_| !items.is_empty()) else {
             return;
         };
-        match (removed, tokio::runtime::Handle::try_current()) {
+        match (done, tokio::runtime::Handle::try_current()) {
             (false, Ok(handle)) => {
                 let inner = self.clone();
-                handle.spawn(async move { inner.publish(&bus, pending.items).await });
+                handle.spawn(async move { inner.publish(&bus, items).await });
             }
-            _ => self.publish(&bus, pending.items).await,
+            _ => self.publish(&bus, items).await,
         }
     }
 
@@ -397,22 +424,7 @@ impl Inner {
         let mut nodes = Vec::new();
         for item in message.items {
             match item {
-                Item::Removed(text) | Item::Replaced(text) => {
-                    if let Some(key) = self.memory.key_of(&text) {
-                        nodes.push(Node::Entry(key.into()));
-                    }
-                    // a call computing it now may have read the old value
-                    let renders_to = |bytes: &[u8]| {
-                        crate::Key::from_bytes(bytes)
-                            .is_some_and(|k| k.to_text(self.max_key_length) == text)
-                    };
-                    nodes.extend(
-                        self.flights
-                            .keys_matching(renders_to)
-                            .into_iter()
-                            .map(Node::Entry),
-                    );
-                }
+                Item::Removed(text) | Item::Replaced(text) => nodes.extend(self.nodes_named(&text)),
                 Item::Dependency(d) => nodes.push(Node::Key(d.into())),
                 Item::Clear => self.clear_local(),
             }
@@ -420,6 +432,32 @@ impl Inner {
         if !nodes.is_empty() {
             self.invalidating(nodes, true);
         }
+    }
+
+    /// Removes here, locally only, the entries named by readable keys.
+    fn remove_local(&self, texts: &[String]) {
+        let nodes: Vec<Node> = texts.iter().flat_map(|t| self.nodes_named(t)).collect();
+        if !nodes.is_empty() {
+            self.invalidating(nodes, true);
+        }
+    }
+
+    /// The entry held under the readable key `text`, and the running flights of it
+    /// (a call computing it now may have read the old value).
+    fn nodes_named(&self, text: &str) -> Vec<Node> {
+        let renders_to = |bytes: &[u8]| {
+            crate::Key::from_bytes(bytes).is_some_and(|k| k.to_text(self.max_key_length) == text)
+        };
+        let mut nodes: Vec<Node> = self
+            .flights
+            .keys_matching(renders_to)
+            .into_iter()
+            .map(Node::Entry)
+            .collect();
+        if let Some(key) = self.memory.key_of(text) {
+            nodes.push(Node::Entry(key.into()));
+        }
+        nodes
     }
 
     /// Clears the in-process tier because invalidations may have been missed.
@@ -434,7 +472,13 @@ impl Inner {
 #[derive(Default)]
 #[must_use = "the shared tiers still hold these entries: pass this to `Inner::complete`"]
 pub(crate) struct Pending {
-    remote: Vec<String>,
+    /// Readable keys of the entries to remove from the remote tier.
+    removed: Vec<String>,
+    /// Dependencies invalidated (for a remote graph).
+    dependencies: Vec<String>,
+    /// The entry a refresh replaced: its dependents go, it stays.
+    replaced: Option<String>,
+    /// What to publish.
     items: Vec<Item>,
     /// Wait for the remote tier's queued writes even with nothing to remove.
     barrier: bool,
@@ -442,7 +486,10 @@ pub(crate) struct Pending {
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.remote.is_empty() && self.items.is_empty() && !self.barrier
+        self.removed.is_empty()
+            && self.dependencies.is_empty()
+            && self.items.is_empty()
+            && !self.barrier
     }
 }
 

@@ -41,6 +41,9 @@ pub struct FunctionStats {
     pub decode_errors: u64,
     /// Values larger than the remote store's limit: returned, not stored remotely.
     pub oversized: u64,
+    /// Values kept in the in-process tier only because they have dependencies and
+    /// the remote store keeps no dependency graph (`dependencies(false)`).
+    pub local_only: u64,
 }
 
 impl FunctionStats {
@@ -55,6 +58,7 @@ impl FunctionStats {
         self.config_errors += o.config_errors;
         self.decode_errors += o.decode_errors;
         self.oversized += o.oversized;
+        self.local_only += o.local_only;
     }
 }
 
@@ -104,9 +108,10 @@ pub(crate) enum Counter {
     ConfigError,
     DecodeError,
     Oversized,
+    LocalOnly,
 }
 
-const COUNTERS: usize = 9;
+const COUNTERS: usize = 10;
 
 /// Number of threads that count without atomic read-modify-write at a time.
 pub(crate) const SLOTS: usize = 16;
@@ -201,6 +206,7 @@ impl Counters {
             config_errors: get(Counter::ConfigError),
             decode_errors: get(Counter::DecodeError),
             oversized: get(Counter::Oversized),
+            local_only: get(Counter::LocalOnly),
         }
     }
 }

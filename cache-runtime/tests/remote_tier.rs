@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cache_runtime::{
-    cached, invalidate_cache, Backend, BoxFuture, CachingService, MemoryBackend, RemoteError,
-    RemoteKey, RemoteStore, ShutdownReport,
+    cached, invalidate_cache, Backend, BoxFuture, CachingService, Fetched, MemoryBackend,
+    RemoteError, RemoteKey, RemoteStore, ShutdownReport,
 };
 
 /// Value and expiry, by key.
@@ -37,7 +37,7 @@ impl RemoteStore for Store {
         &'a self,
         key: RemoteKey<'a>,
         touch: Option<Duration>,
-    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>> {
+    ) -> BoxFuture<'a, Result<Fetched, RemoteError>> {
         Box::pin(async move {
             self.gets.fetch_add(1, Ordering::SeqCst);
             if self.down.load(Ordering::SeqCst) {
@@ -47,7 +47,9 @@ impl RemoteStore for Store {
                 self.touches.lock().unwrap().push(t);
             }
             let data = self.data.lock().unwrap();
-            Ok(key.with_text(|key| data.get(key).map(|(v, _)| v.clone())))
+            Ok(key
+                .with_text(|key| data.get(key).map(|(v, _)| v.clone()))
+                .into())
         })
     }
     fn set(&self, key: String, value: Vec<u8>, ttl: Duration) {

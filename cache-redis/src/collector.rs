@@ -1,0 +1,343 @@
+//! The dependency collector: keeps the graph of `RedisBackend::dependencies(true)`
+//! clean when values expire or are evicted, and the full collection that repairs a
+//! whole prefix.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::backend::{client, RedisBackendError};
+use crate::bus::{PING_EVERY, PING_TIMEOUT};
+use crate::graph::{check_settings, collect_all, glob_escape, CollectionReport, GraphKeys};
+
+const FIRST_RETRY: Duration = Duration::from_millis(25);
+const MAX_RETRY: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Repairs the dependency graph of the prefix `key_prefix` on the server at `url`:
+/// forward sets without a value, entries whose links are incomplete, reverse-set
+/// members whose value is gone, cascades nothing depends on. Scans in bounded batches;
+/// idempotent; safe while instances and collectors run. Run it after every collector
+/// was down for a while (a collector runs one itself when it starts and after it lost
+/// its subscription).
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let report = cache_redis::full_collection("redis://127.0.0.1:6379/0", "shop").await?;
+/// println!("removed {} orphans", report.removed());
+/// # Ok(()) }
+/// ```
+pub async fn full_collection(
+    url: &str,
+    key_prefix: &str,
+) -> Result<CollectionReport, RedisBackendError> {
+    let client = client(url, None)?;
+    let mut con = connect(&client).await?;
+    collect_all(&mut con, &GraphKeys::new(key_prefix, Duration::ZERO))
+        .await
+        .map_err(|e| RedisBackendError::Command(e.0))
+}
+
+async fn connect(
+    client: &redis::Client,
+) -> Result<redis::aio::MultiplexedConnection, RedisBackendError> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|source| RedisBackendError::Connect {
+            addr: client.get_connection_info().addr().to_string(),
+            source,
+        })
+}
+
+/// Configures a [`DependencyCollector`].
+#[must_use = "call `.start().await`"]
+pub struct DependencyCollectorBuilder {
+    url: String,
+    key_prefix: String,
+    root_certificate: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for DependencyCollectorBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DependencyCollectorBuilder")
+            .field("key_prefix", &self.key_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DependencyCollectorBuilder {
+    /// The prefix whose graph it keeps, as given to `RedisBackend::key_prefix`.
+    /// Default: `cache`.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// For `rediss://` URLs: trust this certificate (PEM).
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificate = Some(pem.into());
+        self
+    }
+
+    /// Checks the server's settings, subscribes to expiry and eviction events, runs a
+    /// full collection, and goes on in a task of its own until stopped.
+    pub async fn start(self) -> Result<DependencyCollector, RedisBackendError> {
+        let client = client(&self.url, self.root_certificate.as_deref())?;
+        let addr = client.get_connection_info().addr().to_string();
+        let mut con = connect(&client).await?;
+        check_settings(&mut con)
+            .await
+            .map_err(|problem| RedisBackendError::ServerSettings { addr, problem })?;
+        let counts = Arc::new(Counts::default());
+        let (stop, stopped) = watch::channel(false);
+        let (ready_tx, mut ready) = watch::channel(false);
+        let worker = Worker {
+            db: client.get_connection_info().redis_settings().db(),
+            client,
+            keys: GraphKeys::new(&self.key_prefix, Duration::ZERO),
+            con,
+            counts: counts.clone(),
+        };
+        let task = tokio::spawn(worker.run(stopped, ready_tx));
+        let subscribed = tokio::time::timeout(CONNECT_TIMEOUT * 2, ready.wait_for(|r| *r)).await;
+        if !matches!(subscribed, Ok(Ok(_))) {
+            task.abort();
+            return Err(RedisBackendError::Command(
+                "the collector could not subscribe to keyspace notifications".into(),
+            ));
+        }
+        Ok(DependencyCollector { task, stop, counts })
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    collected: AtomicU64,
+    full_collections: AtomicU64,
+    repaired: AtomicU64,
+    subscriptions_lost: AtomicU64,
+}
+
+/// Removes the links of values that expire or are evicted, from Redis's keyspace
+/// notifications, for one key prefix. Several may run at once (each step re-checks
+/// what it removes). After a lost subscription it resubscribes and runs a full
+/// collection, since it may have missed notifications.
+///
+/// ```no_run
+/// use cache_redis::DependencyCollector;
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let collector = DependencyCollector::builder("redis://127.0.0.1:6379/0")
+///     .key_prefix("shop")
+///     .start()
+///     .await?;
+/// /* ... */
+/// collector.stop().await;
+/// # Ok(()) }
+/// ```
+///
+/// Also a binary: `cargo run -p cache-redis --bin cache-redis-gc -- --url ... --prefix ...`.
+pub struct DependencyCollector {
+    task: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    counts: Arc<Counts>,
+}
+
+impl fmt::Debug for DependencyCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DependencyCollector")
+            .field("collected", &self.collected())
+            .field("full_collections", &self.full_collections())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DependencyCollector {
+    /// Starts configuring a collector for the server at `url`.
+    pub fn builder(url: impl Into<String>) -> DependencyCollectorBuilder {
+        DependencyCollectorBuilder {
+            url: url.into(),
+            key_prefix: "cache".into(),
+            root_certificate: None,
+        }
+    }
+
+    /// Entries whose links it removed after their value expired or was evicted.
+    pub fn collected(&self) -> u64 {
+        self.counts.collected.load(Ordering::Relaxed)
+    }
+
+    /// Full collections it ran (one at start, one after each lost subscription).
+    pub fn full_collections(&self) -> u64 {
+        self.counts.full_collections.load(Ordering::Relaxed)
+    }
+
+    /// Orphans its full collections removed.
+    pub fn repaired(&self) -> u64 {
+        self.counts.repaired.load(Ordering::Relaxed)
+    }
+
+    /// Times its subscription was lost.
+    pub fn subscriptions_lost(&self) -> u64 {
+        self.counts.subscriptions_lost.load(Ordering::Relaxed)
+    }
+
+    /// Stops it, after the step it is running.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Resolves once the collector is told to stop.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
+
+struct Worker {
+    client: redis::Client,
+    db: i64,
+    keys: GraphKeys,
+    con: redis::aio::MultiplexedConnection,
+    counts: Arc<Counts>,
+}
+
+impl Worker {
+    async fn run(mut self, mut stop: watch::Receiver<bool>, ready: watch::Sender<bool>) {
+        let mut delay = FIRST_RETRY;
+        let mut first = true;
+        loop {
+            let subscribed = tokio::select! {
+                s = self.subscribe() => s,
+                _ = stopped(&mut stop) => return,
+            };
+            match subscribed {
+                Ok((mut sink, mut stream)) => {
+                    delay = FIRST_RETRY;
+                    if !std::mem::take(&mut first) {
+                        // the command connection went down with the subscription
+                        match connect(&self.client).await {
+                            Ok(con) => self.con = con,
+                            Err(_) => continue,
+                        }
+                    }
+                    ready.send_replace(true);
+                    // whatever expired while it was not listening
+                    self.full_collection().await;
+                    let mut ping = tokio::time::interval(PING_EVERY);
+                    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tokio::select! {
+                            _ = stopped(&mut stop) => return,
+                            msg = stream.next() => match msg {
+                                Some(msg) => self.on_event(&msg).await,
+                                None => break,
+                            },
+                            _ = ping.tick() => {
+                                let alive = tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await;
+                                if !matches!(alive, Ok(Ok(_))) {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    self.counts
+                        .subscriptions_lost
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(target: "cache_redis", "dependency collector: subscription lost; resubscribing, then a full collection");
+                }
+                Err(e) => {
+                    tracing::debug!(target: "cache_redis", error = %e, "dependency collector: subscribing failed");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stopped(&mut stop) => return,
+            }
+            delay = (delay * 2).min(MAX_RETRY);
+        }
+    }
+
+    async fn subscribe(
+        &self,
+    ) -> Result<(redis::aio::PubSubSink, redis::aio::PubSubStream), redis::RedisError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let (mut sink, stream) = self.client.get_async_pubsub().await?.split();
+            let db = self.db;
+            // keyspace events of the value keys (`K`), and key events (`E`)
+            sink.psubscribe(format!(
+                "__keyspace@{db}__:{}*",
+                glob_escape(&self.keys.values)
+            ))
+            .await?;
+            sink.subscribe(&[
+                format!("__keyevent@{db}__:expired"),
+                format!("__keyevent@{db}__:evicted"),
+            ])
+            .await?;
+            Ok((sink, stream))
+        })
+        .await
+        .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "subscribing timed out")))?
+    }
+
+    /// A value key expired or was evicted: its links go, unless it was set again.
+    async fn on_event(&mut self, msg: &redis::Msg) {
+        let channel = msg.get_channel_name();
+        let payload: String = msg.get_payload().unwrap_or_default();
+        let key = if let Some(rest) = channel.strip_prefix("__keyspace@") {
+            if payload != "expired" && payload != "evicted" {
+                return;
+            }
+            match rest.split_once("__:") {
+                Some((_, key)) => key.to_owned(),
+                None => return,
+            }
+        } else {
+            payload
+        };
+        let Some(entry) = key.strip_prefix(self.keys.values.as_str()) else {
+            return;
+        };
+        match self
+            .keys
+            .collect(entry)
+            .query_async::<i64>(&mut self.con)
+            .await
+        {
+            Ok(1) => {
+                self.counts.collected.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(target: "cache_redis", error = %e, "dependency collector: collecting `{entry}` failed (the next full collection repairs it)");
+            }
+        }
+    }
+
+    async fn full_collection(&mut self) {
+        match collect_all(&mut self.con, &self.keys).await {
+            Ok(report) => {
+                self.counts.full_collections.fetch_add(1, Ordering::Relaxed);
+                self.counts
+                    .repaired
+                    .fetch_add(report.removed(), Ordering::Relaxed);
+                if report.removed() > 0 {
+                    tracing::info!(target: "cache_redis", ?report, "dependency collector: full collection repaired orphans");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(target: "cache_redis", error = %e.0, "dependency collector: full collection failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! The dependency graph in Redis (`RedisBackend::dependencies(true)`), its scripts,
+//! the server settings it needs, and the full collection.
+//!
+//! Layout, for the key prefix `p`:
+//! - `p:{format}:{key}`: the value, always with an expiry (the value key of the
+//!   backend);
+//! - `p:g:links:{key}`: what the entry depends on, a set of nodes, without expiry;
+//! - `p:g:rev:{node}`: the entries depending on a node, a set of keys, without expiry;
+//!   nodes are `d:{dependency}` and `e:{key}` (another entry);
+//! - `p:g:cascade:{dependency}`: dependencies invalidated along with it, while an
+//!   entry depends on it;
+//! - `p:g:epoch`: the invalidation count, and `p:g:mark:{node}`: the count of the
+//!   last invalidation that reached a node, kept for the marker lifetime, so that a
+//!   value computed across an invalidation on any instance is not written.
+//!
+//! Every change of the graph is one Lua script, so it is atomic; the scripts build
+//! the keys they touch from the prefix, which is why the graph needs one Redis (not
+//! a cluster). Graph keys have no expiry, which is why the server must evict by
+//! `volatile-lru` or `volatile-random` (never a graph key), and why a collector
+//! removes the links of values that expire or are evicted.
+
+use std::time::Duration;
+
+use cache_runtime::RemoteError;
+
+/// Removes an entry's links: takes it out of its nodes' reverse sets (a cascade goes
+/// with the last entry depending on its dependency) and deletes its forward set.
+const UNLINK: &str = r#"
+local G, P = ARGV[1], ARGV[2]
+local function unlink(e)
+  local fwd = G .. 'links:' .. e
+  for _, node in ipairs(redis.call('SMEMBERS', fwd)) do
+    local rev = G .. 'rev:' .. node
+    redis.call('SREM', rev, e)
+    if string.sub(node, 1, 2) == 'd:' and redis.call('EXISTS', rev) == 0 then
+      redis.call('DEL', G .. 'cascade:' .. string.sub(node, 3))
+    end
+  end
+  redis.call('DEL', fwd)
+end
+"#;
+
+/// ARGV: G, P, key, value, ttl ms, since, n, n links, then per cascade: dependency,
+/// count, keys. Writes the value with its links, replacing the old ones, unless a
+/// marker of the entry or of a link is newer than `since`, or `since` is above the
+/// server's count (it restarted and lost its markers). Returns 1 if written.
+const WRITE: &str = r#"
+local e, since, n = ARGV[3], tonumber(ARGV[6]), tonumber(ARGV[7])
+-- a count above the server's: it restarted since the read, its markers are gone
+if since > tonumber(redis.call('GET', G .. 'epoch') or 0) then return 0 end
+local function newer(node)
+  local m = redis.call('GET', G .. 'mark:' .. node)
+  return m and tonumber(m) > since
+end
+if newer('e:' .. e) then return 0 end
+for i = 8, 7 + n do
+  if newer(ARGV[i]) then return 0 end
+end
+unlink(e)
+redis.call('SET', P .. e, ARGV[4], 'PX', ARGV[5])
+for i = 8, 7 + n do
+  redis.call('SADD', G .. 'links:' .. e, ARGV[i])
+  redis.call('SADD', G .. 'rev:' .. ARGV[i], e)
+end
+local i = 8 + n
+while i <= #ARGV do
+  local d, c = ARGV[i], tonumber(ARGV[i + 1])
+  for j = i + 2, i + 1 + c do
+    redis.call('SADD', G .. 'cascade:' .. d, ARGV[j])
+  end
+  i = i + 2 + c
+end
+return 1
+"#;
+
+/// ARGV: G, P, marker ttl ms, kept key ('' for none), start nodes. Walks the reverse
+/// sets from the start nodes, each node once (chains and cycles end), marks every
+/// node reached, removes every entry reached but the kept one, and returns their keys.
+const INVALIDATE: &str = r#"
+local ttl, keep = ARGV[3], ARGV[4]
+local epoch = redis.call('INCR', G .. 'epoch')
+local queue, seen, removed = {}, {}, {}
+for i = 5, #ARGV do queue[#queue + 1] = ARGV[i] end
+local head = 1
+while head <= #queue do
+  local node = queue[head]
+  head = head + 1
+  if not seen[node] then
+    seen[node] = true
+    redis.call('SET', G .. 'mark:' .. node, epoch, 'PX', ttl)
+    local kind, name = string.sub(node, 1, 2), string.sub(node, 3)
+    if kind == 'd:' then
+      for _, c in ipairs(redis.call('SMEMBERS', G .. 'cascade:' .. name)) do
+        queue[#queue + 1] = 'd:' .. c
+      end
+    end
+    for _, e in ipairs(redis.call('SMEMBERS', G .. 'rev:' .. node)) do
+      queue[#queue + 1] = 'e:' .. e
+    end
+    if kind == 'e:' and name ~= keep then
+      redis.call('DEL', P .. name)
+      unlink(name)
+      removed[#removed + 1] = name
+    end
+  end
+end
+return removed
+"#;
+
+/// ARGV: G, P, key. The collector's step for a value that expired or was evicted:
+/// nothing if it was set again or its links are gone already; else removes its links.
+const COLLECT: &str = r#"
+local e = ARGV[3]
+if redis.call('EXISTS', P .. e) == 1 then return 0 end
+if redis.call('EXISTS', G .. 'links:' .. e) == 0 then return 0 end
+unlink(e)
+return 1
+"#;
+
+/// ARGV: G, P, key. Repairs one forward set: without its value, it goes (1); if a
+/// node's reverse set lacks the entry (an invalidation of that node would miss it),
+/// the entry goes, value and links (2); else 0.
+const REPAIR_LINKS: &str = r#"
+local e = ARGV[3]
+local fwd = G .. 'links:' .. e
+if redis.call('EXISTS', fwd) == 0 then return 0 end
+if redis.call('EXISTS', P .. e) == 0 then
+  unlink(e)
+  return 1
+end
+for _, node in ipairs(redis.call('SMEMBERS', fwd)) do
+  if redis.call('SISMEMBER', G .. 'rev:' .. node, e) == 0 then
+    redis.call('DEL', P .. e)
+    unlink(e)
+    return 2
+  end
+end
+return 0
+"#;
+
+/// ARGV: G, P, node, keys. Removes from the node's reverse set the keys whose value
+/// is gone or whose forward set does not name the node; returns how many.
+const REPAIR_REV: &str = r#"
+local node = ARGV[3]
+local rev = G .. 'rev:' .. node
+local n = 0
+for i = 4, #ARGV do
+  local e = ARGV[i]
+  if redis.call('EXISTS', P .. e) == 0 or redis.call('SISMEMBER', G .. 'links:' .. e, node) == 0 then
+    n = n + redis.call('SREM', rev, e)
+  end
+end
+if string.sub(node, 1, 2) == 'd:' and redis.call('EXISTS', rev) == 0 then
+  redis.call('DEL', G .. 'cascade:' .. string.sub(node, 3))
+end
+return n
+"#;
+
+/// ARGV: G, P, dependency. Removes a cascade set nothing depends on any more.
+const REPAIR_CASCADE: &str = r#"
+if redis.call('EXISTS', G .. 'rev:d:' .. ARGV[3]) == 0 then
+  return redis.call('DEL', G .. 'cascade:' .. ARGV[3])
+end
+return 0
+"#;
+
+/// The keys of one prefix's graph.
+#[derive(Clone, Debug)]
+pub(crate) struct GraphKeys {
+    /// `{prefix}:g:`
+    pub(crate) graph: String,
+    /// `{prefix}:{format}:`, the value keys' prefix.
+    pub(crate) values: String,
+    /// How long a marker is kept, in milliseconds.
+    pub(crate) marker_ttl: u64,
+}
+
+impl GraphKeys {
+    pub(crate) fn new(prefix: &str, marker_ttl: Duration) -> Self {
+        GraphKeys {
+            graph: format!("{prefix}:g:"),
+            values: format!("{prefix}:{}:", cache_runtime::FORMAT_VERSION),
+            marker_ttl: u64::try_from(marker_ttl.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        }
+    }
+
+    /// `EVAL` of one of the scripts above, with the common arguments.
+    fn eval(&self, script: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(format!("{UNLINK}{script}"))
+            .arg(0)
+            .arg(&self.graph)
+            .arg(&self.values);
+        cmd
+    }
+
+    /// The conditional write of a value with its links.
+    pub(crate) fn write(&self, w: &cache_runtime::LinkedWrite) -> redis::Cmd {
+        let mut cmd = self.eval(WRITE);
+        cmd.arg(&w.key)
+            .arg(&w.value)
+            .arg(u64::try_from(w.ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg(w.since)
+            .arg(w.links.len())
+            .arg(&w.links);
+        for (dependency, keys) in &w.cascades {
+            cmd.arg(dependency).arg(keys.len()).arg(keys);
+        }
+        cmd
+    }
+
+    /// The transitive invalidation from `start`.
+    pub(crate) fn invalidate(&self, start: &[String], keep: Option<&str>) -> redis::Cmd {
+        let mut cmd = self.eval(INVALIDATE);
+        cmd.arg(self.marker_ttl).arg(keep.unwrap_or("")).arg(start);
+        cmd
+    }
+
+    /// The collector's step for the value of `key`.
+    pub(crate) fn collect(&self, key: &str) -> redis::Cmd {
+        let mut cmd = self.eval(COLLECT);
+        cmd.arg(key);
+        cmd
+    }
+
+    fn repair_links(&self, key: &str) -> redis::Cmd {
+        let mut cmd = self.eval(REPAIR_LINKS);
+        cmd.arg(key);
+        cmd
+    }
+
+    fn repair_rev(&self, node: &str, keys: &[String]) -> redis::Cmd {
+        let mut cmd = self.eval(REPAIR_REV);
+        cmd.arg(node).arg(keys);
+        cmd
+    }
+
+    fn repair_cascade(&self, dependency: &str) -> redis::Cmd {
+        let mut cmd = self.eval(REPAIR_CASCADE);
+        cmd.arg(dependency);
+        cmd
+    }
+}
+
+/// What a [`full_collection`](crate::full_collection) removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CollectionReport {
+    /// Graph keys looked at.
+    pub scanned: u64,
+    /// Forward sets whose value was gone.
+    pub forward_sets: u64,
+    /// Entries (value and links) whose links were incomplete.
+    pub broken_entries: u64,
+    /// Reverse-set members whose value was gone or no longer linked to the node.
+    pub reverse_members: u64,
+    /// Cascade sets nothing depended on any more.
+    pub cascades: u64,
+}
+
+impl CollectionReport {
+    /// Everything removed.
+    pub fn removed(&self) -> u64 {
+        self.forward_sets + self.broken_entries + self.reverse_members + self.cascades
+    }
+}
+
+/// Escapes the glob characters of `SCAN MATCH` in a literal prefix.
+pub(crate) fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// How many keys one `SCAN` step asks for, and how many set members one repair
+/// script checks: bounded batches, so the server is never blocked for long.
+const BATCH: usize = 500;
+
+/// Repairs every orphan of the graph under `keys`: forward sets without a value,
+/// entries whose links are incomplete, reverse-set members whose value is gone or not
+/// linked back, cascade sets nothing depends on. Idempotent; safe while instances run
+/// (every repair is one script that re-checks what it removes).
+pub(crate) async fn collect_all(
+    con: &mut redis::aio::MultiplexedConnection,
+    keys: &GraphKeys,
+) -> Result<CollectionReport, RemoteError> {
+    let mut report = CollectionReport::default();
+    let err = |e: redis::RedisError| RemoteError(e.to_string());
+    let pattern = |kind: &str| format!("{}{kind}*", glob_escape(&keys.graph));
+    // forward sets
+    for key in scan(con, &pattern("links:")).await? {
+        report.scanned += 1;
+        let entry = &key[keys.graph.len() + "links:".len()..];
+        let r: i64 = keys
+            .repair_links(entry)
+            .query_async(con)
+            .await
+            .map_err(err)?;
+        match r {
+            1 => report.forward_sets += 1,
+            2 => report.broken_entries += 1,
+            _ => {}
+        }
+    }
+    // reverse sets
+    for key in scan(con, &pattern("rev:")).await? {
+        report.scanned += 1;
+        let node = &key[keys.graph.len() + "rev:".len()..];
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, members): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(&key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(BATCH)
+                .query_async(con)
+                .await
+                .map_err(err)?;
+            if !members.is_empty() {
+                let n: u64 = keys
+                    .repair_rev(node, &members)
+                    .query_async(con)
+                    .await
+                    .map_err(err)?;
+                report.reverse_members += n;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    // cascades
+    for key in scan(con, &pattern("cascade:")).await? {
+        report.scanned += 1;
+        let dependency = &key[keys.graph.len() + "cascade:".len()..];
+        let n: u64 = keys
+            .repair_cascade(dependency)
+            .query_async(con)
+            .await
+            .map_err(err)?;
+        report.cascades += n;
+    }
+    Ok(report)
+}
+
+/// Every key matching `pattern`, by `SCAN` in bounded steps.
+async fn scan(
+    con: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> Result<Vec<String>, RemoteError> {
+    let mut cursor: u64 = 0;
+    let mut out = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(BATCH)
+            .query_async(con)
+            .await
+            .map_err(|e| RemoteError(e.to_string()))?;
+        out.extend(keys);
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
+    }
+}
+
+/// Checks the server settings the graph and its collector need; `Err` says what is
+/// wrong and which `CONFIG SET` fixes it. A server that refuses `CONFIG GET`
+/// (managed services often do) is accepted with a warning.
+pub(crate) async fn check_settings(
+    con: &mut redis::aio::MultiplexedConnection,
+) -> Result<(), String> {
+    let get = |name: &'static str| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg(name);
+        cmd
+    };
+    let policy: Result<Vec<String>, _> = get("maxmemory-policy").query_async(con).await;
+    let events: Result<Vec<String>, _> = get("notify-keyspace-events").query_async(con).await;
+    let (Ok(policy), Ok(events)) = (policy, events) else {
+        tracing::warn!(target: "cache_redis", "CONFIG GET is not allowed on this server: make sure it runs with `maxmemory-policy volatile-lru` and `notify-keyspace-events Exe`, which the dependency graph and its collector need");
+        return Ok(());
+    };
+    let policy = policy.get(1).map(String::as_str).unwrap_or("");
+    let events = events.get(1).map(String::as_str).unwrap_or("");
+    match policy {
+        "volatile-lru" | "volatile-random" => {}
+        "noeviction" => tracing::warn!(target: "cache_redis", "Redis uses `maxmemory-policy noeviction`: once full it refuses writes (the graph stays whole). `CONFIG SET maxmemory-policy volatile-lru` evicts cache entries instead"),
+        other => {
+            return Err(format!(
+                "Redis evicts with `maxmemory-policy {other}`, which can evict the dependency graph's keys (they have no expiry): run `CONFIG SET maxmemory-policy volatile-lru` (or volatile-random)"
+            ))
+        }
+    }
+    let has = |c: char| events.contains(c) || (events.contains('A') && "xe".contains(c));
+    if !(events.contains('E') || events.contains('K')) || !has('x') || !has('e') {
+        return Err(format!(
+            "Redis sends no expiry and eviction events (`notify-keyspace-events` is `{events}`), which the dependency collector needs: run `CONFIG SET notify-keyspace-events Exe` (or add `Exe` to what is set)"
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,398 @@
+//! The dependency graph in Redis (`RedisBackend::dependencies(true)`), against real
+//! `redis-server` processes: links written with entries, invalidations that reach
+//! every instance's entries through Redis, no stale write-back across instances, the
+//! collector and the full collection.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cache_redis::{full_collection, DependencyCollector, RedisBackend, RedisBackendError};
+use cache_runtime::{add_dependency, cached, invalidate_dependency, CachingService, MemoryBackend};
+use tests::redis_server::RedisServer;
+
+async fn instance(server: &RedisServer, prefix: &str, l1: bool, deps: bool) -> CachingService {
+    let mut b = RedisBackend::builder(server.url())
+        .key_prefix(prefix)
+        .dependencies(deps);
+    if l1 {
+        b = b.l1(MemoryBackend::new());
+    }
+    CachingService::builder()
+        .backend(b.build().await.expect("build"))
+        .build()
+        .unwrap()
+}
+
+async fn keys(server: &RedisServer, pattern: &str) -> Vec<String> {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+static INNER: AtomicU64 = AtomicU64::new(0);
+static MIDDLE: AtomicU64 = AtomicU64::new(0);
+static OUTER: AtomicU64 = AtomicU64::new(0);
+
+#[cached(name = "rd.inner")]
+async fn inner(id: u64) -> u64 {
+    INNER.fetch_add(1, Ordering::SeqCst);
+    add_dependency(format!("row:{id}"));
+    id
+}
+
+#[cached(name = "rd.middle")]
+async fn middle(id: u64) -> u64 {
+    MIDDLE.fetch_add(1, Ordering::SeqCst);
+    inner(id).await + 100
+}
+
+#[cached(name = "rd.outer")]
+async fn outer(id: u64) -> u64 {
+    OUTER.fetch_add(1, Ordering::SeqCst);
+    middle(id).await + 1000
+}
+
+fn runs() -> [u64; 3] {
+    [&OUTER, &MIDDLE, &INNER].map(|c| c.load(Ordering::SeqCst))
+}
+
+/// Serializes the tests counting runs of `outer`, `middle` and `inner`.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A's entries, read by B from Redis (so B's own graph knows nothing), are removed
+/// by B's dependency invalidation from Redis and from A's L1.
+#[tokio::test]
+async fn a_dependency_invalidation_reaches_every_instance_through_redis() {
+    let _serial = SERIAL.lock().await;
+    for l1 in [true, false] {
+        let server = RedisServer::start();
+        let prefix = "dep";
+        let (a, b) = (
+            instance(&server, prefix, l1, true).await,
+            instance(&server, prefix, l1, true).await,
+        );
+        let id = if l1 { 1 } else { 2 };
+        let start = runs();
+        assert_eq!(a.scope(outer(id)).await, 1100 + id);
+        a.shutdown().await;
+        assert_eq!(b.scope(outer(id)).await, 1100 + id);
+        assert_eq!(b.stats().total.l2_hits, 1, "B read it from Redis");
+        let links = keys(&server, "dep:g:links:*").await;
+        assert_eq!(links.len(), 3, "{links:?}");
+
+        b.scope(invalidate_dependency(format!("row:{id}"))).await;
+        assert!(
+            keys(&server, "dep:2:*").await.is_empty(),
+            "the chain left Redis"
+        );
+        assert!(keys(&server, "dep:g:links:*").await.is_empty());
+        assert!(keys(&server, "dep:g:rev:*").await.is_empty());
+        // A's L1 heard about the three entries
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while a.scope(cache_runtime::peek!(outer(id))).await.is_some() {
+            assert!(Instant::now() < deadline, "A's L1 kept outer");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(a.scope(outer(id)).await, 1100 + id);
+        let after = runs();
+        assert_eq!(
+            [
+                after[0] - start[0],
+                after[1] - start[1],
+                after[2] - start[2]
+            ],
+            [2, 2, 2],
+            "l1 = {l1}"
+        );
+    }
+}
+
+/// Chains, cycles and self-dependencies end; a cascade reaches what depends on it.
+#[tokio::test]
+async fn chains_cycles_and_cascades_through_redis() {
+    #[cached(name = "rd.link")]
+    async fn link(n: u64) -> u64 {
+        if n < 8 {
+            link(n + 1).await + 1
+        } else {
+            add_dependency("chain-end");
+            0
+        }
+    }
+    #[cached(name = "rd.cycle")]
+    async fn cycle(n: u64) -> u64 {
+        // each depends on the other's dependency and on itself by name
+        add_dependency(format!("cycle:{}", n % 2));
+        add_dependency(format!("cycle:{}", (n + 1) % 2));
+        n
+    }
+    struct Order(u64);
+    impl cache_runtime::CacheDependency for Order {
+        fn dependency_key(&self) -> String {
+            format!("order:{}", self.0)
+        }
+        fn cascade(&self) -> Vec<cache_runtime::Dependency> {
+            vec![cache_runtime::Dependency::new("customer:9")]
+        }
+    }
+    #[cached(name = "rd.order")]
+    async fn order(id: u64) -> u64 {
+        add_dependency(Order(id));
+        id
+    }
+    #[cached(name = "rd.customer_view")]
+    async fn customer_view() -> u64 {
+        add_dependency("customer:9");
+        9
+    }
+    let server = RedisServer::start();
+    let (a, b) = (
+        instance(&server, "graph", false, true).await,
+        instance(&server, "graph", false, true).await,
+    );
+    a.scope(link(1)).await;
+    a.scope(cycle(0)).await;
+    a.scope(cycle(1)).await;
+    a.scope(order(5)).await;
+    a.scope(customer_view()).await;
+    a.shutdown().await;
+    assert_eq!(keys(&server, "graph:2:*").await.len(), 8 + 2 + 2);
+
+    b.scope(invalidate_dependency("chain-end")).await;
+    assert_eq!(
+        keys(&server, "graph:2:rd.link*").await,
+        Vec::<String>::new()
+    );
+    b.scope(invalidate_dependency("cycle:0")).await;
+    assert_eq!(
+        keys(&server, "graph:2:rd.cycle*").await,
+        Vec::<String>::new()
+    );
+    // invalidating the order cascades to the customer
+    b.scope(invalidate_dependency(&Order(5))).await;
+    assert!(keys(&server, "graph:2:*").await.is_empty());
+    assert!(keys(&server, "graph:g:links:*").await.is_empty());
+    assert!(keys(&server, "graph:g:rev:*").await.is_empty());
+    assert!(keys(&server, "graph:g:cascade:*").await.is_empty());
+}
+
+/// `dependencies(false)`: an entry with dependencies stays in the in-process tier.
+#[tokio::test]
+async fn without_the_graph_entries_with_dependencies_stay_local() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let a = instance(&server, "local", true, false).await;
+    a.scope(outer(3)).await;
+    a.shutdown().await;
+    assert!(
+        keys(&server, "local:*").await.is_empty(),
+        "nothing with dependencies in Redis"
+    );
+    assert_eq!(a.stats().total.local_only, 3);
+    let start = runs();
+    a.scope(invalidate_dependency("row:3")).await;
+    a.scope(outer(3)).await;
+    let after = runs();
+    assert_eq!(
+        [
+            after[0] - start[0],
+            after[1] - start[1],
+            after[2] - start[2]
+        ],
+        [1, 1, 1]
+    );
+}
+
+static GATE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+static ENTERED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+#[cached(name = "rd.slow")]
+async fn slow(id: u64) -> String {
+    add_dependency(format!("slow-row:{id}"));
+    let seen = std::fs::read_to_string(db_path(id)).unwrap_or_default();
+    ENTERED.notify_one();
+    GATE.notified().await;
+    seen
+}
+
+fn db_path(id: u64) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("cache-rs-straddle-{}-{id}", std::process::id()))
+}
+
+/// A value computed on A across B's invalidation (of its key, or of a dependency its
+/// body added) is returned to A's caller but not written to Redis. Without an L1, A
+/// does not subscribe: only the markers of the invalidation keep the write out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_stale_write_back_across_instances() {
+    for (id, by_dependency, l1) in [
+        (1, false, true),
+        (2, true, true),
+        (3, false, false),
+        (4, true, false),
+    ] {
+        let server = RedisServer::start();
+        let (a, b) = (
+            instance(&server, "straddle", l1, true).await,
+            instance(&server, "straddle", l1, true).await,
+        );
+        std::fs::write(db_path(id), "old").unwrap();
+        let running = tokio::spawn(a.scope(slow(id)));
+        ENTERED.notified().await;
+        std::fs::write(db_path(id), "new").unwrap();
+        if by_dependency {
+            b.scope(invalidate_dependency(format!("slow-row:{id}")))
+                .await;
+        } else {
+            b.scope(cache_runtime::invalidate!(slow(id))).await;
+        }
+        GATE.notify_one();
+        assert_eq!(
+            running.await.unwrap(),
+            "old",
+            "A's caller gets what A computed"
+        );
+        a.shutdown().await;
+        assert!(
+            keys(&server, "straddle:2:*").await.is_empty(),
+            "not written"
+        );
+        let fresh = instance(&server, "straddle", true, true).await;
+        let reading = tokio::spawn(fresh.scope(slow(id)));
+        ENTERED.notified().await;
+        GATE.notify_one();
+        assert_eq!(reading.await.unwrap(), "new");
+        let _ = std::fs::remove_file(db_path(id));
+    }
+}
+
+#[tokio::test]
+async fn bad_server_settings_are_named() {
+    let server = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+    let err = RedisBackend::builder(server.url())
+        .dependencies(true)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RedisBackendError::ServerSettings { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("CONFIG SET maxmemory-policy volatile-lru"),
+        "{err}"
+    );
+    let server = RedisServer::start_with(&["--notify-keyspace-events", ""]);
+    let err = DependencyCollector::builder(server.url())
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("CONFIG SET notify-keyspace-events Exe"),
+        "{err}"
+    );
+    // without dependencies, the backend does not need them
+    RedisBackend::builder(server.url()).build().await.unwrap();
+}
+
+#[cached(name = "rd.expiring", ttl = "1s")]
+async fn expiring(id: u64) -> u64 {
+    add_dependency(format!("a:{id}"));
+    add_dependency(format!("b:{id}"));
+    add_dependency("shared");
+    id
+}
+
+/// After 50 entries with three dependencies each expire under a running collector,
+/// no key naming them or their dependencies is left.
+#[tokio::test]
+async fn the_collector_removes_the_links_of_expired_values() {
+    let server = RedisServer::start();
+    let collector = DependencyCollector::builder(server.url())
+        .key_prefix("gc")
+        .start()
+        .await
+        .unwrap();
+    let a = instance(&server, "gc", false, true).await;
+    for id in 0..50 {
+        a.scope(expiring(id)).await;
+    }
+    a.shutdown().await;
+    assert_eq!(keys(&server, "gc:g:links:*").await.len(), 50);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<String> = keys(&server, "gc:*")
+            .await
+            .into_iter()
+            .filter(|k| k != "gc:g:epoch")
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left: {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(collector.collected(), 50);
+    collector.stop().await;
+}
+
+/// Without a collector the graph outlives the values, until a full collection; an
+/// entry set again before collection keeps its new links.
+#[tokio::test]
+async fn a_full_collection_repairs_what_no_collector_saw() {
+    let server = RedisServer::start();
+    let a = instance(&server, "full", false, true).await;
+    for id in 0..20 {
+        a.scope(expiring(id)).await;
+    }
+    a.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    // values gone, the graph still there
+    assert!(keys(&server, "full:2:*").await.is_empty());
+    assert_eq!(keys(&server, "full:g:links:*").await.len(), 20);
+    // set again before any collection
+    a.scope(cache_runtime::refresh!(expiring(0))).await;
+    a.shutdown().await;
+    // a dangling member and an orphan cascade, as a crash might leave
+    server.command(&["SADD", "full:g:rev:d:other", "gone-entry"]);
+    server.command(&["SADD", "full:g:cascade:unused", "x"]);
+    let report = full_collection(&server.url(), "full").await.unwrap();
+    assert_eq!(report.forward_sets, 19, "{report:?}");
+    assert_eq!(report.reverse_members, 1, "{report:?}");
+    assert_eq!(report.cascades, 1, "{report:?}");
+    assert_eq!(
+        keys(&server, "full:g:links:*").await,
+        vec!["full:g:links:rd.expiring:v1(0)".to_owned()],
+        "the entry set again keeps its links"
+    );
+    let again = full_collection(&server.url(), "full").await.unwrap();
+    assert_eq!(again.removed(), 0, "idempotent");
+    // and it is still invalidated through them
+    a.scope(invalidate_dependency("shared")).await;
+    assert!(keys(&server, "full:2:*").await.is_empty());
+}
+
+/// An entry whose reverse link is missing goes with the full collection (an
+/// invalidation of that dependency would miss it).
+#[tokio::test]
+async fn entries_with_incomplete_links_are_removed() {
+    let server = RedisServer::start();
+    let a = instance(&server, "broken", false, true).await;
+    a.scope(expiring(1)).await;
+    a.scope(expiring(2)).await;
+    a.shutdown().await;
+    server.command(&["SREM", "broken:g:rev:d:a:1", "rd.expiring:v1(1)"]);
+    let report = full_collection(&server.url(), "broken").await.unwrap();
+    assert_eq!(report.broken_entries, 1, "{report:?}");
+    assert_eq!(
+        keys(&server, "broken:2:*").await,
+        vec!["broken:2:rd.expiring:v1(2)".to_owned()]
+    );
+}
