@@ -58,8 +58,8 @@ pub struct ValueOps<T> {
     decode: Option<Decode<T>>,
 }
 
-type Encode<T> = fn(&T, u64) -> Result<Vec<u8>, String>;
-type Decode<T> = fn(&[u8]) -> Result<(T, u64), String>;
+type Encode<T> = fn(&T, u64, &[String]) -> Result<Vec<u8>, String>;
+type Decode<T> = fn(&[u8]) -> Result<crate::remote::Decoded<T>, String>;
 
 impl<T> Clone for ValueOps<T> {
     fn clone(&self) -> Self {
@@ -269,7 +269,7 @@ fn read<T>(inner: &Inner, key: &[u8], ops: ValueOps<T>) -> Option<T> {
     let read_at = inner.epoch.load(Ordering::SeqCst);
     inner.memory.get(key, |slot| {
         let value = (ops.from_any)(&slot.value)?;
-        with_frame(|f| f.add_entry(key, slot.deps.as_deref(), read_at));
+        with_frame(|f| f.add_entry(key, slot.deps.as_deref(), read_at, slot.as_of));
         Some(value)
     })
 }
@@ -378,7 +378,12 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
                     self.state.counters.bump(Counter::Miss);
                     let read_at = self.inner.epoch.load(Ordering::SeqCst);
                     with_frame(|f| {
-                        f.add_entry(self.key.as_bytes(), handoff.deps.as_deref(), read_at)
+                        f.add_entry(
+                            self.key.as_bytes(),
+                            handoff.deps.as_deref(),
+                            read_at,
+                            handoff.as_of,
+                        )
                     });
                     Next::Return(K::from_stored(v))
                 }
@@ -410,13 +415,14 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
         let key = self.key.as_bytes();
         let deps: Option<Arc<[Node]>> =
             (!frame.nodes.is_empty()).then(|| frame.nodes.as_slice().into());
+        let as_of = self.as_of(&frame);
         // The calling function read this value as of when it started computing.
-        with_frame(|f| f.add_entry(key, deps.as_deref(), self.epoch));
+        with_frame(|f| f.add_entry(key, deps.as_deref(), self.epoch, as_of));
         // Without a value to store, dropping the leader abandons the flight: a waiter
         // runs the body. So does a value that is out of date: the waiters that joined
         // before the invalidation retry, as callers after it would.
         let value = K::stored(result, self.desc.cache_none)?;
-        let current = self.keep(value, &frame);
+        let current = self.keep(value, &frame, as_of);
         // Entries computed from the old value are out of date.
         let pending = refresh.then(|| self.inner.invalidate_dependents(key));
         if let (Some(leader), true) = (leader, current) {
@@ -424,6 +430,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
                 Arc::new(Handoff {
                     value: (self.ops.into_shared)((self.ops.clone)(value)),
                     deps,
+                    as_of,
                 })
             });
         }
@@ -438,8 +445,17 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     /// that started before the entry was in place may have missed it, so the check
     /// comes after the insert; the remote write is queued under the same check, so an
     /// invalidation either sees it, or queues its removal after it.
-    fn keep(&self, value: &K::Stored, frame: &Frame) -> bool {
-        self.keep_local(value, frame, self.expiration, true)
+    fn keep(&self, value: &K::Stored, frame: &Frame, as_of: u64) -> bool {
+        self.keep_local(value, frame, self.expiration, as_of, true)
+    }
+
+    /// The remote invalidation count as of which a value computed from what `frame`
+    /// read is current: the count read with the entry, or older if an entry the body
+    /// read was older (an in-process copy another instance's invalidation has not
+    /// reached yet must not make a value that passes for newer).
+    fn as_of(&self, frame: &Frame) -> u64 {
+        let fetched = self.remote_epoch.load(Ordering::Relaxed);
+        frame.as_of.map_or(fetched, |a| a.min(fetched))
     }
 
     /// What the value depends on, as the remote graph names it.
@@ -469,11 +485,13 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         value: &K::Stored,
         frame: &Frame,
         expiration: Expiration,
+        as_of: u64,
         write: bool,
     ) -> bool {
         let key = self.key.as_bytes();
         let slot = self.inner.memory.enabled().then(|| {
-            let slot = (self.ops.into_slot)((self.ops.clone)(value), expiration);
+            let mut slot = (self.ops.into_slot)((self.ops.clone)(value), expiration);
+            slot.as_of = as_of;
             let id = slot_id(&slot);
             self.inner.memory.insert(key, slot, Some(frame));
             id
@@ -485,7 +503,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         } else {
             self.inner.if_current(key, self.epoch, frame, || {
                 if write {
-                    self.write_remote(value, frame);
+                    self.write_remote(value, frame, as_of);
                 }
             })
         };
@@ -504,7 +522,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     /// Reads the entry from the remote tier, if there is one and it holds the entry.
     /// A failure or bytes that do not decode are a miss (counted).
     /// Returns the value with the remote entry's deadline (see [`crate::remote::encode`]).
-    async fn read_remote(&self) -> Option<(K::Stored, u64)> {
+    async fn read_remote(&self) -> Option<crate::remote::Decoded<K::Stored>> {
         let (Some(remote), Some(decode)) = (&self.inner.remote, self.ops.decode) else {
             return None;
         };
@@ -550,7 +568,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     /// A value with dependencies goes through the store's graph, with its links; a
     /// store without one does not get it (it could not remove it when a dependency
     /// is invalidated on another instance).
-    fn write_remote(&self, value: &K::Stored, frame: &Frame) {
+    fn write_remote(&self, value: &K::Stored, frame: &Frame, as_of: u64) {
         let (Some(remote), Some(encode)) = (&self.inner.remote, self.ops.encode) else {
             return;
         };
@@ -569,7 +587,8 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
                 (d, crate::remote::deadline_after(d))
             }
         };
-        match encode(value, deadline) {
+        let (links, cascades) = self.links(frame);
+        match encode(value, deadline, &links) {
             Ok(bytes) if bytes.len() > remote.max_value_size() => {
                 c.bump(Counter::Oversized);
                 tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.key, size = bytes.len(), "value over the remote size limit: not stored remotely");
@@ -578,14 +597,13 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
                 let key = self.key.to_text(self.inner.max_key_length);
                 match graph {
                     Some(graph) => {
-                        let (links, cascades) = self.links(frame);
                         graph.set_linked(crate::LinkedWrite {
                             key,
                             value: bytes,
                             ttl,
                             links,
                             cascades,
-                            since: self.remote_epoch.load(Ordering::Relaxed),
+                            since: as_of,
                         });
                     }
                     None => remote.set(key, bytes, ttl),
@@ -606,9 +624,20 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     /// read renewed), links the calling function's entry, hands it to the waiters. A
     /// value invalidated while it was read is returned to this caller (whose call
     /// began before the invalidation) but neither kept nor handed on.
-    fn finish_remote(&self, (value, deadline): (K::Stored, u64), leader: Leader<'_>) -> R {
+    ///
+    /// The value's dependencies, as the remote graph names them, become the entry's:
+    /// a cached function reading it links to them as to those of a value computed here.
+    fn finish_remote(
+        &self,
+        (value, deadline, links): crate::remote::Decoded<K::Stored>,
+        leader: Leader<'_>,
+    ) -> R {
         let key = self.key.as_bytes();
-        with_frame(|f| f.add_entry(key, None, self.epoch));
+        let frame = Frame::of(links.iter().filter_map(|l| Node::from_remote_id(l)));
+        let deps: Option<Arc<[Node]>> =
+            (!frame.nodes.is_empty()).then(|| frame.nodes.as_slice().into());
+        let as_of = self.remote_epoch.load(Ordering::Relaxed);
+        with_frame(|f| f.add_entry(key, deps.as_deref(), self.epoch, as_of));
         let expiration = match deadline {
             0 => self.expiration,
             d => match crate::remote::until(d) {
@@ -616,11 +645,12 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
                 None => return K::from_stored(value), // expired meanwhile
             },
         };
-        if self.keep_local(&value, Frame::EMPTY, expiration, false) {
+        if self.keep_local(&value, &frame, expiration, as_of, false) {
             leader.complete(|| {
                 Arc::new(Handoff {
                     value: (self.ops.into_shared)((self.ops.clone)(&value)),
-                    deps: None,
+                    deps,
+                    as_of,
                 })
             });
         }
@@ -712,7 +742,7 @@ where
     miss_loop!(
         miss,
         path.refresh,
-        None::<(K::Stored, u64)>,
+        None::<crate::remote::Decoded<K::Stored>>,
         collect_sync(body),
         |flight| flight.wait_blocking(miss.lock_timeout),
         |pending| miss.service.complete_detached(pending)

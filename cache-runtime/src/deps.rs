@@ -25,6 +25,9 @@ pub(crate) enum Node {
     Key(Arc<str>),
     /// A cached entry, by its in-process key.
     Entry(Arc<[u8]>),
+    /// A cached entry known by its readable key only: a dependency of an entry read
+    /// from the remote tier, as the remote graph names it.
+    Remote(Arc<str>),
 }
 
 impl Node {
@@ -35,6 +38,16 @@ impl Node {
             Node::Entry(bytes) => {
                 crate::Key::from_bytes(bytes).map(|k| format!("e:{}", k.to_text(max_key_length)))
             }
+            Node::Remote(text) => Some(format!("e:{text}")),
+        }
+    }
+
+    /// The node a remote graph's id names (see [`Node::remote_id`]).
+    pub(crate) fn from_remote_id(id: &str) -> Option<Node> {
+        match id.split_at_checked(2)? {
+            ("d:", d) => Some(Node::Key(d.into())),
+            ("e:", e) => Some(Node::Remote(e.into())),
+            _ => None,
         }
     }
 
@@ -42,7 +55,7 @@ impl Node {
     pub(crate) fn dependency_key(&self) -> Option<String> {
         match self {
             Node::Key(d) => Some(d.to_string()),
-            Node::Entry(_) => None,
+            Node::Entry(_) | Node::Remote(_) => None,
         }
     }
 }
@@ -164,18 +177,23 @@ pub(crate) struct Frame {
     /// body started", since what the body read for it may be older than the call.
     pub(crate) read_at: Vec<u64>,
     pub(crate) cascades: Vec<(Arc<str>, Vec<Node>)>,
+    /// The oldest remote invalidation count as of which an entry read here was
+    /// current (see [`crate::Fetched::epoch`]): a value computed from it is as old.
+    pub(crate) as_of: Option<u64>,
     /// Inside `untracked`: collect nothing.
     suspended: bool,
 }
 
 impl Frame {
-    /// A frame with nothing in it, for values that depend on nothing.
-    pub(crate) const EMPTY: &Frame = &Frame {
-        nodes: Vec::new(),
-        read_at: Vec::new(),
-        cascades: Vec::new(),
-        suspended: false,
-    };
+    /// A frame holding `nodes`, read since the body started.
+    pub(crate) fn of(nodes: impl Iterator<Item = Node>) -> Frame {
+        let nodes: Vec<Node> = nodes.collect();
+        Frame {
+            read_at: vec![0; nodes.len()],
+            nodes,
+            ..Frame::default()
+        }
+    }
 
     fn add(&mut self, node: Node, read_at: u64) {
         if self.suspended {
@@ -217,10 +235,19 @@ impl Frame {
 
     /// Links to another entry, read when the invalidation count was `read_at`: the
     /// entry itself and what it depends on.
-    pub(crate) fn add_entry(&mut self, key: &[u8], deps: Option<&[Node]>, read_at: u64) {
+    ///
+    /// `as_of` is the remote invalidation count as of which the entry was current.
+    pub(crate) fn add_entry(
+        &mut self,
+        key: &[u8],
+        deps: Option<&[Node]>,
+        read_at: u64,
+        as_of: u64,
+    ) {
         if self.suspended {
             return;
         }
+        self.as_of = Some(self.as_of.map_or(as_of, |a| a.min(as_of)));
         self.add(Node::Entry(key.into()), read_at);
         for node in deps.into_iter().flatten() {
             self.add(node.clone(), read_at);
@@ -462,7 +489,7 @@ impl Graph {
             .iter()
             .filter_map(|n| match n {
                 Node::Entry(k) => Some(k.clone()),
-                Node::Key(_) => None,
+                Node::Key(_) | Node::Remote(_) => None,
             })
             .collect();
         let mut seen: HashSet<Node> = HashSet::new();

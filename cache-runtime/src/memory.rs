@@ -53,6 +53,9 @@ pub(crate) struct Slot<V: ?Sized> {
     /// The readable key, kept while the service has an invalidation bus: messages
     /// name entries by it (see [`KeyIndex`]).
     text: Option<Box<str>>,
+    /// The remote invalidation count as of which the value is current (see
+    /// [`crate::deps::Frame::as_of`]).
+    pub(crate) as_of: u64,
     pub(crate) value: V,
 }
 
@@ -79,6 +82,7 @@ impl<V> Slot<V> {
             sliding,
             deps: None,
             text: None,
+            as_of: 0,
             value,
         }
     }
@@ -603,7 +607,7 @@ mod tests {
             .max_entries(64)
             .build(graph.clone(), Some(1024));
         let mut frame = Frame::default();
-        frame.add_entry(b"inner", None, 0);
+        frame.add_entry(b"inner", None, 0, 0);
         let key = |i: u32| crate::registry::test_key(&i.to_string());
         for i in 0..10_000u32 {
             tier.insert(key(i).as_bytes(), slot(i, Expiration::Never), Some(&frame));

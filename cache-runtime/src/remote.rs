@@ -196,24 +196,35 @@ pub(crate) fn until(deadline: u64) -> Option<Duration> {
 }
 
 /// Encodes a value: the header, the entry's deadline (unix milliseconds, little
-/// endian; 0 when it moves with each read), then MessagePack.
-pub(crate) fn encode<T: Serialize>(value: &T, deadline: u64) -> Result<Vec<u8>, String> {
+/// endian; 0 when it moves with each read), what it depends on (a MessagePack array
+/// of remote graph ids, so that an instance reading it links its callers to them as
+/// the writer would), then the value in MessagePack.
+pub(crate) fn encode<T: Serialize>(
+    value: &T,
+    deadline: u64,
+    links: &[String],
+) -> Result<Vec<u8>, String> {
     let mut out = HEADER.to_vec();
     out.extend_from_slice(&deadline.to_le_bytes());
+    rmp_serde::encode::write(&mut out, links).map_err(|e| e.to_string())?;
     rmp_serde::encode::write(&mut out, value).map_err(|e| e.to_string())?;
     Ok(out)
 }
 
-/// Decodes bytes written by the remote tier: the value and its deadline.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, u64), String> {
+/// A decoded remote value: the value, its deadline, what it depends on.
+pub type Decoded<T> = (T, u64, Vec<String>);
+
+/// Decodes bytes written by the remote tier (see `encode`).
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<Decoded<T>, String> {
     let body = bytes
         .strip_prefix(&HEADER)
         .ok_or_else(|| "unknown header".to_owned())?;
-    let (deadline, body) = body
+    let (deadline, mut body) = body
         .split_first_chunk::<8>()
         .ok_or_else(|| "truncated".to_owned())?;
+    let links: Vec<String> = rmp_serde::decode::from_read(&mut body).map_err(|e| e.to_string())?;
     let value = rmp_serde::from_slice(body).map_err(|e| e.to_string())?;
-    Ok((value, u64::from_le_bytes(*deadline)))
+    Ok((value, u64::from_le_bytes(*deadline), links))
 }
 
 /// Logs a remote failure at `warn`, at most once a second (the others are counted).
@@ -255,23 +266,24 @@ mod tests {
             name: "kettle".into(),
             tags: vec!["a".into()],
         };
-        let bytes = encode(&p, 1234).unwrap();
+        let links = vec!["d:order:7".to_owned(), "e:x:v1(1)".to_owned()];
+        let bytes = encode(&p, 1234, &links).unwrap();
         assert_eq!(&bytes[..2], &HEADER);
-        assert_eq!(decode::<Product>(&bytes).unwrap(), (p, 1234));
+        assert_eq!(decode::<Product>(&bytes).unwrap(), (p, 1234, links));
     }
 
     #[test]
     fn foreign_bytes_do_not_decode() {
         assert!(decode::<Product>(b"").is_err());
         assert!(decode::<Product>(b"{\"id\":7}").is_err(), "no header");
-        let mut wrong_version = encode(&1u8, 0).unwrap();
+        let mut wrong_version = encode(&1u8, 0, &[]).unwrap();
         wrong_version[1] = 99;
         assert!(decode::<u8>(&wrong_version).is_err());
-        let truncated = &encode(&"a long enough string".to_owned(), 0).unwrap()[..5];
+        let truncated = &encode(&"a long enough string".to_owned(), 0, &[]).unwrap()[..5];
         assert!(decode::<String>(truncated).is_err());
-        let truncated = &encode(&"a long enough string".to_owned(), 0).unwrap()[..14];
+        let truncated = &encode(&"a long enough string".to_owned(), 0, &[]).unwrap()[..14];
         assert!(decode::<String>(truncated).is_err());
         // another shape of value
-        assert!(decode::<Product>(&encode(&(1u8, 2u8), 0).unwrap()).is_err());
+        assert!(decode::<Product>(&encode(&(1u8, 2u8), 0, &[]).unwrap()).is_err());
     }
 }

@@ -248,9 +248,18 @@ impl Inner {
             match n {
                 Node::Entry(k) => named.push(k.clone()),
                 Node::Key(d) => dependencies.push(d.to_string()),
+                Node::Remote(_) => {}
             }
         }
-        named.extend(self.invalidating(nodes, true));
+        let mut start = nodes;
+        if self.bus.is_some() || self.remote.is_some() {
+            // and what depends on them through entries read from the remote tier
+            start.extend(named.iter().filter_map(|k| {
+                let text = crate::Key::from_bytes(k)?.to_text(self.max_key_length);
+                Some(Node::Remote(text.into()))
+            }));
+        }
+        named.extend(self.invalidating(start, true));
         self.pending(named, dependencies, None)
     }
 
@@ -310,7 +319,7 @@ impl Inner {
         if remove_start {
             keys.extend(start.iter().filter_map(|n| match n {
                 Node::Entry(k) => Some(k.clone()),
-                Node::Key(_) => None,
+                Node::Key(_) | Node::Remote(_) => None,
             }));
         }
         let starting: Vec<Node> = if remove_start {
@@ -329,7 +338,7 @@ impl Inner {
         let removed = self.memory.remove_all(keys);
         self.flights.detach(reached.iter().filter_map(|n| match n {
             Node::Entry(k) => Some(&**k),
-            Node::Key(_) => None,
+            Node::Key(_) | Node::Remote(_) => None,
         }));
         log.record(epoch, reached);
         drop(log);
@@ -457,6 +466,8 @@ impl Inner {
         if let Some(key) = self.memory.key_of(text) {
             nodes.push(Node::Entry(key.into()));
         }
+        // what depends on it through an entry read from the remote tier
+        nodes.push(Node::Remote(text.into()));
         nodes
     }
 

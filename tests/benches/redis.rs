@@ -187,7 +187,7 @@ fn redis(c: &mut Criterion) {
             let key = key_of(id);
             for _ in 0..ops {
                 let bytes = raw_get(&mut con, &key).await.unwrap();
-                let (value, _deadline): (Product, u64) =
+                let (value, _deadline, _links): (Product, u64, Vec<String>) =
                     cache_runtime::__private::decode(&bytes).unwrap();
                 black_box(value);
             }

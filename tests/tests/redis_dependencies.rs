@@ -151,35 +151,68 @@ async fn chains_cycles_and_cascades_through_redis() {
         add_dependency("customer:9");
         9
     }
-    let server = RedisServer::start();
-    let (a, b) = (
-        instance(&server, "graph", false, true).await,
-        instance(&server, "graph", false, true).await,
-    );
-    a.scope(link(1)).await;
-    a.scope(cycle(0)).await;
-    a.scope(cycle(1)).await;
-    a.scope(order(5)).await;
-    a.scope(customer_view()).await;
-    a.shutdown().await;
-    assert_eq!(keys(&server, "graph:2:*").await.len(), 8 + 2 + 2);
+    for l1 in [false, true] {
+        let server = RedisServer::start();
+        let (a, b) = (
+            instance(&server, "graph", l1, true).await,
+            instance(&server, "graph", l1, true).await,
+        );
+        a.scope(link(1)).await;
+        a.scope(cycle(0)).await;
+        a.scope(cycle(1)).await;
+        a.scope(order(5)).await;
+        a.scope(customer_view()).await;
+        a.shutdown().await;
+        assert_eq!(keys(&server, "graph:2:*").await.len(), 8 + 2 + 2);
 
-    b.scope(invalidate_dependency("chain-end")).await;
+        b.scope(invalidate_dependency("chain-end")).await;
+        assert_eq!(
+            keys(&server, "graph:2:rd.link*").await,
+            Vec::<String>::new()
+        );
+        b.scope(invalidate_dependency("cycle:0")).await;
+        assert_eq!(
+            keys(&server, "graph:2:rd.cycle*").await,
+            Vec::<String>::new()
+        );
+        // invalidating the order cascades to the customer
+        b.scope(invalidate_dependency(&Order(5))).await;
+        assert!(keys(&server, "graph:2:*").await.is_empty());
+        assert!(keys(&server, "graph:g:links:*").await.is_empty());
+        assert!(keys(&server, "graph:g:rev:*").await.is_empty());
+        assert!(keys(&server, "graph:g:cascade:*").await.is_empty());
+        assert_eq!(a.local_keys(), Vec::<String>::new(), "A's L1 heard it all");
+    }
+}
+
+/// Replacing an entry replaces its links in Redis.
+#[tokio::test]
+async fn replacing_an_entry_replaces_its_links() {
+    static SOURCE: AtomicU64 = AtomicU64::new(0);
+    #[cached(name = "rd.switching")]
+    async fn switching() -> u64 {
+        let n = SOURCE.load(Ordering::SeqCst);
+        add_dependency(format!("source:{n}"));
+        n
+    }
+    let server = RedisServer::start();
+    let a = instance(&server, "replace", false, true).await;
+    a.scope(switching()).await;
+    SOURCE.store(1, Ordering::SeqCst);
+    a.scope(cache_runtime::refresh!(switching())).await;
+    a.shutdown().await;
     assert_eq!(
-        keys(&server, "graph:2:rd.link*").await,
-        Vec::<String>::new()
+        keys(&server, "replace:g:rev:*").await,
+        vec!["replace:g:rev:d:source:1".to_owned()]
     );
-    b.scope(invalidate_dependency("cycle:0")).await;
+    a.scope(invalidate_dependency("source:0")).await;
     assert_eq!(
-        keys(&server, "graph:2:rd.cycle*").await,
-        Vec::<String>::new()
+        keys(&server, "replace:2:*").await.len(),
+        1,
+        "the old link is gone"
     );
-    // invalidating the order cascades to the customer
-    b.scope(invalidate_dependency(&Order(5))).await;
-    assert!(keys(&server, "graph:2:*").await.is_empty());
-    assert!(keys(&server, "graph:g:links:*").await.is_empty());
-    assert!(keys(&server, "graph:g:rev:*").await.is_empty());
-    assert!(keys(&server, "graph:g:cascade:*").await.is_empty());
+    a.scope(invalidate_dependency("source:1")).await;
+    assert!(keys(&server, "replace:2:*").await.is_empty());
 }
 
 /// `dependencies(false)`: an entry with dependencies stays in the in-process tier.
@@ -300,6 +333,13 @@ async fn bad_server_settings_are_named() {
     );
     // without dependencies, the backend does not need them
     RedisBackend::builder(server.url()).build().await.unwrap();
+    // noeviction is accepted (with a warning): the graph is never evicted
+    let server = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
+    RedisBackend::builder(server.url())
+        .dependencies(true)
+        .build()
+        .await
+        .unwrap();
 }
 
 #[cached(name = "rd.expiring", ttl = "1s")]
@@ -315,11 +355,13 @@ async fn expiring(id: u64) -> u64 {
 #[tokio::test]
 async fn the_collector_removes_the_links_of_expired_values() {
     let server = RedisServer::start();
-    let collector = DependencyCollector::builder(server.url())
-        .key_prefix("gc")
-        .start()
-        .await
-        .unwrap();
+    // two collectors at once
+    let start = || {
+        DependencyCollector::builder(server.url())
+            .key_prefix("gc")
+            .start()
+    };
+    let (collector, other) = (start().await.unwrap(), start().await.unwrap());
     let a = instance(&server, "gc", false, true).await;
     for id in 0..50 {
         a.scope(expiring(id)).await;
@@ -339,7 +381,40 @@ async fn the_collector_removes_the_links_of_expired_values() {
         assert!(Instant::now() < deadline, "left: {left:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(collector.collected(), 50);
+    assert_eq!(collector.collected() + other.collected(), 50);
+    collector.stop().await;
+    other.stop().await;
+}
+
+/// A collector whose subscription is killed resubscribes and runs a full collection
+/// (it may have missed notifications), and goes on collecting.
+#[tokio::test]
+async fn a_collector_recovers_its_subscription() {
+    let server = RedisServer::start();
+    let collector = DependencyCollector::builder(server.url())
+        .key_prefix("gcl")
+        .start()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while collector.full_collections() < 1 {
+        assert!(Instant::now() < deadline, "the collection at start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let a = instance(&server, "gcl", false, true).await;
+    for id in 0..10 {
+        a.scope(expiring(id)).await;
+    }
+    a.shutdown().await;
+    server.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // the values expire while it may not be listening: the full collection or the
+    // notifications remove every link
+    while !keys(&server, "gcl:g:links:*").await.is_empty() || collector.full_collections() < 2 {
+        assert!(Instant::now() < deadline, "{collector:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(collector.subscriptions_lost() >= 1);
     collector.stop().await;
 }
 
@@ -395,4 +470,87 @@ async fn entries_with_incomplete_links_are_removed() {
         keys(&server, "broken:2:*").await,
         vec!["broken:2:rd.expiring:v1(2)".to_owned()]
     );
+}
+
+/// A bus that carries nothing: the instance neither hears others nor is heard, as
+/// while a message is still on its way.
+struct Deaf;
+
+impl cache_runtime::InvalidationBus for Deaf {
+    fn attach(&self, _: cache_runtime::BusReceiver) {}
+    fn publish(
+        &self,
+        _: Vec<u8>,
+    ) -> cache_runtime::BoxFuture<'_, Result<(), cache_runtime::RemoteError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+async fn deaf_instance(server: &RedisServer, prefix: &str) -> CachingService {
+    CachingService::builder()
+        .backend(
+            RedisBackend::builder(server.url())
+                .key_prefix(prefix)
+                .l1(MemoryBackend::new())
+                .dependencies(true)
+                .build()
+                .await
+                .unwrap(),
+        )
+        .sync(Deaf)
+        .build()
+        .unwrap()
+}
+
+static VERSION: AtomicU64 = AtomicU64::new(0);
+
+#[cached(name = "rd.version")]
+async fn version(id: u64) -> u64 {
+    add_dependency(format!("version:{id}"));
+    VERSION.load(Ordering::SeqCst)
+}
+
+#[cached(name = "rd.summary")]
+async fn summary(id: u64) -> u64 {
+    version(id).await
+}
+
+/// B computes a value from its in-process copy of an entry that A has invalidated
+/// (the message has not reached B): the value is as old as that copy, and is not
+/// written to Redis.
+#[tokio::test]
+async fn a_value_computed_from_an_old_in_process_copy_is_not_written() {
+    let server = RedisServer::start();
+    let a = instance(&server, "asof", true, true).await;
+    let b = deaf_instance(&server, "asof").await;
+    VERSION.store(1, Ordering::SeqCst);
+    b.scope(version(1)).await;
+    b.shutdown().await;
+    VERSION.store(2, Ordering::SeqCst);
+    a.scope(cache_runtime::invalidate!(version(1))).await;
+    assert_eq!(b.scope(summary(1)).await, 1, "B read its old copy");
+    b.shutdown().await;
+    assert!(
+        keys(&server, "asof:2:rd.summary*").await.is_empty(),
+        "a value as old as its input stays out of Redis"
+    );
+    assert_eq!(a.scope(summary(1)).await, 2);
+}
+
+/// An entry read from Redis links to what it depends on by readable key: invalidating
+/// that entry here removes it even where Redis no longer links them.
+#[tokio::test]
+async fn entries_read_from_redis_keep_their_links_here() {
+    let server = RedisServer::start();
+    let a = deaf_instance(&server, "remote-links").await;
+    let b = instance(&server, "remote-links", false, true).await;
+    b.scope(summary(7)).await;
+    b.shutdown().await;
+    a.scope(summary(7)).await;
+    assert_eq!(a.stats().total.l2_hits, 1);
+    // B removes summary alone from Redis; A does not hear it
+    b.scope(cache_runtime::invalidate!(summary(7))).await;
+    assert!(a.scope(cache_runtime::peek!(summary(7))).await.is_some());
+    a.scope(cache_runtime::invalidate!(version(7))).await;
+    assert_eq!(a.scope(cache_runtime::peek!(summary(7))).await, None);
 }

@@ -79,7 +79,8 @@ async fn rounds(server: &RedisServer, prefix: &str, l1: bool, base: u64) -> (u64
             .await
             .unwrap();
         if let Some(bytes) = bytes {
-            let (v, _): (u64, u64) = cache_runtime::__private::decode(&bytes).unwrap();
+            let (v, _, _): (u64, u64, Vec<String>) =
+                cache_runtime::__private::decode(&bytes).unwrap();
             if v != 3 {
                 in_redis += 1;
             }

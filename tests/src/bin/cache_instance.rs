@@ -2,8 +2,9 @@
 //! what crosses between instances (`tests/tests/sync_processes.rs`).
 //!
 //! `cache_instance <mode> <cache redis url> <database redis url>`, where mode is `l1`
-//! (`RedisBackend` with an in-process L1), `redis` (`RedisBackend` alone) or `sync`
-//! (`MemoryBackend` with `RedisSync`). The "database" is a second Redis holding rows
+//! (`RedisBackend` with an in-process L1), `redis` (`RedisBackend` alone), `deps`
+//! (`RedisBackend` with an L1 and `.dependencies(true)`) or `sync` (`MemoryBackend`
+//! with `RedisSync`). The "database" is a second Redis holding rows
 //! `db:{id}`. Reads commands on stdin, one per line, and answers each with one line:
 //!
 //! | command | answer |
@@ -18,6 +19,7 @@
 //! | `wait_value ID VALUE MS` | polls `get` every 5 ms until it returns VALUE: milliseconds, or `timeout` |
 //! | `flush` | waits for this instance's queued writes to Redis: `ok` |
 //! | `stats` | `runs=N received=N published=N l1_clears=N` |
+//! | `random SECONDS SEED` | a random mix for SECONDS (see [`random`]): `ops=N reads=N stale=N` |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -58,6 +60,87 @@ async fn write_row(id: u64, value: String) {
         .expect("database write");
 }
 
+/// A row's version: a counter in the database.
+#[cached(name = "inst.version", ttl = "1s")]
+async fn version(id: u64) -> u64 {
+    add_dependency(format!("version:{id}"));
+    db_get_u64(id).await
+}
+
+/// The same version, through a nested cached call (linked to it).
+#[cached(name = "inst.summary", ttl = "3s")]
+async fn summary(id: u64) -> u64 {
+    version(id).await
+}
+
+async fn db_get_u64(id: u64) -> u64 {
+    let mut db = DB.get().expect("database").clone();
+    let v: Option<u64> = redis::cmd("GET")
+        .arg(format!("db:v:{id}"))
+        .query_async(&mut db)
+        .await
+        .expect("database read");
+    v.unwrap_or(0)
+}
+
+/// For `seconds`: reads of `version` and `summary` (80%), and writes that bump a row's
+/// version in the database and then invalidate it by key or by dependency (20%), over
+/// 40 rows. A read that returns a version older than one this instance committed
+/// before the read began is stale.
+async fn random(seconds: Duration, seed: u64) -> String {
+    let mut state = seed.max(1);
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut committed = [0u64; 40];
+    let (mut ops, mut reads, mut stale) = (0u64, 0u64, 0u64);
+    let end = Instant::now() + seconds;
+    while Instant::now() < end {
+        let r = next();
+        let id = (r >> 8) % 40;
+        ops += 1;
+        match r % 10 {
+            0 | 1 => {
+                let mut db = DB.get().expect("database").clone();
+                let v: u64 = redis::cmd("INCR")
+                    .arg(format!("db:v:{id}"))
+                    .query_async(&mut db)
+                    .await
+                    .expect("database write");
+                if r % 10 == 0 {
+                    cache_runtime::invalidate!(version(id)).await;
+                } else {
+                    cache_runtime::invalidate_dependency(format!("version:{id}")).await;
+                }
+                committed[id as usize] = v;
+            }
+            k => {
+                let before = committed[id as usize];
+                let v = if k < 6 {
+                    version(id).await
+                } else {
+                    summary(id).await
+                };
+                reads += 1;
+                if v < before {
+                    stale += 1;
+                    if std::env::var_os("CACHE_INSTANCE_DEBUG").is_some() {
+                        eprintln!(
+                            "stale: {} of {id}: {v} < {before} at {:?} before the end",
+                            if k < 6 { "version" } else { "summary" },
+                            end.saturating_duration_since(Instant::now())
+                        );
+                    }
+                }
+            }
+        }
+    }
+    format!("ops={ops} reads={reads} stale={stale}")
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -73,9 +156,12 @@ async fn main() {
     .ok();
     let builder = CachingService::builder();
     let builder = match mode.as_str() {
-        "l1" | "redis" => {
-            let mut backend = RedisBackend::builder(cache_url.as_str()).key_prefix("inst");
-            if mode == "l1" {
+        "l1" | "redis" | "deps" => {
+            let mut backend = RedisBackend::builder(cache_url.as_str())
+                .key_prefix("inst")
+                .dependencies(mode == "deps")
+                .connect_lazily(true);
+            if mode != "redis" {
                 backend = backend.l1(MemoryBackend::new().max_entries(100_000));
             }
             builder.backend(backend.build().await.expect("cache redis"))
@@ -149,6 +235,7 @@ async fn main() {
                 cache_runtime::shutdown().await;
                 "ok".into()
             }
+            Some("random") => random(Duration::from_secs(num(1)), num(2)).await,
             Some("stats") => {
                 let s = cache_runtime::stats().sync;
                 format!(
