@@ -73,37 +73,83 @@ end
 return 1
 "#;
 
-/// ARGV: G, P, marker ttl ms, kept key ('' for none), start nodes. Walks the reverse
-/// sets from the start nodes, each node once (chains and cycles end), marks every
-/// node reached, removes every entry reached but the kept one, and returns their keys.
+/// ARGV: G, P, marker ttl ms, kept key ('' for none), start nodes. Marks the start
+/// nodes (a value computed before links to them, its links being flattened, so its
+/// write is refused), walks the reverse sets from them a level at a time, each node
+/// once (chains and cycles end), removes every entry reached but the kept one, and
+/// returns their keys. The reverse sets of the nodes walked go whole; the removed
+/// entries leave the reverse sets of their other links. One command per level and
+/// per batch of keys, not per entry.
 const INVALIDATE: &str = r#"
 local ttl, keep = ARGV[3], ARGV[4]
 local epoch = redis.call('INCR', G .. 'epoch')
-local queue, seen, removed = {}, {}, {}
-for i = 5, #ARGV do queue[#queue + 1] = ARGV[i] end
-local head = 1
-while head <= #queue do
-  local node = queue[head]
-  head = head + 1
-  if not seen[node] then
-    seen[node] = true
-    redis.call('SET', G .. 'mark:' .. node, epoch, 'PX', ttl)
-    local kind, name = string.sub(node, 1, 2), string.sub(node, 3)
-    if kind == 'd:' then
-      for _, c in ipairs(redis.call('SMEMBERS', G .. 'cascade:' .. name)) do
-        queue[#queue + 1] = 'd:' .. c
-      end
-    end
-    for _, e in ipairs(redis.call('SMEMBERS', G .. 'rev:' .. node)) do
-      queue[#queue + 1] = 'e:' .. e
-    end
-    if kind == 'e:' and name ~= keep then
-      redis.call('DEL', P .. name)
-      unlink(name)
-      removed[#removed + 1] = name
-    end
+local RD, RE, LK = G .. 'rev:d:', G .. 'rev:e:', G .. 'links:'
+local seen_d, seen_e, removed, dead, deps, entries = {}, {}, {}, {}, {}, {}
+local function chunks(list, f)
+  for i = 1, #list, 1000 do
+    f(unpack(list, i, math.min(i + 999, #list)))
   end
 end
+for i = 5, #ARGV do
+  redis.call('SET', G .. 'mark:' .. ARGV[i], epoch, 'PX', ttl)
+  if string.sub(ARGV[i], 1, 2) == 'd:' then
+    deps[#deps + 1] = string.sub(ARGV[i], 3)
+  else
+    entries[#entries + 1] = string.sub(ARGV[i], 3)
+  end
+end
+while #deps > 0 or #entries > 0 do
+  local revs, next_d, next_e = {}, {}, {}
+  for _, d in ipairs(deps) do
+    if not seen_d[d] then
+      seen_d[d] = true
+      local cascade = G .. 'cascade:' .. d
+      for _, c in ipairs(redis.call('SMEMBERS', cascade)) do
+        next_d[#next_d + 1] = c
+      end
+      dead[#dead + 1] = cascade
+      revs[#revs + 1] = RD .. d
+    end
+  end
+  for _, e in ipairs(entries) do
+    if not seen_e[e] then
+      seen_e[e] = true
+      if e ~= keep then
+        removed[#removed + 1] = e
+        dead[#dead + 1] = P .. e
+      end
+      revs[#revs + 1] = RE .. e
+    end
+  end
+  chunks(revs, function(...)
+    for _, e in ipairs(redis.call('SUNION', ...)) do
+      next_e[#next_e + 1] = e
+    end
+  end)
+  for _, rev in ipairs(revs) do dead[#dead + 1] = rev end
+  deps, entries = next_d, next_e
+end
+local fwds, others = {}, {}
+for _, e in ipairs(removed) do fwds[#fwds + 1] = LK .. e end
+chunks(fwds, function(...)
+  for _, node in ipairs(redis.call('SUNION', ...)) do
+    local name = string.sub(node, 3)
+    if string.sub(node, 1, 2) == 'd:' then
+      if not seen_d[name] then others[node] = true end
+    elseif not seen_e[name] then
+      others[node] = true
+    end
+  end
+end)
+for node in pairs(others) do
+  local rev = G .. 'rev:' .. node
+  chunks(removed, function(...) redis.call('SREM', rev, ...) end)
+  if string.sub(node, 1, 2) == 'd:' and redis.call('EXISTS', rev) == 0 then
+    redis.call('DEL', G .. 'cascade:' .. string.sub(node, 3))
+  end
+end
+for _, f in ipairs(fwds) do dead[#dead + 1] = f end
+chunks(dead, function(...) redis.call('UNLINK', ...) end)
 return removed
 "#;
 

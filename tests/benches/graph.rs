@@ -1,0 +1,175 @@
+//! The dependency graph in Redis (`RedisBackend::dependencies(true)`), against raw
+//! redis-rs commands, in one run on a `redis-server` the benchmark starts:
+//! - invalidating a dependency that 1,000 entries depend on (one script) against a
+//!   pipelined `DEL` of the same 1,000 keys;
+//! - a miss with a dependency (read with the invalidation count, body, queued
+//!   conditional write with links) against a miss without one on a backend without
+//!   the graph (`GET`, body, queued `SET`);
+//! - an L2 hit of an entry with dependencies against a raw `GET` of the same key.
+//!
+//! Run: `cargo bench -p tests --bench graph`
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cache_redis::RedisBackend;
+use cache_runtime::{add_dependency, CachingService};
+use criterion::{criterion_group, criterion_main, Criterion};
+use tests::redis_server::RedisServer;
+use tests::{product, time_loop, Product};
+
+#[cache_runtime::cached(name = "graph.dependent")]
+async fn dependent(id: u64, round: u64) -> u64 {
+    add_dependency(format!("shared:{round}"));
+    id
+}
+
+#[cache_runtime::cached(name = "graph.linked")]
+async fn linked(id: u64) -> Product {
+    add_dependency(format!("product:{id}"));
+    product(id)
+}
+
+#[cache_runtime::cached(name = "graph.plain")]
+async fn plain(id: u64) -> Product {
+    product(id)
+}
+
+async fn service(url: &str, dependencies: bool) -> CachingService {
+    CachingService::builder()
+        .backend(
+            RedisBackend::builder(url)
+                .key_prefix(if dependencies { "graph" } else { "flat" })
+                .dependencies(dependencies)
+                .build()
+                .await
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
+}
+
+const DEPENDENTS: u64 = 1_000;
+
+fn graph(c: &mut Criterion) {
+    let server = RedisServer::start();
+    let url = server.url();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (with, without, mut con) = rt.block_on(async {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        (
+            service(&url, true).await,
+            service(&url, false).await,
+            client.get_multiplexed_async_connection().await.unwrap(),
+        )
+    });
+
+    let mut g = c.benchmark_group("invalidate 1,000 dependents");
+    g.measurement_time(Duration::from_secs(6)).sample_size(20);
+    let round = AtomicU64::new(0);
+    g.bench_function("invalidate_dependency (one script)", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(with.scope(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let r = round.fetch_add(1, Ordering::Relaxed);
+                    for id in 0..DEPENDENTS {
+                        dependent(id, r).await;
+                    }
+                    cache_runtime::shutdown().await;
+                    let start = Instant::now();
+                    cache_runtime::invalidate_dependency(format!("shared:{r}")).await;
+                    total += start.elapsed();
+                }
+                total
+            }))
+        })
+    });
+    let value = vec![7u8; 100];
+    g.bench_function("raw pipelined DEL of the 1,000 keys", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let mut set = redis::pipe();
+                    for id in 0..DEPENDENTS {
+                        set.cmd("SET").arg(format!("raw:{id}")).arg(&value).ignore();
+                    }
+                    let () = set.query_async(&mut con).await.unwrap();
+                    let mut del = redis::pipe();
+                    for id in 0..DEPENDENTS {
+                        del.cmd("DEL").arg(format!("raw:{id}")).ignore();
+                    }
+                    let start = Instant::now();
+                    let () = del.query_async(&mut con).await.unwrap();
+                    total += start.elapsed();
+                }
+                total
+            })
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("graph miss");
+    g.measurement_time(Duration::from_secs(6)).sample_size(40);
+    let next = AtomicU64::new(1_000_000);
+    g.bench_function("miss without dependencies (GET, body, queued SET)", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(without.scope(time_loop(iters, || {
+                plain(next.fetch_add(1, Ordering::Relaxed))
+            })))
+        })
+    });
+    g.bench_function("miss with a dependency, dependencies(true)", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(with.scope(time_loop(iters, || {
+                linked(next.fetch_add(1, Ordering::Relaxed))
+            })))
+        })
+    });
+    g.finish();
+
+    rt.block_on(async {
+        with.scope(linked(42)).await;
+        with.shutdown().await;
+        without.shutdown().await;
+    });
+    let key = "graph:2:graph.linked:v1(42)";
+    let found: Option<Vec<u8>> = rt
+        .block_on(redis::cmd("GET").arg(key).query_async(&mut con))
+        .unwrap();
+    assert!(found.is_some(), "the cache wrote {key}");
+    let mut g = c.benchmark_group("graph hit");
+    g.measurement_time(Duration::from_secs(6)).sample_size(40);
+    g.bench_function("raw redis-rs GET, sequential", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let v: Option<Vec<u8>> = redis::cmd("GET")
+                        .arg(key)
+                        .query_async(&mut con)
+                        .await
+                        .unwrap();
+                    black_box(v);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.bench_function("L2 hit with dependencies, sequential", |b| {
+        b.iter_custom(|iters| rt.block_on(with.scope(time_loop(iters, || linked(42)))))
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1));
+    targets = graph
+}
+criterion_main!(benches);
