@@ -74,8 +74,8 @@ return 1
 "#;
 
 /// ARGV: G, P, marker ttl ms, kept key ('' for none), start nodes. Marks the start
-/// nodes (a value computed before links to them, its links being flattened, so its
-/// write is refused), walks the reverse sets from them a level at a time, each node
+/// nodes and every dependency reached (a value computed before links to one of them,
+/// its links being flattened, so its write is refused), walks the reverse sets from them a level at a time, each node
 /// once (chains and cycles end), removes every entry reached but the kept one, and
 /// returns their keys. The reverse sets of the nodes walked go whole; the removed
 /// entries leave the reverse sets of their other links. One command per level and
@@ -103,6 +103,8 @@ while #deps > 0 or #entries > 0 do
   for _, d in ipairs(deps) do
     if not seen_d[d] then
       seen_d[d] = true
+      -- a cascade's dependency is marked too (start nodes were above)
+      redis.call('SET', G .. 'mark:d:' .. d, epoch, 'PX', ttl)
       local cascade = G .. 'cascade:' .. d
       for _, c in ipairs(redis.call('SMEMBERS', cascade)) do
         next_d[#next_d + 1] = c
