@@ -361,28 +361,18 @@ pub(crate) async fn collect_all(
     for key in scan(con, &pattern("rev:")).await? {
         report.scanned += 1;
         let node = &key[keys.graph.len() + "rev:".len()..];
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, members): (u64, Vec<String>) = redis::cmd("SSCAN")
-                .arg(&key)
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(BATCH)
+        let sscan = |cursor: u64| {
+            let mut cmd = redis::cmd("SSCAN");
+            cmd.arg(&key).arg(cursor).arg("COUNT").arg(BATCH);
+            cmd
+        };
+        for members in pages(con, sscan).await? {
+            let n: u64 = keys
+                .repair_rev(node, &members)
                 .query_async(con)
                 .await
                 .map_err(err)?;
-            if !members.is_empty() {
-                let n: u64 = keys
-                    .repair_rev(node, &members)
-                    .query_async(con)
-                    .await
-                    .map_err(err)?;
-                report.reverse_members += n;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
+            report.reverse_members += n;
         }
     }
     // cascades
@@ -404,26 +394,40 @@ async fn scan(
     con: &mut redis::aio::MultiplexedConnection,
     pattern: &str,
 ) -> Result<Vec<String>, RemoteError> {
-    let mut cursor: u64 = 0;
-    let mut out = Vec::new();
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
+    let scan = |cursor: u64| {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
             .arg("MATCH")
             .arg(pattern)
             .arg("COUNT")
-            .arg(BATCH)
+            .arg(BATCH);
+        cmd
+    };
+    Ok(pages(con, scan).await?.into_iter().flatten().collect())
+}
+
+/// The non-empty pages of a cursor command (`SCAN`, `SSCAN`): `page(cursor)` builds
+/// the command for a cursor.
+async fn pages(
+    con: &mut redis::aio::MultiplexedConnection,
+    page: impl Fn(u64) -> redis::Cmd,
+) -> Result<Vec<Vec<String>>, RemoteError> {
+    let mut cursor: u64 = 0;
+    let mut out = Vec::new();
+    loop {
+        let (next, items): (u64, Vec<String>) = page(cursor)
             .query_async(con)
             .await
             .map_err(|e| RemoteError(e.to_string()))?;
-        out.extend(keys);
+        if !items.is_empty() {
+            out.push(items);
+        }
         if next == 0 {
             return Ok(out);
         }
         cursor = next;
     }
 }
-
 /// Checks the server settings the graph and its collector need; `Err` says what is
 /// wrong and which `CONFIG SET` fixes it. A server that refuses `CONFIG GET`
 /// (managed services often do) is accepted with a warning.

@@ -9,7 +9,6 @@
 //!
 //! Run: `cargo bench -p tests --bench graph`
 
-use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use cache_redis::RedisBackend;
 use cache_runtime::{add_dependency, CachingService};
 use criterion::{criterion_group, criterion_main, Criterion};
 use tests::redis_server::RedisServer;
-use tests::{product, time_loop, Product};
+use tests::{product, time_loop, time_raw_gets, Product};
 
 #[cache_runtime::cached(name = "graph.dependent")]
 async fn dependent(id: u64, round: u64) -> u64 {

@@ -16,7 +16,7 @@ use cache_redis::RedisBackend;
 use cache_runtime::CachingService;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tests::redis_server::RedisServer;
-use tests::{product, time_loop, Product};
+use tests::{product, time_loop, time_raw_gets, Product};
 
 #[cache_runtime::cached(name = "bench.product")]
 async fn ours(id: u64, region: &str) -> Product {
@@ -135,15 +135,7 @@ fn redis(c: &mut Criterion) {
     let mut g = c.benchmark_group("redis hit");
     g.measurement_time(Duration::from_secs(6)).sample_size(40);
     g.bench_function("raw redis-rs GET, sequential", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    black_box(raw_get(&mut con, &key).await);
-                }
-                start.elapsed()
-            })
-        })
+        b.iter_custom(|iters| rt.block_on(time_raw_gets(&mut con, &key, iters)))
     });
     g.bench_function("#[cached] L2 hit, sequential", |b| {
         b.iter_custom(|iters| rt.block_on(svc.scope(time_loop(iters, || ours(42, region)))))

@@ -41,6 +41,24 @@ where
     start.elapsed()
 }
 
+/// Times `iters` sequential raw redis-rs `GET`s of `key`, for benchmarks.
+pub async fn time_raw_gets(
+    con: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    iters: u64,
+) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    for _ in 0..iters {
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key)
+            .query_async(con)
+            .await
+            .expect("GET");
+        std::hint::black_box(value);
+    }
+    start.elapsed()
+}
+
 /// Counts how many times a function body ran.
 #[derive(Debug, Default)]
 pub struct Runs(AtomicUsize);
