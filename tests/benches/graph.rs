@@ -145,20 +145,7 @@ fn graph(c: &mut Criterion) {
     let mut g = c.benchmark_group("graph hit");
     g.measurement_time(Duration::from_secs(6)).sample_size(40);
     g.bench_function("raw redis-rs GET, sequential", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let v: Option<Vec<u8>> = redis::cmd("GET")
-                        .arg(key)
-                        .query_async(&mut con)
-                        .await
-                        .unwrap();
-                    black_box(v);
-                }
-                start.elapsed()
-            })
-        })
+        b.iter_custom(|iters| rt.block_on(time_raw_gets(&mut con, key, iters)))
     });
     g.bench_function("L2 hit with dependencies, sequential", |b| {
         b.iter_custom(|iters| rt.block_on(with.scope(time_loop(iters, || linked(42)))))
