@@ -457,10 +457,13 @@ pub(crate) async fn check_settings(
         }
     }
     let has = |c: char| events.contains(c) || (events.contains('A') && "xe".contains(c));
-    if !(events.contains('E') || events.contains('K')) || !has('x') || !has('e') {
+    if !(events.contains('E') || events.contains('K')) || !has('x') {
         return Err(format!(
-            "Redis sends no expiry and eviction events (`notify-keyspace-events` is `{events}`), which the dependency collector needs: run `CONFIG SET notify-keyspace-events Exe` (or add `Exe` to what is set)"
+            "Redis sends no expiry events (`notify-keyspace-events` is `{events}`), which the dependency collector needs: run `CONFIG SET notify-keyspace-events Exe` (or add `Exe` to what is set)"
         ));
+    }
+    if !has('e') {
+        tracing::warn!(target: "cache_redis", "Redis sends no eviction events (`notify-keyspace-events` is `{events}`): the links of evicted values stay until a full collection. `CONFIG SET notify-keyspace-events Exe` adds them");
     }
     Ok(())
 }

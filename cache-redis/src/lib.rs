@@ -5,12 +5,13 @@
 //!   in-process L1 is kept in sync across instances over pub/sub.
 //! - [`RedisSync`]: purely in-memory caches kept in sync across instances over Redis
 //!   pub/sub (no values in Redis).
-//!
-//! Coming in this crate: the dependency graph in Redis with its collector
-//! (`cache-redis-gc`).
+//! - `RedisBackend::dependencies(true)`: the dependency graph in Redis, kept clean by a
+//!   [`DependencyCollector`] (also the binary `cache-redis-gc`) and repaired by
+//!   [`full_collection`].
 //!
 //! Server settings: `maxmemory-policy volatile-lru` (or `volatile-random`): every cache
-//! entry carries an expiry, so eviction removes cache entries only.
+//! entry carries an expiry, so eviction removes cache entries only; with the graph,
+//! `notify-keyspace-events Exe` for the collector.
 
 #![warn(missing_docs)]
 

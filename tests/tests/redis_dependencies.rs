@@ -333,6 +333,13 @@ async fn bad_server_settings_are_named() {
     );
     // without dependencies, the backend does not need them
     RedisBackend::builder(server.url()).build().await.unwrap();
+    // expiry events without eviction events are accepted (with a warning)
+    let server = RedisServer::start_with(&["--notify-keyspace-events", "Exg"]);
+    RedisBackend::builder(server.url())
+        .dependencies(true)
+        .build()
+        .await
+        .unwrap();
     // noeviction is accepted (with a warning): the graph is never evicted
     let server = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
     RedisBackend::builder(server.url())
