@@ -633,19 +633,22 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         leader: Leader<'_>,
     ) -> R {
         let key = self.key.as_bytes();
-        let frame = Frame::of(links.iter().filter_map(|l| Node::from_remote_id(l)));
+        let linked = (!links.is_empty())
+            .then(|| Frame::of(links.iter().filter_map(|l| Node::from_remote_id(l))));
+        let frame = linked.as_ref().unwrap_or(Frame::EMPTY);
         let deps: Option<Arc<[Node]>> =
             (!frame.nodes.is_empty()).then(|| frame.nodes.as_slice().into());
         let as_of = self.remote_epoch.load(Ordering::Relaxed);
         with_frame(|f| f.add_entry(key, deps.as_deref(), self.epoch, as_of));
         let expiration = match deadline {
+            _ if !self.inner.memory.enabled() => self.expiration, // not kept here
             0 => self.expiration,
             d => match crate::remote::until(d) {
                 Some(left) => Expiration::Absolute(left),
                 None => return K::from_stored(value), // expired meanwhile
             },
         };
-        if self.keep_local(&value, &frame, expiration, as_of, false) {
+        if self.keep_local(&value, frame, expiration, as_of, false) {
             leader.complete(|| {
                 Arc::new(Handoff {
                     value: (self.ops.into_shared)((self.ops.clone)(&value)),

@@ -185,6 +185,15 @@ pub(crate) struct Frame {
 }
 
 impl Frame {
+    /// A frame with nothing in it, for values that depend on nothing.
+    pub(crate) const EMPTY: &Frame = &Frame {
+        nodes: Vec::new(),
+        read_at: Vec::new(),
+        cascades: Vec::new(),
+        as_of: None,
+        suspended: false,
+    };
+
     /// A frame holding `nodes`, read since the body started.
     pub(crate) fn of(nodes: impl Iterator<Item = Node>) -> Frame {
         let nodes: Vec<Node> = nodes.collect();

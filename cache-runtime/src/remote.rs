@@ -222,7 +222,14 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<Decoded<T>, String> {
     let (deadline, mut body) = body
         .split_first_chunk::<8>()
         .ok_or_else(|| "truncated".to_owned())?;
-    let links: Vec<String> = rmp_serde::decode::from_read(&mut body).map_err(|e| e.to_string())?;
+    // most values depend on nothing: an empty array, one byte
+    let links: Vec<String> = match body.split_first() {
+        Some((0x90, rest)) => {
+            body = rest;
+            Vec::new()
+        }
+        _ => rmp_serde::decode::from_read(&mut body).map_err(|e| e.to_string())?,
+    };
     let value = rmp_serde::from_slice(body).map_err(|e| e.to_string())?;
     Ok((value, u64::from_le_bytes(*deadline), links))
 }
