@@ -663,13 +663,14 @@ impl RemoteGraph for RedisStore {
         &self,
         start: Vec<String>,
         keep: Option<String>,
+        want_keys: bool,
     ) -> BoxFuture<'_, Result<Vec<String>, RemoteError>> {
         Box::pin(async move {
             let Some(graph) = &self.graph else {
                 return Ok(Vec::new());
             };
             let reply = self
-                .call(Some(graph.invalidate(&start, keep.as_deref())))
+                .call(Some(graph.invalidate(&start, keep.as_deref(), want_keys)))
                 .await?;
             redis::from_redis_value(reply).map_err(|e| RemoteError(e.to_string()))
         })

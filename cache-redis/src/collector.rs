@@ -20,8 +20,8 @@ const MAX_RETRY: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Repairs the dependency graph of the prefix `key_prefix` on the server at `url`:
-/// forward sets without a value, entries whose links are incomplete, reverse-set
-/// members whose value is gone, cascades nothing depends on. Scans in bounded batches;
+/// links without a value, entries whose links are incomplete, reverse-set members
+/// whose value is gone, cascades nothing depends on. Scans in bounded batches;
 /// idempotent; safe while instances and collectors run. Run it after every collector
 /// was down for a while (a collector runs one itself when it starts and after it lost
 /// its subscription).

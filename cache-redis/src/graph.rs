@@ -4,9 +4,12 @@
 //! Layout, for the key prefix `p`:
 //! - `p:{format}:{key}`: the value, always with an expiry (the value key of the
 //!   backend);
-//! - `p:g:links:{key}`: what the entry depends on, a set of nodes, without expiry;
+//! - `p:g:links`: a hash, for each entry, what it depends on (its nodes, separated by
+//!   a zero byte), without expiry;
 //! - `p:g:rev:{node}`: the entries depending on a node, a set of keys, without expiry;
 //!   nodes are `d:{dependency}` and `e:{key}` (another entry);
+//! - `p:g:parents`: the entries something depends on (those with a `rev:e:` set), so
+//!   that an invalidation looks further only from them;
 //! - `p:g:cascade:{dependency}`: dependencies invalidated along with it, while an
 //!   entry depends on it;
 //! - `p:g:epoch`: the invalidation count, and `p:g:mark:{node}`: the count of the
@@ -23,20 +26,29 @@ use std::time::Duration;
 
 use cache_runtime::RemoteError;
 
-/// Removes an entry's links: takes it out of its nodes' reverse sets (a cascade goes
-/// with the last entry depending on its dependency) and deletes its forward set.
+/// The common part of the scripts: the prefixes, and removing an entry's links
+/// (it leaves its nodes' reverse sets; a cascade goes with the last entry depending
+/// on its dependency, an entry leaves the parents once nothing depends on it).
 const UNLINK: &str = r#"
 local G, P = ARGV[1], ARGV[2]
-local function unlink(e)
-  local fwd = G .. 'links:' .. e
-  for _, node in ipairs(redis.call('SMEMBERS', fwd)) do
-    local rev = G .. 'rev:' .. node
-    redis.call('SREM', rev, e)
-    if string.sub(node, 1, 2) == 'd:' and redis.call('EXISTS', rev) == 0 then
+local LINKS, PARENTS = G .. 'links', G .. 'parents'
+local function forget(node, e)
+  local rev = G .. 'rev:' .. node
+  redis.call('SREM', rev, e)
+  if redis.call('EXISTS', rev) == 0 then
+    if string.sub(node, 1, 2) == 'd:' then
       redis.call('DEL', G .. 'cascade:' .. string.sub(node, 3))
+    else
+      redis.call('SREM', PARENTS, string.sub(node, 3))
     end
   end
-  redis.call('DEL', fwd)
+end
+local function unlink(e)
+  local v = redis.call('HGET', LINKS, e)
+  if v then
+    for node in string.gmatch(v, '[^%z]+') do forget(node, e) end
+    redis.call('HDEL', LINKS, e)
+  end
 end
 "#;
 
@@ -58,9 +70,16 @@ for i = 8, 7 + n do
 end
 unlink(e)
 redis.call('SET', P .. e, ARGV[4], 'PX', ARGV[5])
-for i = 8, 7 + n do
-  redis.call('SADD', G .. 'links:' .. e, ARGV[i])
-  redis.call('SADD', G .. 'rev:' .. ARGV[i], e)
+if n > 0 then
+  local links = {}
+  for i = 8, 7 + n do
+    links[#links + 1] = ARGV[i]
+    redis.call('SADD', G .. 'rev:' .. ARGV[i], e)
+    if string.sub(ARGV[i], 1, 2) == 'e:' then
+      redis.call('SADD', PARENTS, string.sub(ARGV[i], 3))
+    end
+  end
+  redis.call('HSET', LINKS, e, table.concat(links, '\0'))
 end
 local i = 8 + n
 while i <= #ARGV do
@@ -73,24 +92,26 @@ end
 return 1
 "#;
 
-/// ARGV: G, P, marker ttl ms, kept key ('' for none), start nodes. Marks the start
+/// ARGV: G, P, marker ttl ms, kept key ('' for none), '1' to return the keys, start
+/// nodes. Marks the start
 /// nodes and every dependency reached (a value computed before links to one of them,
-/// its links being flattened, so its write is refused), walks the reverse sets from them a level at a time, each node
-/// once (chains and cycles end), removes every entry reached but the kept one, and
-/// returns their keys. The reverse sets of the nodes walked go whole; the removed
-/// entries leave the reverse sets of their other links. One command per level and
-/// per batch of keys, not per entry.
+/// its links being flattened, so its write is refused), walks the reverse sets from
+/// them a level at a time, each node once (chains and cycles end), removes every
+/// entry reached but the kept one, and returns their keys. Only entries that have
+/// dependents (the parents set) are looked up further; the reverse sets of the nodes
+/// walked go whole; the removed entries leave the reverse sets of their other links.
+/// A few commands per level and per batch of 1,000 keys, not per entry.
 const INVALIDATE: &str = r#"
-local ttl, keep = ARGV[3], ARGV[4]
+local ttl, keep, want = ARGV[3], ARGV[4], ARGV[5] == '1'
 local epoch = redis.call('INCR', G .. 'epoch')
-local RD, RE, LK = G .. 'rev:d:', G .. 'rev:e:', G .. 'links:'
-local seen_d, seen_e, removed, dead, deps, entries = {}, {}, {}, {}, {}, {}
+local RD, RE = G .. 'rev:d:', G .. 'rev:e:'
+local seen_d, seen_e, removed, dead, left, deps, entries = {}, {}, {}, {}, {}, {}, {}
 local function chunks(list, f)
   for i = 1, #list, 1000 do
     f(unpack(list, i, math.min(i + 999, #list)))
   end
 end
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   redis.call('SET', G .. 'mark:' .. ARGV[i], epoch, 'PX', ttl)
   if string.sub(ARGV[i], 1, 2) == 'd:' then
     deps[#deps + 1] = string.sub(ARGV[i], 3)
@@ -99,10 +120,10 @@ for i = 5, #ARGV do
   end
 end
 while #deps > 0 or #entries > 0 do
-  local revs, next_d, next_e = {}, {}, {}
+  local revs, next_d, next_e, fresh = {}, {}, {}, {}
   for _, d in ipairs(deps) do
-    if not seen_d[d] then
-      seen_d[d] = true
+    if not seen_d['d:' .. d] then
+      seen_d['d:' .. d] = true
       -- a cascade's dependency is marked too (start nodes were above)
       redis.call('SET', G .. 'mark:d:' .. d, epoch, 'PX', ttl)
       local cascade = G .. 'cascade:' .. d
@@ -116,13 +137,22 @@ while #deps > 0 or #entries > 0 do
   for _, e in ipairs(entries) do
     if not seen_e[e] then
       seen_e[e] = true
+      fresh[#fresh + 1] = e
       if e ~= keep then
         removed[#removed + 1] = e
         dead[#dead + 1] = P .. e
       end
-      revs[#revs + 1] = RE .. e
     end
   end
+  chunks(fresh, function(...)
+    local names = {...}
+    for i, has in ipairs(redis.call('SMISMEMBER', PARENTS, ...)) do
+      if has == 1 then
+        revs[#revs + 1] = RE .. names[i]
+        left[#left + 1] = names[i]
+      end
+    end
+  end)
   chunks(revs, function(...)
     for _, e in ipairs(redis.call('SUNION', ...)) do
       next_e[#next_e + 1] = e
@@ -131,28 +161,38 @@ while #deps > 0 or #entries > 0 do
   for _, rev in ipairs(revs) do dead[#dead + 1] = rev end
   deps, entries = next_d, next_e
 end
-local fwds, others = {}, {}
-for _, e in ipairs(removed) do fwds[#fwds + 1] = LK .. e end
-chunks(fwds, function(...)
-  for _, node in ipairs(redis.call('SUNION', ...)) do
-    local name = string.sub(node, 3)
-    if string.sub(node, 1, 2) == 'd:' then
-      if not seen_d[name] then others[node] = true end
-    elseif not seen_e[name] then
-      others[node] = true
+chunks(left, function(...) redis.call('SREM', PARENTS, ...) end)
+local others = {}
+chunks(removed, function(...)
+  local names = {...}
+  local values = redis.call('HMGET', LINKS, ...)
+  for i = 1, #names do
+    local v = values[i]
+    if v then
+      local function check(node)
+        local walked
+        if string.byte(node, 1) == 100 then walked = seen_d[node]
+        else walked = seen_e[string.sub(node, 3)] end
+        if not walked then
+          others[node] = others[node] or {}
+          table.insert(others[node], names[i])
+        end
+      end
+      if string.find(v, '\0', 1, true) then
+        for node in string.gmatch(v, '[^%z]+') do check(node) end
+      else
+        check(v)
+      end
     end
   end
+  redis.call('HDEL', LINKS, ...)
 end)
-for node in pairs(others) do
-  local rev = G .. 'rev:' .. node
-  chunks(removed, function(...) redis.call('SREM', rev, ...) end)
-  if string.sub(node, 1, 2) == 'd:' and redis.call('EXISTS', rev) == 0 then
-    redis.call('DEL', G .. 'cascade:' .. string.sub(node, 3))
-  end
+for node, es in pairs(others) do
+  for _, e in ipairs(es) do forget(node, e) end
 end
-for _, f in ipairs(fwds) do dead[#dead + 1] = f end
 chunks(dead, function(...) redis.call('UNLINK', ...) end)
-return removed
+if want then return removed end
+return {}
 "#;
 
 /// ARGV: G, P, key. The collector's step for a value that expired or was evicted:
@@ -160,46 +200,54 @@ return removed
 const COLLECT: &str = r#"
 local e = ARGV[3]
 if redis.call('EXISTS', P .. e) == 1 then return 0 end
-if redis.call('EXISTS', G .. 'links:' .. e) == 0 then return 0 end
+if redis.call('HEXISTS', LINKS, e) == 0 then return 0 end
 unlink(e)
 return 1
 "#;
 
-/// ARGV: G, P, key. Repairs one forward set: without its value, it goes (1); if a
-/// node's reverse set lacks the entry (an invalidation of that node would miss it),
-/// the entry goes, value and links (2); else 0.
+/// ARGV: G, P, keys. Repairs forward links: without its value, an entry's links go
+/// (counted first); if a node's reverse set lacks the entry (an invalidation of that
+/// node would miss it), the entry goes, value and links (counted second).
 const REPAIR_LINKS: &str = r#"
-local e = ARGV[3]
-local fwd = G .. 'links:' .. e
-if redis.call('EXISTS', fwd) == 0 then return 0 end
-if redis.call('EXISTS', P .. e) == 0 then
-  unlink(e)
-  return 1
-end
-for _, node in ipairs(redis.call('SMEMBERS', fwd)) do
-  if redis.call('SISMEMBER', G .. 'rev:' .. node, e) == 0 then
-    redis.call('DEL', P .. e)
-    unlink(e)
-    return 2
+local lonely, broken = 0, 0
+for i = 3, #ARGV do
+  local e = ARGV[i]
+  local v = redis.call('HGET', LINKS, e)
+  if v then
+    if redis.call('EXISTS', P .. e) == 0 then
+      unlink(e)
+      lonely = lonely + 1
+    else
+      for node in string.gmatch(v, '[^%z]+') do
+        if redis.call('SISMEMBER', G .. 'rev:' .. node, e) == 0 then
+          redis.call('DEL', P .. e)
+          unlink(e)
+          broken = broken + 1
+          break
+        end
+      end
+    end
   end
 end
-return 0
+return {lonely, broken}
 "#;
 
 /// ARGV: G, P, node, keys. Removes from the node's reverse set the keys whose value
-/// is gone or whose forward set does not name the node; returns how many.
+/// is gone or whose links do not name the node; returns how many.
 const REPAIR_REV: &str = r#"
 local node = ARGV[3]
-local rev = G .. 'rev:' .. node
 local n = 0
 for i = 4, #ARGV do
   local e = ARGV[i]
-  if redis.call('EXISTS', P .. e) == 0 or redis.call('SISMEMBER', G .. 'links:' .. e, node) == 0 then
-    n = n + redis.call('SREM', rev, e)
+  local v = redis.call('HGET', LINKS, e)
+  if redis.call('EXISTS', P .. e) == 0 or not v
+    or not string.find('\0' .. v .. '\0', '\0' .. node .. '\0', 1, true) then
+    n = n + 1
+    forget(node, e)
   end
 end
-if string.sub(node, 1, 2) == 'd:' and redis.call('EXISTS', rev) == 0 then
-  redis.call('DEL', G .. 'cascade:' .. string.sub(node, 3))
+if string.sub(node, 1, 2) == 'e:' and redis.call('EXISTS', G .. 'rev:' .. node) == 1 then
+  redis.call('SADD', PARENTS, string.sub(node, 3))
 end
 return n
 "#;
@@ -210,6 +258,17 @@ if redis.call('EXISTS', G .. 'rev:d:' .. ARGV[3]) == 0 then
   return redis.call('DEL', G .. 'cascade:' .. ARGV[3])
 end
 return 0
+"#;
+
+/// ARGV: G, P, keys. Removes from the parents the entries nothing depends on.
+const REPAIR_PARENTS: &str = r#"
+local n = 0
+for i = 3, #ARGV do
+  if redis.call('EXISTS', G .. 'rev:e:' .. ARGV[i]) == 0 then
+    n = n + redis.call('SREM', PARENTS, ARGV[i])
+  end
+end
+return n
 "#;
 
 /// The keys of one prefix's graph.
@@ -260,9 +319,17 @@ impl GraphKeys {
     }
 
     /// The transitive invalidation from `start`.
-    pub(crate) fn invalidate(&self, start: &[String], keep: Option<&str>) -> redis::Cmd {
+    pub(crate) fn invalidate(
+        &self,
+        start: &[String],
+        keep: Option<&str>,
+        want_keys: bool,
+    ) -> redis::Cmd {
         let mut cmd = self.eval(INVALIDATE);
-        cmd.arg(self.marker_ttl).arg(keep.unwrap_or("")).arg(start);
+        cmd.arg(self.marker_ttl)
+            .arg(keep.unwrap_or(""))
+            .arg(if want_keys { "1" } else { "0" })
+            .arg(start);
         cmd
     }
 
@@ -273,9 +340,15 @@ impl GraphKeys {
         cmd
     }
 
-    fn repair_links(&self, key: &str) -> redis::Cmd {
+    fn repair_links(&self, keys: &[String]) -> redis::Cmd {
         let mut cmd = self.eval(REPAIR_LINKS);
-        cmd.arg(key);
+        cmd.arg(keys);
+        cmd
+    }
+
+    fn repair_parents(&self, keys: &[String]) -> redis::Cmd {
+        let mut cmd = self.eval(REPAIR_PARENTS);
+        cmd.arg(keys);
         cmd
     }
 
@@ -296,9 +369,9 @@ impl GraphKeys {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CollectionReport {
-    /// Graph keys looked at.
+    /// Entries' links looked at.
     pub scanned: u64,
-    /// Forward sets whose value was gone.
+    /// Entries whose value was gone: their links went.
     pub forward_sets: u64,
     /// Entries (value and links) whose links were incomplete.
     pub broken_entries: u64,
@@ -306,12 +379,18 @@ pub struct CollectionReport {
     pub reverse_members: u64,
     /// Cascade sets nothing depended on any more.
     pub cascades: u64,
+    /// Entries listed as having dependents that had none.
+    pub parents: u64,
 }
 
 impl CollectionReport {
     /// Everything removed.
     pub fn removed(&self) -> u64 {
-        self.forward_sets + self.broken_entries + self.reverse_members + self.cascades
+        self.forward_sets
+            + self.broken_entries
+            + self.reverse_members
+            + self.cascades
+            + self.parents
     }
 }
 
@@ -331,7 +410,7 @@ pub(crate) fn glob_escape(s: &str) -> String {
 /// script checks: bounded batches, so the server is never blocked for long.
 const BATCH: usize = 500;
 
-/// Repairs every orphan of the graph under `keys`: forward sets without a value,
+/// Repairs every orphan of the graph under `keys`: links without a value,
 /// entries whose links are incomplete, reverse-set members whose value is gone or not
 /// linked back, cascade sets nothing depends on. Idempotent; safe while instances run
 /// (every repair is one script that re-checks what it removes).
@@ -342,20 +421,39 @@ pub(crate) async fn collect_all(
     let mut report = CollectionReport::default();
     let err = |e: redis::RedisError| RemoteError(e.to_string());
     let pattern = |kind: &str| format!("{}{kind}*", glob_escape(&keys.graph));
-    // forward sets
-    for key in scan(con, &pattern("links:")).await? {
-        report.scanned += 1;
-        let entry = &key[keys.graph.len() + "links:".len()..];
-        let r: i64 = keys
-            .repair_links(entry)
+    // forward links, a page of the hash at a time
+    let links = format!("{}links", keys.graph);
+    let hscan = |cursor: u64| {
+        let mut cmd = redis::cmd("HSCAN");
+        cmd.arg(&links).arg(cursor).arg("COUNT").arg(BATCH);
+        cmd
+    };
+    for page in pages(con, hscan).await? {
+        // field, value, field, value...
+        let entries: Vec<String> = page.into_iter().step_by(2).collect();
+        report.scanned += entries.len() as u64;
+        let (lonely, broken): (u64, u64) = keys
+            .repair_links(&entries)
             .query_async(con)
             .await
             .map_err(err)?;
-        match r {
-            1 => report.forward_sets += 1,
-            2 => report.broken_entries += 1,
-            _ => {}
-        }
+        report.forward_sets += lonely;
+        report.broken_entries += broken;
+    }
+    // the parents set
+    let parents = format!("{}parents", keys.graph);
+    let sscan = |cursor: u64| {
+        let mut cmd = redis::cmd("SSCAN");
+        cmd.arg(&parents).arg(cursor).arg("COUNT").arg(BATCH);
+        cmd
+    };
+    for page in pages(con, sscan).await? {
+        let n: u64 = keys
+            .repair_parents(&page)
+            .query_async(con)
+            .await
+            .map_err(err)?;
+        report.parents += n;
     }
     // reverse sets
     for key in scan(con, &pattern("rev:")).await? {

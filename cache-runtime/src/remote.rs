@@ -139,11 +139,13 @@ pub trait RemoteGraph: Send + Sync {
     /// depends on a node of `start` (`e:{key}` or `d:{dependency}`), transitively,
     /// except `keep` (an entry just replaced); marks every node reached, so that a
     /// value computed across this call is not written. Ordered behind the writes
-    /// queued before it. Returns the readable keys of the entries removed.
+    /// queued before it. With `want_keys`, returns the readable keys of the entries
+    /// removed (else none).
     fn invalidate(
         &self,
         start: Vec<String>,
         keep: Option<String>,
+        want_keys: bool,
     ) -> BoxFuture<'_, Result<Vec<String>, RemoteError>>;
 }
 

@@ -348,8 +348,8 @@ impl Inner {
 
     /// Completes an invalidation in the shared tiers: removes its entries from the
     /// remote tier (after any write of them queued before; with a remote graph, their
-    /// dependents too, which are then dropped here as well), then tells the other
-    /// instances. Failures are counted and logged, never returned.
+    /// dependents too, which are then dropped from this instance's L1 as well), then
+    /// tells the other instances. Failures are counted and logged, never returned.
     ///
     /// Bounded by the remote store's timeout: when the removal failed (the store is
     /// down or slow), the publication is left to a task of its own.
@@ -358,7 +358,7 @@ impl Inner {
             removed,
             dependencies,
             replaced,
-            mut items,
+            items,
             barrier,
         } = pending;
         let mut done = true;
@@ -368,16 +368,17 @@ impl Inner {
                 start.extend(dependencies.iter().map(|d| format!("d:{d}")));
                 start.extend(replaced.iter().map(|t| format!("e:{t}")));
                 if !start.is_empty() {
-                    match graph.invalidate(start, replaced).await {
+                    // Links are flattened, so every instance's own graph reaches the
+                    // same dependents from the nodes the message names; the keys the
+                    // remote graph removed only matter for this instance's L1, as a
+                    // safety net.
+                    let want_keys = self.memory.enabled();
+                    match graph.invalidate(start, replaced, want_keys).await {
                         Ok(found) => {
-                            // entries only the remote graph knew to depend on these
                             let known: HashSet<&String> = removed.iter().collect();
                             let extra: Vec<String> =
                                 found.into_iter().filter(|t| !known.contains(t)).collect();
                             self.remove_local(&extra);
-                            if self.bus.is_some() {
-                                items.extend(extra.into_iter().map(Item::Removed));
-                            }
                         }
                         Err(e) => {
                             done = false;

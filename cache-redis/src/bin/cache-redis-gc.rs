@@ -67,8 +67,8 @@ async fn main() -> ExitCode {
         return match full_collection(&args.url, &args.prefix).await {
             Ok(report) => {
                 println!(
-                    "scanned {} graph keys; removed {} forward sets without a value, {} entries with incomplete links, {} reverse-set members, {} cascades",
-                    report.scanned, report.forward_sets, report.broken_entries, report.reverse_members, report.cascades
+                    "scanned {} graph keys; removed the links of {} entries without a value, {} entries with incomplete links, {} reverse-set members, {} cascades, {} parents",
+                    report.scanned, report.forward_sets, report.broken_entries, report.reverse_members, report.cascades, report.parents
                 );
                 ExitCode::SUCCESS
             }
