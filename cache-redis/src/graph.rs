@@ -369,7 +369,7 @@ impl GraphKeys {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CollectionReport {
-    /// Entries' links looked at.
+    /// Graph items looked at: entries' links, reverse sets, cascades.
     pub scanned: u64,
     /// Entries whose value was gone: their links went.
     pub forward_sets: u64,
