@@ -20,6 +20,7 @@
 //! | `flush` | waits for this instance's queued writes to Redis: `ok` |
 //! | `stats` | `runs=N received=N published=N l1_clears=N` |
 //! | `random SECONDS SEED` | a random mix for SECONDS (see [`random`]): `ops=N reads=N stale=N` |
+//! | `soak SECONDS SEED` | the soak's load (see [`soak`]): a `progress ...` line a second, then `result {json}` |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -31,6 +32,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::io::AsyncBufReadExt;
 
 static DB: OnceLock<MultiplexedConnection> = OnceLock::new();
+static METRICS: OnceLock<cache_redis::RedisMetrics> = OnceLock::new();
 static RUNS: AtomicU64 = AtomicU64::new(0);
 
 async fn db_get(id: u64) -> Option<String> {
@@ -141,6 +143,148 @@ async fn random(seconds: Duration, seed: u64) -> String {
     format!("ops={ops} reads={reads} stale={stale}")
 }
 
+/// A row of the soak's database: its version, or the database's error.
+#[cached(name = "inst.soak_row", ttl = "2s")]
+async fn soak_row(id: u64) -> Result<u64, String> {
+    add_dependency(format!("soak:{id}"));
+    let mut db = DB.get().ok_or("no database")?.clone();
+    let v: Option<u64> = redis::cmd("GET")
+        .arg(format!("db:s:{id}"))
+        .query_async(&mut db)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(v.unwrap_or(0))
+}
+
+/// The same version through a nested cached call.
+#[cached(name = "inst.soak_view", ttl = "5s")]
+async fn soak_view(id: u64) -> Result<u64, String> {
+    soak_row(id).await
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The soak's load for `seconds`, over 400 rows: 90% reads (of a row, or of a view
+/// through a nested call), 10% writes that bump a row's version in the database,
+/// invalidate it (by key or by dependency) and record when the invalidation returned
+/// (`db:st:{row}`, version -> unix ms). Every fourth read also checks the database: a
+/// read that returned a version older than one committed, by any instance, before the
+/// read began is stale by the time since that commit. A read older than a version this
+/// instance committed before the read began is a wrong value. Prints a progress line
+/// every second and returns the result as JSON.
+async fn soak(seconds: Duration, seed: u64) -> String {
+    const ROWS: u64 = 400;
+    let mut state = seed.max(1);
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut committed = vec![0u64; ROWS as usize];
+    let (mut calls, mut failed, mut wrong, mut writes) = (0u64, 0u64, 0u64, 0u64);
+    let mut latencies: Vec<u32> = Vec::new();
+    let mut stale: Vec<(u64, u64)> = Vec::new();
+    let mut db = DB.get().expect("database").clone();
+    let end = Instant::now() + seconds;
+    let mut progress = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < end {
+        if Instant::now() >= progress {
+            println!("progress calls={calls} failed={failed} wrong={wrong}");
+            progress += Duration::from_secs(1);
+        }
+        let r = next();
+        let id = (r >> 8) % ROWS;
+        if r % 10 == 0 {
+            let v: Result<u64, _> = redis::cmd("INCR")
+                .arg(format!("db:s:{id}"))
+                .query_async(&mut db)
+                .await;
+            let Ok(v) = v else {
+                failed += 1;
+                continue;
+            };
+            let start = Instant::now();
+            if (r >> 4) % 2 == 0 {
+                cache_runtime::invalidate!(soak_row(id)).await;
+            } else {
+                cache_runtime::invalidate_dependency(format!("soak:{id}")).await;
+            }
+            latencies.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            let _: Result<(), _> = redis::cmd("HSET")
+                .arg(format!("db:st:{id}"))
+                .arg(v)
+                .arg(now_ms())
+                .query_async(&mut db)
+                .await;
+            committed[id as usize] = v;
+            writes += 1;
+            calls += 1;
+            continue;
+        }
+        let before = committed[id as usize];
+        let began = now_ms();
+        let start = Instant::now();
+        let read = if (r >> 4) % 3 == 0 {
+            soak_view(id).await
+        } else {
+            soak_row(id).await
+        };
+        latencies.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        calls += 1;
+        let Ok(u) = read else {
+            failed += 1;
+            continue;
+        };
+        if u < before {
+            wrong += 1;
+        }
+        if (r >> 12) % 4 == 0 {
+            let latest: Option<u64> = redis::cmd("GET")
+                .arg(format!("db:s:{id}"))
+                .query_async(&mut db)
+                .await
+                .unwrap_or(None);
+            if latest.unwrap_or(0) > u {
+                let at: Option<u64> = redis::cmd("HGET")
+                    .arg(format!("db:st:{id}"))
+                    .arg(u + 1)
+                    .query_async(&mut db)
+                    .await
+                    .unwrap_or(None);
+                if let Some(at) = at.filter(|at| *at < began) {
+                    stale.push((began, began - at));
+                }
+            }
+        }
+    }
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    let stats = cache_runtime::stats();
+    let result = serde_json::json!({
+        "calls": calls,
+        "failed_calls": failed,
+        "wrong_values": wrong,
+        "writes": writes,
+        "latency_p50_us": pct(0.5),
+        "latency_p99_us": pct(0.99),
+        "l1_clears": stats.sync.l1_clears,
+        "l2_hits": stats.total.l2_hits,
+        "writes_dropped": METRICS.get().map_or(0, |m| m.dropped()),
+        "stale": stale,
+    });
+    format!("result {result}")
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -164,7 +308,17 @@ async fn main() {
             if mode != "redis" {
                 backend = backend.l1(MemoryBackend::new().max_entries(100_000));
             }
-            builder.backend(backend.build().await.expect("cache redis"))
+            if let Some(n) = std::env::var("CACHE_INSTANCE_L1_ENTRIES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+            {
+                if mode != "redis" {
+                    backend = backend.l1(MemoryBackend::new().max_entries(n));
+                }
+            }
+            let backend = backend.build().await.expect("cache redis");
+            METRICS.set(backend.metrics()).ok();
+            builder.backend(backend)
         }
         "sync" => builder.backend(MemoryBackend::new()).sync(
             RedisSync::builder(cache_url.as_str())
@@ -236,6 +390,7 @@ async fn main() {
                 "ok".into()
             }
             Some("random") => random(Duration::from_secs(num(1)), num(2)).await,
+            Some("soak") => soak(Duration::from_secs(num(1)), num(2)).await,
             Some("stats") => {
                 let s = cache_runtime::stats().sync;
                 format!(
