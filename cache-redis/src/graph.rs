@@ -12,9 +12,12 @@
 //!   that an invalidation looks further only from them;
 //! - `p:g:cascade:{dependency}`: dependencies invalidated along with it, while an
 //!   entry depends on it;
-//! - `p:g:epoch`: the invalidation count, and `p:g:mark:{node}`: the count of the
-//!   last invalidation that reached a node, kept for the marker lifetime, so that a
-//!   value computed across an invalidation on any instance is not written.
+//! - `p:g:epoch`: the invalidation count, and the hash `p:g:marks`: for each node an
+//!   invalidation started from, the count of the last one, so that a value computed
+//!   across an invalidation on any instance is not written. Kept for the marker
+//!   lifetime (the sorted set `p:g:marked` says when each was set; invalidations
+//!   prune the old ones); without expiry of their own, so memory pressure never
+//!   evicts them.
 //!
 //! Every change of the graph is one Lua script, so it is atomic; the scripts build
 //! the keys they touch from the prefix, which is why the graph needs one Redis (not
@@ -61,7 +64,7 @@ local e, since, n = ARGV[3], tonumber(ARGV[6]), tonumber(ARGV[7])
 -- a count above the server's: it restarted since the read, its markers are gone
 if since > tonumber(redis.call('GET', G .. 'epoch') or 0) then return 0 end
 local function newer(node)
-  local m = redis.call('GET', G .. 'mark:' .. node)
+  local m = redis.call('HGET', G .. 'marks', node)
   return m and tonumber(m) > since
 end
 if newer('e:' .. e) then return 0 end
@@ -102,8 +105,21 @@ return 1
 /// walked go whole; the removed entries leave the reverse sets of their other links.
 /// A few commands per level and per batch of 1,000 keys, not per entry.
 const INVALIDATE: &str = r#"
-local ttl, keep, want = ARGV[3], ARGV[4], ARGV[5] == '1'
+local ttl, keep, want = tonumber(ARGV[3]), ARGV[4], ARGV[5] == '1'
 local epoch = redis.call('INCR', G .. 'epoch')
+local MARKS, MARKED = G .. 'marks', G .. 'marked'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function mark(node)
+  redis.call('HSET', MARKS, node, epoch)
+  redis.call('ZADD', MARKED, now, node)
+end
+-- markers past their lifetime go, a bounded number per call
+local old = redis.call('ZRANGEBYSCORE', MARKED, '-inf', now - ttl, 'LIMIT', 0, 200)
+if #old > 0 then
+  redis.call('HDEL', MARKS, unpack(old))
+  redis.call('ZREM', MARKED, unpack(old))
+end
 local RD, RE = G .. 'rev:d:', G .. 'rev:e:'
 local seen_d, seen_e, removed, dead, left, deps, entries = {}, {}, {}, {}, {}, {}, {}
 local function chunks(list, f)
@@ -112,7 +128,7 @@ local function chunks(list, f)
   end
 end
 for i = 6, #ARGV do
-  redis.call('SET', G .. 'mark:' .. ARGV[i], epoch, 'PX', ttl)
+  mark(ARGV[i])
   if string.sub(ARGV[i], 1, 2) == 'd:' then
     deps[#deps + 1] = string.sub(ARGV[i], 3)
   else
@@ -125,7 +141,7 @@ while #deps > 0 or #entries > 0 do
     if not seen_d['d:' .. d] then
       seen_d['d:' .. d] = true
       -- a cascade's dependency is marked too (start nodes were above)
-      redis.call('SET', G .. 'mark:d:' .. d, epoch, 'PX', ttl)
+      mark('d:' .. d)
       local cascade = G .. 'cascade:' .. d
       for _, c in ipairs(redis.call('SMEMBERS', cascade)) do
         next_d[#next_d + 1] = c

@@ -297,6 +297,11 @@ async fn no_stale_write_back_across_instances() {
         } else {
             b.scope(cache_runtime::invalidate!(slow(id))).await;
         }
+        // the markers have no expiry of their own: `volatile-*` eviction never takes them
+        assert_eq!(
+            server.command(&["PTTL", "straddle:g:marks"]).as_deref(),
+            Some(":-1")
+        );
         GATE.notify_one();
         assert_eq!(
             running.await.unwrap(),

@@ -263,11 +263,13 @@ fn main() {
             let mut duration = Duration::from_secs(2);
             match fault.as_str() {
                 "redis-restart" => {
+                    // clients connected before the restart, as the instances are
+                    let probes = rt.block_on(Probes::connect(&cache.url()));
                     cache.stop();
                     std::thread::sleep(Duration::from_millis(300));
                     cache.restart();
                     let t = Instant::now();
-                    restart_recovery_ms = Some(rt.block_on(l2_recovery(&cache.url())));
+                    restart_recovery_ms = Some(rt.block_on(probes.recovery()));
                     duration = Duration::from_millis(300) + t.elapsed();
                 }
                 "pause" => cache.pause(Duration::from_secs(2)),
@@ -391,6 +393,19 @@ fn main() {
             if inside(t) {
                 stale_in.push(age)
             } else {
+                if std::env::var_os("SOAK_DEBUG").is_some() {
+                    let since: Vec<String> = periods
+                        .iter()
+                        .map(|p| {
+                            format!(
+                                "{} {:.1} s before",
+                                p.fault,
+                                (t as f64 - p.from as f64) / 1000.0
+                            )
+                        })
+                        .collect();
+                    eprintln!("stale outside faults: {age} ms; {}", since.join(", "));
+                }
                 stale_out.push(age)
             }
         }
@@ -486,33 +501,51 @@ async fn probe(n: u64) -> u64 {
     n
 }
 
-/// Milliseconds from now until a value written to the restarted Redis is read back
-/// from it by another service (an L2 hit).
-async fn l2_recovery(url: &str) -> u64 {
-    let start = Instant::now();
-    let service = || async {
-        cache_runtime::CachingService::builder()
-            .backend(
-                cache_redis::RedisBackend::builder(url)
-                    .key_prefix("soak-probe")
-                    .connect_lazily(true)
-                    .build()
-                    .await
-                    .expect("probe"),
-            )
-            .build()
-            .expect("probe service")
-    };
-    let writer = service().await;
-    for n in 0.. {
-        writer.scope(probe(n)).await;
-        writer.shutdown().await;
-        let reader = service().await;
-        reader.scope(probe(n)).await;
-        if reader.stats().total.l2_hits > 0 || start.elapsed() > Duration::from_secs(30) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+/// Two services on the cache Redis, one writing and one reading, connected before a
+/// restart.
+struct Probes {
+    writer: cache_runtime::CachingService,
+    reader: cache_runtime::CachingService,
+}
+
+impl Probes {
+    async fn connect(url: &str) -> Probes {
+        let service = || async {
+            cache_runtime::CachingService::builder()
+                .backend(
+                    cache_redis::RedisBackend::builder(url)
+                        .key_prefix("soak-probe")
+                        .build()
+                        .await
+                        .expect("probe"),
+                )
+                .build()
+                .expect("probe service")
+        };
+        let probes = Probes {
+            writer: service().await,
+            reader: service().await,
+        };
+        probes.writer.scope(probe(0)).await;
+        probes.reader.scope(probe(0)).await;
+        probes
     }
-    start.elapsed().as_millis() as u64
+
+    /// Milliseconds from now until a value the writer writes to the restarted Redis
+    /// is read back from it by the reader (an L2 hit).
+    async fn recovery(self) -> u64 {
+        let start = Instant::now();
+        let hits = self.reader.stats().total.l2_hits;
+        for n in 1.. {
+            self.writer.scope(probe(n)).await;
+            self.writer.shutdown().await;
+            self.reader.scope(probe(n)).await;
+            if self.reader.stats().total.l2_hits > hits || start.elapsed() > Duration::from_secs(30)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        start.elapsed().as_millis() as u64
+    }
 }
