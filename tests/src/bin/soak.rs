@@ -32,7 +32,8 @@ OPTIONS:
     --json             print the result as one JSON object, on the last line
     -h, --help         print this help
 
-Every fault runs once, at evenly spaced times. The instances read rows and nested
+Every fault runs once, at evenly spaced times. SOAK_DEBUG=1 prints each stale
+read outside fault periods, with how long after each fault it came. The instances read rows and nested
 views of a database (about 90%) and write them, then invalidate by key or by
 dependency (about 10%), over 400 rows (their L1 holds 100).";
 
