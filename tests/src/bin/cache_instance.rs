@@ -62,6 +62,17 @@ async fn write_row(id: u64, value: String) {
         .expect("database write");
 }
 
+/// A small seeded random number generator (xorshift), so that a run can be repeated.
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed.max(1);
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
 /// A row's version: a counter in the database.
 #[cached(name = "inst.version", ttl = "1s")]
 async fn version(id: u64) -> u64 {
@@ -90,13 +101,7 @@ async fn db_get_u64(id: u64) -> u64 {
 /// 40 rows. A read that returns a version older than one this instance committed
 /// before the read began is stale.
 async fn random(seconds: Duration, seed: u64) -> String {
-    let mut state = seed.max(1);
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(seed);
     let mut committed = [0u64; 40];
     let (mut ops, mut reads, mut stale) = (0u64, 0u64, 0u64);
     let end = Instant::now() + seconds;
@@ -178,13 +183,7 @@ fn now_ms() -> u64 {
 /// every second and returns the result as JSON.
 async fn soak(seconds: Duration, seed: u64) -> String {
     const ROWS: u64 = 400;
-    let mut state = seed.max(1);
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(seed);
     let mut committed = vec![0u64; ROWS as usize];
     let (mut calls, mut failed, mut wrong, mut writes) = (0u64, 0u64, 0u64, 0u64);
     let mut latencies: Vec<u32> = Vec::new();
