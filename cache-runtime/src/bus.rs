@@ -215,6 +215,7 @@ impl BusReceiver {
 pub(crate) struct SyncCounters {
     pub(crate) published: AtomicU64,
     pub(crate) publish_errors: AtomicU64,
+    pub(crate) republished: AtomicU64,
     pub(crate) received: AtomicU64,
     pub(crate) undecodable: AtomicU64,
     pub(crate) l1_clears: AtomicU64,
@@ -230,6 +231,7 @@ impl SyncCounters {
         SyncStats {
             published: get(&self.published),
             publish_errors: get(&self.publish_errors),
+            republished: get(&self.republished),
             received: get(&self.received),
             undecodable: get(&self.undecodable),
             l1_clears: get(&self.l1_clears),

@@ -234,6 +234,9 @@ pub(crate) struct InvalidationLog {
     floor: u64,
 }
 
+/// How long a failed publication is sent again.
+pub(crate) const REPUBLISH_FOR: Duration = Duration::from_secs(10);
+
 /// How many invalidations the log keeps.
 const LOG_CAPACITY: usize = 1024;
 
@@ -409,18 +412,41 @@ impl Inner {
         }
     }
 
-    async fn publish(&self, bus: &Arc<dyn InvalidationBus>, items: Vec<Item>) {
-        let message = Message {
+    /// Publishes an invalidation. A publication that fails is sent again in a task of
+    /// its own, with back-off, for up to [`REPUBLISH_FOR`]: other instances that kept
+    /// their subscription would otherwise keep their copies until they expire (those
+    /// that lost it clear their tier anyway).
+    async fn publish(self: &Arc<Self>, bus: &Arc<dyn InvalidationBus>, items: Vec<Item>) {
+        let payload = Message {
             sender: self.instance_id,
             items,
-        };
-        match bus.publish(message.encode()).await {
+        }
+        .encode();
+        match bus.publish(payload.clone()).await {
             Ok(()) => self.sync_stats.bump(&self.sync_stats.published),
             Err(e) => {
                 self.sync_stats.bump(&self.sync_stats.publish_errors);
                 self.warn.warn(format_args!(
-                    "publishing an invalidation failed: {e} (other instances keep their copies until they expire)"
+                    "publishing an invalidation failed: {e} (sent again while it fails, for {REPUBLISH_FOR:?})"
                 ));
+                let Ok(handle) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let (inner, bus) = (Arc::downgrade(self), bus.clone());
+                handle.spawn(async move {
+                    let start = tokio::time::Instant::now();
+                    let mut delay = Duration::from_millis(20);
+                    while start.elapsed() < REPUBLISH_FOR {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_millis(500));
+                        let Some(inner) = inner.upgrade() else { return };
+                        if bus.publish(payload.clone()).await.is_ok() {
+                            inner.sync_stats.bump(&inner.sync_stats.published);
+                            inner.sync_stats.bump(&inner.sync_stats.republished);
+                            return;
+                        }
+                    }
+                });
             }
         }
     }

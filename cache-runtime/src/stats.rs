@@ -88,6 +88,8 @@ pub struct SyncStats {
     pub published: u64,
     /// Publications that failed (the bus was unreachable or too slow).
     pub publish_errors: u64,
+    /// Failed publications that went through when sent again.
+    pub republished: u64,
     /// Messages of other instances received and applied.
     pub received: u64,
     /// Payloads received that did not decode.

@@ -197,3 +197,35 @@ async fn peek_reads_the_scoped_service() {
         "the global service"
     );
 }
+
+/// A publication that fails is sent again until it goes through: the other instance
+/// drops its copy late rather than keeping it until it expires.
+#[tokio::test]
+async fn a_failed_publication_is_sent_again() {
+    #[derive(Clone)]
+    struct Flaky(MemoryBus, Arc<std::sync::atomic::AtomicU32>);
+    impl InvalidationBus for Flaky {
+        fn attach(&self, receiver: BusReceiver) {
+            self.0.attach(receiver);
+        }
+        fn publish(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<(), RemoteError>> {
+            if self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 3 {
+                return Box::pin(async { Err(RemoteError("down".into())) });
+            }
+            self.0.publish(payload)
+        }
+    }
+    let bus = Flaky(MemoryBus::new(), Arc::default());
+    let a = CachingService::builder().sync(bus.clone()).build().unwrap();
+    let b = CachingService::builder().sync(bus.clone()).build().unwrap();
+    b.scope(item(11)).await;
+    a.scope(cache_runtime::invalidate!(item(11))).await;
+    assert_eq!(held(&b).len(), 1, "the first publication failed");
+    let start = std::time::Instant::now();
+    while !held(&b).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(5), "never sent again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let s = a.stats().sync;
+    assert_eq!((s.publish_errors, s.republished, s.published), (1, 1, 1));
+}
