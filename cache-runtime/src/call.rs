@@ -151,6 +151,9 @@ pub fn write_arg<T: crate::CacheKey + ?Sized>(w: &mut crate::KeyWriter, value: &
     value.write_key(w);
 }
 
+/// A remote invalidation count not read (yet).
+const UNKNOWN: u64 = u64::MAX;
+
 /// Outcome of [`lookup`], the synchronous first look at a call.
 #[doc(hidden)]
 pub enum Lookup<R> {
@@ -300,7 +303,7 @@ struct Miss<'a, K: ReturnKind<R>, R> {
     /// The invalidation count when the body started (see [`Inner::epoch`]).
     epoch: u64,
     /// The remote store's invalidation count, read with the entry (see
-    /// [`crate::Fetched::epoch`]).
+    /// [`crate::Fetched::epoch`]); [`UNKNOWN`] until a read succeeds.
     remote_epoch: AtomicU64,
     _r: std::marker::PhantomData<fn() -> R>,
 }
@@ -338,7 +341,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             expiration,
             lock_timeout,
             epoch: 0,
-            remote_epoch: AtomicU64::new(0),
+            remote_epoch: AtomicU64::new(UNKNOWN),
             _r: std::marker::PhantomData,
         }
     }
@@ -454,7 +457,11 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     /// read was older (an in-process copy another instance's invalidation has not
     /// reached yet must not make a value that passes for newer).
     fn as_of(&self, frame: &Frame) -> u64 {
-        let fetched = self.remote_epoch.load(Ordering::Relaxed);
+        // unknown (no read, or a failed one): as old as can be
+        let fetched = match self.remote_epoch.load(Ordering::Relaxed) {
+            UNKNOWN => 0,
+            e => e,
+        };
         frame.as_of.map_or(fetched, |a| a.min(fetched))
     }
 
@@ -519,6 +526,17 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         self.state.counters.bump(Counter::Execution);
     }
 
+    /// Reads the remote graph's invalidation count (with the entry, which is ignored).
+    async fn read_epoch(&self) {
+        let Some(remote) = self.inner.remote.as_ref().filter(|r| r.graph().is_some()) else {
+            return;
+        };
+        let key = RemoteKey::new(self.key, self.inner.max_key_length);
+        if let Ok(f) = remote.get(key, None).await {
+            self.remote_epoch.store(f.epoch, Ordering::Relaxed);
+        }
+    }
+
     /// Reads the entry from the remote tier, if there is one and it holds the entry.
     /// A failure or bytes that do not decode are a miss (counted).
     /// Returns the value with the remote entry's deadline (see [`crate::remote::encode`]).
@@ -576,6 +594,13 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         let graph = remote.graph();
         if graph.is_none() && !frame.nodes.is_empty() {
             c.bump(Counter::LocalOnly);
+            return;
+        }
+        if graph.is_some() && self.remote_epoch.load(Ordering::Relaxed) == UNKNOWN {
+            // Without the count read before the body ran (the read failed, or there was
+            // none: a refresh), invalidations while the store was unreachable left no
+            // marker to check against: the value is not written.
+            tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.key, "no invalidation count read: not written to the remote graph");
             return;
         }
         let (ttl, deadline) = match self.expiration {
@@ -638,7 +663,10 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         let frame = linked.as_ref().unwrap_or(Frame::EMPTY);
         let deps: Option<Arc<[Node]>> =
             (!frame.nodes.is_empty()).then(|| frame.nodes.as_slice().into());
-        let as_of = self.remote_epoch.load(Ordering::Relaxed);
+        let as_of = match self.remote_epoch.load(Ordering::Relaxed) {
+            UNKNOWN => 0,
+            e => e,
+        };
         with_frame(|f| f.add_entry(key, deps.as_deref(), self.epoch, as_of));
         let expiration = match deadline {
             _ if !self.inner.memory.enabled() => self.expiration, // not kept here
@@ -714,6 +742,10 @@ where
         return body.await;
     };
     let mut miss = Miss::<K, R>::new(&path, desc, ops);
+    if path.refresh {
+        // a refresh writes what it computes: with a remote graph, as of the count now
+        miss.read_epoch().await;
+    }
     miss_loop!(
         miss,
         path.refresh,

@@ -581,3 +581,21 @@ async fn entries_read_from_redis_keep_their_links_here() {
     a.scope(cache_runtime::invalidate!(version(7))).await;
     assert_eq!(a.scope(cache_runtime::peek!(summary(7))).await, None);
 }
+
+/// A value computed while Redis did not answer (the read with the invalidation count
+/// failed) is not written once it answers again: invalidations meanwhile left no
+/// marker to check it against.
+#[tokio::test]
+async fn a_value_computed_while_redis_did_not_answer_is_not_written() {
+    let server = RedisServer::start();
+    let a = instance(&server, "unanswered", false, true).await;
+    server.pause(Duration::from_millis(800));
+    assert_eq!(a.scope(summary(21)).await, VERSION.load(Ordering::SeqCst));
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    a.shutdown().await;
+    assert!(keys(&server, "unanswered:2:*").await.is_empty());
+    // once it answers, values are written again
+    a.scope(summary(22)).await;
+    a.shutdown().await;
+    assert_eq!(keys(&server, "unanswered:2:*").await.len(), 2);
+}
