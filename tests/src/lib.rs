@@ -1,5 +1,6 @@
 //! Support code for the integration tests.
 
+pub mod instance;
 pub mod redis_server;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -2,94 +2,20 @@
 //! invalidations cross between them, within the bus latency, and recover after a lost
 //! subscription or a Redis restart. The "database" is a second Redis.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tests::redis_server::RedisServer;
 
-struct Instance {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+fn instance(mode: &str, cache: &RedisServer, db: &RedisServer) -> Instance {
+    Instance::start(env!("CARGO_BIN_EXE_cache_instance"), mode, cache, db)
 }
 
-impl Instance {
-    fn start(mode: &str, cache: &RedisServer, db: &RedisServer) -> Instance {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cache_instance"))
-            .args([mode, &cache.url(), &db.url()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start cache_instance");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut instance = Instance {
-            child,
-            stdin,
-            stdout,
-        };
-        assert_eq!(instance.line(), "ready");
-        instance
-    }
-
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("read an answer");
-        assert!(!line.is_empty(), "the instance exited");
-        line.trim_end().to_owned()
-    }
-
-    fn cmd(&mut self, command: &str) -> String {
-        writeln!(self.stdin, "{command}").expect("send a command");
-        self.line()
-    }
-
-    /// A counter from `stats`.
-    fn stat(&mut self, name: &str) -> u64 {
-        let stats = self.cmd("stats");
-        stats
-            .split(' ')
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {stats}"))
-    }
-
-    /// Waits until `stat` reaches `at_least`.
-    fn wait_stat(&mut self, name: &str, at_least: u64, limit: Duration) -> u64 {
-        let start = Instant::now();
-        loop {
-            let v = self.stat(name);
-            if v >= at_least {
-                return v;
-            }
-            assert!(start.elapsed() < limit, "{name} stayed at {v}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-    }
-}
+use tests::instance::Instance;
 
 /// A's invalidation drops B's copy within 200 ms, and B reads the new value.
 fn crossing(mode: &str) {
     let (cache, db) = (RedisServer::start(), RedisServer::start());
-    let (mut a, mut b) = (
-        Instance::start(mode, &cache, &db),
-        Instance::start(mode, &cache, &db),
-    );
+    let (mut a, mut b) = (instance(mode, &cache, &db), instance(mode, &cache, &db));
     for round in 0..20 {
         let id = round % 3;
         let old = b.cmd(&format!("get {id}"));
@@ -122,10 +48,7 @@ fn an_invalidation_reaches_the_other_processes_memory_cache_with_redis_sync() {
 #[test]
 fn redis_sync_leaves_no_key_in_redis() {
     let (cache, db) = (RedisServer::start(), RedisServer::start());
-    let (mut a, mut b) = (
-        Instance::start("sync", &cache, &db),
-        Instance::start("sync", &cache, &db),
-    );
+    let (mut a, mut b) = (instance("sync", &cache, &db), instance("sync", &cache, &db));
     for id in 0..50 {
         a.cmd(&format!("get {id}"));
         b.cmd(&format!("get {id}"));
@@ -140,10 +63,7 @@ fn redis_sync_leaves_no_key_in_redis() {
 #[test]
 fn dependencies_and_clear_cross_processes() {
     let (cache, db) = (RedisServer::start(), RedisServer::start());
-    let (mut a, mut b) = (
-        Instance::start("l1", &cache, &db),
-        Instance::start("l1", &cache, &db),
-    );
+    let (mut a, mut b) = (instance("l1", &cache, &db), instance("l1", &cache, &db));
     b.cmd("get 1");
     b.cmd("get 2");
     a.cmd("dep row:1");
@@ -160,10 +80,7 @@ fn dependencies_and_clear_cross_processes() {
 fn a_killed_subscription_recovers() {
     for mode in ["l1", "sync"] {
         let (cache, db) = (RedisServer::start(), RedisServer::start());
-        let (mut a, mut b) = (
-            Instance::start(mode, &cache, &db),
-            Instance::start(mode, &cache, &db),
-        );
+        let (mut a, mut b) = (instance(mode, &cache, &db), instance(mode, &cache, &db));
         assert_eq!(b.cmd("get 1"), "none");
         b.cmd("flush");
         let killed = cache.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
@@ -188,10 +105,7 @@ fn a_killed_subscription_recovers() {
 #[test]
 fn a_redis_restart_clears_and_resubscribes() {
     let (mut cache, db) = (RedisServer::start(), RedisServer::start());
-    let (mut a, mut b) = (
-        Instance::start("l1", &cache, &db),
-        Instance::start("l1", &cache, &db),
-    );
+    let (mut a, mut b) = (instance("l1", &cache, &db), instance("l1", &cache, &db));
     a.cmd("set 1 before");
     assert_eq!(b.cmd("get 1"), "before");
     cache.stop();
@@ -217,10 +131,7 @@ fn a_redis_restart_clears_and_resubscribes() {
 #[test]
 fn invalidations_of_other_keys_leave_an_entry_cached() {
     let (cache, db) = (RedisServer::start(), RedisServer::start());
-    let (mut a, mut b) = (
-        Instance::start("l1", &cache, &db),
-        Instance::start("l1", &cache, &db),
-    );
+    let (mut a, mut b) = (instance("l1", &cache, &db), instance("l1", &cache, &db));
     b.cmd("get 1");
     let runs = b.stat("runs");
     a.cmd("inv_range 1000 6000");
@@ -235,7 +146,7 @@ fn invalidations_of_other_keys_leave_an_entry_cached() {
 #[test]
 fn an_unanswering_connection_is_noticed() {
     let (cache, db) = (RedisServer::start(), RedisServer::start());
-    let mut b = Instance::start("l1", &cache, &db);
+    let mut b = instance("l1", &cache, &db);
     b.cmd("get 1");
     let start = Instant::now();
     cache.pause(Duration::from_secs(3));
@@ -249,52 +160,4 @@ fn an_unanswering_connection_is_noticed() {
     assert_eq!(b.cmd("peek 1"), "-");
     // once the server answers again, B subscribes again and clears once more
     b.wait_stat("l1_clears", 2, Duration::from_secs(10));
-}
-
-/// Two instances in two processes with the dependency graph in Redis: random reads,
-/// writes with invalidations (by key and by dependency) and expiries for 20 s, Redis
-/// killed and restarted once in the middle, a collector running. No read of an
-/// instance returns a version older than one it committed before, and after a full
-/// collection no orphan is left.
-#[test]
-fn a_random_run_with_a_restart_leaves_no_stale_read_and_no_orphan() {
-    let (mut cache, db) = (RedisServer::start(), RedisServer::start());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let collector = rt.block_on(async {
-        cache_redis::DependencyCollector::builder(cache.url())
-            .key_prefix("inst")
-            .start()
-            .await
-            .unwrap()
-    });
-    let (mut a, mut b) = (
-        Instance::start("deps", &cache, &db),
-        Instance::start("deps", &cache, &db),
-    );
-    writeln!(a.stdin, "random 20 7").unwrap();
-    writeln!(b.stdin, "random 20 11").unwrap();
-    std::thread::sleep(Duration::from_secs(10));
-    cache.restart();
-    let (ra, rb) = (a.line(), b.line());
-    eprintln!("A: {ra}; B: {rb}");
-    for r in [&ra, &rb] {
-        assert!(r.ends_with(" stale=0"), "{r}");
-        let reads: u64 = r.split(' ').nth(1).unwrap()[6..].parse().unwrap();
-        assert!(reads > 1_000, "{r}");
-    }
-    a.cmd("flush");
-    b.cmd("flush");
-    std::thread::sleep(Duration::from_millis(1_500)); // the last values expire
-    let (first, second) = rt.block_on(async {
-        let first = cache_redis::full_collection(&cache.url(), "inst")
-            .await
-            .unwrap();
-        let second = cache_redis::full_collection(&cache.url(), "inst")
-            .await
-            .unwrap();
-        (first, second)
-    });
-    eprintln!("full collection after the run: {first:?}");
-    assert_eq!(second.removed(), 0, "orphans left: {second:?}");
-    rt.block_on(collector.stop());
 }

@@ -1,0 +1,89 @@
+//! An instance process (`src/bin/cache_instance.rs`) driven by commands, for the tests
+//! of what crosses between processes.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::redis_server::RedisServer;
+
+/// One instance process.
+pub struct Instance {
+    child: Child,
+    /// Its standard input, for commands sent without waiting for the answer.
+    pub stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Instance {
+    /// Starts `exe` (`env!("CARGO_BIN_EXE_cache_instance")`) in `mode` on the two
+    /// servers, and waits until it is ready.
+    pub fn start(exe: &str, mode: &str, cache: &RedisServer, db: &RedisServer) -> Instance {
+        let mut child = Command::new(exe)
+            .args([mode, &cache.url(), &db.url()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start cache_instance");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut instance = Instance {
+            child,
+            stdin,
+            stdout,
+        };
+        assert_eq!(instance.line(), "ready");
+        instance
+    }
+
+    /// The next line it prints.
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read an answer");
+        assert!(!line.is_empty(), "the instance exited");
+        line.trim_end().to_owned()
+    }
+
+    /// Sends a command and returns the answer.
+    pub fn cmd(&mut self, command: &str) -> String {
+        writeln!(self.stdin, "{command}").expect("send a command");
+        self.line()
+    }
+
+    /// A counter from `stats`.
+    pub fn stat(&mut self, name: &str) -> u64 {
+        let stats = self.cmd("stats");
+        stats
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {stats}"))
+    }
+
+    /// Waits until `stat` reaches `at_least`.
+    pub fn wait_stat(&mut self, name: &str, at_least: u64, limit: Duration) -> u64 {
+        let start = Instant::now();
+        loop {
+            let v = self.stat(name);
+            if v >= at_least {
+                return v;
+            }
+            assert!(start.elapsed() < limit, "{name} stayed at {v}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+    }
+}
