@@ -346,8 +346,8 @@ fn main() {
             break;
         }
     }
-    for (at, what) in undo {
-        let _ = at;
+    // faults the load outlived: put the server back as it was
+    for (_, what) in undo {
         if what == "maxmemory" {
             cache.command(&["CONFIG", "SET", "maxmemory", "0"]);
         }
