@@ -219,9 +219,13 @@ impl RedisBackendBuilder {
             pending: AtomicUsize::new(0),
             drained: Notify::new(),
         });
+        let graph = self
+            .dependencies
+            .then(|| GraphKeys::new(&self.key_prefix, self.marker_ttl));
         tokio::spawn(writer(
             writes,
             prefix.clone(),
+            graph.clone(),
             rx,
             metrics.clone(),
             shared.clone(),
@@ -233,7 +237,7 @@ impl RedisBackendBuilder {
             Some(_) => RedisBus::start(
                 client.clone(),
                 reads.clone(),
-                channel,
+                channel.clone(),
                 self.lazy,
                 self.operation_timeout,
             )
@@ -242,7 +246,7 @@ impl RedisBackendBuilder {
                 addr: addr.clone(),
                 source,
             })?,
-            None => RedisBus::publish_only(reads.clone(), channel, self.operation_timeout),
+            None => RedisBus::publish_only(reads.clone(), channel.clone(), self.operation_timeout),
         };
         let store = RedisStore {
             link: reads,
@@ -253,9 +257,8 @@ impl RedisBackendBuilder {
             metrics: metrics.clone(),
             shared,
             operation_timeout: self.operation_timeout,
-            graph: self
-                .dependencies
-                .then(|| GraphKeys::new(&self.key_prefix, self.marker_ttl)),
+            channel,
+            graph,
         };
         if !self.lazy {
             store.check_server().await;
@@ -361,7 +364,7 @@ impl RedisBackend {
 
 impl From<RedisBackend> for Backend {
     fn from(backend: RedisBackend) -> Backend {
-        Backend::remote(backend.store, backend.l1).with_bus(backend.bus)
+        Backend::remote(backend.store, backend.l1).with_store_bus(backend.bus)
     }
 }
 
@@ -408,9 +411,11 @@ pub(crate) enum Op {
     /// A command whose reply nobody waits for (a conditional write).
     Send(redis::Cmd),
     /// A command whose reply the sender waits for; without one, the sender only waits
-    /// for the operations queued before.
+    /// for the operations queued before. `then` is sent right after it, in the same
+    /// pipeline (its reply is not looked at).
     Call {
         cmd: Option<redis::Cmd>,
+        then: Option<Box<redis::Cmd>>,
         done: oneshot::Sender<Result<redis::Value, RemoteError>>,
     },
 }
@@ -424,6 +429,8 @@ struct RedisStore {
     metrics: RedisMetrics,
     shared: Arc<Shared>,
     operation_timeout: Duration,
+    /// The channel of the instances' invalidations.
+    channel: String,
     /// With `dependencies(true)`.
     graph: Option<GraphKeys>,
 }
@@ -463,10 +470,14 @@ impl RedisStore {
     /// (Redis runs a connection's commands in order, so no queued or in-flight write
     /// of an old value lands after its removal), and waits for its reply at most the
     /// operation timeout. Without a command, only waits for the operations before.
-    pub(crate) async fn call(&self, cmd: Option<redis::Cmd>) -> Result<redis::Value, RemoteError> {
+    pub(crate) async fn call(
+        &self,
+        cmd: Option<redis::Cmd>,
+        then: Option<Box<redis::Cmd>>,
+    ) -> Result<redis::Value, RemoteError> {
         let (done, result) = oneshot::channel();
         self.shared.pending.fetch_add(1, Ordering::SeqCst);
-        match self.queue.try_send(Op::Call { cmd, done }) {
+        match self.queue.try_send(Op::Call { cmd, then, done }) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(op)) => {
                 // never dropped: it must land after the writes before it
@@ -560,7 +571,11 @@ impl RemoteStore for RedisStore {
         }
     }
 
-    fn remove(&self, keys: Vec<String>) -> BoxFuture<'_, Result<(), RemoteError>> {
+    fn remove(
+        &self,
+        keys: Vec<String>,
+        publish: Option<Vec<u8>>,
+    ) -> BoxFuture<'_, Result<(), RemoteError>> {
         Box::pin(async move {
             let cmd = (!keys.is_empty()).then(|| {
                 let mut cmd = redis::cmd("DEL");
@@ -569,7 +584,12 @@ impl RemoteStore for RedisStore {
                 }
                 cmd
             });
-            self.call(cmd).await.map(|_| ())
+            let publish = publish.map(|message| {
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(&self.channel).arg(message);
+                Box::new(cmd)
+            });
+            self.call(cmd, publish).await.map(|_| ())
         })
     }
 
@@ -664,26 +684,30 @@ impl RemoteGraph for RedisStore {
         start: Vec<String>,
         keep: Option<String>,
         want_keys: bool,
+        publish: Option<Vec<u8>>,
     ) -> BoxFuture<'_, Result<Vec<String>, RemoteError>> {
         Box::pin(async move {
             let Some(graph) = &self.graph else {
                 return Ok(Vec::new());
             };
-            let reply = self
-                .call(Some(graph.invalidate(&start, keep.as_deref(), want_keys)))
-                .await?;
+            let publish = publish.as_deref().map(|m| (self.channel.as_str(), m));
+            let cmd = graph.invalidate(&start, keep.as_deref(), want_keys, publish);
+            let reply = self.call(Some(cmd), None).await?;
             redis::from_redis_value(reply).map_err(|e| RemoteError(e.to_string()))
         })
     }
 }
 
 /// The background writer: takes queued operations in batches and sends each batch as
-/// one pipeline, in order. A failed batch is counted and dropped (the entries are
-/// simply not in Redis; the next miss writes them again), and its removals report
-/// the failure.
+/// one pipeline, in order. A batch that fails (the connection) is counted and dropped
+/// (the entries are simply not in Redis; the next miss writes them again), and its
+/// removals report the failure; an operation the server refuses fails alone. Graph
+/// scripts go by their hash; those the server does not have are sent again with their
+/// text, in order, before the next batch.
 async fn writer(
     link: Arc<Link>,
     prefix: String,
+    graph: Option<GraphKeys>,
     mut rx: mpsc::Receiver<Op>,
     metrics: RedisMetrics,
     shared: Arc<Shared>,
@@ -692,61 +716,112 @@ async fn writer(
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let mut pipe = redis::pipe();
-        let mut sets = 0u64;
+        pipe.ignore_errors();
         for op in &batch {
             match op {
                 Op::Set { key, value, ttl } => {
-                    sets += 1;
                     pipe.cmd("SET")
                         .arg(Prefixed(&prefix, key))
                         .arg(value)
                         .arg("PX")
-                        .arg(millis(*ttl))
-                        .ignore();
+                        .arg(millis(*ttl));
                 }
                 Op::Send(cmd) => {
-                    sets += 1;
-                    pipe.add_command(cmd.clone()).ignore();
-                }
-                Op::Call { cmd: Some(cmd), .. } => {
                     pipe.add_command(cmd.clone());
                 }
-                Op::Call { cmd: None, .. } => {}
+                Op::Call { cmd, then, .. } => {
+                    if let Some(cmd) = cmd {
+                        pipe.add_command(cmd.clone());
+                    }
+                    if let Some(then) = then {
+                        pipe.add_command((**then).clone());
+                    }
+                }
             }
         }
-        let result = match pipe.is_empty() {
+        let mut result = match pipe.is_empty() {
             true => Ok(Vec::new()),
             false => link.pipeline_again::<Vec<redis::Value>>(&pipe).await,
         };
-        match &result {
-            Ok(_) => {
-                metrics.0.written.fetch_add(sets, Ordering::Relaxed);
-            }
-            Err(e) => {
-                metrics.0.failed.fetch_add(sets, Ordering::Relaxed);
-                tracing::debug!(target: "cache_redis", error = %e, "a batch of {} operations on Redis failed", batch.len());
-            }
+        if let (Ok(replies), Some(graph)) = (&mut result, &graph) {
+            with_text(&link, graph, &pipe, replies).await;
+        }
+        if let Err(e) = &result {
+            tracing::debug!(target: "cache_redis", error = %e, "a batch of {} operations on Redis failed", batch.len());
         }
         let n = batch.len();
-        let mut replies = match &result {
-            Ok(values) => values.clone().into_iter(),
+        let mut replies = match &mut result {
+            Ok(values) => std::mem::take(values).into_iter(),
             Err(_) => Vec::new().into_iter(),
         };
-        for op in batch.drain(..) {
-            let Op::Call { cmd, done } = op else { continue };
-            let reply = match (&result, cmd) {
+        let mut next = |present: bool| -> Result<redis::Value, RemoteError> {
+            match (&result, present) {
                 (Err(e), _) => Err(RemoteError(e.0.clone())),
-                (Ok(_), None) => Ok(redis::Value::Nil),
-                (Ok(_), Some(_)) => match replies.next() {
+                (Ok(_), false) => Ok(redis::Value::Nil),
+                (Ok(_), true) => match replies.next() {
                     Some(redis::Value::ServerError(e)) => Err(RemoteError(format!("{e:?}"))),
                     Some(v) => Ok(v),
                     None => Err(RemoteError("no reply".into())),
                 },
-            };
-            let _ = done.send(reply);
+            }
+        };
+        for op in batch.drain(..) {
+            match op {
+                Op::Set { .. } | Op::Send(_) => {
+                    let counter = match next(true) {
+                        Ok(_) => &metrics.0.written,
+                        Err(_) => &metrics.0.failed,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Op::Call { cmd, then, done } => {
+                    let reply = next(cmd.is_some());
+                    // (the publication's reply: a failed one fails the call)
+                    let reply = match (reply, next(then.is_some())) {
+                        (Ok(v), Ok(_)) => Ok(v),
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                    };
+                    let _ = done.send(reply);
+                }
+            }
         }
         if shared.pending.fetch_sub(n, Ordering::SeqCst) == n {
             shared.drained.notify_waiters();
+        }
+    }
+}
+
+/// Sends again, with their text, the graph scripts of `pipe` the server did not have
+/// (`NOSCRIPT`), in order, and puts their replies in `replies`. If that fails, their
+/// replies stay errors.
+async fn with_text(
+    link: &Arc<Link>,
+    graph: &GraphKeys,
+    pipe: &redis::Pipeline,
+    replies: &mut [redis::Value],
+) {
+    let unknown =
+        |v: &redis::Value| matches!(v, redis::Value::ServerError(e) if e.code() == "NOSCRIPT");
+    if !replies.iter().any(unknown) {
+        return;
+    }
+    let mut again = redis::pipe();
+    again.ignore_errors();
+    let mut at = Vec::new();
+    for (i, cmd) in pipe.cmd_iter().enumerate() {
+        if replies.get(i).is_some_and(unknown) {
+            if let Some(eval) = graph.with_text(cmd) {
+                again.add_command(eval);
+                at.push(i);
+            }
+        }
+    }
+    if at.is_empty() {
+        return;
+    }
+    if let Ok(values) = link.query_pipeline::<Vec<redis::Value>>(&again).await {
+        for (i, v) in at.into_iter().zip(values) {
+            replies[i] = v;
         }
     }
 }

@@ -95,15 +95,17 @@ end
 return 1
 "#;
 
-/// ARGV: G, P, marker ttl ms, kept key ('' for none), '1' to return the keys, start
-/// nodes. Marks the start
-/// nodes and every dependency reached (a value computed before links to one of them,
-/// its links being flattened, so its write is refused), walks the reverse sets from
-/// them a level at a time, each node once (chains and cycles end), removes every
-/// entry reached but the kept one, and returns their keys. Only entries that have
-/// dependents (the parents set) are looked up further; the reverse sets of the nodes
-/// walked go whole; the removed entries leave the reverse sets of their other links.
-/// A few commands per level and per batch of 1,000 keys, not per entry.
+/// ARGV: G, P, marker ttl ms, kept key ('' for none), '1' to return the keys,
+/// channel ('' for none), message, start nodes. Marks the start nodes and every
+/// dependency reached (a value computed before links to one of them, its links being
+/// flattened, so its write is refused), walks the reverse sets from them a level at a
+/// time, each node once (chains and cycles end), removes every entry reached but the
+/// kept one, publishes the message on the channel once they are gone, and returns
+/// their keys. Only entries that have dependents (the parents set) are looked up
+/// further; the reverse sets of the nodes walked go whole; the removed entries leave
+/// the reverse sets of their other links. A few commands per level and per batch of
+/// 1,000 keys, not per entry; an entry reached costs a few table operations and the
+/// string of its value key.
 const INVALIDATE: &str = r#"
 local ttl, keep, want = tonumber(ARGV[3]), ARGV[4], ARGV[5] == '1'
 local epoch = redis.call('INCR', G .. 'epoch')
@@ -121,13 +123,15 @@ if #old > 0 then
   redis.call('ZREM', MARKED, unpack(old))
 end
 local RD, RE = G .. 'rev:d:', G .. 'rev:e:'
+-- without nested entries (nothing in the parents set), no entry is looked up further
+local nested = redis.call('SCARD', PARENTS) > 0
 local seen_d, seen_e, removed, dead, left, deps, entries = {}, {}, {}, {}, {}, {}, {}
 local function chunks(list, f)
   for i = 1, #list, 1000 do
     f(unpack(list, i, math.min(i + 999, #list)))
   end
 end
-for i = 6, #ARGV do
+for i = 8, #ARGV do
   mark(ARGV[i])
   if string.sub(ARGV[i], 1, 2) == 'd:' then
     deps[#deps + 1] = string.sub(ARGV[i], 3)
@@ -160,15 +164,17 @@ while #deps > 0 or #entries > 0 do
       end
     end
   end
-  chunks(fresh, function(...)
-    local names = {...}
-    for i, has in ipairs(redis.call('SMISMEMBER', PARENTS, ...)) do
-      if has == 1 then
-        revs[#revs + 1] = RE .. names[i]
-        left[#left + 1] = names[i]
+  if nested then
+    chunks(fresh, function(...)
+      local names = {...}
+      for i, has in ipairs(redis.call('SMISMEMBER', PARENTS, ...)) do
+        if has == 1 then
+          revs[#revs + 1] = RE .. names[i]
+          left[#left + 1] = names[i]
+        end
       end
-    end
-  end)
+    end)
+  end
   chunks(revs, function(...)
     for _, e in ipairs(redis.call('SUNION', ...)) do
       next_e[#next_e + 1] = e
@@ -178,26 +184,29 @@ while #deps > 0 or #entries > 0 do
   deps, entries = next_d, next_e
 end
 chunks(left, function(...) redis.call('SREM', PARENTS, ...) end)
+-- the removed entries' links to nodes not walked: they leave those reverse sets
 local others = {}
+local function other(node, e)
+  local walked
+  if string.byte(node, 1) == 100 then walked = seen_d[node]
+  else walked = seen_e[string.sub(node, 3)] end
+  if not walked then
+    local es = others[node]
+    if not es then es = {}; others[node] = es end
+    es[#es + 1] = e
+  end
+end
 chunks(removed, function(...)
-  local names = {...}
   local values = redis.call('HMGET', LINKS, ...)
-  for i = 1, #names do
+  for i = 1, #values do
     local v = values[i]
-    if v then
-      local function check(node)
-        local walked
-        if string.byte(node, 1) == 100 then walked = seen_d[node]
-        else walked = seen_e[string.sub(node, 3)] end
-        if not walked then
-          others[node] = others[node] or {}
-          table.insert(others[node], names[i])
-        end
-      end
+    -- most entries link to one dependency, which was walked
+    if v and not seen_d[v] then
       if string.find(v, '\0', 1, true) then
-        for node in string.gmatch(v, '[^%z]+') do check(node) end
+        local e = select(i, ...)
+        for node in string.gmatch(v, '[^%z]+') do other(node, e) end
       else
-        check(v)
+        other(v, (select(i, ...)))
       end
     end
   end
@@ -207,6 +216,7 @@ for node, es in pairs(others) do
   for _, e in ipairs(es) do forget(node, e) end
 end
 chunks(dead, function(...) redis.call('UNLINK', ...) end)
+if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
 if want then return removed end
 return {}
 "#;
@@ -287,6 +297,22 @@ end
 return n
 "#;
 
+/// A script sent often (by the writer): by its hash, `EVALSHA`, so that its text
+/// travels and is hashed by the server only when the server does not have it yet.
+#[derive(Clone, Debug)]
+pub(crate) struct Hashed {
+    text: String,
+    sha: String,
+}
+
+impl Hashed {
+    fn new(script: &str) -> Self {
+        let text = format!("{UNLINK}{script}");
+        let sha = redis::Script::new(&text).get_hash().to_owned();
+        Hashed { text, sha }
+    }
+}
+
 /// The keys of one prefix's graph.
 #[derive(Clone, Debug)]
 pub(crate) struct GraphKeys {
@@ -296,6 +322,8 @@ pub(crate) struct GraphKeys {
     pub(crate) values: String,
     /// How long a marker is kept, in milliseconds.
     pub(crate) marker_ttl: u64,
+    write: Hashed,
+    invalidate: Hashed,
 }
 
 impl GraphKeys {
@@ -306,22 +334,56 @@ impl GraphKeys {
             marker_ttl: u64::try_from(marker_ttl.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1),
+            write: Hashed::new(WRITE),
+            invalidate: Hashed::new(INVALIDATE),
         }
     }
 
     /// `EVAL` of one of the scripts above, with the common arguments.
     fn eval(&self, script: &str) -> redis::Cmd {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(format!("{UNLINK}{script}"))
-            .arg(0)
-            .arg(&self.graph)
-            .arg(&self.values);
+        cmd.arg(format!("{UNLINK}{script}"));
+        self.common(cmd)
+    }
+
+    /// `EVALSHA` of a hashed script, with the common arguments.
+    fn evalsha(&self, script: &Hashed) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&script.sha);
+        self.common(cmd)
+    }
+
+    fn common(&self, mut cmd: redis::Cmd) -> redis::Cmd {
+        cmd.arg(0).arg(&self.graph).arg(&self.values);
         cmd
+    }
+
+    /// The `EVAL` form of `cmd`, an `EVALSHA` of one of this graph's hashed scripts,
+    /// for a server that does not have the script (`NOSCRIPT`: it restarted, or its
+    /// scripts were flushed); `EVAL` loads it again.
+    pub(crate) fn with_text(&self, cmd: &redis::Cmd) -> Option<redis::Cmd> {
+        let mut args = cmd.args_iter().map(|a| match a {
+            redis::Arg::Simple(bytes) => bytes,
+            _ => &[],
+        });
+        if !args.next()?.eq_ignore_ascii_case(b"EVALSHA") {
+            return None;
+        }
+        let sha = args.next()?;
+        let script = [&self.write, &self.invalidate]
+            .into_iter()
+            .find(|s| s.sha.as_bytes() == sha)?;
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(&script.text);
+        for a in args {
+            eval.arg(a);
+        }
+        Some(eval)
     }
 
     /// The conditional write of a value with its links.
     pub(crate) fn write(&self, w: &cache_runtime::LinkedWrite) -> redis::Cmd {
-        let mut cmd = self.eval(WRITE);
+        let mut cmd = self.evalsha(&self.write);
         cmd.arg(&w.key)
             .arg(&w.value)
             .arg(u64::try_from(w.ttl.as_millis()).unwrap_or(u64::MAX).max(1))
@@ -334,17 +396,22 @@ impl GraphKeys {
         cmd
     }
 
-    /// The transitive invalidation from `start`.
+    /// The transitive invalidation from `start`, then the publication of a message on
+    /// a channel.
     pub(crate) fn invalidate(
         &self,
         start: &[String],
         keep: Option<&str>,
         want_keys: bool,
+        publish: Option<(&str, &[u8])>,
     ) -> redis::Cmd {
-        let mut cmd = self.eval(INVALIDATE);
+        let mut cmd = self.evalsha(&self.invalidate);
+        let (channel, message) = publish.unwrap_or(("", b""));
         cmd.arg(self.marker_ttl)
             .arg(keep.unwrap_or(""))
             .arg(if want_keys { "1" } else { "0" })
+            .arg(channel)
+            .arg(message)
             .arg(start);
         cmd
     }

@@ -69,7 +69,17 @@ pub trait RemoteStore: Send + Sync + 'static {
     /// Removes `keys`, after every write queued before this call (so a queued write
     /// of an old value never lands after its removal); with no keys, just waits for
     /// those writes. Awaited: an invalidation is done when the caller continues.
-    fn remove(&self, keys: Vec<String>) -> BoxFuture<'_, Result<(), RemoteError>>;
+    ///
+    /// `publish` is only given to a store whose backend was built with
+    /// [`Backend::with_store_bus`](crate::Backend::with_store_bus): it is an encoded
+    /// [`InvalidationBus`](crate::InvalidationBus) message, which the store publishes on
+    /// that bus once the keys are removed, in the same round trip. `Ok` means it was
+    /// published.
+    fn remove(
+        &self,
+        keys: Vec<String>,
+        publish: Option<Vec<u8>>,
+    ) -> BoxFuture<'_, Result<(), RemoteError>>;
 
     /// Removes every entry of this store (its prefix).
     fn clear(&self) -> BoxFuture<'_, Result<(), RemoteError>>;
@@ -140,12 +150,14 @@ pub trait RemoteGraph: Send + Sync {
     /// except `keep` (an entry just replaced); marks every node reached, so that a
     /// value computed across this call is not written. Ordered behind the writes
     /// queued before it. With `want_keys`, returns the readable keys of the entries
-    /// removed (else none).
+    /// removed (else none). `publish` is published once they are removed, as in
+    /// [`RemoteStore::remove`].
     fn invalidate(
         &self,
         start: Vec<String>,
         keep: Option<String>,
         want_keys: bool,
+        publish: Option<Vec<u8>>,
     ) -> BoxFuture<'_, Result<Vec<String>, RemoteError>>;
 }
 

@@ -25,6 +25,8 @@ pub struct Backend {
     pub(crate) memory: Option<MemoryBackend>,
     pub(crate) remote: Option<Arc<dyn RemoteStore>>,
     pub(crate) bus: Option<Arc<dyn InvalidationBus>>,
+    /// The remote store publishes on `bus` itself, along with its removals.
+    pub(crate) store_publishes: bool,
 }
 
 impl Backend {
@@ -34,6 +36,7 @@ impl Backend {
             memory: l1,
             remote: Some(Arc::new(store)),
             bus: None,
+            store_publishes: false,
         }
     }
 
@@ -41,6 +44,18 @@ impl Backend {
     /// instances' ones to its in-process tier (see [`InvalidationBus`]).
     pub fn with_bus(mut self, bus: impl InvalidationBus) -> Self {
         self.bus = Some(Arc::new(bus));
+        self.store_publishes = false;
+        self
+    }
+
+    /// Like [`Backend::with_bus`], for a bus the remote store can publish on itself:
+    /// an invalidation's message is handed to the store with the removal
+    /// ([`RemoteStore::remove`], [`RemoteGraph::invalidate`](crate::RemoteGraph::invalidate)),
+    /// which publishes it once the entries are gone, in the same round trip. If that
+    /// fails, the message is published on `bus`.
+    pub fn with_store_bus(mut self, bus: impl InvalidationBus) -> Self {
+        self.bus = Some(Arc::new(bus));
+        self.store_publishes = true;
         self
     }
 }
@@ -61,6 +76,7 @@ impl From<MemoryBackend> for Backend {
             memory: Some(memory),
             remote: None,
             bus: None,
+            store_publishes: false,
         }
     }
 }
@@ -99,6 +115,7 @@ impl CachingServiceBuilder {
     /// one). Replaces the bus a backend brings with it.
     pub fn sync(mut self, bus: impl InvalidationBus) -> Self {
         self.backend.bus = Some(Arc::new(bus));
+        self.backend.store_publishes = false;
         self
     }
 
@@ -142,6 +159,7 @@ impl CachingServiceBuilder {
             graph,
             remote: self.backend.remote,
             bus: bus.clone(),
+            store_publishes: self.backend.store_publishes,
             instance_id: new_instance_id(),
             sync_stats: SyncCounters::default(),
             warn: RateLimitedWarn::default(),
@@ -211,6 +229,8 @@ pub(crate) struct Inner {
     pub(crate) graph: Arc<dyn DependencyGraph>,
     pub(crate) remote: Option<Arc<dyn RemoteStore>>,
     pub(crate) bus: Option<Arc<dyn InvalidationBus>>,
+    /// The remote store publishes on `bus` itself ([`Backend::with_store_bus`]).
+    store_publishes: bool,
     /// This instance's id in bus messages.
     pub(crate) instance_id: u64,
     pub(crate) sync_stats: SyncCounters,
@@ -262,8 +282,21 @@ impl Inner {
                 Some(Node::Remote(text.into()))
             }));
         }
+        // A remote graph finds the dependents itself: it starts from the entries named
+        // here, not from every dependent this instance knows of.
+        let with_graph = self.remote.as_ref().is_some_and(|r| r.graph().is_some());
+        let first = if with_graph {
+            named.clone()
+        } else {
+            Vec::new()
+        };
         named.extend(self.invalidating(start, true));
-        self.pending(named, dependencies, None)
+        let mut pending = self.pending(named, dependencies, None);
+        pending.named = first
+            .iter()
+            .filter_map(|k| Some(crate::Key::from_bytes(k)?.to_text(self.max_key_length)))
+            .collect();
+        pending
     }
 
     /// Removes the entries depending on the entry `key`, not the entry itself (its
@@ -306,6 +339,7 @@ impl Inner {
             // a replaced entry waits for its write, even with nothing to remove
             barrier: replaced.is_some(),
             removed,
+            named: Vec::new(),
             dependencies,
             replaced,
             items,
@@ -359,15 +393,23 @@ impl Inner {
     pub(crate) async fn complete(self: &Arc<Self>, pending: Pending) {
         let Pending {
             removed,
+            named,
             dependencies,
             replaced,
             items,
             barrier,
         } = pending;
+        let payload = match (&self.bus, items.is_empty()) {
+            (Some(_), false) => Some(self.message(items)),
+            _ => None,
+        };
+        // the store publishes it along with the removal, in the same round trip
+        let along = payload.clone().filter(|_| self.store_publishes);
+        let mut published = false;
         let mut done = true;
         match self.remote.as_ref().map(|r| (r, r.graph())) {
             Some((_, Some(graph))) => {
-                let mut start: Vec<String> = removed.iter().map(|t| format!("e:{t}")).collect();
+                let mut start: Vec<String> = named.iter().map(|t| format!("e:{t}")).collect();
                 start.extend(dependencies.iter().map(|d| format!("d:{d}")));
                 start.extend(replaced.iter().map(|t| format!("e:{t}")));
                 if !start.is_empty() {
@@ -376,7 +418,8 @@ impl Inner {
                     // remote graph removed only matter for this instance's L1, as a
                     // safety net.
                     let want_keys = self.memory.enabled();
-                    match graph.invalidate(start, replaced, want_keys).await {
+                    published = along.is_some();
+                    match graph.invalidate(start, replaced, want_keys, along).await {
                         Ok(found) => {
                             let known: HashSet<&String> = removed.iter().collect();
                             let extra: Vec<String> =
@@ -392,7 +435,8 @@ impl Inner {
                 }
             }
             Some((remote, None)) if !removed.is_empty() || barrier => {
-                if let Err(e) = remote.remove(removed).await {
+                published = along.is_some();
+                if let Err(e) = remote.remove(removed, along).await {
                     done = false;
                     self.warn
                         .warn(format_args!("removing invalidated entries failed: {e}"));
@@ -400,28 +444,36 @@ impl Inner {
             }
             _ => {}
         }
-        let Some(bus) = self.bus.clone().filter(|_| !items.is_empty()) else {
+        let (Some(bus), Some(payload)) = (self.bus.clone(), payload) else {
             return;
         };
+        if published && done {
+            self.sync_stats.bump(&self.sync_stats.published);
+            return;
+        }
         match (done, tokio::runtime::Handle::try_current()) {
             (false, Ok(handle)) => {
                 let inner = self.clone();
-                handle.spawn(async move { inner.publish(&bus, items).await });
+                handle.spawn(async move { inner.publish(&bus, payload).await });
             }
-            _ => self.publish(&bus, items).await,
+            _ => self.publish(&bus, payload).await,
         }
+    }
+
+    /// This instance's message carrying `items`, encoded.
+    fn message(&self, items: Vec<Item>) -> Vec<u8> {
+        Message {
+            sender: self.instance_id,
+            items,
+        }
+        .encode()
     }
 
     /// Publishes an invalidation. A publication that fails is sent again in a task of
     /// its own, with back-off, for up to [`REPUBLISH_FOR`]: other instances that kept
     /// their subscription would otherwise keep their copies until they expire (those
     /// that lost it clear their tier anyway).
-    async fn publish(self: &Arc<Self>, bus: &Arc<dyn InvalidationBus>, items: Vec<Item>) {
-        let payload = Message {
-            sender: self.instance_id,
-            items,
-        }
-        .encode();
+    async fn publish(self: &Arc<Self>, bus: &Arc<dyn InvalidationBus>, payload: Vec<u8>) {
         match bus.publish(payload.clone()).await {
             Ok(()) => self.sync_stats.bump(&self.sync_stats.published),
             Err(e) => {
@@ -512,6 +564,9 @@ impl Inner {
 pub(crate) struct Pending {
     /// Readable keys of the entries to remove from the remote tier.
     removed: Vec<String>,
+    /// With a remote graph: those of `removed` the invalidation named (the graph
+    /// finds the dependents itself).
+    named: Vec<String>,
     /// Dependencies invalidated (for a remote graph).
     dependencies: Vec<String>,
     /// The entry a refresh replaced: its dependents go, it stays.
@@ -736,7 +791,7 @@ impl CachingService {
             }
         }
         if let Some(bus) = &inner.bus {
-            inner.publish(bus, vec![Item::Clear]).await;
+            inner.publish(bus, inner.message(vec![Item::Clear])).await;
         }
     }
 

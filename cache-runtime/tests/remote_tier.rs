@@ -58,7 +58,11 @@ impl RemoteStore for Store {
             self.data.lock().unwrap().insert(key, (value, ttl));
         }
     }
-    fn remove(&self, keys: Vec<String>) -> BoxFuture<'_, Result<(), RemoteError>> {
+    fn remove(
+        &self,
+        keys: Vec<String>,
+        _publish: Option<Vec<u8>>,
+    ) -> BoxFuture<'_, Result<(), RemoteError>> {
         Box::pin(async move {
             let mut data = self.data.lock().unwrap();
             for k in keys {

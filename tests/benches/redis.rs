@@ -16,7 +16,7 @@ use cache_redis::RedisBackend;
 use cache_runtime::CachingService;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tests::redis_server::RedisServer;
-use tests::{product, time_loop, time_raw_gets, Product};
+use tests::{median, product, time_loop, time_raw_gets, Product};
 
 #[cache_runtime::cached(name = "bench.product")]
 async fn ours(id: u64, region: &str) -> Product {
@@ -88,12 +88,6 @@ where
             .elapsed()
             .mul_f64(iters as f64 / (per_task * 64) as f64)
     })
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    (values[(n - 1) / 2] + values[n / 2]) / 2.0
 }
 
 fn redis(c: &mut Criterion) {

@@ -60,6 +60,13 @@ pub async fn time_raw_gets(
     start.elapsed()
 }
 
+/// The median of `values` (reordered), for benchmarks.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    (values[(n - 1) / 2] + values[n / 2]) / 2.0
+}
+
 /// Counts how many times a function body ran.
 #[derive(Debug, Default)]
 pub struct Runs(AtomicUsize);

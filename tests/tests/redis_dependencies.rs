@@ -228,6 +228,47 @@ async fn replacing_an_entry_replaces_its_links() {
     assert!(keys(&server, "replace:2:*").await.is_empty());
 }
 
+/// The graph's scripts go by their hash; a server that lost them (restarted, or
+/// `SCRIPT FLUSH`) is sent their text again, and no write or invalidation is lost.
+#[tokio::test]
+async fn scripts_the_server_lost_are_sent_again() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let a = instance(&server, "flush", false, true).await;
+    let id = 31;
+    let of_id = |links: Vec<String>| {
+        links
+            .into_iter()
+            .filter(|k| k.ends_with(&format!("({id})")))
+            .count()
+    };
+    assert_eq!(a.scope(outer(id)).await, 1100 + id);
+    a.shutdown().await;
+    assert_eq!(of_id(linked(&server, "flush").await), 3);
+    let texts = server.calls("eval");
+    let hashes = server.calls("evalsha");
+    for i in 0..5 {
+        a.scope(inner(100 + i)).await;
+    }
+    a.shutdown().await;
+    assert_eq!(server.calls("eval"), texts, "no script text sent again");
+    assert_eq!(server.calls("evalsha"), hashes + 5);
+
+    assert_eq!(server.command(&["SCRIPT", "FLUSH"]).as_deref(), Some("+OK"));
+    a.scope(invalidate_dependency(format!("row:{id}"))).await;
+    assert!(
+        keys(&server, "flush:2:*(31)").await.is_empty(),
+        "the chain left Redis"
+    );
+    assert_eq!(of_id(linked(&server, "flush").await), 0);
+
+    assert_eq!(server.command(&["SCRIPT", "FLUSH"]).as_deref(), Some("+OK"));
+    assert_eq!(a.scope(outer(id)).await, 1100 + id);
+    a.shutdown().await;
+    assert_eq!(of_id(linked(&server, "flush").await), 3, "written again");
+    assert_eq!(keys(&server, "flush:2:*(31)").await.len(), 3);
+}
+
 /// `dependencies(false)`: an entry with dependencies stays in the in-process tier.
 #[tokio::test]
 async fn without_the_graph_entries_with_dependencies_stay_local() {
