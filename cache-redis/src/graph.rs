@@ -157,7 +157,7 @@ while #deps > 0 or #entries > 0 do
   for _, e in ipairs(entries) do
     if not seen_e[e] then
       seen_e[e] = true
-      fresh[#fresh + 1] = e
+      if nested then fresh[#fresh + 1] = e end
       if e ~= keep then
         removed[#removed + 1] = e
         dead[#dead + 1] = P .. e

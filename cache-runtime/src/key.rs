@@ -134,18 +134,27 @@ impl KeyWriter {
         self.buf.extend_from_slice(s.as_bytes());
     }
 
+    /// Writes `tag` and `n` as a varint; one capacity check when `n` takes one byte.
+    #[inline]
+    fn tagged(&mut self, tag: u8, n: u64) {
+        if n < 0x80 {
+            self.buf.extend_from_slice(&[tag, n as u8]);
+        } else {
+            self.byte(tag);
+            self.varint(n);
+        }
+    }
+
     /// Writes an unsigned integer (any width up to 64 bits).
     #[inline]
     pub fn write_u64(&mut self, v: u64) {
-        self.byte(tag::U64);
-        self.varint(v);
+        self.tagged(tag::U64, v);
     }
     /// Writes a signed integer (any width up to 64 bits).
     #[inline]
     pub fn write_i64(&mut self, v: i64) {
-        self.byte(tag::I64);
         // zigzag: small magnitudes of either sign take few bytes
-        self.varint(((v << 1) ^ (v >> 63)) as u64);
+        self.tagged(tag::I64, ((v << 1) ^ (v >> 63)) as u64);
     }
     /// Writes a `u128`.
     pub fn write_u128(&mut self, v: u128) {
@@ -180,8 +189,8 @@ impl KeyWriter {
     /// Writes a string.
     #[inline]
     pub fn write_str(&mut self, v: &str) {
-        self.byte(tag::STR);
-        self.raw_str(v);
+        self.tagged(tag::STR, v.len() as u64);
+        self.buf.extend_from_slice(v.as_bytes());
     }
     /// Writes `()`.
     pub fn write_unit(&mut self) {
@@ -300,8 +309,7 @@ impl KeyWriter {
     #[inline]
     fn begin_function(&mut self, id: u32) {
         self.buf.reserve(64);
-        self.byte(tag::KEY_V1);
-        self.varint(u64::from(id));
+        self.tagged(tag::KEY_V1, u64::from(id));
     }
 
     /// Adds a generic type argument to a function key (before any argument).

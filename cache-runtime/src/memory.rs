@@ -148,13 +148,32 @@ impl Hash for LookupKey<'_> {
 }
 impl PartialEq for StoredKey {
     fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash && self.bytes == other.bytes
+        self.hash == other.hash && same_bytes(&self.bytes, &other.bytes)
     }
 }
 impl Eq for StoredKey {}
 impl Equivalent<StoredKey> for LookupKey<'_> {
+    #[inline]
     fn equivalent(&self, key: &StoredKey) -> bool {
-        self.hash == key.hash && *self.bytes == *key.bytes
+        self.hash == key.hash && same_bytes(self.bytes, &key.bytes)
+    }
+}
+
+/// Byte equality that compares keys of 8 to 32 bytes (most keys) with a few word
+/// loads instead of a call to `memcmp`.
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word =
+        |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().unwrap_or_default());
+    let differ = |at: usize| word(a, at) ^ word(b, at);
+    match n {
+        8..=16 => differ(0) | differ(n - 8) == 0,
+        17..=32 => differ(0) | differ(8) | differ(n - 16) | differ(n - 8) == 0,
+        _ => a == b,
     }
 }
 

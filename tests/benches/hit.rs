@@ -13,25 +13,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tests::{product, time_loop, Product};
 
-/// About 100 bytes: two integers and two short strings.
-
-#[cache_runtime::cached]
-async fn ours(id: u64, region: &str) -> Product {
-    let _ = region;
-    product(id)
-}
-
-#[cache_runtime::cached]
-fn ours_plain(id: u64, region: &str) -> Product {
-    let _ = region;
-    product(id)
-}
-
-#[cached::proc_macro::cached(key = "(u64, String)", convert = r#"{ (id, region.to_owned()) }"#)]
-async fn theirs(id: u64, region: &str) -> Product {
-    let _ = region;
-    product(id)
-}
+#[path = "common/hit_fns.rs"]
+mod hit_fns;
+use hit_fns::{ours, ours_plain, theirs};
 
 fn time_async<F, Fut>(rt: &tokio::runtime::Runtime, iters: u64, f: F) -> Duration
 where
