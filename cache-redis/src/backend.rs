@@ -693,7 +693,13 @@ impl RemoteGraph for RedisStore {
             let publish = publish.as_deref().map(|m| (self.channel.as_str(), m));
             let cmd = graph.invalidate(&start, keep.as_deref(), want_keys, publish);
             let reply = self.call(Some(cmd), None).await?;
-            redis::from_redis_value(reply).map_err(|e| RemoteError(e.to_string()))
+            let removed: Vec<String> =
+                redis::from_redis_value(reply).map_err(|e| RemoteError(e.to_string()))?;
+            // the graph names entries by their value keys
+            Ok(removed
+                .into_iter()
+                .filter_map(|v| v.strip_prefix(graph.values.as_str()).map(str::to_owned))
+                .collect())
         })
     }
 }

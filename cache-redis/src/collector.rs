@@ -305,9 +305,10 @@ impl Worker {
         } else {
             payload
         };
-        let Some(entry) = key.strip_prefix(self.keys.values.as_str()) else {
+        if !key.starts_with(self.keys.values.as_str()) {
             return;
-        };
+        }
+        let entry = &key;
         match self
             .keys
             .collect(entry)

@@ -3,11 +3,13 @@
 //!
 //! Layout, for the key prefix `p`:
 //! - `p:{format}:{key}`: the value, always with an expiry (the value key of the
-//!   backend);
+//!   backend). The graph names an entry by this key (its value key), so that the
+//!   scripts delete, look up and collect entries without building their keys;
 //! - `p:g:links`: a hash, for each entry, what it depends on (its nodes, separated by
 //!   a zero byte), without expiry;
-//! - `p:g:rev:{node}`: the entries depending on a node, a set of keys, without expiry;
-//!   nodes are `d:{dependency}` and `e:{key}` (another entry);
+//! - `p:g:rev:{node}`: the entries depending on a node, a set of value keys, without
+//!   expiry; nodes are `d:{dependency}` and `e:{key}` (another entry, by its readable
+//!   key);
 //! - `p:g:parents`: the entries something depends on (those with a `rev:e:` set), so
 //!   that an invalidation looks further only from them;
 //! - `p:g:cascade:{dependency}`: dependencies invalidated along with it, while an
@@ -32,25 +34,26 @@ use cache_runtime::RemoteError;
 /// The common part of the scripts: the prefixes, and removing an entry's links
 /// (it leaves its nodes' reverse sets; a cascade goes with the last entry depending
 /// on its dependency, an entry leaves the parents once nothing depends on it).
+/// Entries are named by their value key `v`.
 const UNLINK: &str = r#"
 local G, P = ARGV[1], ARGV[2]
 local LINKS, PARENTS = G .. 'links', G .. 'parents'
-local function forget(node, e)
+local function forget(node, v)
   local rev = G .. 'rev:' .. node
-  redis.call('SREM', rev, e)
+  redis.call('SREM', rev, v)
   if redis.call('EXISTS', rev) == 0 then
     if string.sub(node, 1, 2) == 'd:' then
       redis.call('DEL', G .. 'cascade:' .. string.sub(node, 3))
     else
-      redis.call('SREM', PARENTS, string.sub(node, 3))
+      redis.call('SREM', PARENTS, P .. string.sub(node, 3))
     end
   end
 end
-local function unlink(e)
-  local v = redis.call('HGET', LINKS, e)
-  if v then
-    for node in string.gmatch(v, '[^%z]+') do forget(node, e) end
-    redis.call('HDEL', LINKS, e)
+local function unlink(v)
+  local links = redis.call('HGET', LINKS, v)
+  if links then
+    for node in string.gmatch(links, '[^%z]+') do forget(node, v) end
+    redis.call('HDEL', LINKS, v)
   end
 end
 "#;
@@ -61,6 +64,7 @@ end
 /// server's count (it restarted and lost its markers). Returns 1 if written.
 const WRITE: &str = r#"
 local e, since, n = ARGV[3], tonumber(ARGV[6]), tonumber(ARGV[7])
+local v = P .. e
 -- a count above the server's: it restarted since the read, its markers are gone
 if since > tonumber(redis.call('GET', G .. 'epoch') or 0) then return 0 end
 local function newer(node)
@@ -71,18 +75,18 @@ if newer('e:' .. e) then return 0 end
 for i = 8, 7 + n do
   if newer(ARGV[i]) then return 0 end
 end
-unlink(e)
-redis.call('SET', P .. e, ARGV[4], 'PX', ARGV[5])
+unlink(v)
+redis.call('SET', v, ARGV[4], 'PX', ARGV[5])
 if n > 0 then
   local links = {}
   for i = 8, 7 + n do
     links[#links + 1] = ARGV[i]
-    redis.call('SADD', G .. 'rev:' .. ARGV[i], e)
+    redis.call('SADD', G .. 'rev:' .. ARGV[i], v)
     if string.sub(ARGV[i], 1, 2) == 'e:' then
-      redis.call('SADD', PARENTS, string.sub(ARGV[i], 3))
+      redis.call('SADD', PARENTS, P .. string.sub(ARGV[i], 3))
     end
   end
-  redis.call('HSET', LINKS, e, table.concat(links, '\0'))
+  redis.call('HSET', LINKS, v, table.concat(links, '\0'))
 end
 local i = 8 + n
 while i <= #ARGV do
@@ -101,13 +105,14 @@ return 1
 /// flattened, so its write is refused), walks the reverse sets from them a level at a
 /// time, each node once (chains and cycles end), removes every entry reached but the
 /// kept one, publishes the message on the channel once they are gone, and returns
-/// their keys. Only entries that have dependents (the parents set) are looked up
-/// further; the reverse sets of the nodes walked go whole; the removed entries leave
-/// the reverse sets of their other links. A few commands per level and per batch of
-/// 1,000 keys, not per entry; an entry reached costs a few table operations and the
-/// string of its value key.
+/// their value keys. Only entries that have dependents (the parents set) are looked
+/// up further; the reverse sets of the nodes walked go whole; the removed entries
+/// leave the reverse sets of their other links. A few commands per level and per
+/// batch of 1,000 keys, not per entry; an entry reached costs a few table operations
+/// and no new string.
 const INVALIDATE: &str = r#"
-local ttl, keep, want = tonumber(ARGV[3]), ARGV[4], ARGV[5] == '1'
+local ttl, want = tonumber(ARGV[3]), ARGV[5] == '1'
+local keep = ARGV[4] ~= '' and P .. ARGV[4]
 local epoch = redis.call('INCR', G .. 'epoch')
 local MARKS, MARKED = G .. 'marks', G .. 'marked'
 local t = redis.call('TIME')
@@ -122,7 +127,7 @@ if #old > 0 then
   redis.call('HDEL', MARKS, unpack(old))
   redis.call('ZREM', MARKED, unpack(old))
 end
-local RD, RE = G .. 'rev:d:', G .. 'rev:e:'
+local RD, RE, skip = G .. 'rev:d:', G .. 'rev:e:', #P + 1
 -- without nested entries (nothing in the parents set), no entry is looked up further
 local nested = redis.call('SCARD', PARENTS) > 0
 local seen_d, seen_e, removed, dead, left, deps, entries = {}, {}, {}, {}, {}, {}, {}
@@ -136,7 +141,7 @@ for i = 8, #ARGV do
   if string.sub(ARGV[i], 1, 2) == 'd:' then
     deps[#deps + 1] = string.sub(ARGV[i], 3)
   else
-    entries[#entries + 1] = string.sub(ARGV[i], 3)
+    entries[#entries + 1] = P .. string.sub(ARGV[i], 3)
   end
 end
 while #deps > 0 or #entries > 0 do
@@ -154,13 +159,13 @@ while #deps > 0 or #entries > 0 do
       revs[#revs + 1] = RD .. d
     end
   end
-  for _, e in ipairs(entries) do
-    if not seen_e[e] then
-      seen_e[e] = true
-      if nested then fresh[#fresh + 1] = e end
-      if e ~= keep then
-        removed[#removed + 1] = e
-        dead[#dead + 1] = P .. e
+  for _, v in ipairs(entries) do
+    if not seen_e[v] then
+      seen_e[v] = true
+      if nested then fresh[#fresh + 1] = v end
+      if v ~= keep then
+        removed[#removed + 1] = v
+        dead[#dead + 1] = v
       end
     end
   end
@@ -169,15 +174,15 @@ while #deps > 0 or #entries > 0 do
       local names = {...}
       for i, has in ipairs(redis.call('SMISMEMBER', PARENTS, ...)) do
         if has == 1 then
-          revs[#revs + 1] = RE .. names[i]
+          revs[#revs + 1] = RE .. string.sub(names[i], skip)
           left[#left + 1] = names[i]
         end
       end
     end)
   end
   chunks(revs, function(...)
-    for _, e in ipairs(redis.call('SUNION', ...)) do
-      next_e[#next_e + 1] = e
+    for _, v in ipairs(redis.call('SUNION', ...)) do
+      next_e[#next_e + 1] = v
     end
   end)
   for _, rev in ipairs(revs) do dead[#dead + 1] = rev end
@@ -186,34 +191,34 @@ end
 chunks(left, function(...) redis.call('SREM', PARENTS, ...) end)
 -- the removed entries' links to nodes not walked: they leave those reverse sets
 local others = {}
-local function other(node, e)
+local function other(node, v)
   local walked
   if string.byte(node, 1) == 100 then walked = seen_d[node]
-  else walked = seen_e[string.sub(node, 3)] end
+  else walked = seen_e[P .. string.sub(node, 3)] end
   if not walked then
-    local es = others[node]
-    if not es then es = {}; others[node] = es end
-    es[#es + 1] = e
+    local vs = others[node]
+    if not vs then vs = {}; others[node] = vs end
+    vs[#vs + 1] = v
   end
 end
 chunks(removed, function(...)
-  local values = redis.call('HMGET', LINKS, ...)
-  for i = 1, #values do
-    local v = values[i]
+  local links = redis.call('HMGET', LINKS, ...)
+  for i = 1, #links do
+    local l = links[i]
     -- most entries link to one dependency, which was walked
-    if v and not seen_d[v] then
-      if string.find(v, '\0', 1, true) then
-        local e = select(i, ...)
-        for node in string.gmatch(v, '[^%z]+') do other(node, e) end
+    if l and not seen_d[l] then
+      if string.find(l, '\0', 1, true) then
+        local v = select(i, ...)
+        for node in string.gmatch(l, '[^%z]+') do other(node, v) end
       else
-        other(v, (select(i, ...)))
+        other(l, (select(i, ...)))
       end
     end
   end
   redis.call('HDEL', LINKS, ...)
 end)
-for node, es in pairs(others) do
-  for _, e in ipairs(es) do forget(node, e) end
+for node, vs in pairs(others) do
+  for _, v in ipairs(vs) do forget(node, v) end
 end
 chunks(dead, function(...) redis.call('UNLINK', ...) end)
 if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
@@ -221,33 +226,34 @@ if want then return removed end
 return {}
 "#;
 
-/// ARGV: G, P, key. The collector's step for a value that expired or was evicted:
-/// nothing if it was set again or its links are gone already; else removes its links.
+/// ARGV: G, P, value key. The collector's step for a value that expired or was
+/// evicted: nothing if it was set again or its links are gone already; else removes
+/// its links.
 const COLLECT: &str = r#"
-local e = ARGV[3]
-if redis.call('EXISTS', P .. e) == 1 then return 0 end
-if redis.call('HEXISTS', LINKS, e) == 0 then return 0 end
-unlink(e)
+local v = ARGV[3]
+if redis.call('EXISTS', v) == 1 then return 0 end
+if redis.call('HEXISTS', LINKS, v) == 0 then return 0 end
+unlink(v)
 return 1
 "#;
 
-/// ARGV: G, P, keys. Repairs forward links: without its value, an entry's links go
-/// (counted first); if a node's reverse set lacks the entry (an invalidation of that
-/// node would miss it), the entry goes, value and links (counted second).
+/// ARGV: G, P, value keys. Repairs forward links: without its value, an entry's
+/// links go (counted first); if a node's reverse set lacks the entry (an invalidation
+/// of that node would miss it), the entry goes, value and links (counted second).
 const REPAIR_LINKS: &str = r#"
 local lonely, broken = 0, 0
 for i = 3, #ARGV do
-  local e = ARGV[i]
-  local v = redis.call('HGET', LINKS, e)
-  if v then
-    if redis.call('EXISTS', P .. e) == 0 then
-      unlink(e)
+  local v = ARGV[i]
+  local links = redis.call('HGET', LINKS, v)
+  if links then
+    if redis.call('EXISTS', v) == 0 then
+      unlink(v)
       lonely = lonely + 1
     else
-      for node in string.gmatch(v, '[^%z]+') do
-        if redis.call('SISMEMBER', G .. 'rev:' .. node, e) == 0 then
-          redis.call('DEL', P .. e)
-          unlink(e)
+      for node in string.gmatch(links, '[^%z]+') do
+        if redis.call('SISMEMBER', G .. 'rev:' .. node, v) == 0 then
+          redis.call('DEL', v)
+          unlink(v)
           broken = broken + 1
           break
         end
@@ -258,22 +264,22 @@ end
 return {lonely, broken}
 "#;
 
-/// ARGV: G, P, node, keys. Removes from the node's reverse set the keys whose value
-/// is gone or whose links do not name the node; returns how many.
+/// ARGV: G, P, node, value keys. Removes from the node's reverse set the entries
+/// whose value is gone or whose links do not name the node; returns how many.
 const REPAIR_REV: &str = r#"
 local node = ARGV[3]
 local n = 0
 for i = 4, #ARGV do
-  local e = ARGV[i]
-  local v = redis.call('HGET', LINKS, e)
-  if redis.call('EXISTS', P .. e) == 0 or not v
-    or not string.find('\0' .. v .. '\0', '\0' .. node .. '\0', 1, true) then
+  local v = ARGV[i]
+  local links = redis.call('HGET', LINKS, v)
+  if redis.call('EXISTS', v) == 0 or not links
+    or not string.find('\0' .. links .. '\0', '\0' .. node .. '\0', 1, true) then
     n = n + 1
-    forget(node, e)
+    forget(node, v)
   end
 end
 if string.sub(node, 1, 2) == 'e:' and redis.call('EXISTS', G .. 'rev:' .. node) == 1 then
-  redis.call('SADD', PARENTS, string.sub(node, 3))
+  redis.call('SADD', PARENTS, P .. string.sub(node, 3))
 end
 return n
 "#;
@@ -286,11 +292,12 @@ end
 return 0
 "#;
 
-/// ARGV: G, P, keys. Removes from the parents the entries nothing depends on.
+/// ARGV: G, P, value keys. Removes from the parents the entries nothing depends on.
 const REPAIR_PARENTS: &str = r#"
 local n = 0
 for i = 3, #ARGV do
-  if redis.call('EXISTS', G .. 'rev:e:' .. ARGV[i]) == 0 then
+  local key = string.sub(ARGV[i], #P + 1)
+  if string.sub(ARGV[i], 1, #P) ~= P or redis.call('EXISTS', G .. 'rev:e:' .. key) == 0 then
     n = n + redis.call('SREM', PARENTS, ARGV[i])
   end
 end
@@ -416,7 +423,7 @@ impl GraphKeys {
         cmd
     }
 
-    /// The collector's step for the value of `key`.
+    /// The collector's step for the value key `key`.
     pub(crate) fn collect(&self, key: &str) -> redis::Cmd {
         let mut cmd = self.eval(COLLECT);
         cmd.arg(key);

@@ -90,14 +90,12 @@ fn graph(c: &mut Criterion) {
         })
     });
     // The least any script keeping this graph does for the same invalidation: read
-    // the reverse set, delete the values and their links; nothing else (no walk, no
-    // markers, no other links, no publication).
+    // the reverse set (the dependents' value keys), delete the values and their
+    // links; nothing else (no walk, no markers, no other links, no publication).
     let floor = redis::Script::new(
         r"
 local m = redis.call('SMEMBERS', KEYS[1])
-local values = {}
-for i = 1, #m do values[i] = ARGV[1] .. m[i] end
-redis.call('UNLINK', unpack(values))
+redis.call('UNLINK', unpack(m))
 redis.call('HDEL', KEYS[2], unpack(m))
 redis.call('DEL', KEYS[1])
 ",
@@ -117,17 +115,19 @@ redis.call('DEL', KEYS[1])
                         cache_runtime::shutdown().await;
                         let mut call = floor.prepare_invoke();
                         call.key(format!("graph:g:rev:d:shared:{r}"))
-                            .key("graph:g:links")
-                            .arg(format!("graph:{}:", cache_runtime::FORMAT_VERSION));
+                            .key("graph:g:links");
                         let start = Instant::now();
                         let () = call.invoke_async(&mut con).await.unwrap();
                         total += start.elapsed();
-                        let left: u64 = redis::cmd("HLEN")
+                        let (links, values): (u64, Vec<String>) = redis::pipe()
+                            .cmd("HLEN")
                             .arg("graph:g:links")
+                            .cmd("KEYS")
+                            .arg("graph:*:graph.dependent:*")
                             .query_async(&mut con)
                             .await
                             .unwrap();
-                        assert_eq!(left, 0, "the floor script deleted the links");
+                        assert_eq!((links, values.len()), (0, 0), "the floor deleted all");
                     }
                     total
                 }))

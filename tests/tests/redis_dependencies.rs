@@ -512,7 +512,7 @@ async fn a_full_collection_repairs_what_no_collector_saw() {
     assert_eq!(report.cascades, 1, "{report:?}");
     assert_eq!(
         linked(&server, "full").await,
-        vec!["rd.expiring:v1(0)".to_owned()],
+        vec!["full:2:rd.expiring:v1(0)".to_owned()],
         "the entry set again keeps its links"
     );
     let again = full_collection(&server.url(), "full").await.unwrap();
@@ -531,7 +531,7 @@ async fn entries_with_incomplete_links_are_removed() {
     a.scope(expiring(1)).await;
     a.scope(expiring(2)).await;
     a.shutdown().await;
-    server.command(&["SREM", "broken:g:rev:d:a:1", "rd.expiring:v1(1)"]);
+    server.command(&["SREM", "broken:g:rev:d:a:1", "broken:2:rd.expiring:v1(1)"]);
     let report = full_collection(&server.url(), "broken").await.unwrap();
     assert_eq!(report.broken_entries, 1, "{report:?}");
     assert_eq!(
