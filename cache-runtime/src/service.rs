@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::bus::{new_instance_id, BusReceiver, InvalidationBus, Item, Message, SyncCounters};
 use crate::deps::{Dependency, DependencyGraph, Frame, Live, MemoryGraph, Node};
@@ -166,6 +166,7 @@ impl CachingServiceBuilder {
             profiles,
             max_key_length: self.max_key_length,
             flights: Flights::default(),
+            republish: Default::default(),
             functions: FnTable::default(),
             epoch: AtomicU64::new(0),
             log: parking_lot::Mutex::default(),
@@ -242,6 +243,17 @@ pub(crate) struct Inner {
     /// Counts invalidations (see [`Inner::is_stale`]).
     pub(crate) epoch: AtomicU64,
     pub(crate) log: parking_lot::Mutex<InvalidationLog>,
+    /// Publications that failed, sent again by one task.
+    republish: parking_lot::Mutex<Republish>,
+}
+
+/// Failed publications waiting to be sent again, oldest first, each with its number
+/// and when it first failed; `running` while a task sends them.
+#[derive(Default)]
+struct Republish {
+    queue: VecDeque<(u64, Instant, Vec<u8>)>,
+    next: u64,
+    running: bool,
 }
 
 /// Recent invalidations, with every node each one reached, so that a computation that
@@ -256,6 +268,10 @@ pub(crate) struct InvalidationLog {
 
 /// How long a failed publication is sent again.
 pub(crate) const REPUBLISH_FOR: Duration = Duration::from_secs(10);
+
+/// How many failed publications wait at most; beyond, the oldest is dropped (counted
+/// in `republish_dropped`).
+const REPUBLISH_QUEUE: usize = 10_000;
 
 /// How many invalidations the log keeps.
 const LOG_CAPACITY: usize = 1024;
@@ -469,10 +485,11 @@ impl Inner {
         .encode()
     }
 
-    /// Publishes an invalidation. A publication that fails is sent again in a task of
-    /// its own, with back-off, for up to [`REPUBLISH_FOR`]: other instances that kept
-    /// their subscription would otherwise keep their copies until they expire (those
-    /// that lost it clear their tier anyway).
+    /// Publishes an invalidation. A publication that fails is sent again, with the
+    /// others that failed, in order, by one task with back-off, each for up to
+    /// [`REPUBLISH_FOR`]: other instances that kept their subscription would otherwise
+    /// keep their copies until they expire (those that lost it clear their tier
+    /// anyway).
     async fn publish(self: &Arc<Self>, bus: &Arc<dyn InvalidationBus>, payload: Vec<u8>) {
         match bus.publish(payload.clone()).await {
             Ok(()) => self.sync_stats.bump(&self.sync_stats.published),
@@ -481,26 +498,68 @@ impl Inner {
                 self.warn.warn(format_args!(
                     "publishing an invalidation failed: {e} (sent again while it fails, for {REPUBLISH_FOR:?})"
                 ));
-                let Ok(handle) = tokio::runtime::Handle::try_current() else {
-                    return;
-                };
-                let (inner, bus) = (Arc::downgrade(self), bus.clone());
-                handle.spawn(async move {
-                    let start = tokio::time::Instant::now();
-                    let mut delay = Duration::from_millis(20);
-                    while start.elapsed() < REPUBLISH_FOR {
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_millis(500));
-                        let Some(inner) = inner.upgrade() else { return };
-                        if bus.publish(payload.clone()).await.is_ok() {
-                            inner.sync_stats.bump(&inner.sync_stats.published);
-                            inner.sync_stats.bump(&inner.sync_stats.republished);
-                            return;
-                        }
-                    }
-                });
+                self.publish_later(bus, payload);
             }
         }
+    }
+
+    /// Queues a failed publication, and starts the task that sends them if none runs.
+    fn publish_later(self: &Arc<Self>, bus: &Arc<dyn InvalidationBus>, payload: Vec<u8>) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        {
+            let mut r = self.republish.lock();
+            if r.queue.len() >= REPUBLISH_QUEUE {
+                r.queue.pop_front();
+                self.sync_stats.bump(&self.sync_stats.republish_dropped);
+            }
+            let n = r.next;
+            r.next += 1;
+            r.queue.push_back((n, Instant::now(), payload));
+            if std::mem::replace(&mut r.running, true) {
+                return;
+            }
+        }
+        let (inner, bus) = (Arc::downgrade(self), bus.clone());
+        handle.spawn(async move {
+            let mut delay = Duration::from_millis(20);
+            loop {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(500));
+                let Some(inner) = inner.upgrade() else { return };
+                loop {
+                    let (n, payload) = {
+                        let mut r = inner.republish.lock();
+                        while r
+                            .queue
+                            .front()
+                            .is_some_and(|(_, at, _)| at.elapsed() > REPUBLISH_FOR)
+                        {
+                            r.queue.pop_front();
+                            inner.sync_stats.bump(&inner.sync_stats.republish_dropped);
+                        }
+                        match r.queue.front() {
+                            Some((n, _, payload)) => (*n, payload.clone()),
+                            None => {
+                                r.running = false;
+                                return;
+                            }
+                        }
+                    };
+                    if bus.publish(payload).await.is_err() {
+                        break;
+                    }
+                    inner.sync_stats.bump(&inner.sync_stats.published);
+                    inner.sync_stats.bump(&inner.sync_stats.republished);
+                    delay = Duration::from_millis(20);
+                    let mut r = inner.republish.lock();
+                    if r.queue.front().is_some_and(|(front, _, _)| *front == n) {
+                        r.queue.pop_front();
+                    }
+                }
+            }
+        });
     }
 
     /// Applies another instance's invalidation here, locally only.

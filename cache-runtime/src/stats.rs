@@ -90,6 +90,9 @@ pub struct SyncStats {
     pub publish_errors: u64,
     /// Failed publications that went through when sent again.
     pub republished: u64,
+    /// Failed publications given up: still failing after 10 s, or the oldest of more
+    /// than 10,000 waiting. Other instances keep those copies until they expire.
+    pub republish_dropped: u64,
     /// Messages of other instances received and applied.
     pub received: u64,
     /// Payloads received that did not decode.

@@ -229,3 +229,60 @@ async fn a_failed_publication_is_sent_again() {
     let s = a.stats().sync;
     assert_eq!((s.publish_errors, s.republished, s.published), (1, 1, 1));
 }
+
+/// Publications that fail while the bus is down wait in one queue, sent again in order
+/// by one task: a burst of invalidations does not become a burst of retrying tasks.
+#[tokio::test]
+async fn failed_publications_wait_in_one_queue() {
+    #[derive(Clone)]
+    struct Switch(
+        MemoryBus,
+        Arc<std::sync::atomic::AtomicBool>,
+        Arc<AtomicU64>,
+    );
+    impl InvalidationBus for Switch {
+        fn attach(&self, receiver: BusReceiver) {
+            self.0.attach(receiver);
+        }
+        fn publish(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<(), RemoteError>> {
+            if self.1.load(Ordering::SeqCst) {
+                self.2.fetch_add(1, Ordering::SeqCst);
+                return Box::pin(async { Err(RemoteError("down".into())) });
+            }
+            self.0.publish(payload)
+        }
+    }
+    let bus = Switch(MemoryBus::new(), Arc::default(), Arc::default());
+    let a = CachingService::builder().sync(bus.clone()).build().unwrap();
+    let b = CachingService::builder().sync(bus.clone()).build().unwrap();
+    for id in 100..150 {
+        b.scope(item(id)).await;
+    }
+    bus.1.store(true, Ordering::SeqCst);
+    for id in 100..150 {
+        a.scope(cache_runtime::invalidate!(item(id))).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let attempts = bus.2.load(Ordering::SeqCst);
+    assert!(
+        attempts <= 50 + 10,
+        "{attempts} attempts while down: the retries went one at a time"
+    );
+    assert_eq!(held(&b).len(), 50, "nothing went through while down");
+    bus.1.store(false, Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    while !held(&b).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(5), "not sent again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let s = a.stats().sync;
+    assert_eq!(
+        (
+            s.publish_errors,
+            s.republished,
+            s.published,
+            s.republish_dropped
+        ),
+        (50, 50, 50, 0)
+    );
+}
