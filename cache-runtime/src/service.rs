@@ -569,13 +569,15 @@ impl Inner {
         }
         self.sync_stats.bump(&self.sync_stats.received);
         let mut nodes = Vec::new();
+        let mut named = Vec::new();
         for item in message.items {
             match item {
-                Item::Removed(text) | Item::Replaced(text) => nodes.extend(self.nodes_named(&text)),
+                Item::Removed(text) | Item::Replaced(text) => named.push(text),
                 Item::Dependency(d) => nodes.push(Node::Key(d.into())),
                 Item::Clear => self.clear_local(),
             }
         }
+        nodes.extend(self.nodes_named(&named));
         if !nodes.is_empty() {
             self.invalidating(nodes, true);
         }
@@ -583,29 +585,37 @@ impl Inner {
 
     /// Removes here, locally only, the entries named by readable keys.
     fn remove_local(&self, texts: &[String]) {
-        let nodes: Vec<Node> = texts.iter().flat_map(|t| self.nodes_named(t)).collect();
+        let nodes = self.nodes_named(texts);
         if !nodes.is_empty() {
             self.invalidating(nodes, true);
         }
     }
 
-    /// The entry held under the readable key `text`, and the running flights of it
-    /// (a call computing it now may have read the old value).
-    fn nodes_named(&self, text: &str) -> Vec<Node> {
-        let renders_to = |bytes: &[u8]| {
-            crate::Key::from_bytes(bytes).is_some_and(|k| k.to_text(self.max_key_length) == text)
+    /// The entries held under the readable keys `texts`, and the running flights of
+    /// them (a call computing one now may have read the old value). The running
+    /// flights' keys are rendered once, whatever the number of texts.
+    fn nodes_named(&self, texts: &[String]) -> Vec<Node> {
+        if texts.is_empty() {
+            return Vec::new();
+        }
+        let wanted: HashSet<&str> = texts.iter().map(String::as_str).collect();
+        let renders_to_one = |bytes: &[u8]| {
+            crate::Key::from_bytes(bytes)
+                .is_some_and(|k| wanted.contains(k.to_text(self.max_key_length).as_str()))
         };
         let mut nodes: Vec<Node> = self
             .flights
-            .keys_matching(renders_to)
+            .keys_matching(renders_to_one)
             .into_iter()
             .map(Node::Entry)
             .collect();
-        if let Some(key) = self.memory.key_of(text) {
-            nodes.push(Node::Entry(key.into()));
+        for text in texts {
+            if let Some(key) = self.memory.key_of(text) {
+                nodes.push(Node::Entry(key.into()));
+            }
+            // what depends on it through an entry read from the remote tier
+            nodes.push(Node::Remote(text.as_str().into()));
         }
-        // what depends on it through an entry read from the remote tier
-        nodes.push(Node::Remote(text.into()));
         nodes
     }
 
