@@ -264,7 +264,7 @@ pub fn lookup<K: ReturnKind<R>, R>(
 
 /// Reads an entry; inside another cached function's body, also links that function's
 /// entry to this one and to what this one depends on.
-#[inline]
+#[inline(always)]
 fn read<T>(inner: &Inner, key: &[u8], ops: ValueOps<T>) -> Option<T> {
     if !collecting() {
         return inner.memory.get(key, |slot| (ops.from_any)(&slot.value));

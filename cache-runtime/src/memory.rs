@@ -422,7 +422,7 @@ impl MemoryTier {
 
     /// Reads the live slot stored under `key` with `read` (a downcast and a clone),
     /// under the shard's read lock. An expired slot is removed.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn get<X>(&self, key: &[u8], read: impl FnOnce(&AnySlot) -> Option<X>) -> Option<X> {
         if !self.enabled {
             return None;
