@@ -31,6 +31,20 @@ use std::time::Duration;
 
 use cache_runtime::RemoteError;
 
+/// The first line of the scripts that mostly delete (the invalidation, the
+/// collector's step, the repairs): they run even when Redis is out of memory under
+/// `noeviction` (without it, their first write, such as the count's `INCR`, would be
+/// refused there, and an invalidation would leave its entries in Redis).
+const ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
+
+/// A script's text: its flags line if it has one, then the common part, then its own.
+fn script_text(script: &str) -> String {
+    match script.strip_prefix(ALLOW_OOM) {
+        Some(own) => format!("{ALLOW_OOM}{UNLINK}{own}"),
+        None => format!("{UNLINK}{script}"),
+    }
+}
+
 /// The common part of the scripts: the prefixes, and removing an entry's links
 /// (it leaves its nodes' reverse sets; a cascade goes with the last entry depending
 /// on its dependency, an entry leaves the parents once nothing depends on it).
@@ -110,7 +124,7 @@ return 1
 /// leave the reverse sets of their other links. A few commands per level and per
 /// batch of 1,000 keys, not per entry; an entry reached costs a few table operations
 /// and no new string.
-const INVALIDATE: &str = r#"
+const INVALIDATE: &str = r#"#!lua flags=allow-oom
 local ttl, want = tonumber(ARGV[3]), ARGV[5] == '1'
 local keep = ARGV[4] ~= '' and P .. ARGV[4]
 local epoch = redis.call('INCR', G .. 'epoch')
@@ -229,7 +243,7 @@ return {}
 /// ARGV: G, P, value key. The collector's step for a value that expired or was
 /// evicted: nothing if it was set again or its links are gone already; else removes
 /// its links.
-const COLLECT: &str = r#"
+const COLLECT: &str = r#"#!lua flags=allow-oom
 local v = ARGV[3]
 if redis.call('EXISTS', v) == 1 then return 0 end
 if redis.call('HEXISTS', LINKS, v) == 0 then return 0 end
@@ -240,7 +254,7 @@ return 1
 /// ARGV: G, P, value keys. Repairs forward links: without its value, an entry's
 /// links go (counted first); if a node's reverse set lacks the entry (an invalidation
 /// of that node would miss it), the entry goes, value and links (counted second).
-const REPAIR_LINKS: &str = r#"
+const REPAIR_LINKS: &str = r#"#!lua flags=allow-oom
 local lonely, broken = 0, 0
 for i = 3, #ARGV do
   local v = ARGV[i]
@@ -266,7 +280,7 @@ return {lonely, broken}
 
 /// ARGV: G, P, node, value keys. Removes from the node's reverse set the entries
 /// whose value is gone or whose links do not name the node; returns how many.
-const REPAIR_REV: &str = r#"
+const REPAIR_REV: &str = r#"#!lua flags=allow-oom
 local node = ARGV[3]
 local n = 0
 for i = 4, #ARGV do
@@ -285,7 +299,7 @@ return n
 "#;
 
 /// ARGV: G, P, dependency. Removes a cascade set nothing depends on any more.
-const REPAIR_CASCADE: &str = r#"
+const REPAIR_CASCADE: &str = r#"#!lua flags=allow-oom
 if redis.call('EXISTS', G .. 'rev:d:' .. ARGV[3]) == 0 then
   return redis.call('DEL', G .. 'cascade:' .. ARGV[3])
 end
@@ -293,7 +307,7 @@ return 0
 "#;
 
 /// ARGV: G, P, value keys. Removes from the parents the entries nothing depends on.
-const REPAIR_PARENTS: &str = r#"
+const REPAIR_PARENTS: &str = r#"#!lua flags=allow-oom
 local n = 0
 for i = 3, #ARGV do
   local key = string.sub(ARGV[i], #P + 1)
@@ -314,7 +328,7 @@ pub(crate) struct Hashed {
 
 impl Hashed {
     fn new(script: &str) -> Self {
-        let text = format!("{UNLINK}{script}");
+        let text = script_text(script);
         let sha = redis::Script::new(&text).get_hash().to_owned();
         Hashed { text, sha }
     }
@@ -349,7 +363,7 @@ impl GraphKeys {
     /// `EVAL` of one of the scripts above, with the common arguments.
     fn eval(&self, script: &str) -> redis::Cmd {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(format!("{UNLINK}{script}"));
+        cmd.arg(script_text(script));
         self.common(cmd)
     }
 

@@ -269,6 +269,50 @@ async fn scripts_the_server_lost_are_sent_again() {
     assert_eq!(keys(&server, "flush:2:*(31)").await.len(), 3);
 }
 
+/// A Redis that is out of memory under `noeviction` refuses writes, but still takes
+/// invalidations (they free memory): nothing stale stays in it.
+#[tokio::test]
+async fn a_full_redis_still_takes_invalidations() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
+    let a = instance(&server, "oom", false, true).await;
+    let id = 41;
+    assert_eq!(a.scope(outer(id)).await, 1100 + id);
+    a.shutdown().await;
+    assert_eq!(keys(&server, "oom:2:*(41)").await.len(), 3);
+    // above its limit from now on: commands that add memory are refused
+    assert_eq!(
+        server
+            .command(&["CONFIG", "SET", "maxmemory", "1"])
+            .as_deref(),
+        Some("+OK")
+    );
+    assert!(server
+        .command(&["SET", "probe", "1"])
+        .is_some_and(|r| r.starts_with("-OOM")));
+    a.scope(invalidate_dependency(format!("row:{id}"))).await;
+    assert!(
+        keys(&server, "oom:2:*").await.is_empty(),
+        "the chain left Redis"
+    );
+    assert!(linked(&server, "oom").await.is_empty());
+    // a value computed now is not written (refused), and that fails nothing else
+    let before = runs();
+    assert_eq!(a.scope(outer(id)).await, 1100 + id);
+    assert_eq!(runs()[0] - before[0], 1);
+    a.shutdown().await;
+    assert!(keys(&server, "oom:2:*").await.is_empty());
+    assert_eq!(
+        server
+            .command(&["CONFIG", "SET", "maxmemory", "0"])
+            .as_deref(),
+        Some("+OK")
+    );
+    assert_eq!(a.scope(middle(id)).await, 100 + id);
+    a.shutdown().await;
+    assert_eq!(keys(&server, "oom:2:*(41)").await.len(), 2, "written again");
+}
+
 /// `dependencies(false)`: an entry with dependencies stays in the in-process tier.
 #[tokio::test]
 async fn without_the_graph_entries_with_dependencies_stay_local() {
