@@ -311,8 +311,7 @@ impl Worker {
         let entry = &key;
         match self
             .keys
-            .collect(entry)
-            .query_async::<i64>(&mut self.con)
+            .run::<i64>(&mut self.con, self.keys.collect(entry))
             .await
         {
             Ok(1) => {

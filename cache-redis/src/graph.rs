@@ -318,8 +318,8 @@ end
 return n
 "#;
 
-/// A script sent often (by the writer): by its hash, `EVALSHA`, so that its text
-/// travels and is hashed by the server only when the server does not have it yet.
+/// A script, sent by its hash (`EVALSHA`), so that its text travels and is hashed by
+/// the server only when the server does not have it yet.
 #[derive(Clone, Debug)]
 pub(crate) struct Hashed {
     text: String,
@@ -345,6 +345,11 @@ pub(crate) struct GraphKeys {
     pub(crate) marker_ttl: u64,
     write: Hashed,
     invalidate: Hashed,
+    collect: Hashed,
+    repair_links: Hashed,
+    repair_rev: Hashed,
+    repair_cascade: Hashed,
+    repair_parents: Hashed,
 }
 
 impl GraphKeys {
@@ -357,26 +362,38 @@ impl GraphKeys {
                 .max(1),
             write: Hashed::new(WRITE),
             invalidate: Hashed::new(INVALIDATE),
+            collect: Hashed::new(COLLECT),
+            repair_links: Hashed::new(REPAIR_LINKS),
+            repair_rev: Hashed::new(REPAIR_REV),
+            repair_cascade: Hashed::new(REPAIR_CASCADE),
+            repair_parents: Hashed::new(REPAIR_PARENTS),
         }
     }
 
-    /// `EVAL` of one of the scripts above, with the common arguments.
-    fn eval(&self, script: &str) -> redis::Cmd {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(script_text(script));
-        self.common(cmd)
-    }
-
-    /// `EVALSHA` of a hashed script, with the common arguments.
+    /// `EVALSHA` of one of the scripts above, with the common arguments.
     fn evalsha(&self, script: &Hashed) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&script.sha);
-        self.common(cmd)
+        cmd.arg(&script.sha)
+            .arg(0)
+            .arg(&self.graph)
+            .arg(&self.values);
+        cmd
     }
 
-    fn common(&self, mut cmd: redis::Cmd) -> redis::Cmd {
-        cmd.arg(0).arg(&self.graph).arg(&self.values);
-        cmd
+    /// Sends `cmd`, an `EVALSHA` of one of the scripts above, and once more with the
+    /// script's text if the server does not have it (see [`GraphKeys::with_text`]).
+    pub(crate) async fn run<T: redis::FromRedisValue>(
+        &self,
+        con: &mut redis::aio::MultiplexedConnection,
+        cmd: redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        match cmd.query_async(con).await {
+            Err(e) if e.code() == Some("NOSCRIPT") => match self.with_text(&cmd) {
+                Some(eval) => eval.query_async(con).await,
+                None => Err(e),
+            },
+            result => result,
+        }
     }
 
     /// The `EVAL` form of `cmd`, an `EVALSHA` of one of this graph's hashed scripts,
@@ -391,9 +408,17 @@ impl GraphKeys {
             return None;
         }
         let sha = args.next()?;
-        let script = [&self.write, &self.invalidate]
-            .into_iter()
-            .find(|s| s.sha.as_bytes() == sha)?;
+        let script = [
+            &self.write,
+            &self.invalidate,
+            &self.collect,
+            &self.repair_links,
+            &self.repair_rev,
+            &self.repair_cascade,
+            &self.repair_parents,
+        ]
+        .into_iter()
+        .find(|s| s.sha.as_bytes() == sha)?;
         let mut eval = redis::cmd("EVAL");
         eval.arg(&script.text);
         for a in args {
@@ -439,31 +464,31 @@ impl GraphKeys {
 
     /// The collector's step for the value key `key`.
     pub(crate) fn collect(&self, key: &str) -> redis::Cmd {
-        let mut cmd = self.eval(COLLECT);
+        let mut cmd = self.evalsha(&self.collect);
         cmd.arg(key);
         cmd
     }
 
     fn repair_links(&self, keys: &[String]) -> redis::Cmd {
-        let mut cmd = self.eval(REPAIR_LINKS);
+        let mut cmd = self.evalsha(&self.repair_links);
         cmd.arg(keys);
         cmd
     }
 
     fn repair_parents(&self, keys: &[String]) -> redis::Cmd {
-        let mut cmd = self.eval(REPAIR_PARENTS);
+        let mut cmd = self.evalsha(&self.repair_parents);
         cmd.arg(keys);
         cmd
     }
 
     fn repair_rev(&self, node: &str, keys: &[String]) -> redis::Cmd {
-        let mut cmd = self.eval(REPAIR_REV);
+        let mut cmd = self.evalsha(&self.repair_rev);
         cmd.arg(node).arg(keys);
         cmd
     }
 
     fn repair_cascade(&self, dependency: &str) -> redis::Cmd {
-        let mut cmd = self.eval(REPAIR_CASCADE);
+        let mut cmd = self.evalsha(&self.repair_cascade);
         cmd.arg(dependency);
         cmd
     }
@@ -537,8 +562,7 @@ pub(crate) async fn collect_all(
         let entries: Vec<String> = page.into_iter().step_by(2).collect();
         report.scanned += entries.len() as u64;
         let (lonely, broken): (u64, u64) = keys
-            .repair_links(&entries)
-            .query_async(con)
+            .run(con, keys.repair_links(&entries))
             .await
             .map_err(err)?;
         report.forward_sets += lonely;
@@ -553,8 +577,7 @@ pub(crate) async fn collect_all(
     };
     for page in pages(con, sscan).await? {
         let n: u64 = keys
-            .repair_parents(&page)
-            .query_async(con)
+            .run(con, keys.repair_parents(&page))
             .await
             .map_err(err)?;
         report.parents += n;
@@ -570,8 +593,7 @@ pub(crate) async fn collect_all(
         };
         for members in pages(con, sscan).await? {
             let n: u64 = keys
-                .repair_rev(node, &members)
-                .query_async(con)
+                .run(con, keys.repair_rev(node, &members))
                 .await
                 .map_err(err)?;
             report.reverse_members += n;
@@ -582,8 +604,7 @@ pub(crate) async fn collect_all(
         report.scanned += 1;
         let dependency = &key[keys.graph.len() + "cascade:".len()..];
         let n: u64 = keys
-            .repair_cascade(dependency)
-            .query_async(con)
+            .run(con, keys.repair_cascade(dependency))
             .await
             .map_err(err)?;
         report.cascades += n;

@@ -267,6 +267,12 @@ async fn scripts_the_server_lost_are_sent_again() {
     a.shutdown().await;
     assert_eq!(of_id(linked(&server, "flush").await), 3, "written again");
     assert_eq!(keys(&server, "flush:2:*(31)").await.len(), 3);
+
+    // the full collection's scripts too
+    assert_eq!(server.command(&["SCRIPT", "FLUSH"]).as_deref(), Some("+OK"));
+    let report = full_collection(&server.url(), "flush").await.unwrap();
+    assert!(report.scanned >= 8, "{report:?}");
+    assert_eq!(report.removed(), 0, "{report:?}");
 }
 
 /// A Redis that is out of memory under `noeviction` refuses writes, but still takes
