@@ -291,27 +291,22 @@ impl Inner {
             }
         }
         let mut start = nodes;
+        let mut named_texts = Vec::new();
         if self.bus.is_some() || self.remote.is_some() {
+            named_texts = named
+                .iter()
+                .filter_map(|k| Some(crate::Key::from_bytes(k)?.to_text(self.max_key_length)))
+                .collect();
             // and what depends on them through entries read from the remote tier
-            start.extend(named.iter().filter_map(|k| {
-                let text = crate::Key::from_bytes(k)?.to_text(self.max_key_length);
-                Some(Node::Remote(text.into()))
-            }));
+            start.extend(named_texts.iter().map(|t| Node::Remote(t.as_str().into())));
         }
-        // A remote graph finds the dependents itself: it starts from the entries named
-        // here, not from every dependent this instance knows of.
-        let with_graph = self.remote.as_ref().is_some_and(|r| r.graph().is_some());
-        let first = if with_graph {
-            named.clone()
-        } else {
-            Vec::new()
-        };
         named.extend(self.invalidating(start, true));
         let mut pending = self.pending(named, dependencies, None);
-        pending.named = first
-            .iter()
-            .filter_map(|k| Some(crate::Key::from_bytes(k)?.to_text(self.max_key_length)))
-            .collect();
+        // A remote graph finds the dependents itself: it starts from the entries named
+        // here, not from every dependent this instance knows of.
+        if self.remote.as_ref().is_some_and(|r| r.graph().is_some()) {
+            pending.named = named_texts;
+        }
         pending
     }
 

@@ -443,22 +443,19 @@ fn main() {
     println!("  {:<44} {}", "calls", calls);
     println!("  {:<44} {}", "failed calls", failed);
     println!("  {:<44} {}", "wrong values (older than own commit)", wrong);
-    println!(
-        "  {:<44} {} reads: p50 {} ms, p99 {} ms, max {} ms",
-        "stale reads outside faults",
-        stale_out.len(),
-        pct(&stale_out, 0.5),
-        pct(&stale_out, 0.99),
-        pct(&stale_out, 1.0)
-    );
-    println!(
-        "  {:<44} {} reads: p50 {} ms, p99 {} ms, max {} ms",
-        "stale reads inside faults",
-        stale_in.len(),
-        pct(&stale_in, 0.5),
-        pct(&stale_in, 0.99),
-        pct(&stale_in, 1.0)
-    );
+    for (name, stale) in [
+        ("stale reads outside faults", &stale_out),
+        ("stale reads inside faults", &stale_in),
+    ] {
+        println!(
+            "  {:<44} {} reads: p50 {} ms, p99 {} ms, max {} ms",
+            name,
+            stale.len(),
+            pct(stale, 0.5),
+            pct(stale, 0.99),
+            pct(stale, 1.0)
+        );
+    }
     println!(
         "  {:<44} {}",
         "L2 hits resumed after a restart (ms)",
