@@ -248,7 +248,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
             profile: #profile,
             expiration: #expiration,
             cache_none: #cache_none,
-            registration: ::cache_runtime::__private::OnceLock::new(),
+            runtime: ::cache_runtime::__private::DescriptorRuntime::new(),
         };
     };
 

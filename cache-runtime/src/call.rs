@@ -23,7 +23,7 @@ use crate::key::{with_function_key, Key, KeyWriter};
 use crate::memory::{slot_id, AnySlot, Expiration, Slot};
 use crate::registry::{Descriptor, FnState, Mode, Registration};
 use crate::remote::RemoteKey;
-use crate::service::{with_current, CachingService, Inner, Pending};
+use crate::service::{with_current, with_function, CachingService, Inner, Pending};
 use crate::stats::Counter;
 
 /// A value a cached function can store in the in-process tier.
@@ -61,40 +61,41 @@ pub struct ValueOps<T> {
 type Encode<T> = fn(&T, u64, &[String]) -> Result<Vec<u8>, String>;
 type Decode<T> = fn(&[u8]) -> Result<crate::remote::Decoded<T>, String>;
 
-impl<T> Clone for ValueOps<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<T> Copy for ValueOps<T> {}
-
-/// Operations on a value kept in the in-process tier only (`local`, plain `fn`).
+/// Operations on a value kept in the in-process tier only (`local`, plain `fn`): a
+/// table in static memory, so a call passes one pointer.
 #[inline]
-pub fn value_ops<T: CachedValue>() -> ValueOps<T> {
-    ValueOps {
-        clone: T::clone,
-        into_slot: |v, e| Box::new(Slot::new(v, e)),
-        into_shared: |v| Box::new(v),
-        from_any: |v| v.downcast_ref::<T>().cloned(),
-        encode: None,
-        decode: None,
+pub fn value_ops<T: CachedValue>() -> &'static ValueOps<T> {
+    const {
+        &ValueOps {
+            clone: T::clone,
+            into_slot: |v, e| Box::new(Slot::new(v, e)),
+            into_shared: |v| Box::new(v),
+            from_any: |v| v.downcast_ref::<T>().cloned(),
+            encode: None,
+            decode: None,
+        }
     }
 }
 
 /// Operations on a value that a remote tier may also hold (serializable).
 #[inline]
-pub fn shared_ops<T: SharedValue>() -> ValueOps<T> {
-    ValueOps {
-        encode: Some(crate::remote::encode::<T>),
-        decode: Some(crate::remote::decode::<T>),
-        ..value_ops::<T>()
+pub fn shared_ops<T: SharedValue>() -> &'static ValueOps<T> {
+    const {
+        &ValueOps {
+            clone: T::clone,
+            into_slot: |v, e| Box::new(Slot::new(v, e)),
+            into_shared: |v| Box::new(v),
+            from_any: |v| v.downcast_ref::<T>().cloned(),
+            encode: Some(crate::remote::encode::<T>),
+            decode: Some(crate::remote::decode::<T>),
+        }
     }
 }
 
 /// How a return type maps to what is stored.
 pub trait ReturnKind<R> {
     /// What is stored.
-    type Stored;
+    type Stored: 'static;
     /// The value to store for this return, if any.
     fn stored(r: &R, cache_none: bool) -> Option<&Self::Stored>;
     /// The return rebuilt from a stored value.
@@ -108,7 +109,7 @@ pub struct ResultOk;
 /// `Option<T>`: stored whole, unless `cache_none = false` and it is `None`.
 pub struct Optional;
 
-impl<T> ReturnKind<T> for Plain {
+impl<T: 'static> ReturnKind<T> for Plain {
     type Stored = T;
     #[inline]
     fn stored(r: &T, _: bool) -> Option<&T> {
@@ -120,7 +121,7 @@ impl<T> ReturnKind<T> for Plain {
     }
 }
 
-impl<T, E> ReturnKind<Result<T, E>> for ResultOk {
+impl<T: 'static, E> ReturnKind<Result<T, E>> for ResultOk {
     type Stored = T;
     #[inline]
     fn stored(r: &Result<T, E>, _: bool) -> Option<&T> {
@@ -132,7 +133,7 @@ impl<T, E> ReturnKind<Result<T, E>> for ResultOk {
     }
 }
 
-impl<T> ReturnKind<Option<T>> for Optional {
+impl<T: 'static> ReturnKind<Option<T>> for Optional {
     type Stored = Option<T>;
     #[inline]
     fn stored(r: &Option<T>, cache_none: bool) -> Option<&Option<T>> {
@@ -213,7 +214,7 @@ fn take_refresh() -> bool {
 pub fn lookup<K: ReturnKind<R>, R>(
     desc: &'static Descriptor,
     self_type: Option<&'static str>,
-    ops: ValueOps<K::Stored>,
+    ops: &'static ValueOps<K::Stored>,
     write_args: impl FnOnce(&mut KeyWriter),
 ) -> Lookup<R> {
     let refresh = take_refresh();
@@ -222,8 +223,7 @@ pub fn lookup<K: ReturnKind<R>, R>(
         return misconfigured(desc, reg);
     }
     with_function_key(reg, self_type, write_args, |key| {
-        with_current(|svc| {
-            let state = svc.inner.function(desc, reg);
+        with_function(desc, reg, |svc, state| {
             let c = &state.counters;
             match state.mode {
                 Mode::Cached { .. } => {}
@@ -265,7 +265,7 @@ pub fn lookup<K: ReturnKind<R>, R>(
 /// Reads an entry; inside another cached function's body, also links that function's
 /// entry to this one and to what this one depends on.
 #[inline(always)]
-fn read<T>(inner: &Inner, key: &[u8], ops: ValueOps<T>) -> Option<T> {
+fn read<T>(inner: &Inner, key: &[u8], ops: &'static ValueOps<T>) -> Option<T> {
     if !collecting() {
         return inner.memory.get(key, |slot| (ops.from_any)(&slot.value));
     }
@@ -297,7 +297,7 @@ struct Miss<'a, K: ReturnKind<R>, R> {
     desc: &'static Descriptor,
     state: &'a FnState,
     key: &'a Key,
-    ops: ValueOps<K::Stored>,
+    ops: &'static ValueOps<K::Stored>,
     expiration: Expiration,
     lock_timeout: Duration,
     /// The invalidation count when the body started (see [`Inner::epoch`]).
@@ -321,7 +321,11 @@ enum Next<'a, R> {
 }
 
 impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
-    fn new(path: &'a MissPath, desc: &'static Descriptor, ops: ValueOps<K::Stored>) -> Self {
+    fn new(
+        path: &'a MissPath,
+        desc: &'static Descriptor,
+        ops: &'static ValueOps<K::Stored>,
+    ) -> Self {
         let inner = &*path.service.inner;
         let state = inner.function(desc, path.reg);
         let (expiration, lock_timeout) = match state.mode {
@@ -731,7 +735,7 @@ macro_rules! miss_loop {
 pub async fn run_async<K, R, F>(
     path: Option<MissPath>,
     desc: &'static Descriptor,
-    ops: ValueOps<K::Stored>,
+    ops: &'static ValueOps<K::Stored>,
     body: F,
 ) -> R
 where
@@ -762,7 +766,7 @@ where
 pub fn run_sync<K, R, F>(
     path: Option<MissPath>,
     desc: &'static Descriptor,
-    ops: ValueOps<K::Stored>,
+    ops: &'static ValueOps<K::Stored>,
     body: F,
 ) -> R
 where
@@ -814,7 +818,7 @@ pub fn call_key(
 pub fn peek<K: ReturnKind<R>, R>(
     desc: &'static Descriptor,
     self_type: Option<&'static str>,
-    ops: ValueOps<K::Stored>,
+    ops: &'static ValueOps<K::Stored>,
     write_args: impl FnOnce(&mut KeyWriter),
 ) -> Option<R> {
     let reg = desc.registration(self_type);

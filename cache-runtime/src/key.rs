@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use std::cell::Cell;
 
+use crate::keybuf::KeyBuf;
 use crate::registry::{registration_by_id, Registration};
 
 /// A value that can be part of a cache key.
@@ -93,18 +94,25 @@ mod tag {
 /// Encoder of a cache key. [`CacheKey`] implementations call its methods.
 ///
 /// Every composite that is begun (`begin_*`) must be closed with [`KeyWriter::end`].
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct KeyWriter {
-    buf: Vec<u8>,
+    buf: KeyBuf,
+}
+
+impl Default for KeyWriter {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl KeyWriter {
     /// An empty writer, for encoding a single value (see [`key_text`]).
+    #[inline(always)]
     pub fn new() -> Self {
-        Self::default()
+        KeyWriter { buf: KeyBuf::new() }
     }
 
-    #[inline]
+    #[inline(always)]
     fn byte(&mut self, b: u8) {
         self.buf.push(b);
     }
@@ -115,7 +123,7 @@ impl KeyWriter {
     }
 
     /// LEB128: seven bits a byte, low first.
-    #[inline]
+    #[inline(never)]
     fn varint(&mut self, mut n: u64) {
         loop {
             let b = (n & 0x7f) as u8;
@@ -131,14 +139,14 @@ impl KeyWriter {
     #[inline]
     fn raw_str(&mut self, s: &str) {
         self.len(s.len());
-        self.buf.extend_from_slice(s.as_bytes());
+        self.buf.extend(s.as_bytes());
     }
 
     /// Writes `tag` and `n` as a varint; one capacity check when `n` takes one byte.
-    #[inline]
+    #[inline(always)]
     fn tagged(&mut self, tag: u8, n: u64) {
         if n < 0x80 {
-            self.buf.extend_from_slice(&[tag, n as u8]);
+            self.buf.extend(&[tag, n as u8]);
         } else {
             self.byte(tag);
             self.varint(n);
@@ -146,7 +154,7 @@ impl KeyWriter {
     }
 
     /// Writes an unsigned integer (any width up to 64 bits).
-    #[inline]
+    #[inline(always)]
     pub fn write_u64(&mut self, v: u64) {
         self.tagged(tag::U64, v);
     }
@@ -159,12 +167,12 @@ impl KeyWriter {
     /// Writes a `u128`.
     pub fn write_u128(&mut self, v: u128) {
         self.byte(tag::U128);
-        self.buf.extend_from_slice(&v.to_le_bytes());
+        self.buf.extend(&v.to_le_bytes());
     }
     /// Writes an `i128`.
     pub fn write_i128(&mut self, v: i128) {
         self.byte(tag::I128);
-        self.buf.extend_from_slice(&v.to_le_bytes());
+        self.buf.extend(&v.to_le_bytes());
     }
     /// Writes a `bool`.
     #[inline]
@@ -174,23 +182,23 @@ impl KeyWriter {
     /// Writes a `char`.
     pub fn write_char(&mut self, v: char) {
         self.byte(tag::CHAR);
-        self.buf.extend_from_slice(&u32::from(v).to_le_bytes());
+        self.buf.extend(&u32::from(v).to_le_bytes());
     }
     /// Writes an `f32` by its bits (`0.0` and `-0.0` differ, NaNs differ by payload).
     pub fn write_f32(&mut self, v: f32) {
         self.byte(tag::F32);
-        self.buf.extend_from_slice(&v.to_bits().to_le_bytes());
+        self.buf.extend(&v.to_bits().to_le_bytes());
     }
     /// Writes an `f64` by its bits (`0.0` and `-0.0` differ, NaNs differ by payload).
     pub fn write_f64(&mut self, v: f64) {
         self.byte(tag::F64);
-        self.buf.extend_from_slice(&v.to_bits().to_le_bytes());
+        self.buf.extend(&v.to_bits().to_le_bytes());
     }
     /// Writes a string.
-    #[inline]
+    #[inline(always)]
     pub fn write_str(&mut self, v: &str) {
         self.tagged(tag::STR, v.len() as u64);
-        self.buf.extend_from_slice(v.as_bytes());
+        self.buf.extend(v.as_bytes());
     }
     /// Writes `()`.
     pub fn write_unit(&mut self) {
@@ -209,7 +217,7 @@ impl KeyWriter {
         self.byte(tag::SEQ);
     }
     /// Begins a tuple (`(a,b)`).
-    #[inline]
+    #[inline(always)]
     pub fn begin_tuple(&mut self) {
         self.byte(tag::TUPLE);
     }
@@ -253,7 +261,7 @@ impl KeyWriter {
         self.raw_str(variant);
     }
     /// Ends the innermost composite begun with a `begin_*` method (except `begin_some`).
-    #[inline]
+    #[inline(always)]
     pub fn end(&mut self) {
         self.byte(tag::END);
     }
@@ -281,13 +289,13 @@ impl KeyWriter {
             .map(|item| {
                 let mut w = KeyWriter::new();
                 write(&mut w, item);
-                w.buf
+                w.buf.into_vec()
             })
             .collect();
         encoded.sort_unstable();
         self.byte(tag);
         for e in &encoded {
-            self.buf.extend_from_slice(e);
+            self.buf.extend(e);
         }
         self.end();
     }
@@ -301,14 +309,13 @@ impl KeyWriter {
     /// The encoded bytes so far.
     #[inline]
     pub fn as_bytes(&self) -> &[u8] {
-        &self.buf
+        self.buf.as_slice()
     }
 
     /// Writes the start of a cached function's key: the format version and the
     /// function's registration number.
-    #[inline]
+    #[inline(always)]
     fn begin_function(&mut self, id: u32) {
-        self.buf.reserve(64);
         self.tagged(tag::KEY_V1, u64::from(id));
     }
 
@@ -322,23 +329,19 @@ impl KeyWriter {
 
     /// Marks the end of the type arguments and the start of the value arguments.
     #[doc(hidden)]
-    #[inline]
+    #[inline(always)]
     pub fn begin_args(&mut self) {
         self.byte(tag::TUPLE);
     }
 }
 
-// Where the keys of the hit path are written: one buffer per thread, reused, so
-// building a key allocates nothing once the buffer has grown to the largest key.
 thread_local! {
-    static KEY_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
     /// Where [`Key::with_text`] renders.
     static TEXT_BUFFER: Cell<String> = const { Cell::new(String::new()) };
 }
 
-/// Builds a function key in this thread's buffer and runs `f` on it. The buffer is
-/// taken out of the thread-local while `f` runs, so a nested call (a `CacheKey` impl
-/// that builds another key) simply starts with an empty buffer of its own.
+/// Builds a function key in a buffer on the stack (see [`KeyBuf`]) and runs `f` on
+/// it.
 ///
 /// The key is the function's registration number, then for methods the receiver's
 /// type name, then `write_args`: the type arguments (with [`KeyWriter::type_arg`]),
@@ -350,19 +353,14 @@ pub(crate) fn with_function_key<R>(
     write_args: impl FnOnce(&mut KeyWriter),
     f: impl FnOnce(KeyRef<'_>) -> R,
 ) -> R {
-    let mut w = KeyWriter {
-        buf: KEY_BUFFER.with(Cell::take),
-    };
-    w.buf.clear();
+    let mut w = KeyWriter::new();
     w.begin_function(reg.id);
     if let (true, Some(ty)) = (reg.method, self_type) {
         w.type_arg(ty);
     }
     write_args(&mut w);
     w.end();
-    let r = f(KeyRef(&w.buf));
-    KEY_BUFFER.with(|b| b.set(w.buf));
-    r
+    f(KeyRef(w.as_bytes()))
 }
 
 /// A function key being looked up, borrowed from the key buffer.
@@ -606,7 +604,9 @@ pub fn key_text<T: CacheKey + ?Sized>(value: &T) -> String {
     let mut w = KeyWriter::new();
     value.write_key(&mut w);
     let mut out = String::new();
-    let mut r = Reader { bytes: &w.buf };
+    let mut r = Reader {
+        bytes: w.as_bytes(),
+    };
     if render_value(&mut r, &mut out).is_err() {
         return "<invalid key>".to_owned();
     }
@@ -1032,7 +1032,6 @@ mod tests {
     use super::*;
 
     use crate::registry::Descriptor;
-    use std::sync::OnceLock;
 
     macro_rules! descriptor {
         ($name:literal, $method:literal, $version:literal) => {{
@@ -1043,7 +1042,7 @@ mod tests {
                 profile: "default",
                 expiration: None,
                 cache_none: true,
-                registration: OnceLock::new(),
+                runtime: crate::registry::DescriptorRuntime::new(),
             };
             &D
         }};

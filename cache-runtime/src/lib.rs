@@ -44,6 +44,7 @@ mod call;
 mod deps;
 mod flight;
 mod key;
+mod keybuf;
 mod memory;
 mod profile;
 mod registry;
@@ -193,12 +194,11 @@ pub mod __private {
     };
     pub use crate::key::KeyWriter;
     pub use crate::profile::Expiration;
-    pub use crate::registry::Descriptor;
+    pub use crate::registry::{Descriptor, DescriptorRuntime};
     /// The remote tier's decoder, for benchmarks that compare against raw reads.
     pub use crate::remote::decode;
     pub use cache_macros::__by_name as by_name;
     pub use core::any::type_name;
     pub use core::time::Duration;
     pub use std::boxed::Box;
-    pub use std::sync::OnceLock;
 }

@@ -801,6 +801,21 @@ pub(crate) fn with_current<R>(f: impl FnOnce(&CachingService) -> R) -> R {
     }
 }
 
+/// Runs `f` with the current service and the function's state in it.
+#[inline(always)]
+pub(crate) fn with_function<R>(
+    desc: &'static Descriptor,
+    reg: &'static Registration,
+    f: impl FnOnce(&CachingService, &FnState) -> R,
+) -> R {
+    if SCOPES.load(Ordering::Relaxed) != 0 && SCOPED.try_with(|_| ()).is_ok() {
+        SCOPED.with(|svc| f(svc, svc.inner.function(desc, reg)))
+    } else {
+        let svc = global();
+        f(svc, desc.global_state(&svc.inner, reg))
+    }
+}
+
 fn global() -> &'static CachingService {
     GLOBAL.get_or_init(|| {
         tracing::debug!(target: "cache_runtime", "no caching service installed: using the default in-memory service");

@@ -153,14 +153,20 @@ thread_local! {
     static THREAD_SLOT: ThreadSlot = const { ThreadSlot(Cell::new(UNASSIGNED)) };
 }
 
-#[inline]
+#[inline(always)]
 fn thread_slot() -> usize {
+    match THREAD_SLOT.try_with(|s| s.0.get()) {
+        Ok(slot) if slot != UNASSIGNED => slot,
+        Ok(_) => assign_slot(),
+        Err(_) => SLOTS, // during thread teardown: the overflow slot
+    }
+}
+
+/// Gives this thread its slot, on its first count.
+#[cold]
+fn assign_slot() -> usize {
     THREAD_SLOT
         .try_with(|s| {
-            let slot = s.0.get();
-            if slot != UNASSIGNED {
-                return slot;
-            }
             let slot = lock(&FREE_SLOTS).pop().unwrap_or_else(|| {
                 let n = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
                 if n < SLOTS {
@@ -173,11 +179,11 @@ fn thread_slot() -> usize {
             s.0.set(slot);
             slot
         })
-        .unwrap_or(SLOTS) // during thread teardown: the overflow slot
+        .unwrap_or(SLOTS)
 }
 
 impl Counters {
-    #[inline]
+    #[inline(always)]
     pub(crate) fn bump(&self, counter: Counter) {
         let slot = thread_slot();
         match self.slots.get(slot) {
