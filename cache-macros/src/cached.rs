@@ -330,16 +330,18 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let call = quote! {
         let __cache_ops = #ops;
         #[allow(clippy::needless_borrow, clippy::borrow_deref_ref)]
-        let __cache_lookup = ::cache_runtime::__private::lookup::<#kind_path, _>(
+        // A hit returns here, before anything of the miss path exists: the lookup's
+        // result is a temporary of this statement, not part of the future's state.
+        let __cache_path = match ::cache_runtime::__private::lookup::<#kind_path, _>(
             #desc_expr,
             #self_type,
             __cache_ops,
             |__w: &mut ::cache_runtime::__private::KeyWriter| { #wrapper_writes },
-        );
-        match __cache_lookup {
-            ::cache_runtime::__private::Lookup::Hit(__cache_value) => __cache_value,
-            ::cache_runtime::__private::Lookup::Run(__cache_path) => #run,
-        }
+        ) {
+            ::cache_runtime::__private::Lookup::Hit(__cache_value) => return __cache_value,
+            ::cache_runtime::__private::Lookup::Run(__cache_path) => __cache_path,
+        };
+        #run
     };
 
     let attrs = &func.attrs;

@@ -19,11 +19,11 @@ use std::time::Duration;
 
 use crate::deps::{collect_async, collect_sync, collecting, with_frame, Frame, Node};
 use crate::flight::{Flight, Handoff, Join, Leader, Waited};
-use crate::key::{with_function_key, Key, KeyWriter};
+use crate::key::{with_function_key, write_function_key, Key, KeyRef, KeyWriter};
 use crate::memory::{slot_id, AnySlot, Expiration, Slot};
 use crate::registry::{Descriptor, FnState, Mode, Registration};
 use crate::remote::RemoteKey;
-use crate::service::{with_current, with_function, CachingService, Inner, Pending};
+use crate::service::{with_current, CachingService, Current, Inner, Pending};
 use crate::stats::Counter;
 
 /// A value a cached function can store in the in-process tier.
@@ -206,11 +206,11 @@ fn take_refresh() -> bool {
 }
 
 /// The hit path, run by the generated code before any future of the miss path is
-/// built: write the key into the thread's key buffer, resolve the function's state in
-/// the current service, look in the in-process tier, count. Only a miss copies the
-/// key out of the buffer.
+/// built: write the key on the stack, resolve the function's state in the current
+/// service, look in the in-process tier, count. Straight-line code inlined into each
+/// wrapper; everything but a hit is out of line. Only a miss copies the key.
 #[doc(hidden)]
-#[inline]
+#[inline(always)]
 pub fn lookup<K: ReturnKind<R>, R>(
     desc: &'static Descriptor,
     self_type: Option<&'static str>,
@@ -222,44 +222,53 @@ pub fn lookup<K: ReturnKind<R>, R>(
     if reg.unusable.is_some() {
         return misconfigured(desc, reg);
     }
-    with_function_key(reg, self_type, write_args, |key| {
-        with_function(desc, reg, |svc, state| {
-            let c = &state.counters;
-            match state.mode {
-                Mode::Cached { .. } => {}
-                Mode::Disabled => {
-                    c.bump(Counter::Execution);
-                    return Lookup::Run(None);
-                }
-                Mode::Misconfigured => {
-                    c.bump(Counter::ConfigError);
-                    c.bump(Counter::Execution);
-                    return Lookup::Run(None);
-                }
-            }
-            let hit = match refresh {
-                true => None,
-                false => read(&svc.inner, key.as_bytes(), ops),
-            };
-            match hit {
-                Some(v) => {
-                    c.bump(Counter::L1Hit);
-                    tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache hit");
-                    Lookup::Hit(K::from_stored(v))
-                }
-                None => {
-                    // counted by the miss path, which knows whether another tier has it
-                    tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, refresh, "cache miss");
-                    Lookup::Run(Some(MissPath {
-                        service: svc.clone(),
-                        reg,
-                        key: key.to_owned(),
-                        refresh,
-                    }))
-                }
-            }
-        })
-    })
+    let mut w = KeyWriter::new();
+    write_function_key(&mut w, reg, self_type, write_args);
+    let key = KeyRef(w.as_bytes());
+    let svc = Current::get();
+    let state = svc.function(desc, reg);
+    if !state.mode.is_cached() {
+        return not_cached(state);
+    }
+    if !refresh {
+        if let Some(v) = read(&svc.inner, key.as_bytes(), ops) {
+            state.counters.bump(Counter::L1Hit);
+            tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache hit");
+            return Lookup::Hit(K::from_stored(v));
+        }
+    }
+    miss_path(&svc, state, reg, key, refresh)
+}
+
+/// A function whose profile is disabled or missing: counted, run uncached.
+#[cold]
+#[inline(never)]
+fn not_cached<R>(state: &FnState) -> Lookup<R> {
+    let c = &state.counters;
+    if matches!(state.mode, Mode::Misconfigured) {
+        c.bump(Counter::ConfigError);
+    }
+    c.bump(Counter::Execution);
+    Lookup::Run(None)
+}
+
+/// Not in the in-process tier (or a refresh): the miss path takes over, with an owned
+/// key. Counted there, since it knows whether another tier has the entry.
+#[inline(never)]
+fn miss_path<R>(
+    svc: &CachingService,
+    state: &FnState,
+    reg: &'static Registration,
+    key: KeyRef<'_>,
+    refresh: bool,
+) -> Lookup<R> {
+    tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, refresh, "cache miss");
+    Lookup::Run(Some(MissPath {
+        service: svc.clone(),
+        reg,
+        key: key.to_owned(),
+        refresh,
+    }))
 }
 
 /// Reads an entry; inside another cached function's body, also links that function's

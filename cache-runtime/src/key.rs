@@ -354,18 +354,29 @@ pub(crate) fn with_function_key<R>(
     f: impl FnOnce(KeyRef<'_>) -> R,
 ) -> R {
     let mut w = KeyWriter::new();
+    write_function_key(&mut w, reg, self_type, write_args);
+    f(KeyRef(w.as_bytes()))
+}
+
+/// Writes a function key into `w` (empty): see [`with_function_key`].
+#[inline(always)]
+pub(crate) fn write_function_key(
+    w: &mut KeyWriter,
+    reg: &Registration,
+    self_type: Option<&str>,
+    write_args: impl FnOnce(&mut KeyWriter),
+) {
     w.begin_function(reg.id);
     if let (true, Some(ty)) = (reg.method, self_type) {
         w.type_arg(ty);
     }
-    write_args(&mut w);
+    write_args(w);
     w.end();
-    f(KeyRef(w.as_bytes()))
 }
 
 /// A function key being looked up, borrowed from the key buffer.
 #[derive(Clone, Copy)]
-pub(crate) struct KeyRef<'a>(&'a [u8]);
+pub(crate) struct KeyRef<'a>(pub(crate) &'a [u8]);
 
 impl<'a> KeyRef<'a> {
     #[inline]

@@ -188,6 +188,13 @@ pub(crate) enum Mode {
     Misconfigured,
 }
 
+impl Mode {
+    #[inline(always)]
+    pub(crate) fn is_cached(&self) -> bool {
+        matches!(self, Mode::Cached { .. })
+    }
+}
+
 pub(crate) struct FnState {
     pub(crate) name: Arc<str>,
     pub(crate) mode: Mode,

@@ -801,18 +801,46 @@ pub(crate) fn with_current<R>(f: impl FnOnce(&CachingService) -> R) -> R {
     }
 }
 
-/// Runs `f` with the current service and the function's state in it.
-#[inline(always)]
-pub(crate) fn with_function<R>(
-    desc: &'static Descriptor,
-    reg: &'static Registration,
-    f: impl FnOnce(&CachingService, &FnState) -> R,
-) -> R {
-    if SCOPES.load(Ordering::Relaxed) != 0 && SCOPED.try_with(|_| ()).is_ok() {
-        SCOPED.with(|svc| f(svc, svc.inner.function(desc, reg)))
-    } else {
-        let svc = global();
-        f(svc, desc.global_state(&svc.inner, reg))
+/// The service a call uses, for the length of the call: the global one, or a clone
+/// of the enclosing scope's.
+pub(crate) enum Current {
+    Global(&'static CachingService),
+    Scoped(CachingService),
+}
+
+impl Current {
+    #[inline(always)]
+    pub(crate) fn get() -> Current {
+        if SCOPES.load(Ordering::Relaxed) != 0 {
+            if let Ok(svc) = SCOPED.try_with(CachingService::clone) {
+                return Current::Scoped(svc);
+            }
+        }
+        Current::Global(global())
+    }
+
+    /// The function's state in this service.
+    #[inline(always)]
+    pub(crate) fn function(
+        &self,
+        desc: &'static Descriptor,
+        reg: &'static Registration,
+    ) -> &FnState {
+        match self {
+            Current::Global(svc) => desc.global_state(&svc.inner, reg),
+            Current::Scoped(svc) => svc.inner.function(desc, reg),
+        }
+    }
+}
+
+impl std::ops::Deref for Current {
+    type Target = CachingService;
+    #[inline(always)]
+    fn deref(&self) -> &CachingService {
+        match self {
+            Current::Global(svc) => svc,
+            Current::Scoped(svc) => svc,
+        }
     }
 }
 
