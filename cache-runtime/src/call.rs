@@ -20,6 +20,7 @@ use std::time::Duration;
 use crate::deps::{collect_async, collect_sync, collecting, with_frame, Frame, Node};
 use crate::flight::{Flight, Handoff, Join, Leader, Waited};
 use crate::key::{with_function_key, write_function_key, Key, KeyRef, KeyWriter};
+use crate::keybuf::key_hash;
 use crate::memory::{slot_id, AnySlot, Expiration, Slot};
 use crate::registry::{Descriptor, FnState, Mode, Registration};
 use crate::remote::RemoteKey;
@@ -231,7 +232,7 @@ pub fn lookup<K: ReturnKind<R>, R>(
         return not_cached(state);
     }
     if !refresh {
-        if let Some(v) = read(&svc.inner, key.as_bytes(), ops) {
+        if let Some(v) = read(&svc.inner, key.as_bytes(), w.key_hash(), ops) {
             state.counters.bump(Counter::L1Hit);
             tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache hit");
             return Lookup::Hit(K::from_stored(v));
@@ -274,12 +275,14 @@ fn miss_path<R>(
 /// Reads an entry; inside another cached function's body, also links that function's
 /// entry to this one and to what this one depends on.
 #[inline(always)]
-fn read<T>(inner: &Inner, key: &[u8], ops: &'static ValueOps<T>) -> Option<T> {
+fn read<T>(inner: &Inner, key: &[u8], hash: u64, ops: &'static ValueOps<T>) -> Option<T> {
     if !collecting() {
-        return inner.memory.get(key, |slot| (ops.from_any)(&slot.value));
+        return inner
+            .memory
+            .get_hashed(key, hash, |slot| (ops.from_any)(&slot.value));
     }
     let read_at = inner.epoch.load(Ordering::SeqCst);
-    inner.memory.get(key, |slot| {
+    inner.memory.get_hashed(key, hash, |slot| {
         let value = (ops.from_any)(&slot.value)?;
         with_frame(|f| f.add_entry(key, slot.deps.as_deref(), read_at, slot.as_of));
         Some(value)
@@ -374,7 +377,8 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             Join::Lead(leader) => {
                 self.epoch = self.inner.epoch.load(Ordering::SeqCst);
                 // A flight that ended between the first look and `join` stored its value.
-                match read(self.inner, self.key.as_bytes(), self.ops) {
+                let key = self.key.as_bytes();
+                match read(self.inner, key, key_hash(key), self.ops) {
                     Some(v) => {
                         self.state.counters.bump(Counter::L1Hit);
                         Next::Return(K::from_stored(v))

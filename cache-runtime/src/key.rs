@@ -146,7 +146,7 @@ impl KeyWriter {
     #[inline(always)]
     fn tagged(&mut self, tag: u8, n: u64) {
         if n < 0x80 {
-            self.buf.extend(&[tag, n as u8]);
+            self.buf.push2(tag, n as u8);
         } else {
             self.byte(tag);
             self.varint(n);
@@ -310,6 +310,13 @@ impl KeyWriter {
     #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         self.buf.as_slice()
+    }
+
+    /// The in-process tier's hash of [`as_bytes`](Self::as_bytes), computed as they
+    /// were written.
+    #[inline(always)]
+    pub(crate) fn key_hash(&self) -> u64 {
+        self.buf.hash()
     }
 
     /// Writes the start of a cached function's key: the format version and the

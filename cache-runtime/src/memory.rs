@@ -25,6 +25,7 @@ use quick_cache::unsync::Cache;
 use quick_cache::{DefaultHashBuilder, Equivalent, Lifecycle, Weighter};
 
 use crate::deps::{DependencyGraph, Frame};
+use crate::keybuf::key_hash;
 pub use crate::profile::Expiration;
 
 /// Deadline meaning "never expires".
@@ -371,7 +372,6 @@ impl MemoryBackend {
         let weigher = EntryWeighter(self.weigher.clone());
         let key_index = index.map(|_| Arc::new(KeyIndex::default()));
         MemoryTier {
-            hasher: DefaultHashBuilder::default(),
             shards: (0..shards)
                 .map(|_| {
                     RwLock::new(Shard::with(
@@ -395,7 +395,6 @@ impl MemoryBackend {
 /// service's; the tier tells it when it stores an entry and when it drops one on its
 /// own (expiry, eviction).
 pub(crate) struct MemoryTier {
-    hasher: DefaultHashBuilder,
     shards: Box<[RwLock<Shard>]>,
     mask: u64,
     graph: Arc<dyn DependencyGraph>,
@@ -408,7 +407,12 @@ pub(crate) struct MemoryTier {
 impl MemoryTier {
     #[inline]
     fn locate<'k>(&self, key: &'k [u8]) -> (LookupKey<'k>, &RwLock<Shard>) {
-        let hash = self.hasher.hash_one(key);
+        self.locate_hashed(key, key_hash(key))
+    }
+
+    /// `hash` is [`key_hash`] of `key`.
+    #[inline(always)]
+    fn locate_hashed<'k>(&self, key: &'k [u8], hash: u64) -> (LookupKey<'k>, &RwLock<Shard>) {
         // The low bits pick the slot inside a shard's table: pick the shard by the high ones.
         let shard = &self.shards[((hash >> 40) & self.mask) as usize];
         (LookupKey { hash, bytes: key }, shard)
@@ -424,10 +428,21 @@ impl MemoryTier {
     /// under the shard's read lock. An expired slot is removed.
     #[inline(always)]
     pub(crate) fn get<X>(&self, key: &[u8], read: impl FnOnce(&AnySlot) -> Option<X>) -> Option<X> {
+        self.get_hashed(key, key_hash(key), read)
+    }
+
+    /// [`get`](Self::get) of a key whose [`key_hash`] is known.
+    #[inline(always)]
+    pub(crate) fn get_hashed<X>(
+        &self,
+        key: &[u8],
+        hash: u64,
+        read: impl FnOnce(&AnySlot) -> Option<X>,
+    ) -> Option<X> {
         if !self.enabled {
             return None;
         }
-        let (lookup, shard) = self.locate(key);
+        let (lookup, shard) = self.locate_hashed(key, hash);
         let expired = {
             let guard = shard.read();
             let slot = guard.get(&lookup)?;
