@@ -66,30 +66,28 @@ type Decode<T> = fn(&[u8]) -> Result<crate::remote::Decoded<T>, String>;
 /// table in static memory, so a call passes one pointer.
 #[inline]
 pub fn value_ops<T: CachedValue>() -> &'static ValueOps<T> {
-    const {
-        &ValueOps {
-            clone: T::clone,
-            into_slot: |v, e| Box::new(Slot::new(v, e)),
-            into_shared: |v| Box::new(v),
-            from_any: |v| v.downcast_ref::<T>().cloned(),
-            encode: None,
-            decode: None,
-        }
-    }
+    const { &ops::<T>(None, None) }
 }
 
 /// Operations on a value that a remote tier may also hold (serializable).
 #[inline]
 pub fn shared_ops<T: SharedValue>() -> &'static ValueOps<T> {
     const {
-        &ValueOps {
-            clone: T::clone,
-            into_slot: |v, e| Box::new(Slot::new(v, e)),
-            into_shared: |v| Box::new(v),
-            from_any: |v| v.downcast_ref::<T>().cloned(),
-            encode: Some(crate::remote::encode::<T>),
-            decode: Some(crate::remote::decode::<T>),
-        }
+        &ops::<T>(
+            Some(crate::remote::encode::<T>),
+            Some(crate::remote::decode::<T>),
+        )
+    }
+}
+
+const fn ops<T: CachedValue>(encode: Option<Encode<T>>, decode: Option<Decode<T>>) -> ValueOps<T> {
+    ValueOps {
+        clone: T::clone,
+        into_slot: |v, e| Box::new(Slot::new(v, e)),
+        into_shared: |v| Box::new(v),
+        from_any: |v| v.downcast_ref::<T>().cloned(),
+        encode,
+        decode,
     }
 }
 

@@ -2,8 +2,10 @@
 //! a process-wide registry that numbers them and catches two functions with the same
 //! key name, and per-service state (resolved profile, counters) found by that number.
 //!
-//! The hot path reads `OnceLock`s: the descriptor's registration and the service's
-//! slot for it. Nothing is hashed or locked once a function has been called.
+//! The hot path reads the descriptor's registration (a `OnceLock`) and the function's
+//! state: for the global service, a pointer kept next to the descriptor; in a scope,
+//! the service's slot for it. Nothing is hashed or locked once a function has been
+//! called.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicPtr, Ordering};

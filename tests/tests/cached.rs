@@ -538,6 +538,45 @@ async fn long_keys_are_hashed_after_the_function_name() {
     assert_eq!(keys[0].len(), prefix.len() + 1 + 32);
 }
 
+/// Keys of every length around the size of the stack buffer a key is written in
+/// (192 bytes, past which it moves to the heap): each hits its own entry, and an
+/// invalidation removes exactly that one.
+#[tokio::test]
+async fn keys_longer_than_the_stack_buffer_hit_and_invalidate() {
+    static RUNS: Runs = Runs::new();
+    #[cached]
+    async fn echo(prefix: u64, text: String) -> usize {
+        RUNS.hit();
+        text.len() + prefix as usize
+    }
+    service()
+        .scope(async {
+            let texts: Vec<String> = (150..260).map(|n| "k".repeat(n)).collect();
+            for t in &texts {
+                echo(7, t.clone()).await;
+            }
+            // One differs from another only in its last byte.
+            let last = format!("{}j", "k".repeat(249));
+            echo(7, last.clone()).await;
+            assert_eq!(RUNS.get(), texts.len() + 1);
+            for t in &texts {
+                assert_eq!(echo(7, t.clone()).await, t.len() + 7);
+            }
+            assert_eq!(echo(7, last.clone()).await, 257);
+            assert_eq!(RUNS.get(), texts.len() + 1, "every call hit");
+            cache_runtime::invalidate!(echo(7, texts[50].clone())).await;
+            echo(7, texts[50].clone()).await;
+            echo(7, texts[51].clone()).await;
+            echo(7, last).await;
+            assert_eq!(
+                RUNS.get(),
+                texts.len() + 2,
+                "only the invalidated key ran again"
+            );
+        })
+        .await;
+}
+
 #[tokio::test]
 async fn question_mark_and_early_return_in_bodies() {
     #[cached]
