@@ -24,7 +24,7 @@ use crate::keybuf::key_hash;
 use crate::memory::{slot_id, AnySlot, Expiration, Slot};
 use crate::registry::{Descriptor, FnState, Mode, Registration};
 use crate::remote::RemoteKey;
-use crate::service::{with_current, CachingService, Current, Inner, Pending};
+use crate::service::{global, in_scope, with_current, with_scoped, CachingService, Inner, Pending};
 use crate::stats::Counter;
 
 /// A value a cached function can store in the in-process tier.
@@ -223,20 +223,56 @@ pub fn lookup<K: ReturnKind<R>, R>(
     }
     let mut w = KeyWriter::new();
     write_function_key(&mut w, reg, self_type, write_args);
-    let key = KeyRef(w.as_bytes());
-    let svc = Current::get();
-    let state = svc.function(desc, reg);
+    let (key, hash) = (KeyRef(w.as_bytes()), w.key_hash());
+    if in_scope() {
+        return lookup_scoped::<K, R>(desc, reg, key, hash, ops, refresh);
+    }
+    let svc = global();
+    let state = desc.global_state(&svc.inner, reg);
+    probe::<K, R>(svc, state, reg, key, hash, ops, refresh)
+}
+
+/// [`lookup`] in the enclosing scope's service: out of line, so that the wrapper holds
+/// one copy of the hit path.
+#[cold]
+#[inline(never)]
+fn lookup_scoped<K: ReturnKind<R>, R>(
+    desc: &'static Descriptor,
+    reg: &'static Registration,
+    key: KeyRef<'_>,
+    hash: u64,
+    ops: &'static ValueOps<K::Stored>,
+    refresh: bool,
+) -> Lookup<R> {
+    with_scoped(|svc| {
+        let state = svc.inner.function(desc, reg);
+        probe::<K, R>(svc, state, reg, key, hash, ops, refresh)
+    })
+}
+
+/// The hit path's look in the service's in-process tier, once the service and the
+/// function's state are known.
+#[inline(always)]
+fn probe<K: ReturnKind<R>, R>(
+    svc: &CachingService,
+    state: &FnState,
+    reg: &'static Registration,
+    key: KeyRef<'_>,
+    hash: u64,
+    ops: &'static ValueOps<K::Stored>,
+    refresh: bool,
+) -> Lookup<R> {
     if !state.mode.is_cached() {
         return not_cached(state);
     }
     if !refresh {
-        if let Some(v) = read(&svc.inner, key.as_bytes(), w.key_hash(), ops) {
+        if let Some(v) = read(&svc.inner, key.as_bytes(), hash, ops) {
             state.counters.bump(Counter::L1Hit);
             tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache hit");
             return Lookup::Hit(K::from_stored(v));
         }
     }
-    miss_path(&svc, state, reg, key, refresh)
+    miss_path(svc, state, reg, key, refresh)
 }
 
 /// A function whose profile is disabled or missing: counted, run uncached.

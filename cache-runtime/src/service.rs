@@ -794,57 +794,28 @@ static SCOPES: AtomicUsize = AtomicUsize::new(0);
 /// [`CachingService::scope`], else the global one (installed with defaults if needed).
 #[inline]
 pub(crate) fn with_current<R>(f: impl FnOnce(&CachingService) -> R) -> R {
-    if SCOPES.load(Ordering::Relaxed) != 0 && SCOPED.try_with(|_| ()).is_ok() {
-        SCOPED.with(f)
+    if in_scope() {
+        with_scoped(f)
     } else {
         f(global())
     }
 }
 
-/// The service a call uses, for the length of the call: the global one, or a clone
-/// of the enclosing scope's.
-pub(crate) enum Current {
-    Global(&'static CachingService),
-    Scoped(CachingService),
+/// Whether a call here runs inside [`CachingService::scope`] (checked only while some
+/// scope exists).
+#[inline(always)]
+pub(crate) fn in_scope() -> bool {
+    SCOPES.load(Ordering::Relaxed) != 0 && SCOPED.try_with(|_| ()).is_ok()
 }
 
-impl Current {
-    #[inline(always)]
-    pub(crate) fn get() -> Current {
-        if SCOPES.load(Ordering::Relaxed) != 0 {
-            if let Ok(svc) = SCOPED.try_with(CachingService::clone) {
-                return Current::Scoped(svc);
-            }
-        }
-        Current::Global(global())
-    }
-
-    /// The function's state in this service.
-    #[inline(always)]
-    pub(crate) fn function(
-        &self,
-        desc: &'static Descriptor,
-        reg: &'static Registration,
-    ) -> &FnState {
-        match self {
-            Current::Global(svc) => desc.global_state(&svc.inner, reg),
-            Current::Scoped(svc) => svc.inner.function(desc, reg),
-        }
-    }
+/// Runs `f` with the enclosing scope's service; only after [`in_scope`].
+pub(crate) fn with_scoped<R>(f: impl FnOnce(&CachingService) -> R) -> R {
+    SCOPED.with(f)
 }
 
-impl std::ops::Deref for Current {
-    type Target = CachingService;
-    #[inline(always)]
-    fn deref(&self) -> &CachingService {
-        match self {
-            Current::Global(svc) => svc,
-            Current::Scoped(svc) => svc,
-        }
-    }
-}
-
-fn global() -> &'static CachingService {
+/// The global service, installed with defaults if none was.
+#[inline]
+pub(crate) fn global() -> &'static CachingService {
     GLOBAL.get_or_init(|| {
         tracing::debug!(target: "cache_runtime", "no caching service installed: using the default in-memory service");
         CachingService::builder()
