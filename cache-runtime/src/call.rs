@@ -233,7 +233,9 @@ pub fn lookup<K: ReturnKind<R>, R>(
 }
 
 /// [`lookup`] in the enclosing scope's service: out of line, so that the wrapper holds
-/// one copy of the hit path.
+/// one copy of the hit path. (The parameters go one by one, as to [`probe`]: bundled in
+/// a struct, the optimizer stopped inlining the value's downcast into the wrapper, 808
+/// instructions a hit became 834.)
 #[cold]
 #[inline(never)]
 fn lookup_scoped<K: ReturnKind<R>, R>(
