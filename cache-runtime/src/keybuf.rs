@@ -244,12 +244,6 @@ impl Clone for KeyBuf {
     }
 }
 
-impl Default for KeyBuf {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Drop for KeyBuf {
     #[inline(always)]
     fn drop(&mut self) {
@@ -265,7 +259,10 @@ fn give_back(heap: Vec<u8>) {
 }
 
 /// Copies `n` bytes; short copies without a call to `memcpy` (two overlapping loads
-/// and stores of the widest word that fits).
+/// and stores of the widest word that fits). Storing each short write as one 8-byte
+/// word instead (with room past the buffer) took fewer instructions (791 against 808
+/// a hit) but slowed the plain `fn` hit from about 46 to 53 ns: the key's comparison
+/// then reads words that span several overlapping stores.
 ///
 /// # Safety
 /// `src` is readable and `dst` writable for `n` bytes, and they do not overlap.
