@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cache_runtime::{
     Backend, BoxFuture, Fetched, LinkedWrite, MemoryBackend, RemoteError, RemoteGraph, RemoteKey,
-    RemoteStore, ShutdownReport, FORMAT_VERSION,
+    RemoteStats, RemoteStore, Removed, ShutdownReport, FORMAT_VERSION,
 };
 use redis::{RedisWrite, ToRedisArgs};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -22,15 +22,31 @@ pub enum RedisBackendError {
     /// The URL is not a Redis URL.
     #[error("invalid Redis URL: {0}")]
     Url(#[source] redis::RedisError),
-    /// Redis did not answer. Start it, check the address, or build with
-    /// `.connect_lazily(true)` to start without it.
-    #[error("cannot connect to Redis at {addr}: {source} (start Redis, check the URL, or use `.connect_lazily(true)` to start without it and connect later)")]
+    /// Redis did not answer, or did not let this user in. Start it, check the address
+    /// and the credentials, or build with `.connect_lazily(true)` to start without it.
+    #[error("cannot connect to Redis at {addr}: {source} ({})", connect_hint(.source))]
     Connect {
         /// The server's address (without credentials).
         addr: String,
         /// The client's error.
         #[source]
         source: redis::RedisError,
+    },
+    /// The server refused a command the configuration needs: the user lacks a
+    /// permission (an ACL), or the server is a read-only replica. The message names
+    /// the command, what needs it, and what to grant.
+    #[error("Redis at {addr} refused {command} ({words}): {feature} needs it; {fix}")]
+    Refused {
+        /// The server's address.
+        addr: String,
+        /// The command refused.
+        command: String,
+        /// What needs it.
+        feature: String,
+        /// The server's words.
+        words: String,
+        /// What to change.
+        fix: String,
     },
     /// The builder's settings contradict each other.
     #[error("{0}")]
@@ -48,6 +64,78 @@ pub enum RedisBackendError {
     },
 }
 
+/// What to do about a connection error.
+fn connect_hint(e: &redis::RedisError) -> &'static str {
+    let auth = e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"));
+    if auth {
+        "check the user and the password in the URL"
+    } else {
+        "start Redis, check the URL, or use `.connect_lazily(true)` to start without it and connect later"
+    }
+}
+
+impl RedisBackendError {
+    /// The error for what the probe of `build` found.
+    pub(crate) fn from_problem(addr: &str, problem: crate::probe::Problem) -> Self {
+        match problem {
+            crate::probe::Problem::Refused {
+                command,
+                feature,
+                words,
+                fix,
+            } => RedisBackendError::Refused {
+                addr: addr.to_owned(),
+                command: command.to_owned(),
+                feature,
+                words,
+                fix,
+            },
+            crate::probe::Problem::Connection(source) => RedisBackendError::Connect {
+                addr: addr.to_owned(),
+                source,
+            },
+        }
+    }
+
+    /// The error of a subscription that failed at `build`.
+    pub(crate) fn subscribing(
+        addr: &str,
+        user: &str,
+        channel: &str,
+        source: redis::RedisError,
+    ) -> Self {
+        if source.code() == Some("NOPERM") {
+            RedisBackendError::Refused {
+                addr: addr.to_owned(),
+                command: "SUBSCRIBE".to_owned(),
+                feature: format!(
+                    "the in-process tier, which hears the other instances' invalidations on `{channel}`,"
+                ),
+                words: crate::probe::words(&source),
+                fix: format!(
+                    "grant it: `ACL SETUSER {user} +subscribe +ping &{channel}`, or build without an in-process tier"
+                ),
+            }
+        } else {
+            RedisBackendError::Connect {
+                addr: addr.to_owned(),
+                source,
+            }
+        }
+    }
+}
+
+/// The user name in a client's URL (`default` without one).
+pub(crate) fn user_of(client: &redis::Client) -> String {
+    client
+        .get_connection_info()
+        .redis_settings()
+        .username()
+        .unwrap_or("default")
+        .to_owned()
+}
+
 /// Counters of the Redis backend's background writes, readable while it runs.
 #[derive(Clone, Debug, Default)]
 pub struct RedisMetrics(Arc<Counters>);
@@ -56,7 +144,10 @@ pub struct RedisMetrics(Arc<Counters>);
 struct Counters {
     written: AtomicU64,
     dropped: AtomicU64,
-    failed: AtomicU64,
+    /// `SET`s refused or failed.
+    failed_sets: AtomicU64,
+    /// Linked writes (the graph's write script) refused or failed.
+    failed_linked: AtomicU64,
 }
 
 impl RedisMetrics {
@@ -68,9 +159,10 @@ impl RedisMetrics {
     pub fn dropped(&self) -> u64 {
         self.0.dropped.load(Ordering::Relaxed)
     }
-    /// Writes that Redis refused or that timed out.
+    /// Writes that Redis refused or that failed (both kinds; `stats().remote` tells
+    /// them apart).
     pub fn failed(&self) -> u64 {
-        self.0.failed.load(Ordering::Relaxed)
+        self.0.failed_sets.load(Ordering::Relaxed) + self.0.failed_linked.load(Ordering::Relaxed)
     }
 }
 
@@ -200,6 +292,7 @@ impl RedisBackendBuilder {
         }
         let client = client(&self.url, self.root_certificate.as_deref())?;
         let addr = client.get_connection_info().addr().to_string();
+        let user = user_of(&client);
         // Reads and writes use separate connections: Redis answers a connection's
         // commands in order, so reads sharing one with a slow write would wait for it.
         let open = || async {
@@ -242,10 +335,7 @@ impl RedisBackendBuilder {
                 self.operation_timeout,
             )
             .await
-            .map_err(|source| RedisBackendError::Connect {
-                addr: addr.clone(),
-                source,
-            })?,
+            .map_err(|source| RedisBackendError::subscribing(&addr, &user, &channel, source))?,
             None => RedisBus::publish_only(reads.clone(), channel.clone(), self.operation_timeout),
         };
         let store = RedisStore {
@@ -260,17 +350,27 @@ impl RedisBackendBuilder {
             channel,
             graph,
         };
-        if !self.lazy {
+        let probe = Probe {
+            client: client.clone(),
+            addr: addr.clone(),
+            user,
+            key_prefix: self.key_prefix.clone(),
+            values: store.prefix.clone(),
+            channel: store.channel.clone(),
+            subscriber: self.l1.is_some(),
+            graph: store.graph.clone(),
+            timeout: self.operation_timeout.max(Duration::from_secs(1)),
+        };
+        if self.lazy {
+            // checked once Redis answers; until then (and if refused) the service
+            // copes: nothing stale is served
+            let alive = store.queue.downgrade();
+            tokio::spawn(async move { probe.later(alive).await });
+        } else {
             store.check_server().await;
+            let mut con = probe.connect().await?;
+            probe.run(&mut con).await?;
             if self.dependencies {
-                let mut con =
-                    client
-                        .get_multiplexed_async_connection()
-                        .await
-                        .map_err(|source| RedisBackendError::Connect {
-                            addr: addr.clone(),
-                            source,
-                        })?;
                 crate::graph::check_settings(&mut con)
                     .await
                     .map_err(|problem| RedisBackendError::ServerSettings {
@@ -285,6 +385,74 @@ impl RedisBackendBuilder {
             bus,
             metrics,
         })
+    }
+}
+
+/// What `build` checks (see [`crate::probe`]).
+struct Probe {
+    client: redis::Client,
+    addr: String,
+    user: String,
+    key_prefix: String,
+    values: String,
+    channel: String,
+    subscriber: bool,
+    graph: Option<GraphKeys>,
+    timeout: Duration,
+}
+
+impl Probe {
+    async fn connect(&self) -> Result<redis::aio::MultiplexedConnection, RedisBackendError> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|source| RedisBackendError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })
+    }
+
+    /// Runs every command the configuration needs once.
+    async fn run(
+        &self,
+        con: &mut redis::aio::MultiplexedConnection,
+    ) -> Result<(), RedisBackendError> {
+        let needs = crate::probe::Needs {
+            values: Some(&self.values),
+            user: &self.user,
+            key_prefix: &self.key_prefix,
+            channel: &self.channel,
+            subscriber: self.subscriber,
+            graph: self.graph.as_ref(),
+        };
+        crate::probe::probe(con, &needs)
+            .await
+            .map_err(|p| RedisBackendError::from_problem(&self.addr, p))
+    }
+
+    /// For a lazy backend: probes once Redis answers, and logs a refusal at `error`.
+    /// Ends with the backend.
+    async fn later(self, alive: mpsc::WeakSender<Op>) {
+        let mut delay = Duration::from_millis(100);
+        while alive.upgrade().is_some() {
+            let result = match self.connect().await {
+                Ok(mut con) => self.run(&mut con).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => return,
+                Err(RedisBackendError::Connect { .. }) => {}
+                Err(e) => {
+                    tracing::error!(target: "cache_redis", "{e} (the cache goes on without what is refused: nothing stale is served, and every refusal is counted in `stats().remote`)");
+                    return;
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
     }
 }
 
@@ -416,9 +584,13 @@ pub(crate) enum Op {
     Call {
         cmd: Option<redis::Cmd>,
         then: Option<Box<redis::Cmd>>,
-        done: oneshot::Sender<Result<redis::Value, RemoteError>>,
+        done: oneshot::Sender<CallReply>,
     },
 }
+
+/// The reply to [`Op::Call`]: `cmd`'s reply (`Nil` without one) and, if `then` was
+/// sent and failed, why.
+type CallReply = Result<(redis::Value, Option<RemoteError>), RemoteError>;
 
 struct RedisStore {
     link: Arc<Link>,
@@ -474,7 +646,7 @@ impl RedisStore {
         &self,
         cmd: Option<redis::Cmd>,
         then: Option<Box<redis::Cmd>>,
-    ) -> Result<redis::Value, RemoteError> {
+    ) -> CallReply {
         let (done, result) = oneshot::channel();
         self.shared.pending.fetch_add(1, Ordering::SeqCst);
         match self.queue.try_send(Op::Call { cmd, then, done }) {
@@ -575,7 +747,7 @@ impl RemoteStore for RedisStore {
         &self,
         keys: Vec<String>,
         publish: Option<Vec<u8>>,
-    ) -> BoxFuture<'_, Result<(), RemoteError>> {
+    ) -> BoxFuture<'_, Result<Removed, RemoteError>> {
         Box::pin(async move {
             let cmd = (!keys.is_empty()).then(|| {
                 let mut cmd = redis::cmd("DEL");
@@ -589,7 +761,11 @@ impl RemoteStore for RedisStore {
                 cmd.arg(&self.channel).arg(message);
                 Box::new(cmd)
             });
-            self.call(cmd, publish).await.map(|_| ())
+            let (_, publish_error) = self.call(cmd, publish).await?;
+            Ok(Removed {
+                keys: Vec::new(),
+                publish_error,
+            })
         })
     }
 
@@ -664,11 +840,18 @@ impl RemoteStore for RedisStore {
     fn graph(&self) -> Option<&dyn RemoteGraph> {
         self.graph.as_ref().map(|_| self as &dyn RemoteGraph)
     }
+
+    fn report(&self, stats: &mut RemoteStats) {
+        let c = &self.metrics.0;
+        stats.write_errors += c.failed_sets.load(Ordering::Relaxed);
+        stats.linked_write_errors += c.failed_linked.load(Ordering::Relaxed);
+        stats.writes_dropped += c.dropped.load(Ordering::Relaxed);
+    }
 }
 
 /// A sliding entry's read with the graph: the value, its expiry moved, and the
 /// invalidation count.
-const GET_TOUCH_EPOCH: &str =
+pub(crate) const GET_TOUCH_EPOCH: &str =
     "return {redis.call('GETEX', KEYS[1], 'PX', ARGV[1]), redis.call('GET', KEYS[2])}";
 
 impl RemoteGraph for RedisStore {
@@ -685,21 +868,25 @@ impl RemoteGraph for RedisStore {
         keep: Option<String>,
         want_keys: bool,
         publish: Option<Vec<u8>>,
-    ) -> BoxFuture<'_, Result<Vec<String>, RemoteError>> {
+    ) -> BoxFuture<'_, Result<Removed, RemoteError>> {
         Box::pin(async move {
             let Some(graph) = &self.graph else {
-                return Ok(Vec::new());
+                return Ok(Removed::default());
             };
             let publish = publish.as_deref().map(|m| (self.channel.as_str(), m));
             let cmd = graph.invalidate(&start, keep.as_deref(), want_keys, publish);
-            let reply = self.call(Some(cmd), None).await?;
+            let (reply, _) = self.call(Some(cmd), None).await?;
             let removed: Vec<String> =
                 redis::from_redis_value(reply).map_err(|e| RemoteError(e.to_string()))?;
             // the graph names entries by their value keys
-            Ok(removed
-                .into_iter()
-                .filter_map(|v| v.strip_prefix(graph.values.as_str()).map(str::to_owned))
-                .collect())
+            Ok(Removed {
+                keys: removed
+                    .into_iter()
+                    .filter_map(|v| v.strip_prefix(graph.values.as_str()).map(str::to_owned))
+                    .collect(),
+                // the script publishes as its last step: it did if it ran
+                publish_error: None,
+            })
         })
     }
 }
@@ -720,6 +907,7 @@ async fn writer(
 ) {
     const BATCH: usize = 128;
     let mut batch = Vec::with_capacity(BATCH);
+    let warn = crate::link::RateLimited::default();
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
@@ -753,47 +941,87 @@ async fn writer(
             with_text(&link, graph, &pipe, replies).await;
         }
         if let Err(e) = &result {
-            tracing::debug!(target: "cache_redis", error = %e, "a batch of {} operations on Redis failed", batch.len());
+            warn.warn(&RemoteError(format!(
+                "a batch of {} operations on Redis failed: {}",
+                batch.len(),
+                e.0
+            )));
         }
         let n = batch.len();
         let mut replies = match &mut result {
             Ok(values) => std::mem::take(values).into_iter(),
             Err(_) => Vec::new().into_iter(),
         };
+        let mut cmds = pipe.cmd_iter();
+        // the reply of the next command sent, with what it was for the log
         let mut next = |present: bool| -> Result<redis::Value, RemoteError> {
-            match (&result, present) {
-                (Err(e), _) => Err(RemoteError(e.0.clone())),
-                (Ok(_), false) => Ok(redis::Value::Nil),
-                (Ok(_), true) => match replies.next() {
-                    Some(redis::Value::ServerError(e)) => Err(RemoteError(format!("{e:?}"))),
+            if !present {
+                return Ok(redis::Value::Nil);
+            }
+            let cmd = cmds.next();
+            let what = || describe(cmd, graph.as_ref());
+            match &result {
+                Err(e) => Err(RemoteError(format!(
+                    "Redis did not answer {}: {}",
+                    what(),
+                    e.0
+                ))),
+                Ok(_) => match replies.next() {
+                    Some(redis::Value::ServerError(e)) => {
+                        let e =
+                            RemoteError(format!("Redis refused {}: {}", what(), server_words(&e)));
+                        warn.warn(&e);
+                        Err(e)
+                    }
                     Some(v) => Ok(v),
-                    None => Err(RemoteError("no reply".into())),
+                    None => Err(RemoteError(format!("no reply to {}", what()))),
                 },
             }
         };
         for op in batch.drain(..) {
             match op {
                 Op::Set { .. } | Op::Send(_) => {
-                    let counter = match next(true) {
-                        Ok(_) => &metrics.0.written,
-                        Err(_) => &metrics.0.failed,
+                    let counter = match (next(true), &op) {
+                        (Ok(_), _) => &metrics.0.written,
+                        (Err(_), Op::Set { .. }) => &metrics.0.failed_sets,
+                        (Err(_), _) => &metrics.0.failed_linked,
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
                 Op::Call { cmd, then, done } => {
                     let reply = next(cmd.is_some());
-                    // (the publication's reply: a failed one fails the call)
-                    let reply = match (reply, next(then.is_some())) {
-                        (Ok(v), Ok(_)) => Ok(v),
-                        (Err(e), _) | (_, Err(e)) => Err(e),
-                    };
-                    let _ = done.send(reply);
+                    let then = next(then.is_some()).err();
+                    let _ = done.send(reply.map(|v| (v, then)));
                 }
             }
         }
         if shared.pending.fetch_sub(n, Ordering::SeqCst) == n {
             shared.drained.notify_waiters();
         }
+    }
+}
+
+/// What a command sent by the writer is, for errors and the log: its name, and for a
+/// graph script, which one.
+fn describe(cmd: Option<&redis::Cmd>, graph: Option<&GraphKeys>) -> String {
+    let Some(cmd) = cmd else {
+        return "a command".to_owned();
+    };
+    let name = match cmd.args_iter().next() {
+        Some(redis::Arg::Simple(name)) => String::from_utf8_lossy(name).to_ascii_uppercase(),
+        _ => "a command".to_owned(),
+    };
+    match graph.and_then(|g| g.script_name(cmd)) {
+        Some(script) => format!("{name} ({script})"),
+        None => name,
+    }
+}
+
+/// The server's words for an error reply: its code and details.
+pub(crate) fn server_words(e: &redis::ServerError) -> String {
+    match e.details() {
+        Some(details) => format!("{} {details}", e.code()),
+        None => e.code().to_owned(),
     }
 }
 

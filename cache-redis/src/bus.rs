@@ -61,6 +61,16 @@ impl Slot {
         }
         true
     }
+
+    fn receiving(&self) -> bool {
+        let Some(receivers) = self.receivers() else {
+            return false;
+        };
+        for r in receivers {
+            r.receiving();
+        }
+        true
+    }
 }
 
 /// Redis pub/sub as an [`InvalidationBus`].
@@ -112,13 +122,14 @@ impl RedisBus {
     ) -> Result<RedisBus, redis::RedisError> {
         let slot = Arc::new(Slot::default());
         let (tx, mut subscribed) = watch::channel(false);
-        let (first_error_tx, mut first_error) = watch::channel(None::<String>);
+        let (first_error_tx, mut first_error) = watch::channel(None::<redis::RedisError>);
         let task = tokio::spawn(subscriber(
             client,
             channel.clone(),
             slot.clone(),
             tx,
             first_error_tx,
+            lazy,
         ))
         .abort_handle();
         let bus = RedisBus {
@@ -139,13 +150,7 @@ impl RedisBus {
             .await;
             match ready {
                 Ok(None) => {}
-                Ok(Some(e)) => {
-                    return Err(redis::RedisError::from((
-                        redis::ErrorKind::Io,
-                        "cannot subscribe",
-                        e,
-                    )))
-                }
+                Ok(Some(e)) => return Err(e),
                 Err(_) => {
                     return Err(redis::RedisError::from((
                         redis::ErrorKind::Io,
@@ -170,11 +175,13 @@ impl RedisBus {
 
 impl InvalidationBus for RedisBus {
     fn attach(&self, receiver: BusReceiver) {
-        self.slot
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(receiver);
+        let mut receivers = self.slot.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Under the lock: the subscriber marks itself subscribed before it tells the
+        // receivers, so this one is either told, or sees it subscribed.
+        if self.task.is_some() && !self.is_subscribed() {
+            receiver.waiting();
+        }
+        receivers.push(receiver);
     }
 
     fn publish(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<(), RemoteError>> {
@@ -190,17 +197,24 @@ impl InvalidationBus for RedisBus {
     }
 }
 
+/// How often a subscriber that cannot subscribe says so at `warn`.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// The subscriber: subscribes, delivers, checks the connection, and starts over
-/// after a loss. Ends when the service it delivers to is gone.
+/// after a loss. Ends when the service it delivers to is gone. While it is not
+/// subscribed, the services' in-process tiers are bypassed (see
+/// [`BusReceiver::waiting`], [`BusReceiver::missed`]).
 async fn subscriber(
     client: Client,
     channel: String,
     slot: Arc<Slot>,
     subscribed: watch::Sender<bool>,
-    first_error: watch::Sender<Option<String>>,
+    first_error: watch::Sender<Option<redis::RedisError>>,
+    lazy: bool,
 ) {
     let mut delay = FIRST_RETRY;
     let mut first = true;
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
             let (mut sink, stream) = client.get_async_pubsub().await?.split();
@@ -208,14 +222,17 @@ async fn subscriber(
             Ok::<_, redis::RedisError>((sink, stream))
         })
         .await;
-        match connected {
+        let failure = match connected {
             Ok(Ok((mut sink, mut stream))) => {
                 delay = FIRST_RETRY;
-                if !first && !slot.missed() {
-                    return;
-                }
                 first = false;
                 subscribed.send_replace(true);
+                if warned.take().is_some() {
+                    tracing::info!(target: "cache_redis", channel, "subscribed: the in-process tier is served again");
+                }
+                if !slot.receiving() {
+                    return;
+                }
                 tracing::debug!(target: "cache_redis", channel, "subscribed");
                 let mut ping = tokio::time::interval(PING_EVERY);
                 ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -239,24 +256,31 @@ async fn subscriber(
                     }
                 };
                 subscribed.send_replace(false);
-                tracing::warn!(target: "cache_redis", channel, "invalidation subscription lost ({why}): clearing the in-process tier and resubscribing");
+                tracing::warn!(target: "cache_redis", channel, "invalidation subscription lost ({why}): the in-process tier is cleared and bypassed until resubscribed");
+                warned = Some(tokio::time::Instant::now());
                 if !slot.missed() {
                     return;
                 }
+                None
             }
-            Ok(Err(e)) => {
-                if first {
-                    first_error.send_replace(Some(e.to_string()));
-                }
-                first = false;
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "subscribing timed out",
+            ))),
+        };
+        if let Some(e) = failure {
+            let say = !(first && !lazy) && warned.is_none_or(|t| t.elapsed() >= WARN_EVERY);
+            if say {
+                warned = Some(tokio::time::Instant::now());
+                tracing::warn!(target: "cache_redis", channel, "cannot subscribe to the invalidation channel: {}; the in-process tier is bypassed (every call reads Redis) until subscribed", crate::probe::describe(&e));
+            } else {
                 tracing::debug!(target: "cache_redis", channel, error = %e, "subscribing failed");
             }
-            Err(_) => {
-                if first {
-                    first_error.send_replace(Some("timed out".into()));
-                }
-                first = false;
+            if first {
+                first_error.send_replace(Some(e));
             }
+            first = false;
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_RETRY);

@@ -427,6 +427,30 @@ impl GraphKeys {
         Some(eval)
     }
 
+    /// Which of the graph's scripts `cmd` runs, if it is an `EVALSHA` of one.
+    pub(crate) fn script_name(&self, cmd: &redis::Cmd) -> Option<&'static str> {
+        let mut args = cmd.args_iter();
+        match args.next()? {
+            redis::Arg::Simple(name) if name.eq_ignore_ascii_case(b"EVALSHA") => {}
+            _ => return None,
+        }
+        let redis::Arg::Simple(sha) = args.next()? else {
+            return None;
+        };
+        [
+            (&self.write, "the graph's write script"),
+            (&self.invalidate, "the graph's invalidation script"),
+            (&self.collect, "the collector's script"),
+            (&self.repair_links, "a repair script"),
+            (&self.repair_rev, "a repair script"),
+            (&self.repair_cascade, "a repair script"),
+            (&self.repair_parents, "a repair script"),
+        ]
+        .into_iter()
+        .find(|(s, _)| s.sha.as_bytes() == sha)
+        .map(|(_, name)| name)
+    }
+
     /// The conditional write of a value with its links.
     pub(crate) fn write(&self, w: &cache_runtime::LinkedWrite) -> redis::Cmd {
         let mut cmd = self.evalsha(&self.write);

@@ -20,6 +20,7 @@ mod bus;
 mod collector;
 mod graph;
 mod link;
+mod probe;
 mod sync;
 
 pub use backend::{RedisBackend, RedisBackendBuilder, RedisBackendError, RedisMetrics};

@@ -73,22 +73,53 @@ impl RedisSyncBuilder {
         }
         let client = client(&self.url, self.root_certificate.as_deref())?;
         let addr = client.get_connection_info().addr().to_string();
-        let connect_error = |source| RedisBackendError::Connect {
-            addr: addr.clone(),
-            source,
-        };
+        let user = crate::backend::user_of(&client);
+        let channel = channel_name(&self.channel_prefix);
         let publisher = Link::open(client.clone(), self.operation_timeout, self.lazy)
             .await
-            .map_err(connect_error)?;
+            .map_err(|source| RedisBackendError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
         let bus = RedisBus::start(
-            client,
+            client.clone(),
             publisher,
-            channel_name(&self.channel_prefix),
+            channel.clone(),
             self.lazy,
             self.operation_timeout,
         )
         .await
-        .map_err(connect_error)?;
+        .map_err(|source| RedisBackendError::subscribing(&addr, &user, &channel, source))?;
+        if !self.lazy {
+            // what the bus needs besides SUBSCRIBE: PUBLISH on the channel, PING
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(
+                    self.operation_timeout
+                        .max(std::time::Duration::from_secs(1)),
+                ))
+                .set_response_timeout(Some(
+                    self.operation_timeout
+                        .max(std::time::Duration::from_secs(1)),
+                ));
+            let mut con = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map_err(|source| RedisBackendError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            let needs = crate::probe::Needs {
+                values: None,
+                user: &user,
+                key_prefix: &self.channel_prefix,
+                channel: &channel,
+                subscriber: true,
+                graph: None,
+            };
+            crate::probe::probe(&mut con, &needs)
+                .await
+                .map_err(|p| RedisBackendError::from_problem(&addr, p))?;
+        }
         Ok(RedisSync { bus })
     }
 }

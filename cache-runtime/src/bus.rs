@@ -26,9 +26,11 @@ use crate::stats::SyncStats;
 ///
 /// Implementations deliver every payload published by one instance to every other
 /// instance attached to the same channel (and may deliver it back to the sender too,
-/// which ignores it). They call [`BusReceiver::missed`] whenever messages may have
-/// been lost, for example after a lost subscription, as soon as the loss is noticed
-/// and again once they receive again.
+/// which ignores it). An in-process tier is served only while its bus receives: a bus
+/// that is not receiving yet when a receiver is attached calls
+/// [`BusReceiver::waiting`]; one that may have lost messages (a lost subscription)
+/// calls [`BusReceiver::missed`] as soon as the loss is noticed; and either calls
+/// [`BusReceiver::receiving`] once it receives again.
 pub trait InvalidationBus: Send + Sync + 'static {
     /// Delivers received payloads to `receiver` from now on. Called once, when the
     /// service is built.
@@ -195,13 +197,41 @@ impl BusReceiver {
         true
     }
 
-    /// Says that messages may have been lost: the service clears its in-process tier
-    /// (counted in [`SyncStats::l1_clears`]). Returns `false` once the service is gone.
+    /// Says that messages may have been lost (the subscription dropped): the service
+    /// clears its in-process tier (counted in [`SyncStats::l1_clears`]) and bypasses
+    /// it, storing nothing there, until [`BusReceiver::receiving`]. Returns `false`
+    /// once the service is gone.
     pub fn missed(&self) -> bool {
         let Some(inner) = self.inner.upgrade() else {
             return false;
         };
-        inner.clear_after_loss();
+        inner.clear_after_loss(true);
+        true
+    }
+
+    /// Says that the bus is not receiving yet (it is still subscribing): the service
+    /// bypasses its in-process tier until [`BusReceiver::receiving`]. Nothing was
+    /// missed, so nothing is cleared or counted. Returns `false` once the service is
+    /// gone.
+    pub fn waiting(&self) -> bool {
+        let Some(inner) = self.inner.upgrade() else {
+            return false;
+        };
+        inner.memory.bypass();
+        true
+    }
+
+    /// Says that the bus receives (again): if the tier was bypassed, it is cleared
+    /// once more (messages published before the subscription was in place were
+    /// missed; counted in [`SyncStats::l1_clears`]) and served again. Returns `false`
+    /// once the service is gone.
+    pub fn receiving(&self) -> bool {
+        let Some(inner) = self.inner.upgrade() else {
+            return false;
+        };
+        if inner.memory.is_bypassed() {
+            inner.clear_after_loss(false);
+        }
         true
     }
 
@@ -237,6 +267,7 @@ impl SyncCounters {
             received: get(&self.received),
             undecodable: get(&self.undecodable),
             l1_clears: get(&self.l1_clears),
+            l1_bypassed: false,
         }
     }
 }
@@ -273,10 +304,19 @@ impl MemoryBus {
     }
 
     /// Tells every attached service that messages may have been lost, as a bus does
-    /// after a lost subscription.
+    /// after a lost subscription: their in-process tiers are cleared and bypassed
+    /// until [`MemoryBus::signal_receiving`].
     pub fn signal_loss(&self) {
         for r in self.receivers() {
             r.missed();
+        }
+    }
+
+    /// Tells every attached service that the bus receives again, as a bus does once
+    /// resubscribed.
+    pub fn signal_receiving(&self) {
+        for r in self.receivers() {
+            r.receiving();
         }
     }
 

@@ -603,12 +603,27 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         };
         let c = &self.state.counters;
         let key = RemoteKey::new(self.key, self.inner.max_key_length);
+        let mark = self.inner.held.mark();
         let fetched = remote.get(key, touch).await.map(|f| {
             self.remote_epoch.store(f.epoch, Ordering::Relaxed);
             f.value
         });
         match fetched {
             Ok(Some(bytes)) => match decode(&bytes) {
+                Ok(value)
+                    if self.inner.held.covers(
+                        mark,
+                        || self.key.to_text(self.inner.max_key_length),
+                        &value.2,
+                    ) =>
+                {
+                    // an invalidation of this instance that covers it has not reached
+                    // the remote tier: it may be the old value
+                    let r = &self.inner.remote_stats;
+                    r.bump(&r.reads_held);
+                    tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.key, "remote value held back: its invalidation has not reached the remote tier");
+                    None
+                }
                 Ok(value) => {
                     // (the value and its deadline)
                     c.bump(Counter::L2Hit);

@@ -43,6 +43,7 @@ mod bus;
 mod call;
 mod deps;
 mod flight;
+mod held;
 mod key;
 mod keybuf;
 mod memory;
@@ -59,14 +60,14 @@ pub use key::{key_text, CacheKey, KeyWriter};
 pub use memory::{MemoryBackend, WeighFn};
 pub use profile::Expiration;
 pub use remote::{
-    BoxFuture, Fetched, LinkedWrite, RemoteError, RemoteGraph, RemoteKey, RemoteStore,
+    BoxFuture, Fetched, LinkedWrite, RemoteError, RemoteGraph, RemoteKey, RemoteStore, Removed,
     FORMAT_VERSION,
 };
 pub use service::{
     invalidate_dependency, shutdown, stats, Backend, CachingService, CachingServiceBuilder,
     ConfigError, FunctionStats, InstallError, Profile, ShutdownReport, Stats,
 };
-pub use stats::SyncStats;
+pub use stats::{RemoteStats, SyncStats};
 
 /// Caches a function's result under a key built from its arguments.
 ///

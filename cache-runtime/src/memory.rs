@@ -14,7 +14,7 @@
 
 use std::any::Any;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -348,6 +348,7 @@ impl MemoryBackend {
     pub(crate) fn build_disabled(graph: Arc<dyn DependencyGraph>) -> MemoryTier {
         MemoryTier {
             enabled: false,
+            bypassed: AtomicBool::new(false),
             ..MemoryBackend::new().max_entries(1).build(graph, None)
         }
     }
@@ -387,6 +388,7 @@ impl MemoryBackend {
             graph,
             index: key_index.zip(index),
             enabled: true,
+            bypassed: AtomicBool::new(false),
         }
     }
 }
@@ -402,6 +404,9 @@ pub(crate) struct MemoryTier {
     index: Option<(Arc<KeyIndex>, usize)>,
     /// False for a service without an in-process tier (a remote store alone).
     enabled: bool,
+    /// While the invalidation bus is not receiving, the tier is bypassed: it was
+    /// cleared, and nothing is stored until the bus receives again.
+    bypassed: AtomicBool,
 }
 
 impl MemoryTier {
@@ -422,6 +427,23 @@ impl MemoryTier {
     #[inline]
     pub(crate) fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// Stores nothing from now on, until [`MemoryTier::serve`]; the caller clears
+    /// the tier after this (an insert checks under its shard's lock, so none lands
+    /// after the clear).
+    pub(crate) fn bypass(&self) {
+        self.bypassed.store(true, Ordering::SeqCst);
+    }
+
+    /// Stores entries again.
+    pub(crate) fn serve(&self) {
+        self.bypassed.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the tier is bypassed (see [`MemoryTier::bypass`]).
+    pub(crate) fn is_bypassed(&self) -> bool {
+        self.enabled && self.bypassed.load(Ordering::SeqCst)
     }
 
     /// Reads the live slot stored under `key` with `read` (a downcast and a clone),
@@ -473,6 +495,9 @@ impl MemoryTier {
         let mut evicted = Vec::new();
         {
             let mut shard = shard.write();
+            if self.bypassed.load(Ordering::SeqCst) {
+                return;
+            }
             shard.insert_with_lifecycle(
                 StoredKey {
                     hash: lookup.hash,

@@ -73,13 +73,16 @@ pub trait RemoteStore: Send + Sync + 'static {
     /// `publish` is only given to a store whose backend was built with
     /// [`Backend::with_store_bus`](crate::Backend::with_store_bus): it is an encoded
     /// [`InvalidationBus`](crate::InvalidationBus) message, which the store publishes on
-    /// that bus once the keys are removed, in the same round trip. `Ok` means it was
-    /// published.
+    /// that bus once the keys are removed, in the same round trip.
+    ///
+    /// `Err` means the keys may still be there (refused, failed, or not confirmed in
+    /// time): the service sends the removal again until it goes through. `Ok` says
+    /// whether the publication failed.
     fn remove(
         &self,
         keys: Vec<String>,
         publish: Option<Vec<u8>>,
-    ) -> BoxFuture<'_, Result<(), RemoteError>>;
+    ) -> BoxFuture<'_, Result<Removed, RemoteError>>;
 
     /// Removes every entry of this store (its prefix).
     fn clear(&self) -> BoxFuture<'_, Result<(), RemoteError>>;
@@ -100,6 +103,21 @@ pub trait RemoteStore: Send + Sync + 'static {
     fn graph(&self) -> Option<&dyn RemoteGraph> {
         None
     }
+
+    /// Adds the store's own counters (writes refused, failed or dropped) to `stats`.
+    fn report(&self, stats: &mut crate::RemoteStats) {
+        let _ = stats;
+    }
+}
+
+/// What a removal that reached the store did.
+#[derive(Debug, Default)]
+pub struct Removed {
+    /// With a graph and `want_keys`: the readable keys of the entries removed.
+    pub keys: Vec<String>,
+    /// Why the publication handed to the store failed, if one was and it did (the
+    /// removal itself went through).
+    pub publish_error: Option<RemoteError>,
 }
 
 /// What a read of the remote tier found.
@@ -151,14 +169,14 @@ pub trait RemoteGraph: Send + Sync {
     /// value computed across this call is not written. Ordered behind the writes
     /// queued before it. With `want_keys`, returns the readable keys of the entries
     /// removed (else none). `publish` is published once they are removed, as in
-    /// [`RemoteStore::remove`].
+    /// [`RemoteStore::remove`], whose rules for `Err` apply here too.
     fn invalidate(
         &self,
         start: Vec<String>,
         keep: Option<String>,
         want_keys: bool,
         publish: Option<Vec<u8>>,
-    ) -> BoxFuture<'_, Result<Vec<String>, RemoteError>>;
+    ) -> BoxFuture<'_, Result<Removed, RemoteError>>;
 }
 
 /// What [`shutdown`](crate::shutdown) did.

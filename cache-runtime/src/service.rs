@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use crate::bus::{new_instance_id, BusReceiver, InvalidationBus, Item, Message, SyncCounters};
 use crate::deps::{Dependency, DependencyGraph, Frame, Live, MemoryGraph, Node};
 use crate::flight::Flights;
+use crate::held::{Held, Hold};
 use crate::memory::{MemoryBackend, MemoryTier};
 pub use crate::profile::{ConfigError, Profile};
 use crate::registry::{Descriptor, FnState, FnTable, Registration, MAX_FUNCTIONS};
 pub use crate::remote::ShutdownReport;
-use crate::remote::{RateLimitedWarn, RemoteStore};
+use crate::remote::{RateLimitedWarn, RemoteError, RemoteStore};
 pub use crate::stats::{FunctionStats, Stats};
 
 /// What the service stores entries in: an in-process tier, a remote store, or a
@@ -166,7 +167,9 @@ impl CachingServiceBuilder {
             profiles,
             max_key_length: self.max_key_length,
             flights: Flights::default(),
-            republish: Default::default(),
+            retries: Default::default(),
+            held: Held::default(),
+            remote_stats: RemoteCounters::default(),
             functions: FnTable::default(),
             epoch: AtomicU64::new(0),
             log: parking_lot::Mutex::default(),
@@ -243,17 +246,11 @@ pub(crate) struct Inner {
     /// Counts invalidations (see [`Inner::is_stale`]).
     pub(crate) epoch: AtomicU64,
     pub(crate) log: parking_lot::Mutex<InvalidationLog>,
-    /// Publications that failed, sent again by one task.
-    republish: parking_lot::Mutex<Republish>,
-}
-
-/// Failed publications waiting to be sent again, oldest first, each with its number
-/// and when it first failed; `running` while a task sends them.
-#[derive(Default)]
-struct Republish {
-    queue: VecDeque<(u64, Instant, Vec<u8>)>,
-    next: u64,
-    running: bool,
+    /// Removals and publications that failed, sent again by one task.
+    retries: parking_lot::Mutex<Retries>,
+    /// This instance's invalidations not confirmed by the remote tier yet.
+    pub(crate) held: Held,
+    pub(crate) remote_stats: RemoteCounters,
 }
 
 /// Recent invalidations, with every node each one reached, so that a computation that
@@ -272,6 +269,10 @@ pub(crate) const REPUBLISH_FOR: Duration = Duration::from_secs(10);
 /// How many failed publications wait at most; beyond, the oldest is dropped (counted
 /// in `republish_dropped`).
 const REPUBLISH_QUEUE: usize = 10_000;
+
+/// How many removals wait to be sent again at most; beyond, the oldest is given up
+/// (counted in `removals_dropped`; its entries stay held).
+const REMOVAL_QUEUE: usize = 10_000;
 
 /// How many invalidations the log keeps.
 const LOG_CAPACITY: usize = 1024;
@@ -300,21 +301,28 @@ impl Inner {
             // and what depends on them through entries read from the remote tier
             start.extend(named_texts.iter().map(|t| Node::Remote(t.as_str().into())));
         }
-        named.extend(self.invalidating(start, true));
-        let mut pending = self.pending(named, dependencies, None);
-        // A remote graph finds the dependents itself: it starts from the entries named
-        // here, not from every dependent this instance knows of.
-        if self.remote.as_ref().is_some_and(|r| r.graph().is_some()) {
-            pending.named = named_texts;
-        }
-        pending
+        let remote_graph = self.remote.as_ref().is_some_and(|r| r.graph().is_some());
+        self.invalidating(start, true, |removed| {
+            named.extend(removed.iter().cloned());
+            let mut pending = self.pending(named, dependencies, None);
+            // A remote graph finds the dependents itself: it starts from the entries
+            // named here, not from every dependent this instance knows of.
+            if remote_graph {
+                pending.remote.named = named_texts;
+            }
+            self.held.hold(&pending.hold);
+            pending
+        })
     }
 
     /// Removes the entries depending on the entry `key`, not the entry itself (its
     /// value was just replaced, by a refresh).
     pub(crate) fn invalidate_dependents(&self, key: &[u8]) -> Pending {
-        let removed = self.invalidating(vec![Node::Entry(key.into())], false);
-        self.pending(removed, Vec::new(), Some(key))
+        self.invalidating(vec![Node::Entry(key.into())], false, |removed| {
+            let pending = self.pending(removed.to_vec(), Vec::new(), Some(key));
+            self.held.hold(&pending.hold);
+            pending
+        })
     }
 
     /// What an invalidation leaves to do in the shared tiers: `entries` removed,
@@ -346,13 +354,23 @@ impl Inner {
                 ..Pending::default()
             };
         }
+        // until the remote tier confirms, none of these is read from it
+        let mut hold = Hold::default();
+        hold.nodes.extend(removed.iter().map(|t| format!("e:{t}")));
+        hold.nodes.extend(replaced.iter().map(|t| format!("e:{t}")));
+        hold.nodes
+            .extend(dependencies.iter().map(|d| format!("d:{d}")));
         Pending {
-            // a replaced entry waits for its write, even with nothing to remove
-            barrier: replaced.is_some(),
-            removed,
-            named: Vec::new(),
-            dependencies,
-            replaced,
+            remote: RemoteJob {
+                // a replaced entry waits for its write, even with nothing to remove
+                barrier: replaced.is_some(),
+                removed,
+                named: Vec::new(),
+                dependencies,
+                replaced,
+                clear: false,
+            },
+            hold,
             items,
         }
     }
@@ -360,9 +378,16 @@ impl Inner {
     /// Removes, in this process, the entries under the entry nodes of `start` (with
     /// `remove_start`) and every entry depending on `start`. Under the invalidation
     /// log's lock: count it, remove, detach the running flights of what it reached
-    /// (so no later call joins a computation that may have read it), and record what
-    /// was reached. Returns the entries removed.
-    fn invalidating(&self, start: Vec<Node>, remove_start: bool) -> Vec<Arc<[u8]>> {
+    /// (so no later call joins a computation that may have read it), record what
+    /// was reached, and run `then` with the entries removed (an invalidation holds
+    /// its nodes there, so that no call starting after it reads them from the remote
+    /// tier before the removal reaches it).
+    fn invalidating<R>(
+        &self,
+        start: Vec<Node>,
+        remove_start: bool,
+        then: impl FnOnce(&[Arc<[u8]>]) -> R,
+    ) -> R {
         let mut keys: Vec<Arc<[u8]>> = Vec::new();
         if remove_start {
             keys.extend(start.iter().filter_map(|n| match n {
@@ -389,9 +414,10 @@ impl Inner {
             Node::Key(_) | Node::Remote(_) => None,
         }));
         log.record(epoch, reached);
+        let result = then(&removed);
         drop(log);
         removed.iter().for_each(|key| self.count_invalidation(key));
-        removed
+        result
     }
 
     /// Completes an invalidation in the shared tiers: removes its entries from the
@@ -399,66 +425,47 @@ impl Inner {
     /// dependents too, which are then dropped from this instance's L1 as well), then
     /// tells the other instances. Failures are counted and logged, never returned.
     ///
-    /// Bounded by the remote store's timeout: when the removal failed (the store is
-    /// down or slow), the publication is left to a task of its own.
+    /// Bounded by the remote store's timeout: when the removal failed (refused, down
+    /// or slow), it is sent again by the retry task until it goes through, and its
+    /// entries stay held meanwhile (see [`crate::held`]); the publication is left to
+    /// a task of its own.
     pub(crate) async fn complete(self: &Arc<Self>, pending: Pending) {
         let Pending {
-            removed,
-            named,
-            dependencies,
-            replaced,
+            remote: job,
+            hold,
             items,
-            barrier,
         } = pending;
         let payload = match (&self.bus, items.is_empty()) {
             (Some(_), false) => Some(self.message(items)),
             _ => None,
         };
-        // the store publishes it along with the removal, in the same round trip
-        let along = payload.clone().filter(|_| self.store_publishes);
         let mut published = false;
         let mut done = true;
-        match self.remote.as_ref().map(|r| (r, r.graph())) {
-            Some((_, Some(graph))) => {
-                let mut start: Vec<String> = named.iter().map(|t| format!("e:{t}")).collect();
-                start.extend(dependencies.iter().map(|d| format!("d:{d}")));
-                start.extend(replaced.iter().map(|t| format!("e:{t}")));
-                if !start.is_empty() {
-                    // Links are flattened, so every instance's own graph reaches the
-                    // same dependents from the nodes the message names; the keys the
-                    // remote graph removed only matter for this instance's L1, as a
-                    // safety net.
-                    let want_keys = self.memory.enabled();
-                    published = along.is_some();
-                    match graph.invalidate(start, replaced, want_keys, along).await {
-                        Ok(found) => {
-                            let known: HashSet<&String> = removed.iter().collect();
-                            let extra: Vec<String> =
-                                found.into_iter().filter(|t| !known.contains(t)).collect();
-                            self.remove_local(&extra);
-                        }
-                        Err(e) => {
-                            done = false;
-                            self.warn
-                                .warn(format_args!("invalidating in the remote graph failed: {e}"));
-                        }
-                    }
+        if self.remote.is_some() && job.has_work(self.remote_graph()) {
+            // the store publishes it along with the removal, in the same round trip
+            let along = payload.clone().filter(|_| self.store_publishes);
+            match self.send_remote(&job, along).await {
+                Ok(p) => {
+                    published = p;
+                    self.held.release(hold);
                 }
-            }
-            Some((remote, None)) if !removed.is_empty() || barrier => {
-                published = along.is_some();
-                if let Err(e) = remote.remove(removed, along).await {
+                Err(e) => {
                     done = false;
-                    self.warn
-                        .warn(format_args!("removing invalidated entries failed: {e}"));
+                    self.remote_stats.bump(&self.remote_stats.removal_errors);
+                    self.warn.warn(format_args!(
+                        "{}: {e} (sent again until it goes through; until then this instance reads none of those entries from the remote tier)",
+                        job.what()
+                    ));
+                    self.retry_removal(job, hold, payload.clone());
                 }
             }
-            _ => {}
+        } else {
+            self.held.release(hold);
         }
         let (Some(bus), Some(payload)) = (self.bus.clone(), payload) else {
             return;
         };
-        if published && done {
+        if published {
             self.sync_stats.bump(&self.sync_stats.published);
             return;
         }
@@ -468,6 +475,66 @@ impl Inner {
                 handle.spawn(async move { inner.publish(&bus, payload).await });
             }
             _ => self.publish(&bus, payload).await,
+        }
+    }
+
+    fn remote_graph(&self) -> bool {
+        self.remote.as_ref().is_some_and(|r| r.graph().is_some())
+    }
+
+    /// Sends the remote part of an invalidation, with `along` published by the store
+    /// once it is done. `Ok` says whether `along` was published; a failed publication
+    /// is counted and logged here.
+    async fn send_remote(
+        &self,
+        job: &RemoteJob,
+        along: Option<Vec<u8>>,
+    ) -> Result<bool, RemoteError> {
+        let Some(remote) = &self.remote else {
+            return Ok(false);
+        };
+        if job.clear {
+            remote.clear().await?;
+            return Ok(false);
+        }
+        let sent_along = along.is_some();
+        let removed = match remote.graph() {
+            Some(graph) => {
+                let start = job.graph_start();
+                if start.is_empty() {
+                    return Ok(false);
+                }
+                // Links are flattened, so every instance's own graph reaches the
+                // same dependents from the nodes the message names; the keys the
+                // remote graph removed only matter for this instance's L1, as a
+                // safety net.
+                let want_keys = self.memory.enabled();
+                let removed = graph
+                    .invalidate(start, job.replaced.clone(), want_keys, along)
+                    .await?;
+                let known: HashSet<&String> = job.removed.iter().collect();
+                let extra: Vec<String> = removed
+                    .keys
+                    .iter()
+                    .filter(|t| !known.contains(t))
+                    .cloned()
+                    .collect();
+                self.remove_local(&extra);
+                removed
+            }
+            None if !job.removed.is_empty() || job.barrier => {
+                remote.remove(job.removed.clone(), along).await?
+            }
+            None => return Ok(false),
+        };
+        match removed.publish_error {
+            Some(e) if sent_along => {
+                self.sync_stats.bump(&self.sync_stats.publish_errors);
+                self.warn
+                    .warn(format_args!("publishing an invalidation failed: {e}"));
+                Ok(false)
+            }
+            _ => Ok(sent_along),
         }
     }
 
@@ -493,73 +560,168 @@ impl Inner {
                 self.warn.warn(format_args!(
                     "publishing an invalidation failed: {e} (sent again while it fails, for {REPUBLISH_FOR:?})"
                 ));
-                self.publish_later(bus, payload);
+                self.publish_later(payload);
             }
         }
     }
 
-    /// Queues a failed publication, and starts the task that sends them if none runs.
-    fn publish_later(self: &Arc<Self>, bus: &Arc<dyn InvalidationBus>, payload: Vec<u8>) {
+    /// Queues a failed publication for the retry task.
+    fn publish_later(self: &Arc<Self>, payload: Vec<u8>) {
+        let mut r = self.retries.lock();
+        if r.publications.len() >= REPUBLISH_QUEUE {
+            r.publications.pop_front();
+            self.sync_stats.bump(&self.sync_stats.republish_dropped);
+        }
+        let n = r.next;
+        r.next += 1;
+        r.publications.push_back((n, Instant::now(), payload));
+        self.start_retries(r);
+    }
+
+    /// Queues the remote part of an invalidation that did not go through: the retry
+    /// task sends it again until it does, then releases `hold` and publishes
+    /// `payload` again (other instances may have read the old value back from the
+    /// store meanwhile).
+    pub(crate) fn retry_removal(
+        self: &Arc<Self>,
+        job: RemoteJob,
+        hold: Hold,
+        payload: Option<Vec<u8>>,
+    ) {
+        let mut r = self.retries.lock();
+        if r.removals.len() >= REMOVAL_QUEUE {
+            // its entries stay held: this instance keeps not reading them remotely
+            r.removals.pop_front();
+            self.remote_stats.bump(&self.remote_stats.removals_dropped);
+        }
+        let n = r.next;
+        r.next += 1;
+        r.removals
+            .push_back((n, Box::new(Retry { job, hold, payload })));
+        self.start_retries(r);
+    }
+
+    /// Starts the retry task unless it runs.
+    fn start_retries(self: &Arc<Self>, mut r: parking_lot::MutexGuard<'_, Retries>) {
+        if std::mem::replace(&mut r.running, true) {
+            return;
+        }
+        drop(r);
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.retries.lock().running = false;
+            self.warn.warn(format_args!(
+                "no tokio runtime here: failed invalidations are not sent again"
+            ));
             return;
         };
-        {
-            let mut r = self.republish.lock();
-            if r.queue.len() >= REPUBLISH_QUEUE {
-                r.queue.pop_front();
-                self.sync_stats.bump(&self.sync_stats.republish_dropped);
-            }
-            let n = r.next;
-            r.next += 1;
-            r.queue.push_back((n, Instant::now(), payload));
-            if std::mem::replace(&mut r.running, true) {
-                return;
-            }
-        }
-        let (inner, bus) = (Arc::downgrade(self), bus.clone());
+        let inner = Arc::downgrade(self);
         handle.spawn(async move {
             let mut delay = Duration::from_millis(20);
             loop {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_millis(500));
                 let Some(inner) = inner.upgrade() else { return };
-                loop {
-                    let (n, payload) = {
-                        let mut r = inner.republish.lock();
-                        while r
-                            .queue
-                            .front()
-                            .is_some_and(|(_, at, _)| at.elapsed() > REPUBLISH_FOR)
-                        {
-                            r.queue.pop_front();
-                            inner.sync_stats.bump(&inner.sync_stats.republish_dropped);
-                        }
-                        match r.queue.front() {
-                            Some((n, _, payload)) => (*n, payload.clone()),
-                            None => {
-                                r.running = false;
-                                return;
-                            }
-                        }
-                    };
-                    if bus.publish(payload).await.is_err() {
-                        break;
-                    }
-                    inner.sync_stats.bump(&inner.sync_stats.published);
-                    inner.sync_stats.bump(&inner.sync_stats.republished);
+                let removals_ok = inner.retry_removals().await;
+                let publications_ok = inner.retry_publications().await;
+                let mut r = inner.retries.lock();
+                if r.removals.is_empty() && r.publications.is_empty() {
+                    r.running = false;
+                    return;
+                }
+                if removals_ok && publications_ok {
                     delay = Duration::from_millis(20);
-                    let mut r = inner.republish.lock();
-                    if r.queue.front().is_some_and(|(front, _, _)| *front == n) {
-                        r.queue.pop_front();
-                    }
                 }
             }
         });
     }
 
+    /// Sends the waiting removals again, in order, until one fails; returns whether
+    /// none did.
+    async fn retry_removals(self: &Arc<Self>) -> bool {
+        loop {
+            let Some((n, job, payload)) = self
+                .retries
+                .lock()
+                .removals
+                .front()
+                .map(|(n, r)| (*n, r.job.clone(), r.payload.clone()))
+            else {
+                return true;
+            };
+            let along = payload.clone().filter(|_| self.store_publishes);
+            match self.send_remote(&job, along).await {
+                Ok(published) => {
+                    let retry = {
+                        let mut r = self.retries.lock();
+                        match r.removals.front() {
+                            Some((front, _)) if *front == n => r.removals.pop_front(),
+                            _ => None, // dropped meanwhile
+                        }
+                    };
+                    let Some((_, retry)) = retry else { continue };
+                    self.held.release(retry.hold);
+                    self.remote_stats.bump(&self.remote_stats.removals_retried);
+                    tracing::info!(target: "cache_runtime", "{}: went through when sent again", job.what());
+                    match (published, &self.bus, payload) {
+                        (true, _, _) => self.sync_stats.bump(&self.sync_stats.published),
+                        (false, Some(bus), Some(payload)) => {
+                            let bus = bus.clone();
+                            self.publish(&bus, payload).await;
+                        }
+                        _ => {}
+                    }
+                }
+                Err(e) => {
+                    self.remote_stats.bump(&self.remote_stats.removal_errors);
+                    self.warn
+                        .warn(format_args!("{} (sent again): {e}", job.what()));
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Sends the failed publications again, in order, until one fails; gives up those
+    /// older than [`REPUBLISH_FOR`]. Returns whether none failed.
+    async fn retry_publications(self: &Arc<Self>) -> bool {
+        let Some(bus) = self.bus.clone() else {
+            self.retries.lock().publications.clear();
+            return true;
+        };
+        loop {
+            let (n, payload) = {
+                let mut r = self.retries.lock();
+                while r
+                    .publications
+                    .front()
+                    .is_some_and(|(_, at, _)| at.elapsed() > REPUBLISH_FOR)
+                {
+                    r.publications.pop_front();
+                    self.sync_stats.bump(&self.sync_stats.republish_dropped);
+                }
+                match r.publications.front() {
+                    Some((n, _, payload)) => (*n, payload.clone()),
+                    None => return true,
+                }
+            };
+            if bus.publish(payload).await.is_err() {
+                return false;
+            }
+            self.sync_stats.bump(&self.sync_stats.published);
+            self.sync_stats.bump(&self.sync_stats.republished);
+            let mut r = self.retries.lock();
+            if r.publications
+                .front()
+                .is_some_and(|(front, _, _)| *front == n)
+            {
+                r.publications.pop_front();
+            }
+        }
+    }
     /// Applies another instance's invalidation here, locally only.
     pub(crate) fn apply_received(&self, message: Message) {
-        if message.sender == self.instance_id {
+        // its own, or a probe (a message naming nothing)
+        if message.sender == self.instance_id || message.items.is_empty() {
             return;
         }
         self.sync_stats.bump(&self.sync_stats.received);
@@ -574,7 +736,7 @@ impl Inner {
         }
         nodes.extend(self.nodes_named(&named));
         if !nodes.is_empty() {
-            self.invalidating(nodes, true);
+            self.invalidating(nodes, true, |_| ());
         }
     }
 
@@ -582,7 +744,7 @@ impl Inner {
     fn remove_local(&self, texts: &[String]) {
         let nodes = self.nodes_named(texts);
         if !nodes.is_empty() {
-            self.invalidating(nodes, true);
+            self.invalidating(nodes, true, |_| ());
         }
     }
 
@@ -614,18 +776,46 @@ impl Inner {
         nodes
     }
 
-    /// Clears the in-process tier because invalidations may have been missed.
-    pub(crate) fn clear_after_loss(&self) {
+    /// Clears the in-process tier because invalidations may have been missed; with
+    /// `bypass`, keeps it bypassed (storing nothing) until the bus receives again, else
+    /// serves it again.
+    pub(crate) fn clear_after_loss(&self, bypass: bool) {
+        if bypass {
+            self.memory.bypass();
+        }
         self.clear_local();
         self.sync_stats.bump(&self.sync_stats.l1_clears);
+        if !bypass {
+            self.memory.serve();
+        }
     }
 }
 
-/// What an invalidation leaves to do in the shared tiers: the readable keys to remove
-/// from the remote tier and the message items to publish.
+/// What an invalidation leaves to do in the shared tiers: the remote part, what it
+/// holds until the remote tier confirms it, and the message items to publish.
 #[derive(Default)]
 #[must_use = "the shared tiers still hold these entries: pass this to `Inner::complete`"]
 pub(crate) struct Pending {
+    remote: RemoteJob,
+    /// Held from the invalidation until the remote tier confirms it (see
+    /// [`crate::held`]).
+    hold: Hold,
+    /// What to publish.
+    items: Vec<Item>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.remote.removed.is_empty()
+            && self.remote.dependencies.is_empty()
+            && self.items.is_empty()
+            && !self.remote.barrier
+    }
+}
+
+/// The remote part of an invalidation: sent once, and again while it fails.
+#[derive(Clone, Default)]
+pub(crate) struct RemoteJob {
     /// Readable keys of the entries to remove from the remote tier.
     removed: Vec<String>,
     /// With a remote graph: those of `removed` the invalidation named (the graph
@@ -635,18 +825,99 @@ pub(crate) struct Pending {
     dependencies: Vec<String>,
     /// The entry a refresh replaced: its dependents go, it stays.
     replaced: Option<String>,
-    /// What to publish.
-    items: Vec<Item>,
     /// Wait for the remote tier's queued writes even with nothing to remove.
     barrier: bool,
+    /// Remove every entry of the remote tier.
+    clear: bool,
 }
 
-impl Pending {
-    fn is_empty(&self) -> bool {
-        self.removed.is_empty()
-            && self.dependencies.is_empty()
-            && self.items.is_empty()
-            && !self.barrier
+impl RemoteJob {
+    fn clear() -> Self {
+        RemoteJob {
+            clear: true,
+            ..RemoteJob::default()
+        }
+    }
+
+    /// Whether it sends anything to a remote tier (with a graph or without).
+    fn has_work(&self, graph: bool) -> bool {
+        self.clear
+            || match graph {
+                true => {
+                    !self.named.is_empty()
+                        || !self.dependencies.is_empty()
+                        || self.replaced.is_some()
+                }
+                false => !self.removed.is_empty() || self.barrier,
+            }
+    }
+
+    /// The remote graph's start nodes.
+    fn graph_start(&self) -> Vec<String> {
+        let mut start: Vec<String> = self.named.iter().map(|t| format!("e:{t}")).collect();
+        start.extend(self.dependencies.iter().map(|d| format!("d:{d}")));
+        start.extend(self.replaced.iter().map(|t| format!("e:{t}")));
+        start
+    }
+
+    /// What it does, for the log.
+    fn what(&self) -> String {
+        let first = self
+            .removed
+            .first()
+            .map(|k| format!("`{k}`"))
+            .or_else(|| {
+                self.dependencies
+                    .first()
+                    .map(|d| format!("dependency `{d}`"))
+            })
+            .or_else(|| {
+                self.replaced
+                    .as_ref()
+                    .map(|k| format!("the dependents of `{k}`"))
+            })
+            .unwrap_or_default();
+        let more = (self.removed.len() + self.dependencies.len()).saturating_sub(1);
+        match (self.clear, more) {
+            (true, _) => "clearing the remote tier failed".to_owned(),
+            (false, 0) => format!("removing {first} from the remote tier failed"),
+            (false, more) => {
+                format!("removing {first} and {more} more from the remote tier failed")
+            }
+        }
+    }
+}
+
+/// An invalidation's remote part waiting to be sent again.
+struct Retry {
+    job: RemoteJob,
+    hold: Hold,
+    payload: Option<Vec<u8>>,
+}
+
+/// What the retry task sends again, oldest first: the remote parts of invalidations
+/// (until they go through) and failed publications (each for up to
+/// [`REPUBLISH_FOR`]), each with its number; `running` while the task runs.
+#[derive(Default)]
+struct Retries {
+    removals: VecDeque<(u64, Box<Retry>)>,
+    publications: VecDeque<(u64, Instant, Vec<u8>)>,
+    next: u64,
+    running: bool,
+}
+
+/// Counters of the service's own dealings with the remote tier.
+#[derive(Default)]
+pub(crate) struct RemoteCounters {
+    pub(crate) removal_errors: AtomicU64,
+    pub(crate) removals_retried: AtomicU64,
+    pub(crate) removals_dropped: AtomicU64,
+    pub(crate) reads_held: AtomicU64,
+}
+
+impl RemoteCounters {
+    pub(crate) fn bump(&self, c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -862,22 +1133,48 @@ impl CachingService {
     pub async fn clear() {
         let service = CachingService::current();
         let inner = &service.inner;
+        let hold = match inner.remote {
+            Some(_) => Hold::all(),
+            None => Hold::default(),
+        };
+        // nothing is read from the remote tier until it is cleared
+        inner.held.hold(&hold);
         inner.clear_local();
+        let payload = inner.bus.as_ref().map(|_| inner.message(vec![Item::Clear]));
         if let Some(remote) = &inner.remote {
-            if let Err(e) = remote.clear().await {
-                inner.warn.warn(format_args!("clear failed: {e}"));
+            match remote.clear().await {
+                Ok(()) => inner.held.release(hold),
+                Err(e) => {
+                    inner.remote_stats.bump(&inner.remote_stats.removal_errors);
+                    inner.warn.warn(format_args!(
+                        "clearing the remote tier failed: {e} (sent again until it goes through; until then this instance reads nothing from the remote tier)"
+                    ));
+                    inner.retry_removal(RemoteJob::clear(), hold, payload.clone());
+                }
             }
         }
-        if let Some(bus) = &inner.bus {
-            inner.publish(bus, inner.message(vec![Item::Clear])).await;
+        if let (Some(bus), Some(payload)) = (&inner.bus, payload) {
+            inner.publish(bus, payload).await;
         }
     }
 
     /// Hit, miss and execution counts of this service, in total and per function,
     /// and its invalidation bus's counters.
     pub fn stats(&self) -> Stats {
-        let mut stats = self.inner.functions.stats();
-        stats.sync = self.inner.sync_stats.snapshot();
+        let inner = &self.inner;
+        let mut stats = inner.functions.stats();
+        stats.sync = inner.sync_stats.snapshot();
+        stats.sync.l1_bypassed = inner.memory.is_bypassed();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let r = &inner.remote_stats;
+        stats.remote.removal_errors = get(&r.removal_errors);
+        stats.remote.removals_retried = get(&r.removals_retried);
+        stats.remote.removals_dropped = get(&r.removals_dropped);
+        stats.remote.reads_held = get(&r.reads_held);
+        stats.remote.removals_waiting = inner.retries.lock().removals.len() as u64;
+        if let Some(remote) = &inner.remote {
+            remote.report(&mut stats.remote);
+        }
         stats
     }
 

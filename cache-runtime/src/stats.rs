@@ -71,6 +71,8 @@ pub struct Stats {
     pub functions: BTreeMap<String, FunctionStats>,
     /// The invalidation bus: messages published and received, in-process tier clears.
     pub sync: SyncStats,
+    /// The remote tier's writes and removals that did not go through.
+    pub remote: RemoteStats,
 }
 
 impl Stats {
@@ -99,6 +101,42 @@ pub struct SyncStats {
     pub undecodable: u64,
     /// Times the in-process tier was cleared because messages may have been lost.
     pub l1_clears: u64,
+    /// Whether the in-process tier is bypassed now because the bus is not receiving
+    /// (not subscribed yet, or the subscription was lost): calls read the remote tier
+    /// or run, and nothing is stored in the in-process tier until it receives again.
+    pub l1_bypassed: bool,
+}
+
+/// What the remote tier refused or failed to do, and what the service did about it.
+/// Each failure is also logged at `warn` (rate-limited), with the command and the
+/// server's words.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RemoteStats {
+    /// Writes of values (`SET`) the store refused (a missing permission, out of
+    /// memory, a read-only replica) or that failed: those values are not stored
+    /// remotely.
+    pub write_errors: u64,
+    /// Writes of values with their links (the dependency graph's write script) the
+    /// store refused or that failed.
+    pub linked_write_errors: u64,
+    /// Writes dropped because the store's queue was full.
+    pub writes_dropped: u64,
+    /// Attempts at removing invalidated entries (`DEL`, the graph's invalidation
+    /// script, a clear) that the store refused or that failed. Each is sent again
+    /// until it goes through; meanwhile this instance reads none of those entries (nor
+    /// their dependents) from the store.
+    pub removal_errors: u64,
+    /// Removals that went through when sent again.
+    pub removals_retried: u64,
+    /// Removals waiting to be sent again now.
+    pub removals_waiting: u64,
+    /// Removals given up because more than 10,000 were waiting; this instance keeps
+    /// reading none of their entries from the store.
+    pub removals_dropped: u64,
+    /// Values read from the store and not served, because an invalidation of this
+    /// instance that covers them had not reached the store (the call ran the body).
+    pub reads_held: u64,
 }
 
 /// What is counted.

@@ -99,6 +99,15 @@ async fn a_loss_clears_the_in_process_tier() {
     bus.signal_loss();
     assert!(held(&b).is_empty());
     assert_eq!(b.stats().sync.l1_clears, 1);
+    // until the bus receives again, nothing is kept in the in-process tier
+    assert!(b.stats().sync.l1_bypassed);
+    b.scope(item(6)).await;
+    assert!(held(&b).is_empty(), "{:?}", held(&b));
+    bus.signal_receiving();
+    let sync = b.stats().sync;
+    assert_eq!((sync.l1_clears, sync.l1_bypassed), (2, false));
+    b.scope(item(6)).await;
+    assert_eq!(held(&b), vec!["b.item:v1(6)"]);
 }
 
 #[tokio::test]

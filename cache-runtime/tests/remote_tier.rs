@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cache_runtime::{
     cached, invalidate_cache, Backend, BoxFuture, CachingService, Fetched, MemoryBackend,
-    RemoteError, RemoteKey, RemoteStore, ShutdownReport,
+    RemoteError, RemoteKey, RemoteStore, Removed, ShutdownReport,
 };
 
 /// Value and expiry, by key.
@@ -19,6 +19,8 @@ type Entries = HashMap<String, (Vec<u8>, Duration)>;
 struct Store {
     data: Arc<Mutex<Entries>>,
     down: Arc<AtomicBool>,
+    /// Removals fail (as a Redis user without `DEL` would see).
+    refuse_removals: Arc<AtomicBool>,
     gets: Arc<AtomicUsize>,
     sets: Arc<AtomicUsize>,
     touches: Arc<Mutex<Vec<Duration>>>,
@@ -62,13 +64,16 @@ impl RemoteStore for Store {
         &self,
         keys: Vec<String>,
         _publish: Option<Vec<u8>>,
-    ) -> BoxFuture<'_, Result<(), RemoteError>> {
+    ) -> BoxFuture<'_, Result<Removed, RemoteError>> {
         Box::pin(async move {
+            if self.refuse_removals.load(Ordering::SeqCst) {
+                return Err(RemoteError("NOPERM no DEL for you".into()));
+            }
             let mut data = self.data.lock().unwrap();
             for k in keys {
                 data.remove(&k);
             }
-            Ok(())
+            Ok(Removed::default())
         })
     }
     fn clear(&self) -> BoxFuture<'_, Result<(), RemoteError>> {
@@ -272,4 +277,58 @@ async fn failures_are_counted_each_and_logged_once_a_second() {
         1,
         "one warning for 50 failures within a second"
     );
+}
+
+/// A version counter standing in for the database.
+static VERSION: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(name = "t.versioned")]
+async fn versioned(id: u64) -> usize {
+    let _ = id;
+    VERSION.load(Ordering::SeqCst)
+}
+
+#[invalidate_cache(versioned)]
+async fn bump(id: u64) {
+    let _ = id;
+    VERSION.fetch_add(1, Ordering::SeqCst);
+}
+
+#[tokio::test]
+async fn a_refused_removal_is_never_read_back_and_is_sent_again() {
+    let store = Store::default();
+    let (a, b) = (service(&store, true), service(&store, false));
+    let start = VERSION.load(Ordering::SeqCst);
+    assert_eq!(a.scope(versioned(1)).await, start);
+    store.refuse_removals.store(true, Ordering::SeqCst);
+    for round in 1..=200 {
+        a.scope(bump(1)).await;
+        // the old value is still in the store, and the invalidating instance never
+        // reads it back
+        assert_eq!(a.scope(versioned(1)).await, start + round, "round {round}");
+    }
+    let stale_for_others = b.scope(versioned(1)).await;
+    assert!(stale_for_others <= start + 200);
+    let r = a.stats().remote;
+    assert!(r.removal_errors >= 200, "{r:?}");
+    assert!(r.removals_waiting > 0, "{r:?}");
+    assert!(r.reads_held >= 1, "{r:?}");
+    // once removals go through again, the waiting ones are sent, in order
+    store.refuse_removals.store(false, Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    while a.stats().remote.removals_waiting > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            a.stats().remote
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(a.stats().remote.removals_retried >= 1);
+    assert_eq!(
+        b.scope(versioned(1)).await,
+        start + 200,
+        "the removal landed"
+    );
+    assert_eq!(a.scope(versioned(1)).await, start + 200);
 }

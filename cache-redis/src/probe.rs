@@ -1,0 +1,260 @@
+//! What `build()` checks before it returns: that the server lets this user run every
+//! command the configuration needs, each once, on a probe key of the prefix.
+//!
+//! A Redis user may lack a permission (ACLs are common on managed Redis), or the URL
+//! may point at a read-only replica. Without the check, such a backend builds and then
+//! fails on every write or removal; the service copes (nothing stale is served, see
+//! `cache_runtime`'s holds), but the cache does nothing useful. The probe runs the
+//! commands themselves rather than `ACL DRYRUN`, which most users may not run, and so
+//! that a script is checked with the commands it runs inside.
+
+use std::hash::BuildHasher;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::RedisError;
+
+use crate::graph::GraphKeys;
+
+/// What the probe found wrong.
+#[derive(Debug)]
+pub(crate) enum Problem {
+    /// The server refused a command the configuration needs.
+    Refused {
+        /// The command, as sent (`SET`, `EVALSHA`, ...).
+        command: &'static str,
+        /// What needs it.
+        feature: String,
+        /// The server's words.
+        words: String,
+        /// How to fix it.
+        fix: String,
+    },
+    /// The connection failed.
+    Connection(RedisError),
+}
+
+/// What the configuration needs.
+pub(crate) struct Needs<'a> {
+    /// `{prefix}:{format}:`, for a backend that stores values (`None`: `RedisSync`).
+    pub(crate) values: Option<&'a str>,
+    /// The user name in the URL (`default` without one).
+    pub(crate) user: &'a str,
+    pub(crate) key_prefix: &'a str,
+    pub(crate) channel: &'a str,
+    /// An L1 subscribes to the channel (checked by the subscriber itself; the probe
+    /// checks the `PING` it sends on that connection).
+    pub(crate) subscriber: bool,
+    pub(crate) graph: Option<&'a GraphKeys>,
+}
+
+/// An invalidation message that names nothing, which receivers ignore: what the probe
+/// publishes.
+pub(crate) fn probe_message() -> Vec<u8> {
+    cache_runtime::Message {
+        sender: 0,
+        items: Vec::new(),
+    }
+    .encode()
+}
+
+/// Runs each command the configuration needs once. Server errors that are not about
+/// permissions (out of memory) are logged and left to run time.
+pub(crate) async fn probe(
+    con: &mut MultiplexedConnection,
+    needs: &Needs<'_>,
+) -> Result<(), Problem> {
+    let id = format!(
+        "cache-rs.probe:{:016x}",
+        std::collections::hash_map::RandomState::new().hash_one(std::process::id())
+    );
+    let key = format!("{}{id}", needs.values.unwrap_or_default());
+    let user = needs.user;
+    let keys = format!("~{}:*", needs.key_prefix);
+    let grant = |perm: &str| format!("grant it: `ACL SETUSER {user} {perm} {keys}`");
+    let mut set_result = Ok(());
+    if needs.values.is_some() {
+        let writes = "storing values in Redis (every miss writes one)";
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg("probe").arg("PX").arg(10_000);
+        set_result = run(con, &set, "SET", writes, grant("+set")).await;
+        let reads = "reading values from Redis";
+        run(
+            con,
+            redis::cmd("GET").arg(&key),
+            "GET",
+            reads,
+            grant("+get"),
+        )
+        .await?;
+        let removals = "removing invalidated entries from Redis";
+        run(
+            con,
+            redis::cmd("DEL").arg(&key),
+            "DEL",
+            removals,
+            grant("+del"),
+        )
+        .await?;
+    }
+    let channel = needs.channel;
+    run(
+        con,
+        redis::cmd("PUBLISH").arg(channel).arg(probe_message()),
+        "PUBLISH",
+        &format!("telling the other instances about invalidations (channel `{channel}`)"),
+        format!("grant it: `ACL SETUSER {user} +publish &{channel}`"),
+    )
+    .await?;
+    if needs.subscriber {
+        run(
+            con,
+            &redis::cmd("PING"),
+            "PING",
+            "checking the subscription to the other instances' invalidations",
+            format!("grant it: `ACL SETUSER {user} +ping`"),
+        )
+        .await?;
+    }
+    if let Some(graph) = needs.graph {
+        let feature = "the dependency graph (`.dependencies(true)`): values are written with their links, and invalidations run, as scripts";
+        let scripts = format!(
+            "grant the scripts and the commands they run: `ACL SETUSER {user} +eval +evalsha +@read +@write {keys}`"
+        );
+        let epoch = format!("{}epoch", graph.graph);
+        let (_, since): (Option<Vec<u8>>, Option<u64>) = query(
+            con,
+            redis::cmd("MGET").arg(&key).arg(&epoch),
+            "MGET",
+            "reading values with the invalidation count (`.dependencies(true)`)",
+            grant("+mget"),
+        )
+        .await?
+        .unwrap_or_default();
+        let dependency = format!("d:{id}");
+        let write = graph.write(&cache_runtime::LinkedWrite {
+            key: id.clone(),
+            value: b"probe".to_vec(),
+            ttl: Duration::from_secs(10),
+            links: vec![dependency.clone()],
+            cascades: Vec::new(),
+            since: since.unwrap_or(0),
+        });
+        script(con, graph, write, feature, &scripts).await?;
+        let invalidate = graph.invalidate(&[dependency], None, false, None);
+        script(con, graph, invalidate, feature, &scripts).await?;
+        let mut touch = redis::cmd("EVAL");
+        touch
+            .arg(crate::backend::GET_TOUCH_EPOCH)
+            .arg(2)
+            .arg(&key)
+            .arg(&epoch)
+            .arg(10_000);
+        run(
+            con,
+            &touch,
+            "EVAL",
+            "reading sliding entries with the invalidation count (`.dependencies(true)`)",
+            scripts.clone(),
+        )
+        .await?;
+    }
+    // A refused `SET` is reported after the rest: the removals matter more, and a
+    // full server (out of memory) is only a warning.
+    set_result
+}
+
+/// Runs a graph script the way the writer does (by hash, then with its text).
+async fn script(
+    con: &mut MultiplexedConnection,
+    graph: &GraphKeys,
+    cmd: redis::Cmd,
+    feature: &str,
+    fix: &str,
+) -> Result<(), Problem> {
+    let result: redis::RedisResult<redis::Value> = graph.run(con, cmd).await;
+    let command = match &result {
+        // `run` sends `EVAL` after a `NOSCRIPT`; a refused `EVALSHA` never gets there
+        Err(e) if e.code() == Some("NOPERM") && mentions(e, "evalsha") => "EVALSHA",
+        _ => "EVAL",
+    };
+    judge(result.map(|_| ()), command, feature, fix.to_owned())
+}
+
+async fn run(
+    con: &mut MultiplexedConnection,
+    cmd: &redis::Cmd,
+    command: &'static str,
+    feature: &str,
+    fix: String,
+) -> Result<(), Problem> {
+    query::<redis::Value>(con, cmd, command, feature, fix)
+        .await
+        .map(|_| ())
+}
+
+/// Sends `cmd`; `Ok(None)` for a server error that is only worth a warning.
+async fn query<T: redis::FromRedisValue>(
+    con: &mut MultiplexedConnection,
+    cmd: &redis::Cmd,
+    command: &'static str,
+    feature: &str,
+    fix: String,
+) -> Result<Option<T>, Problem> {
+    match cmd.query_async::<T>(con).await {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => judge(Err(e), command, feature, fix).map(|()| None),
+    }
+}
+
+fn mentions(e: &RedisError, what: &str) -> bool {
+    e.to_string().to_ascii_lowercase().contains(what)
+}
+
+/// A permission error or a read-only server is a problem; a connection error too;
+/// another server error (out of memory) is logged and left to run time.
+fn judge(
+    result: redis::RedisResult<()>,
+    command: &'static str,
+    feature: &str,
+    fix: String,
+) -> Result<(), Problem> {
+    let Err(e) = result else { return Ok(()) };
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+        return Err(Problem::Connection(e));
+    }
+    let words = words(&e);
+    let refused = |fix: String| Problem::Refused {
+        command,
+        feature: feature.to_owned(),
+        words: words.clone(),
+        fix,
+    };
+    if e.code() == Some("NOPERM") || words.contains("NOPERM") || words.contains("no permissions") {
+        return Err(refused(fix));
+    }
+    if e.code() == Some("READONLY") || words.contains("READONLY") {
+        return Err(refused(
+            "this server is a read-only replica: point the URL at the primary".to_owned(),
+        ));
+    }
+    tracing::warn!(target: "cache_redis", "Redis refused {command} ({words}), which {feature} needs; going on, the cache copes while it is refused");
+    Ok(())
+}
+
+/// The server's words for an error: its code and details.
+pub(crate) fn words(e: &RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => e.to_string(),
+    }
+}
+
+/// A client error as the log says it: a refusal names the server's words.
+pub(crate) fn describe(e: &RedisError) -> String {
+    if e.code() == Some("NOPERM") {
+        format!("Redis refused it ({})", words(e))
+    } else {
+        e.to_string()
+    }
+}
