@@ -141,8 +141,20 @@ pub(crate) async fn probe(
             since: since.unwrap_or(0),
         });
         script(con, graph, write, feature, &scripts).await?;
-        let invalidate = graph.invalidate(&[dependency], None, false, None);
+        let invalidate = graph.invalidate(std::slice::from_ref(&dependency), None, false, None);
         script(con, graph, invalidate, feature, &scripts).await?;
+        // the invalidation's marker of the probe's dependency is of no use to anyone
+        let _: redis::RedisResult<()> = redis::pipe()
+            .cmd("HDEL")
+            .arg(format!("{}marks", graph.graph))
+            .arg(&dependency)
+            .ignore()
+            .cmd("ZREM")
+            .arg(format!("{}marked", graph.graph))
+            .arg(&dependency)
+            .ignore()
+            .query_async(con)
+            .await;
         let mut touch = redis::cmd("EVAL");
         touch
             .arg(crate::backend::GET_TOUCH_EPOCH)

@@ -205,7 +205,7 @@ impl BusReceiver {
         let Some(inner) = self.inner.upgrade() else {
             return false;
         };
-        inner.clear_after_loss(true);
+        inner.clear_after_loss();
         true
     }
 
@@ -217,21 +217,19 @@ impl BusReceiver {
         let Some(inner) = self.inner.upgrade() else {
             return false;
         };
-        inner.memory.bypass();
+        inner.memory.bypass(false);
         true
     }
 
-    /// Says that the bus receives (again): if the tier was bypassed, it is cleared
-    /// once more (messages published before the subscription was in place were
-    /// missed; counted in [`SyncStats::l1_clears`]) and served again. Returns `false`
-    /// once the service is gone.
+    /// Says that the bus receives (again): the tier is served again; after a loss,
+    /// it is cleared once more first (messages published until the subscription was
+    /// back were missed; counted in [`SyncStats::l1_clears`]). Returns `false` once
+    /// the service is gone.
     pub fn receiving(&self) -> bool {
         let Some(inner) = self.inner.upgrade() else {
             return false;
         };
-        if inner.memory.is_bypassed() {
-            inner.clear_after_loss(false);
-        }
+        inner.resume_after_loss();
         true
     }
 

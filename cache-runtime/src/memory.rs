@@ -14,7 +14,7 @@
 
 use std::any::Any;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -348,7 +348,7 @@ impl MemoryBackend {
     pub(crate) fn build_disabled(graph: Arc<dyn DependencyGraph>) -> MemoryTier {
         MemoryTier {
             enabled: false,
-            bypassed: AtomicBool::new(false),
+            bypassed: AtomicU8::new(SERVED),
             ..MemoryBackend::new().max_entries(1).build(graph, None)
         }
     }
@@ -388,7 +388,7 @@ impl MemoryBackend {
             graph,
             index: key_index.zip(index),
             enabled: true,
-            bypassed: AtomicBool::new(false),
+            bypassed: AtomicU8::new(SERVED),
         }
     }
 }
@@ -396,6 +396,10 @@ impl MemoryBackend {
 /// A built [`MemoryBackend`]: the entries. The dependency graph between them is the
 /// service's; the tier tells it when it stores an entry and when it drops one on its
 /// own (expiry, eviction).
+const SERVED: u8 = 0;
+const WAITING: u8 = 1;
+const MISSED: u8 = 2;
+
 pub(crate) struct MemoryTier {
     shards: Box<[RwLock<Shard>]>,
     mask: u64,
@@ -405,8 +409,9 @@ pub(crate) struct MemoryTier {
     /// False for a service without an in-process tier (a remote store alone).
     enabled: bool,
     /// While the invalidation bus is not receiving, the tier is bypassed: it was
-    /// cleared, and nothing is stored until the bus receives again.
-    bypassed: AtomicBool,
+    /// cleared, and nothing is stored until the bus receives again. [`SERVED`],
+    /// [`WAITING`] (not receiving yet) or [`MISSED`] (messages may have been lost).
+    bypassed: AtomicU8,
 }
 
 impl MemoryTier {
@@ -431,19 +436,25 @@ impl MemoryTier {
 
     /// Stores nothing from now on, until [`MemoryTier::serve`]; the caller clears
     /// the tier after this (an insert checks under its shard's lock, so none lands
-    /// after the clear).
-    pub(crate) fn bypass(&self) {
-        self.bypassed.store(true, Ordering::SeqCst);
+    /// after the clear). With `missed`, messages may have been lost meanwhile.
+    pub(crate) fn bypass(&self, missed: bool) {
+        let state = if missed { MISSED } else { WAITING };
+        self.bypassed.fetch_max(state, Ordering::SeqCst);
     }
 
     /// Stores entries again.
     pub(crate) fn serve(&self) {
-        self.bypassed.store(false, Ordering::SeqCst);
+        self.bypassed.store(SERVED, Ordering::SeqCst);
+    }
+
+    /// Whether it is bypassed after messages may have been missed.
+    pub(crate) fn missed(&self) -> bool {
+        self.bypassed.load(Ordering::SeqCst) == MISSED
     }
 
     /// Whether the tier is bypassed (see [`MemoryTier::bypass`]).
     pub(crate) fn is_bypassed(&self) -> bool {
-        self.enabled && self.bypassed.load(Ordering::SeqCst)
+        self.enabled && self.bypassed.load(Ordering::SeqCst) != SERVED
     }
 
     /// Reads the live slot stored under `key` with `read` (a downcast and a clone),
@@ -495,7 +506,7 @@ impl MemoryTier {
         let mut evicted = Vec::new();
         {
             let mut shard = shard.write();
-            if self.bypassed.load(Ordering::SeqCst) {
+            if self.bypassed.load(Ordering::SeqCst) != SERVED {
                 return;
             }
             shard.insert_with_lifecycle(

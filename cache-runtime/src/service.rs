@@ -776,18 +776,23 @@ impl Inner {
         nodes
     }
 
-    /// Clears the in-process tier because invalidations may have been missed; with
-    /// `bypass`, keeps it bypassed (storing nothing) until the bus receives again, else
-    /// serves it again.
-    pub(crate) fn clear_after_loss(&self, bypass: bool) {
-        if bypass {
-            self.memory.bypass();
-        }
+    /// Clears the in-process tier because invalidations may have been missed, and
+    /// bypasses it (storing nothing) until the bus receives again.
+    pub(crate) fn clear_after_loss(&self) {
+        self.memory.bypass(true);
         self.clear_local();
         self.sync_stats.bump(&self.sync_stats.l1_clears);
-        if !bypass {
-            self.memory.serve();
+    }
+
+    /// Serves the in-process tier again once the bus receives; after a loss, clears it
+    /// once more first (counted): whatever computations started before the loss
+    /// still finish are out of date.
+    pub(crate) fn resume_after_loss(&self) {
+        if self.memory.missed() {
+            self.clear_local();
+            self.sync_stats.bump(&self.sync_stats.l1_clears);
         }
+        self.memory.serve();
     }
 }
 

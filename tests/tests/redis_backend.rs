@@ -201,6 +201,8 @@ async fn one_body_run_and_one_set_for_a_thousand_callers() {
     }
     let server = RedisServer::start();
     let svc = service(&server, "flight", true).await;
+    // (`build` ran each command it needs once)
+    let (sets, gets) = (server.calls("set"), server.calls("get"));
     let handles: Vec<_> = (0..1000)
         .map(|_| tokio::spawn(svc.scope(slow(3))))
         .collect();
@@ -209,8 +211,8 @@ async fn one_body_run_and_one_set_for_a_thousand_callers() {
     }
     svc.shutdown().await;
     assert_eq!(RUNS.load(Ordering::SeqCst), 1);
-    assert_eq!(server.calls("set"), 1);
-    assert_eq!(server.calls("get"), 1);
+    assert_eq!(server.calls("set"), sets + 1);
+    assert_eq!(server.calls("get"), gets + 1);
 }
 
 #[tokio::test]
