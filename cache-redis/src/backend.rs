@@ -941,11 +941,12 @@ async fn writer(
             with_text(&link, graph, &pipe, replies).await;
         }
         if let Err(e) = &result {
-            warn.warn(&RemoteError(format!(
+            let e = format!(
                 "a batch of {} operations on Redis failed: {}",
                 batch.len(),
                 e.0
-            )));
+            );
+            warn.warn("a batch", &RemoteError(e));
         }
         let n = batch.len();
         let mut replies = match &mut result {
@@ -968,9 +969,9 @@ async fn writer(
                 ))),
                 Ok(_) => match replies.next() {
                     Some(redis::Value::ServerError(e)) => {
-                        let e =
-                            RemoteError(format!("Redis refused {}: {}", what(), server_words(&e)));
-                        warn.warn(&e);
+                        let what = what();
+                        let e = RemoteError(format!("Redis refused {what}: {}", server_words(&e)));
+                        warn.warn(&what, &e);
                         Err(e)
                     }
                     Some(v) => Ok(v),

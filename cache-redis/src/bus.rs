@@ -270,7 +270,8 @@ async fn subscriber(
             ))),
         };
         if let Some(e) = failure {
-            let say = !(first && !lazy) && warned.is_none_or(|t| t.elapsed() >= WARN_EVERY);
+            // (a first failure without `lazy` is `build`'s error)
+            let say = (lazy || !first) && warned.is_none_or(|t| t.elapsed() >= WARN_EVERY);
             if say {
                 warned = Some(tokio::time::Instant::now());
                 tracing::warn!(target: "cache_redis", channel, "cannot subscribe to the invalidation channel: {}; the in-process tier is bypassed (every call reads Redis) until subscribed", crate::probe::describe(&e));

@@ -379,21 +379,24 @@ async fn send<T: FromRedisValue>(conn: &mut MultiplexedConnection, cmd: &Cmd) ->
     Ok(redis::from_redis_value(reply.extract_error()?)?)
 }
 
-/// Logs failures at `warn`, at most once a second; the others are only counted by
-/// the caller.
+/// Logs failures at `warn`, at most once a second for each kind (the command that
+/// failed); the others are only counted by the caller.
 #[derive(Default)]
 pub(crate) struct RateLimited {
-    last: Mutex<Option<std::time::Instant>>,
+    last: Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl RateLimited {
-    pub(crate) fn warn(&self, e: &RemoteError) {
+    pub(crate) fn warn(&self, kind: &str, e: &RemoteError) {
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+        if last
+            .get(kind)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
             return;
         }
-        *last = Some(std::time::Instant::now());
-        tracing::warn!(target: "cache_redis", "{e} (later failures within a second are only counted)");
+        last.insert(kind.to_owned(), std::time::Instant::now());
+        tracing::warn!(target: "cache_redis", "{e} (later failures of {kind} within a second are only counted)");
     }
 }
 

@@ -188,7 +188,9 @@ async fn script(
     let command = match &result {
         // `run` sends `EVAL` after a `NOSCRIPT`; a refused `EVALSHA` never gets there
         Err(e) if e.code() == Some("NOPERM") && mentions(e, "evalsha") => "EVALSHA",
-        _ => "EVAL",
+        Err(e) if e.code() == Some("NOPERM") => "EVAL",
+        // the server does not say which
+        _ => "a command the graph's scripts run",
     };
     judge(result.map(|_| ()), command, feature, fix.to_owned())
 }
@@ -242,7 +244,13 @@ fn judge(
         words: words.clone(),
         fix,
     };
-    if e.code() == Some("NOPERM") || words.contains("NOPERM") || words.contains("no permissions") {
+    let denied = [
+        "NOPERM",
+        "no permissions",
+        "can't run this command",
+        "can't access",
+    ];
+    if e.code() == Some("NOPERM") || denied.iter().any(|d| words.contains(d)) {
         return Err(refused(fix));
     }
     if e.code() == Some("READONLY") || words.contains("READONLY") {

@@ -19,8 +19,13 @@ impl Instance {
     /// Starts `exe` (`env!("CARGO_BIN_EXE_cache_instance")`) in `mode` on the two
     /// servers, and waits until it is ready.
     pub fn start(exe: &str, mode: &str, cache: &RedisServer, db: &RedisServer) -> Instance {
+        Self::start_url(exe, mode, &cache.url(), db)
+    }
+
+    /// [`Instance::start`] with the cache's URL given (another user, say).
+    pub fn start_url(exe: &str, mode: &str, cache_url: &str, db: &RedisServer) -> Instance {
         let mut child = Command::new(exe)
-            .args([mode, &cache.url(), &db.url()])
+            .args([mode, cache_url, &db.url()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -218,6 +218,40 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// `redis://user:password@127.0.0.1:<port>/0`.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("redis://{user}:{password}@127.0.0.1:{}/0", self.port)
+    }
+
+    /// Creates (or resets) the ACL user `user` with password `pw`: every command, key
+    /// and channel, then `rules` (`["-del", "-unlink"]` takes those away).
+    pub fn acl_user(&self, user: &str, rules: &[&str]) {
+        let password = format!(">{}", Self::PASSWORD);
+        let mut args = vec![
+            "ACL", "SETUSER", user, "reset", "on", &password, "~*", "&*", "+@all",
+        ];
+        args.extend_from_slice(rules);
+        assert_eq!(
+            self.command(&args).as_deref(),
+            Some("+OK"),
+            "ACL SETUSER {args:?}"
+        );
+    }
+
+    /// Changes the ACL user `user` by `rules`, keeping the rest.
+    pub fn acl_change(&self, user: &str, rules: &[&str]) {
+        let mut args = vec!["ACL", "SETUSER", user];
+        args.extend_from_slice(rules);
+        assert_eq!(
+            self.command(&args).as_deref(),
+            Some("+OK"),
+            "ACL SETUSER {args:?}"
+        );
+    }
+
+    /// The password of the users [`RedisServer::acl_user`] creates.
+    pub const PASSWORD: &'static str = "pw";
+
     /// The server's port.
     pub fn port(&self) -> u16 {
         self.port

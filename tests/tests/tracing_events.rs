@@ -82,3 +82,62 @@ async fn events() {
     );
     assert_eq!(svc.stats().total.config_errors, 3, "counted every time");
 }
+
+#[cached(name = "t.refused")]
+async fn refused(id: u64) -> u64 {
+    id
+}
+
+/// What Redis refuses is logged at `warn` with the command and the server's words, and
+/// a subscription that cannot be made says that the in-process tier is bypassed.
+#[tokio::test]
+async fn refusals_are_logged_with_the_command_and_the_servers_words() {
+    use cache_redis::RedisBackend;
+    use cache_runtime::MemoryBackend;
+    use tests::redis_server::RedisServer;
+
+    let recorder = Recorder::default();
+    let subscriber = tracing_subscriber::registry().with(recorder.clone());
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let server = RedisServer::start();
+    server.acl_user("u", &["-subscribe"]);
+    let svc = CachingService::builder()
+        .backend(
+            RedisBackend::builder(server.url_as("u", RedisServer::PASSWORD))
+                .key_prefix("log")
+                .l1(MemoryBackend::new())
+                .connect_lazily(true)
+                .build()
+                .await
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    svc.scope(refused(1)).await;
+    svc.shutdown().await;
+    server.acl_change("u", &["-del", "-unlink", "-set"]);
+    svc.scope(cache_runtime::invalidate!(refused(1))).await;
+    svc.scope(refused(1)).await;
+    svc.shutdown().await;
+    let warnings: Vec<String> = recorder
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(l, _)| *l == Level::WARN)
+        .map(|(_, f)| f.clone())
+        .collect();
+    let said = |what: &[&str]| warnings.iter().any(|w| what.iter().all(|s| w.contains(s)));
+    assert!(said(&["Redis refused DEL", "NOPERM"]), "{warnings:#?}");
+    assert!(
+        said(&["removing `t.refused:v1(1)`", "sent again"]),
+        "{warnings:#?}"
+    );
+    assert!(said(&["Redis refused SET", "NOPERM"]), "{warnings:#?}");
+    assert!(said(&["cannot subscribe", "bypassed"]), "{warnings:#?}");
+    let remote = svc.stats().remote;
+    assert!(
+        remote.removal_errors >= 1 && remote.write_errors >= 1,
+        "{remote:?}"
+    );
+}

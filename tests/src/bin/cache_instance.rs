@@ -2,7 +2,8 @@
 //! what crosses between instances (`tests/tests/sync_processes.rs`).
 //!
 //! `cache_instance <mode> <cache redis url> <database redis url>`, where mode is `l1`
-//! (`RedisBackend` with an in-process L1), `redis` (`RedisBackend` alone), `deps`
+//! (`RedisBackend` with an in-process L1; with `l1-plain`, rows depend on nothing, so
+//! they are stored in Redis), `redis` (`RedisBackend` alone), `deps`
 //! (`RedisBackend` with an L1 and `.dependencies(true)`) or `sync` (`MemoryBackend`
 //! with `RedisSync`). The "database" is a second Redis holding rows
 //! `db:{id}`. Reads commands on stdin, one per line, and answers each with one line:
@@ -18,7 +19,7 @@
 //! | `wait_drop ID MS` | polls `peek` until the entry is gone: microseconds taken, or `timeout` |
 //! | `wait_value ID VALUE MS` | polls `get` every 5 ms until it returns VALUE: milliseconds, or `timeout` |
 //! | `flush` | waits for this instance's queued writes to Redis: `ok` |
-//! | `stats` | `runs=N received=N published=N l1_clears=N` |
+//! | `stats` | `runs=N received=N published=N l1_clears=N l1_bypassed=0/1`, and the remote tier's errors (`write_errors=N removal_errors=N reads_held=N ...`) |
 //! | `random SECONDS SEED` | a random mix for SECONDS (see [`random`]): `ops=N reads=N stale=N` |
 //! | `soak SECONDS SEED` | the soak's load (see [`soak`]): a `progress ...` line a second, then `result {json}` |
 
@@ -44,10 +45,15 @@ async fn db_get(id: u64) -> Option<String> {
         .expect("database read")
 }
 
+/// Whether rows depend on `row:{id}` (all modes but the `-plain` ones).
+static ROW_DEPENDENCY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 #[cached(name = "inst.row")]
 async fn row(id: u64) -> String {
     RUNS.fetch_add(1, Ordering::SeqCst);
-    add_dependency(format!("row:{id}"));
+    if ROW_DEPENDENCY.load(Ordering::Relaxed) {
+        add_dependency(format!("row:{id}"));
+    }
     db_get(id).await.unwrap_or_else(|| "none".into())
 }
 
@@ -298,6 +304,15 @@ async fn main() {
     )
     .ok();
     let builder = CachingService::builder();
+    // `l1-plain`: `l1` with rows that depend on nothing, so that they are stored in
+    // Redis without the graph
+    let mode = match mode.strip_suffix("-plain") {
+        Some(mode) => {
+            ROW_DEPENDENCY.store(false, Ordering::Relaxed);
+            mode.to_owned()
+        }
+        None => mode.clone(),
+    };
     let builder = match mode.as_str() {
         "l1" | "redis" | "deps" => {
             let mut backend = RedisBackend::builder(cache_url.as_str())
@@ -391,13 +406,22 @@ async fn main() {
             Some("random") => random(Duration::from_secs(num(1)), num(2)).await,
             Some("soak") => soak(Duration::from_secs(num(1)), num(2)).await,
             Some("stats") => {
-                let s = cache_runtime::stats().sync;
+                let stats = cache_runtime::stats();
+                let (s, r) = (stats.sync, stats.remote);
                 format!(
-                    "runs={} received={} published={} l1_clears={}",
+                    "runs={} received={} published={} l1_clears={} l1_bypassed={} publish_errors={} write_errors={} linked_write_errors={} removal_errors={} removals_retried={} removals_waiting={} reads_held={}",
                     RUNS.load(Ordering::SeqCst),
                     s.received,
                     s.published,
-                    s.l1_clears
+                    s.l1_clears,
+                    u8::from(s.l1_bypassed),
+                    s.publish_errors,
+                    r.write_errors,
+                    r.linked_write_errors,
+                    r.removal_errors,
+                    r.removals_retried,
+                    r.removals_waiting,
+                    r.reads_held,
                 )
             }
             Some("quit") | None => break,
