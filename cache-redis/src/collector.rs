@@ -43,6 +43,10 @@ pub async fn full_collection(
         .map_err(|e| RedisBackendError::Command(e.0))
 }
 
+fn client_addr(client: &redis::Client) -> String {
+    client.get_connection_info().addr().to_string()
+}
+
 async fn connect(
     client: &redis::Client,
 ) -> Result<redis::aio::MultiplexedConnection, RedisBackendError> {
@@ -107,6 +111,22 @@ impl DependencyCollectorBuilder {
             con,
             counts: counts.clone(),
         };
+        // a refused subscription is a configuration error, said as such
+        if let Err(e) = worker.subscribe().await {
+            if e.code() == Some("NOPERM") {
+                let db = worker.db;
+                let user = crate::backend::user_of(&worker.client);
+                return Err(RedisBackendError::Refused {
+                    addr: client_addr(&worker.client),
+                    command: "PSUBSCRIBE/SUBSCRIBE".into(),
+                    feature: "the collector, which hears values expire and get evicted,".into(),
+                    words: crate::probe::words(&e),
+                    fix: format!(
+                        "grant it: `ACL SETUSER {user} +psubscribe +subscribe &__keyspace@{db}__:* &__keyevent@{db}__:*`"
+                    ),
+                });
+            }
+        }
         let task = tokio::spawn(worker.run(stopped, ready_tx));
         let subscribed = tokio::time::timeout(CONNECT_TIMEOUT * 2, ready.wait_for(|r| *r)).await;
         if !matches!(subscribed, Ok(Ok(_))) {

@@ -322,3 +322,20 @@ fn a_full_redis_under_load() {
         assert_ne!(b.cmd(&format!("wait_value {id} v{last} 2000")), "timeout");
     }
 }
+
+#[tokio::test]
+async fn the_collector_names_a_refused_subscription() {
+    let server = RedisServer::start();
+    server.acl_user("c", &["-psubscribe"]);
+    let err = cache_redis::DependencyCollector::builder(server.url_as("c", RedisServer::PASSWORD))
+        .key_prefix("acl")
+        .start()
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, RedisBackendError::Refused { .. }), "{text}");
+    assert!(
+        text.contains("PSUBSCRIBE") && text.contains("__keyspace@0__"),
+        "{text}"
+    );
+}
