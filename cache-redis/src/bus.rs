@@ -41,35 +41,32 @@ impl Slot {
         (!attached || !receivers.is_empty()).then(|| receivers.clone())
     }
 
-    /// Delivers a payload; `false` once the services are gone.
-    fn deliver(&self, payload: &[u8]) -> bool {
+    /// Runs `f` on every live receiver; `false` once the services are gone.
+    fn each(&self, f: impl Fn(&BusReceiver)) -> bool {
         let Some(receivers) = self.receivers() else {
             return false;
         };
-        for r in receivers {
-            r.deliver(payload);
-        }
+        receivers.iter().for_each(f);
         true
+    }
+
+    /// Delivers a payload; `false` once the services are gone.
+    fn deliver(&self, payload: &[u8]) -> bool {
+        self.each(|r| {
+            r.deliver(payload);
+        })
     }
 
     fn missed(&self) -> bool {
-        let Some(receivers) = self.receivers() else {
-            return false;
-        };
-        for r in receivers {
+        self.each(|r| {
             r.missed();
-        }
-        true
+        })
     }
 
     fn receiving(&self) -> bool {
-        let Some(receivers) = self.receivers() else {
-            return false;
-        };
-        for r in receivers {
+        self.each(|r| {
             r.receiving();
-        }
-        true
+        })
     }
 }
 
