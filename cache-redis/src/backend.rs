@@ -272,13 +272,21 @@ impl RedisBackendBuilder {
     }
 
     /// With `true`, `build` succeeds while Redis is down: calls run without the Redis
-    /// tier (each failure counted) until it answers. Default: `false`, `build` fails.
+    /// tier (each failure counted) until it answers, and the L1 is bypassed until the
+    /// subscription to the other instances' invalidations is in place. The commands
+    /// the configuration needs are checked once Redis answers (a refusal is logged at
+    /// `error`). Default: `false`, `build` fails.
     pub fn connect_lazily(mut self, lazy: bool) -> Self {
         self.lazy = lazy;
         self
     }
 
-    /// Connects (unless lazy) and starts the background writer. Needs a tokio runtime.
+    /// Connects (unless lazy), checks that the server lets this user run every command
+    /// the configuration needs (each once, on a probe key of the prefix: writes,
+    /// reads, removals, `PUBLISH`, with an L1 `SUBSCRIBE` and `PING`, with dependencies
+    /// the graph's scripts and the server's settings), and starts the background
+    /// writer. A refused command is [`RedisBackendError::Refused`], which names it,
+    /// what needs it and what to grant. Needs a tokio runtime.
     pub async fn build(self) -> Result<RedisBackend, RedisBackendError> {
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
             return Err(RedisBackendError::Config(
