@@ -717,27 +717,34 @@ impl RemoteStore for RedisStore {
                 Ok(value.into())
             });
         };
-        // with the graph, the invalidation count comes in the same round trip
-        Box::pin(async move {
-            let (value, epoch): (Option<Vec<u8>>, Option<u64>) = self
-                .link
-                .request(move |cmd| {
+        // with the graph, the invalidation count comes in the same round trip; a
+        // sliding entry's read is a script (by hash, with its text on `NOSCRIPT`)
+        let read = move |by_hash: bool| {
+            self.link
+                .request::<(Option<Vec<u8>>, Option<u64>)>(move |cmd| {
                     key.with_text(|key| {
                         let key = Prefixed(&self.prefix, key);
                         let epoch = Prefixed(&graph.graph, "epoch");
                         match touch {
-                            Some(d) => cmd
-                                .arg("EVAL")
-                                .arg(GET_TOUCH_EPOCH)
-                                .arg(2)
-                                .arg(key)
-                                .arg(epoch)
-                                .arg(millis(d)),
+                            Some(d) => {
+                                let (command, script) = graph.touch_script(by_hash);
+                                cmd.arg(command)
+                                    .arg(script)
+                                    .arg(2)
+                                    .arg(key)
+                                    .arg(epoch)
+                                    .arg(millis(d))
+                            }
                             None => cmd.arg("MGET").arg(key).arg(epoch),
                         };
                     })
                 })
-                .await?;
+        };
+        Box::pin(async move {
+            let (value, epoch) = match read(true).await {
+                Err(e) if touch.is_some() && e.0.starts_with("NOSCRIPT") => read(false).await?,
+                reply => reply?,
+            };
             Ok(Fetched {
                 value,
                 epoch: epoch.unwrap_or(0),
@@ -856,11 +863,6 @@ impl RemoteStore for RedisStore {
         stats.writes_dropped += c.dropped.load(Ordering::Relaxed);
     }
 }
-
-/// A sliding entry's read with the graph: the value, its expiry moved, and the
-/// invalidation count.
-pub(crate) const GET_TOUCH_EPOCH: &str =
-    "return {redis.call('GETEX', KEYS[1], 'PX', ARGV[1]), redis.call('GET', KEYS[2])}";
 
 impl RemoteGraph for RedisStore {
     fn set_linked(&self, write: LinkedWrite) {

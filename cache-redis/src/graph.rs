@@ -49,69 +49,13 @@ fn script_text(script: &str) -> String {
 /// (it leaves its nodes' reverse sets; a cascade goes with the last entry depending
 /// on its dependency, an entry leaves the parents once nothing depends on it).
 /// Entries are named by their value key `v`.
-const UNLINK: &str = r#"
-local G, P = ARGV[1], ARGV[2]
-local LINKS, PARENTS = G .. 'links', G .. 'parents'
-local function forget(node, v)
-  local rev = G .. 'rev:' .. node
-  redis.call('SREM', rev, v)
-  if redis.call('EXISTS', rev) == 0 then
-    if string.sub(node, 1, 2) == 'd:' then
-      redis.call('DEL', G .. 'cascade:' .. string.sub(node, 3))
-    else
-      redis.call('SREM', PARENTS, P .. string.sub(node, 3))
-    end
-  end
-end
-local function unlink(v)
-  local links = redis.call('HGET', LINKS, v)
-  if links then
-    for node in string.gmatch(links, '[^%z]+') do forget(node, v) end
-    redis.call('HDEL', LINKS, v)
-  end
-end
-"#;
+const UNLINK: &str = include_str!("lua/unlink.lua");
 
 /// ARGV: G, P, key, value, ttl ms, since, n, n links, then per cascade: dependency,
 /// count, keys. Writes the value with its links, replacing the old ones, unless a
 /// marker of the entry or of a link is newer than `since`, or `since` is above the
 /// server's count (it restarted and lost its markers). Returns 1 if written.
-const WRITE: &str = r#"
-local e, since, n = ARGV[3], tonumber(ARGV[6]), tonumber(ARGV[7])
-local v = P .. e
--- a count above the server's: it restarted since the read, its markers are gone
-if since > tonumber(redis.call('GET', G .. 'epoch') or 0) then return 0 end
-local function newer(node)
-  local m = redis.call('HGET', G .. 'marks', node)
-  return m and tonumber(m) > since
-end
-if newer('e:' .. e) then return 0 end
-for i = 8, 7 + n do
-  if newer(ARGV[i]) then return 0 end
-end
-unlink(v)
-redis.call('SET', v, ARGV[4], 'PX', ARGV[5])
-if n > 0 then
-  local links = {}
-  for i = 8, 7 + n do
-    links[#links + 1] = ARGV[i]
-    redis.call('SADD', G .. 'rev:' .. ARGV[i], v)
-    if string.sub(ARGV[i], 1, 2) == 'e:' then
-      redis.call('SADD', PARENTS, P .. string.sub(ARGV[i], 3))
-    end
-  end
-  redis.call('HSET', LINKS, v, table.concat(links, '\0'))
-end
-local i = 8 + n
-while i <= #ARGV do
-  local d, c = ARGV[i], tonumber(ARGV[i + 1])
-  for j = i + 2, i + 1 + c do
-    redis.call('SADD', G .. 'cascade:' .. d, ARGV[j])
-  end
-  i = i + 2 + c
-end
-return 1
-"#;
+const WRITE: &str = include_str!("lua/write.lua");
 
 /// ARGV: G, P, marker ttl ms, kept key ('' for none), '1' to return the keys,
 /// channel ('' for none), message, start nodes. Marks the start nodes and every
@@ -124,199 +68,27 @@ return 1
 /// leave the reverse sets of their other links. A few commands per level and per
 /// batch of 1,000 keys, not per entry; an entry reached costs a few table operations
 /// and no new string.
-const INVALIDATE: &str = r#"#!lua flags=allow-oom
-local ttl, want = tonumber(ARGV[3]), ARGV[5] == '1'
-local keep = ARGV[4] ~= '' and P .. ARGV[4]
-local epoch = redis.call('INCR', G .. 'epoch')
-local MARKS, MARKED = G .. 'marks', G .. 'marked'
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function mark(node)
-  redis.call('HSET', MARKS, node, epoch)
-  redis.call('ZADD', MARKED, now, node)
-end
--- markers past their lifetime go, a bounded number per call
-local old = redis.call('ZRANGEBYSCORE', MARKED, '-inf', now - ttl, 'LIMIT', 0, 200)
-if #old > 0 then
-  redis.call('HDEL', MARKS, unpack(old))
-  redis.call('ZREM', MARKED, unpack(old))
-end
-local RD, RE, skip = G .. 'rev:d:', G .. 'rev:e:', #P + 1
--- without nested entries (nothing in the parents set), no entry is looked up further
-local nested = redis.call('SCARD', PARENTS) > 0
-local seen_d, seen_e, removed, dead, left, deps, entries = {}, {}, {}, {}, {}, {}, {}
-local function chunks(list, f)
-  for i = 1, #list, 1000 do
-    f(unpack(list, i, math.min(i + 999, #list)))
-  end
-end
-for i = 8, #ARGV do
-  mark(ARGV[i])
-  if string.sub(ARGV[i], 1, 2) == 'd:' then
-    deps[#deps + 1] = string.sub(ARGV[i], 3)
-  else
-    entries[#entries + 1] = P .. string.sub(ARGV[i], 3)
-  end
-end
-while #deps > 0 or #entries > 0 do
-  local revs, next_d, next_e, fresh = {}, {}, {}, {}
-  for _, d in ipairs(deps) do
-    if not seen_d['d:' .. d] then
-      seen_d['d:' .. d] = true
-      -- a cascade's dependency is marked too (start nodes were above)
-      mark('d:' .. d)
-      local cascade = G .. 'cascade:' .. d
-      for _, c in ipairs(redis.call('SMEMBERS', cascade)) do
-        next_d[#next_d + 1] = c
-      end
-      dead[#dead + 1] = cascade
-      revs[#revs + 1] = RD .. d
-    end
-  end
-  for _, v in ipairs(entries) do
-    if not seen_e[v] then
-      seen_e[v] = true
-      if nested then fresh[#fresh + 1] = v end
-      if v ~= keep then
-        removed[#removed + 1] = v
-        dead[#dead + 1] = v
-      end
-    end
-  end
-  if nested then
-    chunks(fresh, function(...)
-      local names = {...}
-      for i, has in ipairs(redis.call('SMISMEMBER', PARENTS, ...)) do
-        if has == 1 then
-          revs[#revs + 1] = RE .. string.sub(names[i], skip)
-          left[#left + 1] = names[i]
-        end
-      end
-    end)
-  end
-  chunks(revs, function(...)
-    for _, v in ipairs(redis.call('SUNION', ...)) do
-      next_e[#next_e + 1] = v
-    end
-  end)
-  for _, rev in ipairs(revs) do dead[#dead + 1] = rev end
-  deps, entries = next_d, next_e
-end
-chunks(left, function(...) redis.call('SREM', PARENTS, ...) end)
--- the removed entries' links to nodes not walked: they leave those reverse sets
-local others = {}
-local function other(node, v)
-  local walked
-  if string.byte(node, 1) == 100 then walked = seen_d[node]
-  else walked = seen_e[P .. string.sub(node, 3)] end
-  if not walked then
-    local vs = others[node]
-    if not vs then vs = {}; others[node] = vs end
-    vs[#vs + 1] = v
-  end
-end
-chunks(removed, function(...)
-  local links = redis.call('HMGET', LINKS, ...)
-  for i = 1, #links do
-    local l = links[i]
-    -- most entries link to one dependency, which was walked
-    if l and not seen_d[l] then
-      if string.find(l, '\0', 1, true) then
-        local v = select(i, ...)
-        for node in string.gmatch(l, '[^%z]+') do other(node, v) end
-      else
-        other(l, (select(i, ...)))
-      end
-    end
-  end
-  redis.call('HDEL', LINKS, ...)
-end)
-for node, vs in pairs(others) do
-  for _, v in ipairs(vs) do forget(node, v) end
-end
-chunks(dead, function(...) redis.call('UNLINK', ...) end)
-if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
-if want then return removed end
-return {}
-"#;
+const INVALIDATE: &str = include_str!("lua/invalidate.lua");
 
 /// ARGV: G, P, value key. The collector's step for a value that expired or was
 /// evicted: nothing if it was set again or its links are gone already; else removes
 /// its links.
-const COLLECT: &str = r#"#!lua flags=allow-oom
-local v = ARGV[3]
-if redis.call('EXISTS', v) == 1 then return 0 end
-if redis.call('HEXISTS', LINKS, v) == 0 then return 0 end
-unlink(v)
-return 1
-"#;
+const COLLECT: &str = include_str!("lua/collect.lua");
 
 /// ARGV: G, P, value keys. Repairs forward links: without its value, an entry's
 /// links go (counted first); if a node's reverse set lacks the entry (an invalidation
 /// of that node would miss it), the entry goes, value and links (counted second).
-const REPAIR_LINKS: &str = r#"#!lua flags=allow-oom
-local lonely, broken = 0, 0
-for i = 3, #ARGV do
-  local v = ARGV[i]
-  local links = redis.call('HGET', LINKS, v)
-  if links then
-    if redis.call('EXISTS', v) == 0 then
-      unlink(v)
-      lonely = lonely + 1
-    else
-      for node in string.gmatch(links, '[^%z]+') do
-        if redis.call('SISMEMBER', G .. 'rev:' .. node, v) == 0 then
-          redis.call('DEL', v)
-          unlink(v)
-          broken = broken + 1
-          break
-        end
-      end
-    end
-  end
-end
-return {lonely, broken}
-"#;
+const REPAIR_LINKS: &str = include_str!("lua/repair_links.lua");
 
 /// ARGV: G, P, node, value keys. Removes from the node's reverse set the entries
 /// whose value is gone or whose links do not name the node; returns how many.
-const REPAIR_REV: &str = r#"#!lua flags=allow-oom
-local node = ARGV[3]
-local n = 0
-for i = 4, #ARGV do
-  local v = ARGV[i]
-  local links = redis.call('HGET', LINKS, v)
-  if redis.call('EXISTS', v) == 0 or not links
-    or not string.find('\0' .. links .. '\0', '\0' .. node .. '\0', 1, true) then
-    n = n + 1
-    forget(node, v)
-  end
-end
-if string.sub(node, 1, 2) == 'e:' and redis.call('EXISTS', G .. 'rev:' .. node) == 1 then
-  redis.call('SADD', PARENTS, P .. string.sub(node, 3))
-end
-return n
-"#;
+const REPAIR_REV: &str = include_str!("lua/repair_rev.lua");
 
 /// ARGV: G, P, dependency. Removes a cascade set nothing depends on any more.
-const REPAIR_CASCADE: &str = r#"#!lua flags=allow-oom
-if redis.call('EXISTS', G .. 'rev:d:' .. ARGV[3]) == 0 then
-  return redis.call('DEL', G .. 'cascade:' .. ARGV[3])
-end
-return 0
-"#;
+const REPAIR_CASCADE: &str = include_str!("lua/repair_cascade.lua");
 
 /// ARGV: G, P, value keys. Removes from the parents the entries nothing depends on.
-const REPAIR_PARENTS: &str = r#"#!lua flags=allow-oom
-local n = 0
-for i = 3, #ARGV do
-  local key = string.sub(ARGV[i], #P + 1)
-  if string.sub(ARGV[i], 1, #P) ~= P or redis.call('EXISTS', G .. 'rev:e:' .. key) == 0 then
-    n = n + redis.call('SREM', PARENTS, ARGV[i])
-  end
-end
-return n
-"#;
+const REPAIR_PARENTS: &str = include_str!("lua/repair_parents.lua");
 
 /// A script, sent by its hash (`EVALSHA`), so that its text travels and is hashed by
 /// the server only when the server does not have it yet.
@@ -327,12 +99,21 @@ pub(crate) struct Hashed {
 }
 
 impl Hashed {
+    /// One of the graph's scripts, with the common part.
     fn new(script: &str) -> Self {
-        let text = script_text(script);
+        Self::plain(script_text(script))
+    }
+
+    /// A script as it is.
+    fn plain(text: String) -> Self {
         let sha = redis::Script::new(&text).get_hash().to_owned();
         Hashed { text, sha }
     }
 }
+
+/// A sliding entry's read with the graph: the value, its expiry moved, and the
+/// invalidation count (KEYS: the value key, the count; ARGV: the expiry in ms).
+const GET_TOUCH_EPOCH: &str = include_str!("lua/get_touch_epoch.lua");
 
 /// The keys of one prefix's graph.
 #[derive(Clone, Debug)]
@@ -350,6 +131,7 @@ pub(crate) struct GraphKeys {
     repair_rev: Hashed,
     repair_cascade: Hashed,
     repair_parents: Hashed,
+    touch: Hashed,
 }
 
 impl GraphKeys {
@@ -367,6 +149,7 @@ impl GraphKeys {
             repair_rev: Hashed::new(REPAIR_REV),
             repair_cascade: Hashed::new(REPAIR_CASCADE),
             repair_parents: Hashed::new(REPAIR_PARENTS),
+            touch: Hashed::plain(GET_TOUCH_EPOCH.to_owned()),
         }
     }
 
@@ -425,6 +208,15 @@ impl GraphKeys {
             eval.arg(a);
         }
         Some(eval)
+    }
+
+    /// The command and its first argument for a sliding entry's read: `EVALSHA` and
+    /// the hash, or (`by_hash` false, after `NOSCRIPT`) `EVAL` and the text.
+    pub(crate) fn touch_script(&self, by_hash: bool) -> (&'static str, &str) {
+        match by_hash {
+            true => ("EVALSHA", &self.touch.sha),
+            false => ("EVAL", &self.touch.text),
+        }
     }
 
     /// Which of the graph's scripts `cmd` runs, if it is an `EVALSHA` of one.

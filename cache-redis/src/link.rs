@@ -215,7 +215,8 @@ impl Link {
             }
             result => {
                 self.give_back(handle);
-                result.map_err(|e| RemoteError(e.to_string()))
+                // a server's error as it says it: its code, then its words
+                result.map_err(|e| RemoteError(crate::probe::words(&e)))
             }
         }
     }

@@ -157,7 +157,7 @@ pub(crate) async fn probe(
             .await;
         let mut touch = redis::cmd("EVAL");
         touch
-            .arg(crate::backend::GET_TOUCH_EPOCH)
+            .arg(graph.touch_script(false).1)
             .arg(2)
             .arg(&key)
             .arg(&epoch)

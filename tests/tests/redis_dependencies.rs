@@ -273,6 +273,24 @@ async fn scripts_the_server_lost_are_sent_again() {
     let report = full_collection(&server.url(), "flush").await.unwrap();
     assert!(report.scanned >= 8, "{report:?}");
     assert_eq!(report.removed(), 0, "{report:?}");
+
+    // and a sliding entry's read (its value, its expiry moved, and the count)
+    a.scope(slides(1)).await;
+    a.shutdown().await;
+    let b = instance(&server, "flush", false, true).await;
+    let (texts, hashes) = (server.calls("eval"), server.calls("evalsha"));
+    assert_eq!(b.scope(slides(1)).await, 1);
+    assert_eq!(server.calls("eval"), texts, "read by its hash");
+    assert_eq!(server.calls("evalsha"), hashes + 1);
+    assert_eq!(server.command(&["SCRIPT", "FLUSH"]).as_deref(), Some("+OK"));
+    assert_eq!(b.scope(slides(1)).await, 1);
+    assert_eq!(server.calls("eval"), texts + 1, "its text sent again");
+    assert_eq!(b.stats().total.l2_hits, 2, "{:?}", b.stats().total);
+}
+
+#[cached(name = "d.slides", sliding = "1m")]
+async fn slides(id: u64) -> u64 {
+    id
 }
 
 /// A Redis that is out of memory under `noeviction` refuses writes, but still takes

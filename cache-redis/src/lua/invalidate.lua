@@ -1,0 +1,114 @@
+#!lua flags=allow-oom
+local ttl, want = tonumber(ARGV[3]), ARGV[5] == '1'
+local keep = ARGV[4] ~= '' and P .. ARGV[4]
+local epoch = redis.call('INCR', G .. 'epoch')
+local MARKS, MARKED = G .. 'marks', G .. 'marked'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function mark(node)
+  redis.call('HSET', MARKS, node, epoch)
+  redis.call('ZADD', MARKED, now, node)
+end
+-- markers past their lifetime go, a bounded number per call
+local old = redis.call('ZRANGEBYSCORE', MARKED, '-inf', now - ttl, 'LIMIT', 0, 200)
+if #old > 0 then
+  redis.call('HDEL', MARKS, unpack(old))
+  redis.call('ZREM', MARKED, unpack(old))
+end
+local RD, RE, skip = G .. 'rev:d:', G .. 'rev:e:', #P + 1
+-- without nested entries (nothing in the parents set), no entry is looked up further
+local nested = redis.call('SCARD', PARENTS) > 0
+local seen_d, seen_e, removed, dead, left, deps, entries = {}, {}, {}, {}, {}, {}, {}
+local function chunks(list, f)
+  for i = 1, #list, 1000 do
+    f(unpack(list, i, math.min(i + 999, #list)))
+  end
+end
+for i = 8, #ARGV do
+  mark(ARGV[i])
+  if string.sub(ARGV[i], 1, 2) == 'd:' then
+    deps[#deps + 1] = string.sub(ARGV[i], 3)
+  else
+    entries[#entries + 1] = P .. string.sub(ARGV[i], 3)
+  end
+end
+while #deps > 0 or #entries > 0 do
+  local revs, next_d, next_e, fresh = {}, {}, {}, {}
+  for _, d in ipairs(deps) do
+    if not seen_d['d:' .. d] then
+      seen_d['d:' .. d] = true
+      -- a cascade's dependency is marked too (start nodes were above)
+      mark('d:' .. d)
+      local cascade = G .. 'cascade:' .. d
+      for _, c in ipairs(redis.call('SMEMBERS', cascade)) do
+        next_d[#next_d + 1] = c
+      end
+      dead[#dead + 1] = cascade
+      revs[#revs + 1] = RD .. d
+    end
+  end
+  for _, v in ipairs(entries) do
+    if not seen_e[v] then
+      seen_e[v] = true
+      if nested then fresh[#fresh + 1] = v end
+      if v ~= keep then
+        removed[#removed + 1] = v
+        dead[#dead + 1] = v
+      end
+    end
+  end
+  if nested then
+    chunks(fresh, function(...)
+      local names = {...}
+      for i, has in ipairs(redis.call('SMISMEMBER', PARENTS, ...)) do
+        if has == 1 then
+          revs[#revs + 1] = RE .. string.sub(names[i], skip)
+          left[#left + 1] = names[i]
+        end
+      end
+    end)
+  end
+  chunks(revs, function(...)
+    for _, v in ipairs(redis.call('SUNION', ...)) do
+      next_e[#next_e + 1] = v
+    end
+  end)
+  for _, rev in ipairs(revs) do dead[#dead + 1] = rev end
+  deps, entries = next_d, next_e
+end
+chunks(left, function(...) redis.call('SREM', PARENTS, ...) end)
+-- the removed entries' links to nodes not walked: they leave those reverse sets
+local others = {}
+local function other(node, v)
+  local walked
+  if string.byte(node, 1) == 100 then walked = seen_d[node]
+  else walked = seen_e[P .. string.sub(node, 3)] end
+  if not walked then
+    local vs = others[node]
+    if not vs then vs = {}; others[node] = vs end
+    vs[#vs + 1] = v
+  end
+end
+chunks(removed, function(...)
+  local links = redis.call('HMGET', LINKS, ...)
+  for i = 1, #links do
+    local l = links[i]
+    -- most entries link to one dependency, which was walked
+    if l and not seen_d[l] then
+      if string.find(l, '\0', 1, true) then
+        local v = select(i, ...)
+        for node in string.gmatch(l, '[^%z]+') do other(node, v) end
+      else
+        other(l, (select(i, ...)))
+      end
+    end
+  end
+  redis.call('HDEL', LINKS, ...)
+end)
+for node, vs in pairs(others) do
+  for _, v in ipairs(vs) do forget(node, v) end
+end
+chunks(dead, function(...) redis.call('UNLINK', ...) end)
+if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+if want then return removed end
+return {}
