@@ -2,6 +2,8 @@
 //! re-exports them and documents them: the generated code refers to
 //! `::cache_runtime::__private`.
 
+#![forbid(unsafe_code)]
+
 mod attr;
 mod cached;
 mod derive;

@@ -198,8 +198,8 @@ impl fmt::Debug for RedisBackendBuilder {
 }
 
 impl RedisBackendBuilder {
-    /// The prefix of every key this backend writes (`shop` gives `shop:1:...`, where
-    /// `1` is the value format's version). Default: `cache`.
+    /// The prefix of every key this backend writes (`shop` gives `shop:2:...`, where
+    /// `2` is the value format's version). Default: `cache`.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = prefix.into();
         self
@@ -555,8 +555,13 @@ pub(crate) fn client(
     root_certificate: Option<&[u8]>,
 ) -> Result<redis::Client, RedisBackendError> {
     // TLS (`rediss://`) uses rustls with the ring provider, unless the application
-    // installed another provider already.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // installed another provider already. rustls 0.23.48 deprecates ring's provider
+    // for lacking post-quantum key exchange; its alternative (aws-lc-rs) is a C
+    // library to build, which this crate does not impose: an application that wants
+    // post-quantum key exchange installs that provider before building the backend.
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let _ = provider.install_default();
     match root_certificate {
         None => redis::Client::open(url),
         Some(pem) => redis::Client::build_with_tls(

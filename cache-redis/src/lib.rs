@@ -14,6 +14,7 @@
 //! `notify-keyspace-events Exe` for the collector.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod backend;
 mod bus;
