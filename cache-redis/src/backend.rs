@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cache_runtime::{
-    Backend, BoxFuture, Fetched, LinkedWrite, MemoryBackend, RemoteError, RemoteGraph, RemoteKey,
-    RemoteStats, RemoteStore, Removed, ShutdownReport, FORMAT_VERSION,
+    Backend, Backoff, BoxFuture, Fetched, LinkedWrite, MemoryBackend, RemoteError, RemoteGraph,
+    RemoteKey, RemoteStats, RemoteStore, Removed, ShutdownReport, FORMAT_VERSION,
 };
 use redis::{RedisWrite, ToRedisArgs};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -444,7 +444,7 @@ impl Probe {
     /// For a lazy backend: probes once Redis answers, and logs a refusal at `error`.
     /// Ends with the backend.
     async fn later(self, alive: mpsc::WeakSender<Op>) {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         while alive.upgrade().is_some() {
             let result = match self.connect().await {
                 Ok(mut con) => self.run(&mut con).await,
@@ -458,8 +458,7 @@ impl Probe {
                     return;
                 }
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(10));
+            backoff.wait().await;
         }
     }
 }

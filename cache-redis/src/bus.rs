@@ -11,7 +11,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use cache_runtime::{BoxFuture, BusReceiver, InvalidationBus, RemoteError};
+use cache_runtime::{Backoff, BoxFuture, BusReceiver, InvalidationBus, RemoteError};
 use futures_util::StreamExt;
 use redis::Client;
 use tokio::sync::watch;
@@ -24,8 +24,6 @@ pub(crate) const PING_EVERY: Duration = Duration::from_millis(300);
 /// How long a check may take before the connection counts as lost.
 pub(crate) const PING_TIMEOUT: Duration = Duration::from_millis(600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const FIRST_RETRY: Duration = Duration::from_millis(25);
-const MAX_RETRY: Duration = Duration::from_secs(1);
 
 /// Where received messages go: the receivers of the services attached (usually one;
 /// several when a backend was cloned into several services).
@@ -209,7 +207,7 @@ async fn subscriber(
     first_error: watch::Sender<Option<redis::RedisError>>,
     lazy: bool,
 ) {
-    let mut delay = FIRST_RETRY;
+    let mut backoff = Backoff::RECONNECT;
     let mut first = true;
     let mut warned: Option<tokio::time::Instant> = None;
     loop {
@@ -221,7 +219,7 @@ async fn subscriber(
         .await;
         let failure = match connected {
             Ok(Ok((mut sink, mut stream))) => {
-                delay = FIRST_RETRY;
+                backoff.reset();
                 first = false;
                 subscribed.send_replace(true);
                 if warned.take().is_some() {
@@ -280,7 +278,6 @@ async fn subscriber(
             }
             first = false;
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(MAX_RETRY);
+        backoff.wait().await;
     }
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cache_runtime::Backoff;
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -15,8 +16,6 @@ use crate::backend::{client, RedisBackendError};
 use crate::bus::{PING_EVERY, PING_TIMEOUT};
 use crate::graph::{check_settings, collect_all, glob_escape, CollectionReport, GraphKeys};
 
-const FIRST_RETRY: Duration = Duration::from_millis(25);
-const MAX_RETRY: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Repairs the dependency graph of the prefix `key_prefix` on the server at `url`:
@@ -233,7 +232,7 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self, mut stop: watch::Receiver<bool>, ready: watch::Sender<bool>) {
-        let mut delay = FIRST_RETRY;
+        let mut backoff = Backoff::RECONNECT;
         let mut first = true;
         loop {
             let subscribed = tokio::select! {
@@ -242,7 +241,7 @@ impl Worker {
             };
             match subscribed {
                 Ok((mut sink, mut stream)) => {
-                    delay = FIRST_RETRY;
+                    backoff.reset();
                     if !std::mem::take(&mut first) {
                         // the command connection went down with the subscription
                         match connect(&self.client).await {
@@ -280,10 +279,9 @@ impl Worker {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+                _ = backoff.wait() => {}
                 _ = stopped(&mut stop) => return,
             }
-            delay = (delay * 2).min(MAX_RETRY);
         }
     }
 

@@ -24,14 +24,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use cache_runtime::RemoteError;
+use cache_runtime::{Backoff, RemoteError};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, RedisError, RedisResult};
 use tokio::sync::Notify;
 use tokio::time::Instant;
-
-const FIRST_RETRY: Duration = Duration::from_millis(25);
-const MAX_RETRY: Duration = Duration::from_secs(1);
 
 /// How many idle connection handles a thread keeps, over all links.
 const SPARES_PER_THREAD: usize = 64;
@@ -86,7 +83,7 @@ struct Attempts {
     connecting: bool,
     /// Before this instant no new attempt starts (after a failed one).
     retry_at: Option<Instant>,
-    delay: Duration,
+    backoff: Backoff,
     generation: u64,
 }
 
@@ -127,7 +124,7 @@ impl Link {
             attempts: Mutex::new(Attempts {
                 connecting: false,
                 retry_at: None,
-                delay: Duration::ZERO,
+                backoff: Backoff::RECONNECT,
                 generation: 0,
             }),
             attempted: Notify::new(),
@@ -323,9 +320,9 @@ impl Link {
                     tracing::info!(target: "cache_redis", "connected to Redis");
                 }
                 Err(e) => {
-                    a.delay = (a.delay * 2).clamp(FIRST_RETRY, MAX_RETRY);
-                    a.retry_at = Some(Instant::now() + a.delay);
-                    tracing::debug!(target: "cache_redis", error = %e, "connecting to Redis failed; next attempt in {:?}", a.delay);
+                    let delay = a.backoff.next_delay();
+                    a.retry_at = Some(Instant::now() + delay);
+                    tracing::debug!(target: "cache_redis", error = %e, "connecting to Redis failed; next attempt in {delay:?}");
                 }
             }
         }
@@ -346,7 +343,7 @@ impl Link {
         let mut a = self.attempts.lock().unwrap_or_else(PoisonError::into_inner);
         a.generation += 1;
         a.retry_at = None;
-        a.delay = Duration::ZERO;
+        a.backoff.reset();
         self.current.store(Some(Arc::new(Current {
             conn,
             generation: a.generation,

@@ -39,6 +39,7 @@
 
 #![warn(missing_docs)]
 
+mod backoff;
 mod bus;
 mod call;
 mod deps;
@@ -53,6 +54,7 @@ mod remote;
 mod service;
 mod stats;
 
+pub use backoff::Backoff;
 pub use bus::{BusReceiver, InvalidationBus, Item, MemoryBus, Message};
 pub use deps::{add_dependency, untracked, CacheDependency, Dependency};
 pub(crate) use key::Key;

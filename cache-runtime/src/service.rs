@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::bus::{new_instance_id, BusReceiver, InvalidationBus, Item, Message, SyncCounters};
 use crate::deps::{Dependency, DependencyGraph, Frame, Live, MemoryGraph, Node};
 use crate::flight::Flights;
@@ -616,10 +617,9 @@ impl Inner {
         };
         let inner = Arc::downgrade(self);
         handle.spawn(async move {
-            let mut delay = Duration::from_millis(20);
+            let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
             loop {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(500));
+                backoff.wait().await;
                 let Some(inner) = inner.upgrade() else { return };
                 let removals_ok = inner.retry_removals().await;
                 let publications_ok = inner.retry_publications().await;
@@ -629,7 +629,7 @@ impl Inner {
                     return;
                 }
                 if removals_ok && publications_ok {
-                    delay = Duration::from_millis(20);
+                    backoff.reset();
                 }
             }
         });
