@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex, Weak};
 
 use crate::lock;
 use crate::remote::{BoxFuture, RemoteError};
-use crate::service::Inner;
 use crate::stats::SyncStats;
 
 /// A channel between the instances of a service: carries invalidation messages.
@@ -156,10 +155,25 @@ pub(crate) fn new_instance_id() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one((n, nanos, std::process::id()))
 }
 
+/// What a service does with what its bus hands it (the service implements it; the
+/// bus knows nothing more of the service).
+pub(crate) trait Receive: Send + Sync {
+    /// Another instance's message (or its own, which it ignores).
+    fn message(&self, message: Message);
+    /// A payload that does not decode.
+    fn undecodable(&self, error: &str);
+    /// Messages may have been lost: clear the in-process tier, bypass it.
+    fn missed(&self);
+    /// Not receiving yet: bypass the in-process tier.
+    fn waiting(&self);
+    /// Receiving (again): serve the in-process tier (after a loss, clear it first).
+    fn receiving(&self);
+}
+
 /// A service's end of a bus: hands it received payloads and loss signals.
 #[derive(Clone)]
 pub struct BusReceiver {
-    inner: Weak<Inner>,
+    inner: Weak<dyn Receive>,
 }
 
 impl fmt::Debug for BusReceiver {
@@ -171,10 +185,17 @@ impl fmt::Debug for BusReceiver {
 }
 
 impl BusReceiver {
-    pub(crate) fn new(inner: &Arc<Inner>) -> Self {
-        BusReceiver {
-            inner: Arc::downgrade(inner),
-        }
+    pub(crate) fn new(inner: Weak<dyn Receive>) -> Self {
+        BusReceiver { inner }
+    }
+
+    /// Runs `f` on the service; `false` once it is gone.
+    fn with(&self, f: impl FnOnce(&dyn Receive)) -> bool {
+        let Some(inner) = self.inner.upgrade() else {
+            return false;
+        };
+        f(&*inner);
+        true
     }
 
     /// Applies a received payload: a message of another instance is applied to this
@@ -182,19 +203,10 @@ impl BusReceiver {
     /// are ignored (the latter counted and logged). Returns `false` once the service
     /// is gone, when the bus can stop delivering to it.
     pub fn deliver(&self, payload: &[u8]) -> bool {
-        let Some(inner) = self.inner.upgrade() else {
-            return false;
-        };
-        match Message::decode(payload) {
-            Ok(message) => inner.apply_received(message),
-            Err(e) => {
-                inner.sync_stats.bump(&inner.sync_stats.undecodable);
-                inner
-                    .warn
-                    .warn(format_args!("an invalidation message does not decode: {e}"));
-            }
-        }
-        true
+        self.with(|inner| match Message::decode(payload) {
+            Ok(message) => inner.message(message),
+            Err(e) => inner.undecodable(&e),
+        })
     }
 
     /// Says that messages may have been lost (the subscription dropped): the service
@@ -202,11 +214,7 @@ impl BusReceiver {
     /// it, storing nothing there, until [`BusReceiver::receiving`]. Returns `false`
     /// once the service is gone.
     pub fn missed(&self) -> bool {
-        let Some(inner) = self.inner.upgrade() else {
-            return false;
-        };
-        inner.clear_after_loss();
-        true
+        self.with(|inner| inner.missed())
     }
 
     /// Says that the bus is not receiving yet (it is still subscribing): the service
@@ -214,11 +222,7 @@ impl BusReceiver {
     /// missed, so nothing is cleared or counted. Returns `false` once the service is
     /// gone.
     pub fn waiting(&self) -> bool {
-        let Some(inner) = self.inner.upgrade() else {
-            return false;
-        };
-        inner.memory.bypass(false);
-        true
+        self.with(|inner| inner.waiting())
     }
 
     /// Says that the bus receives (again): the tier is served again; after a loss,
@@ -226,11 +230,7 @@ impl BusReceiver {
     /// back were missed; counted in [`SyncStats::l1_clears`]). Returns `false` once
     /// the service is gone.
     pub fn receiving(&self) -> bool {
-        let Some(inner) = self.inner.upgrade() else {
-            return false;
-        };
-        inner.resume_after_loss();
-        true
+        self.with(|inner| inner.receiving())
     }
 
     /// Whether the service still exists.

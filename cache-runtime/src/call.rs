@@ -228,7 +228,7 @@ pub fn lookup<K: ReturnKind<R>, R>(
         return lookup_scoped::<K, R>(desc, reg, key, hash, ops, refresh);
     }
     let svc = global();
-    let state = desc.global_state(&svc.inner, reg);
+    let state = desc.global_state(&*svc.inner, reg);
     probe::<K, R>(svc, state, reg, key, hash, ops, refresh)
 }
 

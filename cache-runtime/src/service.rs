@@ -8,13 +8,15 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
-use crate::bus::{new_instance_id, BusReceiver, InvalidationBus, Item, Message, SyncCounters};
+use crate::bus::{
+    new_instance_id, BusReceiver, InvalidationBus, Item, Message, Receive, SyncCounters,
+};
 use crate::deps::{Dependency, DependencyGraph, Frame, Live, MemoryGraph, Node};
 use crate::flight::Flights;
 use crate::held::{Held, Hold};
 use crate::memory::{MemoryBackend, MemoryTier};
 pub use crate::profile::{ConfigError, Profile};
-use crate::registry::{Descriptor, FnState, FnTable, Registration, MAX_FUNCTIONS};
+use crate::registry::{Descriptor, FnState, FnTable, FunctionStates, Registration, MAX_FUNCTIONS};
 pub use crate::remote::ShutdownReport;
 use crate::remote::{RateLimitedWarn, RemoteError, RemoteStore};
 pub use crate::stats::{FunctionStats, Stats};
@@ -176,7 +178,9 @@ impl CachingServiceBuilder {
             log: parking_lot::Mutex::default(),
         });
         if let Some(bus) = bus {
-            bus.attach(BusReceiver::new(&inner));
+            let receiver: std::sync::Weak<dyn Receive> =
+                Arc::downgrade(&inner) as std::sync::Weak<Inner>;
+            bus.attach(BusReceiver::new(receiver));
         }
         Ok(CachingService { inner })
     }
@@ -775,7 +779,41 @@ impl Inner {
         }
         nodes
     }
+}
 
+impl FunctionStates for Inner {
+    #[inline]
+    fn function(&self, desc: &'static Descriptor, reg: &'static Registration) -> &FnState {
+        Inner::function(self, desc, reg)
+    }
+}
+
+impl Receive for Inner {
+    fn message(&self, message: Message) {
+        self.apply_received(message);
+    }
+
+    fn undecodable(&self, error: &str) {
+        self.sync_stats.bump(&self.sync_stats.undecodable);
+        self.warn.warn(format_args!(
+            "an invalidation message does not decode: {error}"
+        ));
+    }
+
+    fn missed(&self) {
+        self.clear_after_loss();
+    }
+
+    fn waiting(&self) {
+        self.memory.bypass(false);
+    }
+
+    fn receiving(&self) {
+        self.resume_after_loss();
+    }
+}
+
+impl Inner {
     /// Clears the in-process tier because invalidations may have been missed, and
     /// bypasses it (storing nothing) until the bus receives again.
     pub(crate) fn clear_after_loss(&self) {
