@@ -116,11 +116,11 @@ impl Held {
     /// Whether a value read since `mark` under the readable key `key` with the links
     /// `links` may be one an invalidation of this instance removed: a hold in place
     /// names it or a link, or one released since the mark did.
-    pub(crate) fn covers(&self, mark: u64, key: impl FnOnce() -> String, links: &[String]) -> bool {
+    pub(crate) fn covers(&self, mark: u64, key: &str, links: &[String]) -> bool {
         if self.busy.load(Ordering::SeqCst) == 0 && self.released.load(Ordering::SeqCst) == mark {
             return false;
         }
-        let own = format!("e:{}", key());
+        let own = format!("e:{key}");
         let s = self.state.lock();
         if s.all > 0 || mark < s.floor {
             return true;
@@ -152,18 +152,18 @@ mod tests {
     fn a_hold_covers_its_entries_and_their_dependents_until_released() {
         let held = Held::default();
         let mark = held.mark();
-        assert!(!held.covers(mark, || "k(1)".into(), &[]));
+        assert!(!held.covers(mark, "k(1)", &[]));
         let h = hold(&["e:k(1)", "d:order:7"]);
         held.hold(&h);
-        assert!(held.covers(mark, || "k(1)".into(), &[]));
-        assert!(held.covers(mark, || "page(1)".into(), &["d:order:7".into()]));
-        assert!(held.covers(mark, || "page(2)".into(), &["e:k(1)".into()]));
-        assert!(!held.covers(mark, || "k(2)".into(), &["d:order:8".into()]));
+        assert!(held.covers(mark, "k(1)", &[]));
+        assert!(held.covers(mark, "page(1)", &["d:order:7".into()]));
+        assert!(held.covers(mark, "page(2)", &["e:k(1)".into()]));
+        assert!(!held.covers(mark, "k(2)", &["d:order:8".into()]));
         held.release(h);
         // a read that started before the release may hold the old value
-        assert!(held.covers(mark, || "k(1)".into(), &[]));
+        assert!(held.covers(mark, "k(1)", &[]));
         let later = held.mark();
-        assert!(!held.covers(later, || "k(1)".into(), &[]));
+        assert!(!held.covers(later, "k(1)", &[]));
         assert_eq!(held.busy.load(Ordering::SeqCst), 0);
     }
 
@@ -174,9 +174,9 @@ mod tests {
         held.hold(&a);
         held.hold(&b);
         held.release(a);
-        assert!(held.covers(held.mark(), || "k".into(), &[]));
+        assert!(held.covers(held.mark(), "k", &[]));
         held.release(b);
-        assert!(!held.covers(held.mark(), || "k".into(), &[]));
+        assert!(!held.covers(held.mark(), "k", &[]));
     }
 
     #[test]
@@ -184,16 +184,16 @@ mod tests {
         let held = Held::default();
         let mark = held.mark();
         held.hold(&Hold::all());
-        assert!(held.covers(held.mark(), || "any".into(), &[]));
+        assert!(held.covers(held.mark(), "any", &[]));
         held.release(Hold::all());
-        assert!(held.covers(mark, || "any".into(), &[]));
+        assert!(held.covers(mark, "any", &[]));
         for _ in 0..RECENT + 1 {
             let h = hold(&["e:other"]);
             held.hold(&h);
             held.release(h);
         }
         // released beyond what is remembered: covered, to be safe
-        assert!(held.covers(mark, || "any".into(), &[]));
-        assert!(!held.covers(held.mark(), || "any".into(), &[]));
+        assert!(held.covers(mark, "any", &[]));
+        assert!(!held.covers(held.mark(), "any", &[]));
     }
 }

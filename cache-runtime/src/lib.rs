@@ -39,24 +39,42 @@
 
 #![warn(missing_docs)]
 
+// The layers, lowest first: none refers to a module above it (`tests/module_cycles.rs`).
+// Keys, values, settings and counters:
 mod backoff;
+mod key;
+mod keybuf;
+mod profile;
+mod stats;
+mod value;
+// The stores and structures the flows work on:
 mod bus;
-mod call;
 mod deps;
 mod flight;
 mod held;
-mod key;
-mod keybuf;
 mod memory;
-mod profile;
+mod pending;
 mod registry;
 mod remote;
+// The service's state, its configuration and the current service:
+mod builder;
+mod current;
+mod inner;
+// The flows: the hit, the miss, the invalidation, another instance's invalidation:
+mod hit;
+mod invalidate;
+mod invalidate_local;
+mod miss;
+mod miss_remote;
+mod receive;
+// The public face:
 mod service;
-mod stats;
 
 pub use backoff::Backoff;
+pub use builder::{Backend, CachingServiceBuilder, InstallError};
 pub use bus::{BusReceiver, InvalidationBus, Item, MemoryBus, Message};
 pub use deps::{add_dependency, untracked, CacheDependency, Dependency};
+pub use invalidate::invalidate_dependency;
 pub(crate) use key::Key;
 pub use key::{key_text, CacheKey, KeyWriter};
 pub use memory::{MemoryBackend, WeighFn};
@@ -66,8 +84,7 @@ pub use remote::{
     FORMAT_VERSION,
 };
 pub use service::{
-    invalidate_dependency, shutdown, stats, Backend, CachingService, CachingServiceBuilder,
-    ConfigError, FunctionStats, InstallError, Profile, ShutdownReport, Stats,
+    shutdown, stats, CachingService, ConfigError, FunctionStats, Profile, ShutdownReport, Stats,
 };
 pub use stats::{RemoteStats, SyncStats};
 
@@ -190,16 +207,20 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// without notice.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::call::{
-        call_key, invalidate_after, invalidate_after_sync, invalidate_calls, lookup, peek,
-        refresh_next_call, run_async, run_sync, shared_ops, value_ops, write_arg, CachedValue,
-        CallKey, Lookup, MissPath, Optional, Plain, ResultOk, ReturnKind, SharedValue, ValueOps,
+    pub use crate::hit::{lookup, peek, refresh_next_call, Lookup, MissPath};
+    pub use crate::invalidate::{
+        call_key, invalidate_after, invalidate_after_sync, invalidate_calls, CallKey,
     };
-    pub use crate::key::KeyWriter;
+    pub use crate::key::{write_arg, KeyWriter};
+    pub use crate::miss::{run_async, run_sync};
     pub use crate::profile::Expiration;
     pub use crate::registry::{Descriptor, DescriptorRuntime};
     /// The remote tier's decoder, for benchmarks that compare against raw reads.
     pub use crate::remote::decode;
+    pub use crate::value::{
+        shared_ops, value_ops, CachedValue, Optional, Plain, ResultOk, ReturnKind, SharedValue,
+        ValueOps,
+    };
     pub use cache_macros::__by_name as by_name;
     pub use core::any::type_name;
     pub use core::time::Duration;

@@ -349,18 +349,13 @@ impl MemoryBackend {
         MemoryTier {
             enabled: false,
             bypassed: AtomicU8::new(SERVED),
-            ..MemoryBackend::new().max_entries(1).build(graph, None)
+            ..MemoryBackend::new().max_entries(1).build(graph, false)
         }
     }
 
     /// The tier, telling `graph` about the entries it drops on its own (expiry,
-    /// eviction). With `index`, it keeps a [`KeyIndex`] of readable keys no longer
-    /// than the given length.
-    pub(crate) fn build(
-        &self,
-        graph: Arc<dyn DependencyGraph>,
-        index: Option<usize>,
-    ) -> MemoryTier {
+    /// eviction). With `index`, it keeps a [`KeyIndex`] of the entries' readable keys.
+    pub(crate) fn build(&self, graph: Arc<dyn DependencyGraph>, index: bool) -> MemoryTier {
         let items = self.max_entries as u64;
         let weight = self.max_weight.unwrap_or(items);
         // As `quick_cache::sync` does: four shards per core, halved while a shard
@@ -371,7 +366,7 @@ impl MemoryBackend {
             shards /= 2;
         }
         let weigher = EntryWeighter(self.weigher.clone());
-        let key_index = index.map(|_| Arc::new(KeyIndex::default()));
+        let key_index = index.then(|| Arc::new(KeyIndex::default()));
         MemoryTier {
             shards: (0..shards)
                 .map(|_| {
@@ -386,7 +381,7 @@ impl MemoryBackend {
                 .collect(),
             mask: shards - 1,
             graph,
-            index: key_index.zip(index),
+            index: key_index,
             enabled: true,
             bypassed: AtomicU8::new(SERVED),
         }
@@ -404,8 +399,8 @@ pub(crate) struct MemoryTier {
     shards: Box<[RwLock<Shard>]>,
     mask: u64,
     graph: Arc<dyn DependencyGraph>,
-    /// The readable keys of the entries, with the longest key rendered in full.
-    index: Option<(Arc<KeyIndex>, usize)>,
+    /// The readable keys of the entries (kept while the service has a bus).
+    index: Option<Arc<KeyIndex>>,
     /// False for a service without an in-process tier (a remote store alone).
     enabled: bool,
     /// While the invalidation bus is not receiving, the tier is bypassed: it was
@@ -489,8 +484,15 @@ impl MemoryTier {
     }
 
     /// Stores `slot` under `key`, with the dependencies `frame` collected, replacing
-    /// the entry and the links it had.
-    pub(crate) fn insert(&self, key: &[u8], mut slot: Box<AnySlot>, frame: Option<&Frame>) {
+    /// the entry and the links it had. `text` gives the entry's readable key, asked
+    /// for only when the tier keeps an index of them.
+    pub(crate) fn insert(
+        &self,
+        key: &[u8],
+        mut slot: Box<AnySlot>,
+        frame: Option<&Frame>,
+        text: impl FnOnce() -> String,
+    ) {
         if !self.enabled {
             return;
         }
@@ -498,8 +500,8 @@ impl MemoryTier {
         if let Some(f) = nodes {
             slot.deps = Some(f.nodes.as_slice().into());
         }
-        if let Some((_, max_len)) = &self.index {
-            slot.text = crate::Key::from_bytes(key).map(|k| k.to_text(*max_len).into());
+        if self.index.is_some() {
+            slot.text = Some(text().into());
         }
         let text = slot.text.clone();
         let (lookup, shard) = self.locate(key);
@@ -517,7 +519,7 @@ impl MemoryTier {
                 slot,
                 &mut evicted,
             );
-            if let (Some((index, _)), Some(text)) = (&self.index, &text) {
+            if let (Some(index), Some(text)) = (&self.index, &text) {
                 // unless the insert evicted the new entry itself
                 if shard.get(&lookup).is_some() {
                     index.insert(text, key);
@@ -547,15 +549,14 @@ impl MemoryTier {
     }
 
     fn unindex(&self, removed: Option<&AnySlot>) {
-        if let (Some((index, _)), Some(text)) = (&self.index, removed.and_then(|s| s.text.as_ref()))
-        {
+        if let (Some(index), Some(text)) = (&self.index, removed.and_then(|s| s.text.as_ref())) {
             index.remove(text);
         }
     }
 
     /// The in-process key of the entry held under the readable key `text`.
     pub(crate) fn key_of(&self, text: &str) -> Option<Box<[u8]>> {
-        self.index.as_ref().and_then(|(index, _)| index.get(text))
+        self.index.as_ref().and_then(|index| index.get(text))
     }
 
     /// Removes the slot identified by `slot` ([`slot_id`]), if it is still the one
@@ -586,7 +587,7 @@ impl MemoryTier {
         for shard in &mut shards {
             shard.clear();
         }
-        if let Some((index, _)) = &self.index {
+        if let Some(index) = &self.index {
             index.clear();
         }
     }
@@ -613,7 +614,7 @@ mod tests {
     use super::*;
 
     fn tier(backend: MemoryBackend) -> MemoryTier {
-        backend.build(Arc::new(crate::deps::MemoryGraph::default()), None)
+        backend.build(Arc::new(crate::deps::MemoryGraph::default()), false)
     }
 
     fn slot<T: Send + Sync + 'static>(v: T, e: Expiration) -> Box<AnySlot> {
@@ -629,7 +630,12 @@ mod tests {
     #[test]
     fn stores_typed_values() {
         let tier = tier(MemoryBackend::new());
-        tier.insert(b"a", slot(String::from("x"), Expiration::Never), None);
+        tier.insert(
+            b"a",
+            slot(String::from("x"), Expiration::Never),
+            None,
+            String::new,
+        );
         assert_eq!(tier.get_as::<String>(b"a"), Some("x".to_owned()));
         assert_eq!(tier.get_as::<u32>(b"a"), None, "another type is a miss");
         assert_eq!(tier.get_as::<String>(b"b"), None);
@@ -641,7 +647,12 @@ mod tests {
     fn is_bounded_by_entries() {
         let tier = tier(MemoryBackend::new().max_entries(100));
         for i in 0..1000u32 {
-            tier.insert(&i.to_le_bytes(), slot(i, Expiration::Never), None);
+            tier.insert(
+                &i.to_le_bytes(),
+                slot(i, Expiration::Never),
+                None,
+                String::new,
+            );
         }
         assert!(tier.len() <= 100, "{} entries", tier.len());
     }
@@ -651,7 +662,12 @@ mod tests {
         let tier = tier(MemoryBackend::new().max_entries(4096));
         assert!(tier.shards.len() > 1, "{} shards", tier.shards.len());
         for i in 0..50_000u32 {
-            tier.insert(&i.to_le_bytes(), slot(i, Expiration::Never), None);
+            tier.insert(
+                &i.to_le_bytes(),
+                slot(i, Expiration::Never),
+                None,
+                String::new,
+            );
         }
         assert!(
             tier.len() <= 4096 + tier.shards.len(),
@@ -675,12 +691,18 @@ mod tests {
         let graph = Arc::new(crate::deps::MemoryGraph::default());
         let tier = MemoryBackend::new()
             .max_entries(64)
-            .build(graph.clone(), Some(1024));
+            .build(graph.clone(), true);
         let mut frame = Frame::default();
         frame.add_entry(b"inner", None, 0, 0);
         let key = |i: u32| crate::registry::test_key(&i.to_string());
         for i in 0..10_000u32 {
-            tier.insert(key(i).as_bytes(), slot(i, Expiration::Never), Some(&frame));
+            let k = key(i);
+            tier.insert(
+                k.as_bytes(),
+                slot(i, Expiration::Never),
+                Some(&frame),
+                || k.to_text(1024),
+            );
         }
         let (forward, reverse, _) = graph.sizes();
         assert!(
@@ -688,7 +710,7 @@ mod tests {
             "{forward} entries still linked"
         );
         assert_eq!(reverse, 1);
-        let index = &tier.index.as_ref().unwrap().0;
+        let index = tier.index.as_ref().unwrap();
         assert_eq!(
             index.len(),
             tier.len(),
@@ -722,6 +744,7 @@ mod tests {
                 &i.to_le_bytes(),
                 slot("x".repeat(100), Expiration::Never),
                 None,
+                String::new,
             );
         }
         let total: usize = tier
@@ -741,6 +764,7 @@ mod tests {
             b"k",
             slot(1u8, Expiration::Absolute(Duration::from_secs(10))),
             None,
+            String::new,
         );
         tokio::time::advance(Duration::from_secs(9)).await;
         assert_eq!(tier.get_as::<u8>(b"k"), Some(1));
@@ -756,6 +780,7 @@ mod tests {
             b"k",
             slot(1u8, Expiration::Sliding(Duration::from_secs(10))),
             None,
+            String::new,
         );
         for _ in 0..5 {
             tokio::time::advance(Duration::from_secs(8)).await;

@@ -16,7 +16,6 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::key::Key;
 use crate::memory::now_nanos;
 
 /// A boxed future, as the [`RemoteStore`] methods return.
@@ -27,25 +26,22 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[error("{0}")]
 pub struct RemoteError(pub String);
 
-/// The key of an entry being read from a [`RemoteStore`]. The store renders it to
-/// the entry's readable key with [`RemoteKey::with_text`], into a buffer the thread
-/// reuses: a read allocates no string for its key.
+/// The key of an entry being read from a [`RemoteStore`]: its readable key, rendered
+/// once for the whole miss (the read, the write, the in-process tier's index).
 #[derive(Clone, Copy)]
 pub struct RemoteKey<'a> {
-    key: &'a Key,
-    max_len: usize,
+    text: &'a str,
 }
 
 impl<'a> RemoteKey<'a> {
-    pub(crate) fn new(key: &'a Key, max_len: usize) -> Self {
-        RemoteKey { key, max_len }
+    pub(crate) fn new(text: &'a str) -> Self {
+        RemoteKey { text }
     }
 
     /// Runs `f` on the readable key, the same text [`RemoteStore::set`] receives for
-    /// the entry. Call it where the key is needed (it renders each time), and do not
-    /// hold the text across an `.await`.
+    /// the entry.
     pub fn with_text<R>(&self, f: impl FnOnce(&str) -> R) -> R {
-        self.key.with_text(self.max_len, f)
+        f(self.text)
     }
 }
 

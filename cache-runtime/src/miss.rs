@@ -1,0 +1,361 @@
+//! The miss: single flight per key, the remote tier read inside the flight, the body
+//! run in a dependency frame, the result kept (in-process, and queued for the remote
+//! tier) unless an invalidation made it out of date while it was computed.
+//!
+//! The steps are written once ([`Miss`]) for the async form ([`run_async`]) and the
+//! blocking one ([`run_sync`]); the remote side of a miss is in `miss_remote.rs`, the
+//! flights in `flight.rs`.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::deps::{collect_async, collect_sync, with_frame, Frame, Node};
+use crate::flight::{Flight, Handoff, Join, Leader, Waited};
+use crate::hit::{read, MissPath};
+use crate::inner::CachingService;
+use crate::keybuf::key_hash;
+use crate::memory::slot_id;
+use crate::miss_remote::MissEntry;
+use crate::pending::Pending;
+use crate::profile::Expiration;
+use crate::registry::{Descriptor, Mode};
+use crate::remote::Decoded;
+use crate::stats::Counter;
+use crate::value::{ReturnKind, ValueOps};
+
+/// One call on the miss path, shared by the async and the blocking forms: everything
+/// but running the body and waiting for another caller.
+struct Miss<'a, K: ReturnKind<R>, R> {
+    service: &'a CachingService,
+    desc: &'static Descriptor,
+    /// The entry, its function and what the remote tier said of it.
+    entry: MissEntry<'a, K::Stored>,
+    lock_timeout: Duration,
+    /// The invalidation count when the body started (see [`crate::inner::Inner::epoch`]).
+    epoch: u64,
+    _r: std::marker::PhantomData<fn() -> R>,
+}
+
+/// What to do after a step of the miss path.
+enum Next<'a, R> {
+    /// Return this.
+    Return(R),
+    /// Run the body as the leader of the key's flight.
+    Lead(Leader<'a>),
+    /// Wait for the flight's leader.
+    Wait(Arc<Flight>),
+    /// Run the body without leading (the wait timed out, or a refresh).
+    RunAlone,
+}
+
+impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
+    fn new(
+        path: &'a MissPath,
+        desc: &'static Descriptor,
+        ops: &'static ValueOps<K::Stored>,
+    ) -> Self {
+        let inner = &*path.service.inner;
+        let state = inner.function(desc, path.reg);
+        let (expiration, lock_timeout) = match state.mode {
+            Mode::Cached {
+                expiration,
+                lock_timeout,
+            } => (expiration, lock_timeout),
+            _ => (Expiration::Never, Duration::ZERO),
+        };
+        Miss {
+            service: &path.service,
+            desc,
+            entry: MissEntry::new(inner, state, &path.key, ops, expiration),
+            lock_timeout,
+            epoch: 0,
+            _r: std::marker::PhantomData,
+        }
+    }
+
+    /// The first step: a refresh runs the body alone, anything else joins the flight.
+    fn start(&mut self, refresh: bool) -> Next<'a, R> {
+        if refresh {
+            self.epoch = self.entry.inner.epoch.load(Ordering::SeqCst);
+            return Next::RunAlone;
+        }
+        self.join()
+    }
+
+    /// Leads the key's flight, or joins it.
+    fn join(&mut self) -> Next<'a, R> {
+        match self.entry.inner.flights.join(self.entry.key.shared()) {
+            Join::Lead(leader) => {
+                self.epoch = self.entry.inner.epoch.load(Ordering::SeqCst);
+                // A flight that ended between the first look and `join` stored its value.
+                let key = self.entry.key.as_bytes();
+                match read(self.entry.inner, key, key_hash(key), self.entry.ops) {
+                    Some(v) => {
+                        self.entry.state.counters.bump(Counter::L1Hit);
+                        Next::Return(K::from_stored(v))
+                    }
+                    None => Next::Lead(leader),
+                }
+            }
+            Join::Wait(flight) => Next::Wait(flight),
+        }
+    }
+
+    /// What a waiter does with the leader's outcome.
+    fn waited(&mut self, waited: Waited) -> Next<'a, R> {
+        match waited {
+            Waited::Done(handoff) => match (self.entry.ops.from_any)(&*handoff.value) {
+                Some(v) => {
+                    self.entry.state.counters.bump(Counter::Miss);
+                    let read_at = self.entry.inner.epoch.load(Ordering::SeqCst);
+                    with_frame(|f| {
+                        f.add_entry(
+                            self.entry.key.as_bytes(),
+                            handoff.deps.as_deref(),
+                            read_at,
+                            handoff.as_of,
+                        )
+                    });
+                    Next::Return(K::from_stored(v))
+                }
+                None => self.join(),
+            },
+            Waited::Abandoned => self.join(),
+            Waited::TimedOut => {
+                tracing::debug!(target: "cache_runtime", function = %self.entry.state.name, key = %self.entry.text(), "lock timeout: running the body without waiting");
+                self.epoch = self.entry.inner.epoch.load(Ordering::SeqCst);
+                Next::RunAlone
+            }
+        }
+    }
+
+    /// Stores the body's result (if its kind stores one) with what the body depended
+    /// on, links the calling function's entry to it, and hands it to the waiters. A
+    /// result that an invalidation made out of date while it was computed is returned
+    /// but not kept (see [`Inner::is_stale`]).
+    ///
+    /// A refresh returns what is left to do in the shared tiers: the refreshing
+    /// caller waits for it, so that it never reads the old value back.
+    fn finish(
+        &self,
+        result: &R,
+        frame: Frame,
+        leader: Option<Leader<'_>>,
+        refresh: bool,
+    ) -> Option<Pending> {
+        let key = self.entry.key.as_bytes();
+        let deps: Option<Arc<[Node]>> =
+            (!frame.nodes.is_empty()).then(|| frame.nodes.as_slice().into());
+        let as_of = self.entry.as_of(&frame);
+        // The calling function read this value as of when it started computing.
+        with_frame(|f| f.add_entry(key, deps.as_deref(), self.epoch, as_of));
+        // Without a value to store, dropping the leader abandons the flight: a waiter
+        // runs the body. So does a value that is out of date: the waiters that joined
+        // before the invalidation retry, as callers after it would.
+        let value = K::stored(result, self.desc.cache_none)?;
+        let current = self.keep(value, &frame, as_of);
+        // Entries computed from the old value are out of date.
+        let pending = refresh.then(|| self.entry.inner.invalidate_dependents(key));
+        if let (Some(leader), true) = (leader, current) {
+            leader.complete(|| {
+                Arc::new(Handoff {
+                    value: (self.entry.ops.into_shared)((self.entry.ops.clone)(value)),
+                    deps,
+                    as_of,
+                })
+            });
+        }
+        pending
+    }
+}
+
+impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
+    /// Stores a computed value: in the in-process tier (if the service has one) with
+    /// what it depends on, and in the remote tier, unless an invalidation made it out
+    /// of date while it was computed; returns whether it is current. An invalidation
+    /// that started before the entry was in place may have missed it, so the check
+    /// comes after the insert; the remote write is queued under the same check, so an
+    /// invalidation either sees it, or queues its removal after it.
+    fn keep(&self, value: &K::Stored, frame: &Frame, as_of: u64) -> bool {
+        self.keep_local(value, frame, self.entry.expiration, as_of, true)
+    }
+
+    /// Stores the value in the in-process tier with `expiration`, then, with `write`,
+    /// queues its remote write if it is current (see [`Miss::keep`]); returns whether
+    /// it is.
+    fn keep_local(
+        &self,
+        value: &K::Stored,
+        frame: &Frame,
+        expiration: Expiration,
+        as_of: u64,
+        write: bool,
+    ) -> bool {
+        let key = self.entry.key.as_bytes();
+        let slot = self.entry.inner.memory.enabled().then(|| {
+            let mut slot = (self.entry.ops.into_slot)((self.entry.ops.clone)(value), expiration);
+            slot.as_of = as_of;
+            let id = slot_id(&slot);
+            self.entry
+                .inner
+                .memory
+                .insert(key, slot, Some(frame), || self.entry.text().to_owned());
+            id
+        });
+        let write = write && self.entry.inner.remote.is_some();
+        let current = if self.entry.inner.epoch.load(Ordering::SeqCst) == self.epoch && !write {
+            // Nothing to queue: an invalidation that starts now finds the entry.
+            true
+        } else {
+            self.entry.inner.if_current(key, self.epoch, frame, || {
+                if write {
+                    self.entry.write(value, frame, as_of);
+                }
+            })
+        };
+        if let (false, Some(id)) = (current, slot) {
+            self.entry.inner.memory.remove_slot(key, id);
+        }
+        current
+    }
+
+    /// Counts a call that runs the body.
+    fn running(&self) {
+        self.entry.state.counters.bump(Counter::Miss);
+        self.entry.state.counters.bump(Counter::Execution);
+    }
+
+    /// Serves a value read from the remote tier: fills the in-process tier until the
+    /// remote entry's `deadline` (unix milliseconds; 0 for a sliding entry, which the
+    /// read renewed), links the calling function's entry, hands it to the waiters. A
+    /// value invalidated while it was read is returned to this caller (whose call
+    /// began before the invalidation) but neither kept nor handed on.
+    ///
+    /// The value's dependencies, as the remote graph names them, become the entry's:
+    /// a cached function reading it links to them as to those of a value computed here.
+    fn finish_remote(&self, (value, deadline, links): Decoded<K::Stored>, leader: Leader<'_>) -> R {
+        let key = self.entry.key.as_bytes();
+        let linked = (!links.is_empty())
+            .then(|| Frame::of(links.iter().filter_map(|l| Node::from_remote_id(l))));
+        let frame = linked.as_ref().unwrap_or(Frame::EMPTY);
+        let deps: Option<Arc<[Node]>> =
+            (!frame.nodes.is_empty()).then(|| frame.nodes.as_slice().into());
+        let as_of = self.entry.remote_epoch();
+        with_frame(|f| f.add_entry(key, deps.as_deref(), self.epoch, as_of));
+        let expiration = match deadline {
+            _ if !self.entry.inner.memory.enabled() => self.entry.expiration, // not kept here
+            0 => self.entry.expiration,
+            d => match crate::remote::until(d) {
+                Some(left) => Expiration::Absolute(left),
+                None => return K::from_stored(value), // expired meanwhile
+            },
+        };
+        if self.keep_local(&value, frame, expiration, as_of, false) {
+            leader.complete(|| {
+                Arc::new(Handoff {
+                    value: (self.entry.ops.into_shared)((self.entry.ops.clone)(&value)),
+                    deps,
+                    as_of,
+                })
+            });
+        }
+        K::from_stored(value)
+    }
+}
+
+/// The steps of the miss path, written once for the async and the blocking forms:
+/// `$run` runs the body in a dependency frame (it appears in two arms, each of which
+/// returns), `$wait` waits for another caller's flight, `$complete` completes a
+/// refresh in the shared tiers.
+macro_rules! miss_loop {
+    ($miss:ident, $refresh:expr, $remote:expr, $run:expr, |$flight:ident| $wait:expr, |$pending:ident| $complete:expr) => {{
+        let mut next = $miss.start($refresh);
+        loop {
+            next = match next {
+                Next::Return(r) => return r,
+                Next::Lead(leader) => {
+                    if let Some(value) = $remote {
+                        return $miss.finish_remote(value, leader);
+                    }
+                    $miss.running();
+                    let (result, frame) = $run;
+                    let _ = $miss.finish(&result, frame, Some(leader), false);
+                    return result;
+                }
+                Next::Wait($flight) => {
+                    let waited = $wait;
+                    $miss.waited(waited)
+                }
+                Next::RunAlone => {
+                    $miss.running();
+                    let (result, frame) = $run;
+                    if let Some($pending) = $miss.finish(&result, frame, None, $refresh) {
+                        $complete;
+                    }
+                    return result;
+                }
+            }
+        }
+    }};
+}
+
+/// The miss path of an `async fn`: runs the body under single flight and stores its
+/// result; with `path == None` (caching off) just runs the body.
+#[doc(hidden)]
+pub async fn run_async<K, R, F>(
+    path: Option<MissPath>,
+    desc: &'static Descriptor,
+    ops: &'static ValueOps<K::Stored>,
+    body: F,
+) -> R
+where
+    K: ReturnKind<R>,
+    F: Future<Output = R>,
+{
+    let Some(path) = path else {
+        return body.await;
+    };
+    let mut miss = Miss::<K, R>::new(&path, desc, ops);
+    if path.refresh {
+        // a refresh writes what it computes: with a remote graph, as of the count now
+        miss.entry.read_epoch().await;
+    }
+    miss_loop!(
+        miss,
+        path.refresh,
+        miss.entry.read().await,
+        collect_async(body).await,
+        |flight| flight.wait(miss.lock_timeout).await,
+        |pending| path.service.inner.complete(pending).await
+    )
+}
+
+/// The miss path of a plain `fn`: concurrent callers of the same key block until the
+/// first one finishes, at most the lock timeout.
+#[doc(hidden)]
+pub fn run_sync<K, R, F>(
+    path: Option<MissPath>,
+    desc: &'static Descriptor,
+    ops: &'static ValueOps<K::Stored>,
+    body: F,
+) -> R
+where
+    K: ReturnKind<R>,
+    F: FnOnce() -> R,
+{
+    let Some(path) = path else {
+        return body();
+    };
+    let mut miss = Miss::<K, R>::new(&path, desc, ops);
+    // plain functions use the in-process tier only
+    miss_loop!(
+        miss,
+        path.refresh,
+        None::<Decoded<K::Stored>>,
+        collect_sync(body),
+        |flight| flight.wait_blocking(miss.lock_timeout),
+        |pending| miss.service.complete_detached(pending)
+    )
+}

@@ -1,0 +1,224 @@
+//! A miss in the remote tier: the entry read (with the remote graph's invalidation
+//! count), held back while an invalidation of this instance has not reached the tier,
+//! decoded; the computed value encoded and queued for writing, with its links.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use crate::deps::Frame;
+use crate::inner::Inner;
+use crate::key::Key;
+use crate::profile::Expiration;
+use crate::registry::FnState;
+use crate::remote::{deadline_after, Decoded, RemoteKey};
+use crate::stats::Counter;
+use crate::value::ValueOps;
+
+/// A remote invalidation count not read (yet).
+const UNKNOWN: u64 = u64::MAX;
+
+/// The entry a miss is for, and what the miss learned of it in the remote tier.
+///
+/// Its readable key is rendered once, when first needed (the remote read, the write,
+/// the bus's index of the in-process tier, the log), and passed along.
+pub(crate) struct MissEntry<'a, T: 'static> {
+    pub(crate) inner: &'a Inner,
+    pub(crate) state: &'a FnState,
+    pub(crate) key: &'a Key,
+    pub(crate) ops: &'static ValueOps<T>,
+    pub(crate) expiration: Expiration,
+    text: OnceLock<String>,
+    /// The remote store's invalidation count, read with the entry (see
+    /// [`crate::Fetched::epoch`]); [`UNKNOWN`] until a read succeeds.
+    remote_epoch: AtomicU64,
+}
+
+impl<'a, T: 'static> MissEntry<'a, T> {
+    pub(crate) fn new(
+        inner: &'a Inner,
+        state: &'a FnState,
+        key: &'a Key,
+        ops: &'static ValueOps<T>,
+        expiration: Expiration,
+    ) -> Self {
+        MissEntry {
+            inner,
+            state,
+            key,
+            ops,
+            expiration,
+            text: OnceLock::new(),
+            remote_epoch: AtomicU64::new(UNKNOWN),
+        }
+    }
+
+    /// The readable key, rendered on first use.
+    pub(crate) fn text(&self) -> &str {
+        self.text
+            .get_or_init(|| self.key.to_text(self.inner.max_key_length))
+    }
+
+    /// The remote invalidation count read with the entry; 0 (as old as can be) when
+    /// none was read, or the read failed.
+    pub(crate) fn remote_epoch(&self) -> u64 {
+        match self.remote_epoch.load(Ordering::Relaxed) {
+            UNKNOWN => 0,
+            e => e,
+        }
+    }
+
+    /// The remote invalidation count as of which a value computed from what `frame`
+    /// read is current: the count read with the entry, or older if an entry the body
+    /// read was older (an in-process copy another instance's invalidation has not
+    /// reached yet must not make a value that passes for newer).
+    pub(crate) fn as_of(&self, frame: &Frame) -> u64 {
+        let fetched = self.remote_epoch();
+        frame.as_of.map_or(fetched, |a| a.min(fetched))
+    }
+
+    /// What the value depends on, as the remote graph names it.
+    fn links(&self, frame: &Frame) -> (Vec<String>, Vec<(String, Vec<String>)>) {
+        let max = self.inner.max_key_length;
+        let links = frame
+            .nodes
+            .iter()
+            .filter_map(|n| n.remote_id(max))
+            .collect();
+        let cascades = frame
+            .cascades
+            .iter()
+            .map(|(d, c)| {
+                let keys = c.iter().filter_map(|n| n.dependency_key()).collect();
+                (d.to_string(), keys)
+            })
+            .collect();
+        (links, cascades)
+    }
+
+    /// Reads the remote graph's invalidation count (with the entry, which is ignored).
+    pub(crate) async fn read_epoch(&self) {
+        let Some(remote) = self.inner.remote.as_ref().filter(|r| r.graph().is_some()) else {
+            return;
+        };
+        let key = RemoteKey::new(self.text());
+        if let Ok(f) = remote.get(key, None).await {
+            self.remote_epoch.store(f.epoch, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads the entry from the remote tier, if there is one and it holds the entry.
+    /// A failure or bytes that do not decode are a miss (counted).
+    /// Returns the value with the remote entry's deadline (see [`crate::remote::encode`]).
+    pub(crate) async fn read(&self) -> Option<Decoded<T>> {
+        let (Some(remote), Some(decode)) = (&self.inner.remote, self.ops.decode) else {
+            return None;
+        };
+        let touch = match self.expiration {
+            Expiration::Sliding(d) => Some(d),
+            _ => None,
+        };
+        let c = &self.state.counters;
+        let key = RemoteKey::new(self.text());
+        let mark = self.inner.held.mark();
+        let fetched = remote.get(key, touch).await.map(|f| {
+            self.remote_epoch.store(f.epoch, Ordering::Relaxed);
+            f.value
+        });
+        match fetched {
+            Ok(Some(bytes)) => match decode(&bytes) {
+                Ok(value) if self.inner.held.covers(mark, self.text(), &value.2) => {
+                    // an invalidation of this instance that covers it has not reached
+                    // the remote tier: it may be the old value
+                    let r = &self.inner.remote_stats;
+                    r.bump(&r.reads_held);
+                    tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.text(), "remote value held back: its invalidation has not reached the remote tier");
+                    None
+                }
+                Ok(value) => {
+                    // (the value and its deadline)
+                    c.bump(Counter::L2Hit);
+                    tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.text(), "remote hit");
+                    Some(value)
+                }
+                Err(e) => {
+                    c.bump(Counter::DecodeError);
+                    tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.text(), error = %e, "remote value does not decode: a miss, to be overwritten");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                c.bump(Counter::BackendError);
+                self.inner
+                    .warn
+                    .warn(format_args!("reading `{}` failed: {e}", self.state.name));
+                None
+            }
+        }
+    }
+
+    /// Queues the value's write to the remote tier (never waited for). The value
+    /// carries its deadline, so that an instance filling its in-process tier from the
+    /// remote one expires it when the remote entry expires.
+    ///
+    /// A value with dependencies goes through the store's graph, with its links; a
+    /// store without one does not get it (it could not remove it when a dependency
+    /// is invalidated on another instance).
+    pub(crate) fn write(&self, value: &T, frame: &Frame, as_of: u64) {
+        let (Some(remote), Some(encode)) = (&self.inner.remote, self.ops.encode) else {
+            return;
+        };
+        let c = &self.state.counters;
+        let graph = remote.graph();
+        if graph.is_none() && !frame.nodes.is_empty() {
+            c.bump(Counter::LocalOnly);
+            return;
+        }
+        if graph.is_some() && self.remote_epoch.load(Ordering::Relaxed) == UNKNOWN {
+            // Without the count read before the body ran (the read failed, or there was
+            // none: a refresh), invalidations while the store was unreachable left no
+            // marker to check against: the value is not written.
+            tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.text(), "no invalidation count read: not written to the remote graph");
+            return;
+        }
+        let (ttl, deadline) = match self.expiration {
+            // a sliding entry's deadline moves with each read
+            Expiration::Sliding(d) => (d, 0),
+            Expiration::Absolute(d) => (d, deadline_after(d)),
+            Expiration::Never => {
+                let d = remote.default_ttl();
+                (d, deadline_after(d))
+            }
+        };
+        let (links, cascades) = self.links(frame);
+        match encode(value, deadline, &links) {
+            Ok(bytes) if bytes.len() > remote.max_value_size() => {
+                c.bump(Counter::Oversized);
+                tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.text(), size = bytes.len(), "value over the remote size limit: not stored remotely");
+            }
+            Ok(bytes) => {
+                let key = self.text().to_owned();
+                match graph {
+                    Some(graph) => {
+                        graph.set_linked(crate::LinkedWrite {
+                            key,
+                            value: bytes,
+                            ttl,
+                            links,
+                            cascades,
+                            since: as_of,
+                        });
+                    }
+                    None => remote.set(key, bytes, ttl),
+                }
+            }
+            Err(e) => {
+                c.bump(Counter::BackendError);
+                self.inner.warn.warn(format_args!(
+                    "encoding a value of `{}` failed: {e}",
+                    self.state.name
+                ));
+            }
+        }
+    }
+}
