@@ -1,20 +1,18 @@
 //! `RedisBackend`: Redis as the remote (L2) tier.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_runtime::{
-    Backend, Backoff, BoxFuture, Fetched, LinkedWrite, MemoryBackend, RemoteError, RemoteGraph,
-    RemoteKey, RemoteStats, RemoteStore, Removed, ShutdownReport, FORMAT_VERSION,
-};
-use redis::{RedisWrite, ToRedisArgs};
-use tokio::sync::{mpsc, oneshot, Notify};
+use cache_runtime::{Backend, Backoff, MemoryBackend, FORMAT_VERSION};
+use tokio::sync::{mpsc, Notify};
 
 use crate::bus::RedisBus;
-use crate::graph::{glob_escape, GraphKeys};
+use crate::graph::GraphKeys;
 use crate::link::Link;
+use crate::store::RedisStore;
+use crate::writer::{writer, Backlog, Op, RedisMetrics};
 
 /// Why [`RedisBackendBuilder::build`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -134,36 +132,6 @@ pub(crate) fn user_of(client: &redis::Client) -> String {
         .username()
         .unwrap_or("default")
         .to_owned()
-}
-
-/// Counters of the Redis backend's background writes, readable while it runs.
-#[derive(Clone, Debug, Default)]
-pub struct RedisMetrics(Arc<Counters>);
-
-#[derive(Debug, Default)]
-struct Counters {
-    written: AtomicU64,
-    dropped: AtomicU64,
-    /// `SET`s refused or failed.
-    failed_sets: AtomicU64,
-    /// Linked writes (the graph's write script) refused or failed.
-    failed_linked: AtomicU64,
-}
-
-impl RedisMetrics {
-    /// Writes completed.
-    pub fn written(&self) -> u64 {
-        self.0.written.load(Ordering::Relaxed)
-    }
-    /// Writes dropped because the queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.0.dropped.load(Ordering::Relaxed)
-    }
-    /// Writes that Redis refused or that failed (both kinds; `stats().remote` tells
-    /// them apart).
-    pub fn failed(&self) -> u64 {
-        self.0.failed_sets.load(Ordering::Relaxed) + self.0.failed_linked.load(Ordering::Relaxed)
-    }
 }
 
 /// Configures a [`RedisBackend`].
@@ -316,7 +284,7 @@ impl RedisBackendBuilder {
         let prefix = format!("{}:{FORMAT_VERSION}:", self.key_prefix);
         let metrics = RedisMetrics::default();
         let (tx, rx) = mpsc::channel(self.write_queue);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Backlog {
             pending: AtomicUsize::new(0),
             drained: Notify::new(),
         });
@@ -353,7 +321,7 @@ impl RedisBackendBuilder {
             max_value_size: self.max_value_size,
             queue: tx,
             metrics: metrics.clone(),
-            shared,
+            backlog: shared,
             operation_timeout: self.operation_timeout,
             channel,
             graph,
@@ -375,17 +343,14 @@ impl RedisBackendBuilder {
             let alive = store.queue.downgrade();
             tokio::spawn(async move { probe.later(alive).await });
         } else {
-            store.check_server().await;
             let mut con = probe.connect().await?;
             probe.run(&mut con).await?;
-            if self.dependencies {
-                crate::graph::check_settings(&mut con)
-                    .await
-                    .map_err(|problem| RedisBackendError::ServerSettings {
-                        addr: addr.clone(),
-                        problem,
-                    })?;
-            }
+            crate::settings::check(&mut con, self.dependencies)
+                .await
+                .map_err(|problem| RedisBackendError::ServerSettings {
+                    addr: addr.clone(),
+                    problem,
+                })?;
         }
         Ok(RedisBackend {
             store,
@@ -574,510 +539,10 @@ pub(crate) fn client(
     .map_err(RedisBackendError::Url)
 }
 
-/// State shared with the writer: how many writes are queued or in progress.
-struct Shared {
-    pending: AtomicUsize,
-    drained: Notify,
-}
-
-/// What the writer does, in the order queued: a removal queued after a write of the
-/// same key lands after it.
-pub(crate) enum Op {
-    Set {
-        key: String,
-        value: Vec<u8>,
-        ttl: Duration,
-    },
-    /// A command whose reply nobody waits for (a conditional write).
-    Send(redis::Cmd),
-    /// A command whose reply the sender waits for; without one, the sender only waits
-    /// for the operations queued before. `then` is sent right after it, in the same
-    /// pipeline (its reply is not looked at).
-    Call {
-        cmd: Option<redis::Cmd>,
-        then: Option<Box<redis::Cmd>>,
-        done: oneshot::Sender<CallReply>,
-    },
-}
-
-/// The reply to [`Op::Call`]: `cmd`'s reply (`Nil` without one) and, if `then` was
-/// sent and failed, why.
-type CallReply = Result<(redis::Value, Option<RemoteError>), RemoteError>;
-
-struct RedisStore {
-    link: Arc<Link>,
-    prefix: String,
-    default_ttl: Duration,
-    max_value_size: usize,
-    queue: mpsc::Sender<Op>,
-    metrics: RedisMetrics,
-    shared: Arc<Shared>,
-    operation_timeout: Duration,
-    /// The channel of the instances' invalidations.
-    channel: String,
-    /// With `dependencies(true)`.
-    graph: Option<GraphKeys>,
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-/// A key with the backend's prefix, written as one argument without formatting a
-/// string first.
-struct Prefixed<'a>(&'a str, &'a str);
-
-impl ToRedisArgs for Prefixed<'_> {
-    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
-        use std::io::Write;
-        let mut arg = out.writer_for_next_arg();
-        // writing into memory does not fail
-        let _ = arg.write_all(self.0.as_bytes());
-        let _ = arg.write_all(self.1.as_bytes());
-    }
-}
-
-impl RedisStore {
-    /// Queues an operation for the writer; a write is dropped (and counted) when the
-    /// queue is full.
-    pub(crate) fn queue(&self, op: Op) -> Result<(), Op> {
-        self.shared.pending.fetch_add(1, Ordering::SeqCst);
-        self.queue.try_send(op).map_err(|e| {
-            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
-            match e {
-                mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op) => op,
-            }
-        })
-    }
-
-    /// Runs `cmd` on the writer's connection, behind the operations queued before
-    /// (Redis runs a connection's commands in order, so no queued or in-flight write
-    /// of an old value lands after its removal), and waits for its reply at most the
-    /// operation timeout. Without a command, only waits for the operations before.
-    pub(crate) async fn call(
-        &self,
-        cmd: Option<redis::Cmd>,
-        then: Option<Box<redis::Cmd>>,
-    ) -> CallReply {
-        let (done, result) = oneshot::channel();
-        self.shared.pending.fetch_add(1, Ordering::SeqCst);
-        match self.queue.try_send(Op::Call { cmd, then, done }) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(op)) => {
-                // never dropped: it must land after the writes before it
-                let queue = self.queue.clone();
-                tokio::spawn(async move { queue.send(op).await });
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.shared.pending.fetch_sub(1, Ordering::SeqCst);
-                return Err(RemoteError("the writer has stopped".into()));
-            }
-        }
-        match tokio::time::timeout(self.operation_timeout, result).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(RemoteError("the writer has stopped".into())),
-            Err(_) => Err(RemoteError(format!(
-                "not confirmed within {:?}; it stays queued behind earlier writes",
-                self.operation_timeout
-            ))),
-        }
-    }
-
-    /// Warns about server settings that will cause trouble.
-    async fn check_server(&self) {
-        let policy: Result<Vec<String>, _> = self
-            .link
-            .query(redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"))
-            .await;
-        if let Ok(values) = policy {
-            if values.get(1).is_some_and(|p| p == "noeviction") {
-                tracing::warn!(target: "cache_redis", "Redis uses `maxmemory-policy noeviction`: once full it refuses writes. Set `maxmemory-policy volatile-lru` (cache entries always carry an expiry)");
-            }
-        }
-    }
-}
-
-impl RemoteStore for RedisStore {
-    fn get<'a>(
-        &'a self,
-        key: RemoteKey<'a>,
-        touch: Option<Duration>,
-    ) -> BoxFuture<'a, Result<Fetched, RemoteError>> {
-        // bounded by the connection's response timeout (no second timer per read)
-        let Some(graph) = &self.graph else {
-            return Box::pin(async move {
-                let value: Option<Vec<u8>> = self
-                    .link
-                    .request(move |cmd| {
-                        key.with_text(|key| {
-                            let key = Prefixed(&self.prefix, key);
-                            match touch {
-                                Some(d) => cmd.arg("GETEX").arg(key).arg("PX").arg(millis(d)),
-                                None => cmd.arg("GET").arg(key),
-                            };
-                        })
-                    })
-                    .await?;
-                Ok(value.into())
-            });
-        };
-        // with the graph, the invalidation count comes in the same round trip; a
-        // sliding entry's read is a script (by hash, with its text on `NOSCRIPT`)
-        let read = move |by_hash: bool| {
-            self.link
-                .request::<(Option<Vec<u8>>, Option<u64>)>(move |cmd| {
-                    key.with_text(|key| {
-                        let key = Prefixed(&self.prefix, key);
-                        let epoch = Prefixed(&graph.graph, "epoch");
-                        match touch {
-                            Some(d) => {
-                                let (command, script) = graph.touch_script(by_hash);
-                                cmd.arg(command)
-                                    .arg(script)
-                                    .arg(2)
-                                    .arg(key)
-                                    .arg(epoch)
-                                    .arg(millis(d))
-                            }
-                            None => cmd.arg("MGET").arg(key).arg(epoch),
-                        };
-                    })
-                })
-        };
-        Box::pin(async move {
-            let (value, epoch) = match read(true).await {
-                Err(e) if touch.is_some() && e.0.starts_with("NOSCRIPT") => read(false).await?,
-                reply => reply?,
-            };
-            Ok(Fetched {
-                value,
-                epoch: epoch.unwrap_or(0),
-            })
-        })
-    }
-
-    fn set(&self, key: String, value: Vec<u8>, ttl: Duration) {
-        if self.queue(Op::Set { key, value, ttl }).is_err() {
-            self.metrics.0.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn remove(
-        &self,
-        keys: Vec<String>,
-        publish: Option<Vec<u8>>,
-    ) -> BoxFuture<'_, Result<Removed, RemoteError>> {
-        Box::pin(async move {
-            let cmd = (!keys.is_empty()).then(|| {
-                let mut cmd = redis::cmd("DEL");
-                for k in &keys {
-                    cmd.arg(Prefixed(&self.prefix, k));
-                }
-                cmd
-            });
-            let publish = publish.map(|message| {
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(&self.channel).arg(message);
-                Box::new(cmd)
-            });
-            let (_, publish_error) = self.call(cmd, publish).await?;
-            Ok(Removed {
-                keys: Vec::new(),
-                publish_error,
-            })
-        })
-    }
-
-    fn clear(&self) -> BoxFuture<'_, Result<(), RemoteError>> {
-        Box::pin(async move {
-            // the values, and with dependencies the graph too
-            let mut prefixes = vec![self.prefix.as_str()];
-            prefixes.extend(self.graph.as_ref().map(|g| g.graph.as_str()));
-            for prefix in prefixes {
-                let pattern = format!("{}*", glob_escape(prefix));
-                let mut cursor: u64 = 0;
-                loop {
-                    let (next, keys): (u64, Vec<String>) = self
-                        .link
-                        .query(
-                            redis::cmd("SCAN")
-                                .arg(cursor)
-                                .arg("MATCH")
-                                .arg(&pattern)
-                                .arg("COUNT")
-                                .arg(500),
-                        )
-                        .await?;
-                    if !keys.is_empty() {
-                        self.link
-                            .query::<()>(redis::cmd("UNLINK").arg(&keys))
-                            .await?;
-                    }
-                    if next == 0 {
-                        break;
-                    }
-                    cursor = next;
-                }
-            }
-            Ok(())
-        })
-    }
-
-    fn flush(&self, timeout: Duration) -> BoxFuture<'_, ShutdownReport> {
-        Box::pin(async move {
-            let before = self.metrics.written();
-            let drained = tokio::time::timeout(timeout, async {
-                loop {
-                    let notified = self.shared.drained.notified();
-                    if self.shared.pending.load(Ordering::SeqCst) == 0 {
-                        return;
-                    }
-                    notified.await;
-                }
-            })
-            .await;
-            let written = self.metrics.written() - before;
-            match drained {
-                Ok(()) => ShutdownReport::new(written, 0, false),
-                Err(_) => {
-                    let left = self.shared.pending.load(Ordering::SeqCst) as u64;
-                    tracing::warn!(target: "cache_redis", "shutdown: {left} writes to Redis were not completed within {timeout:?}");
-                    ShutdownReport::new(written, left, true)
-                }
-            }
-        })
-    }
-
-    fn max_value_size(&self) -> usize {
-        self.max_value_size
-    }
-
-    fn default_ttl(&self) -> Duration {
-        self.default_ttl
-    }
-
-    fn graph(&self) -> Option<&dyn RemoteGraph> {
-        self.graph.as_ref().map(|_| self as &dyn RemoteGraph)
-    }
-
-    fn report(&self, stats: &mut RemoteStats) {
-        let c = &self.metrics.0;
-        stats.write_errors += c.failed_sets.load(Ordering::Relaxed);
-        stats.linked_write_errors += c.failed_linked.load(Ordering::Relaxed);
-        stats.writes_dropped += c.dropped.load(Ordering::Relaxed);
-    }
-}
-
-impl RemoteGraph for RedisStore {
-    fn set_linked(&self, write: LinkedWrite) {
-        let Some(graph) = &self.graph else { return };
-        if self.queue(Op::Send(graph.write(&write))).is_err() {
-            self.metrics.0.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn invalidate(
-        &self,
-        start: Vec<String>,
-        keep: Option<String>,
-        want_keys: bool,
-        publish: Option<Vec<u8>>,
-    ) -> BoxFuture<'_, Result<Removed, RemoteError>> {
-        Box::pin(async move {
-            let Some(graph) = &self.graph else {
-                return Ok(Removed::default());
-            };
-            let publish = publish.as_deref().map(|m| (self.channel.as_str(), m));
-            let cmd = graph.invalidate(&start, keep.as_deref(), want_keys, publish);
-            let (reply, _) = self.call(Some(cmd), None).await?;
-            let removed: Vec<String> =
-                redis::from_redis_value(reply).map_err(|e| RemoteError(e.to_string()))?;
-            // the graph names entries by their value keys
-            Ok(Removed {
-                keys: removed
-                    .into_iter()
-                    .filter_map(|v| v.strip_prefix(graph.values.as_str()).map(str::to_owned))
-                    .collect(),
-                // the script publishes as its last step: it did if it ran
-                publish_error: None,
-            })
-        })
-    }
-}
-
-/// The background writer: takes queued operations in batches and sends each batch as
-/// one pipeline, in order. A batch that fails (the connection) is counted and dropped
-/// (the entries are simply not in Redis; the next miss writes them again), and its
-/// removals report the failure; an operation the server refuses fails alone. Graph
-/// scripts go by their hash; those the server does not have are sent again with their
-/// text, in order, before the next batch.
-async fn writer(
-    link: Arc<Link>,
-    prefix: String,
-    graph: Option<GraphKeys>,
-    mut rx: mpsc::Receiver<Op>,
-    metrics: RedisMetrics,
-    shared: Arc<Shared>,
-) {
-    const BATCH: usize = 128;
-    let mut batch = Vec::with_capacity(BATCH);
-    let warn = crate::link::RateLimited::default();
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for op in &batch {
-            match op {
-                Op::Set { key, value, ttl } => {
-                    pipe.cmd("SET")
-                        .arg(Prefixed(&prefix, key))
-                        .arg(value)
-                        .arg("PX")
-                        .arg(millis(*ttl));
-                }
-                Op::Send(cmd) => {
-                    pipe.add_command(cmd.clone());
-                }
-                Op::Call { cmd, then, .. } => {
-                    if let Some(cmd) = cmd {
-                        pipe.add_command(cmd.clone());
-                    }
-                    if let Some(then) = then {
-                        pipe.add_command((**then).clone());
-                    }
-                }
-            }
-        }
-        let mut result = match pipe.is_empty() {
-            true => Ok(Vec::new()),
-            false => link.pipeline_again::<Vec<redis::Value>>(&pipe).await,
-        };
-        if let (Ok(replies), Some(graph)) = (&mut result, &graph) {
-            with_text(&link, graph, &pipe, replies).await;
-        }
-        if let Err(e) = &result {
-            let e = format!(
-                "a batch of {} operations on Redis failed: {}",
-                batch.len(),
-                e.0
-            );
-            warn.warn("a batch", &RemoteError(e));
-        }
-        let n = batch.len();
-        let mut replies = match &mut result {
-            Ok(values) => std::mem::take(values).into_iter(),
-            Err(_) => Vec::new().into_iter(),
-        };
-        let mut cmds = pipe.cmd_iter();
-        // the reply of the next command sent, with what it was for the log
-        let mut next = |present: bool| -> Result<redis::Value, RemoteError> {
-            if !present {
-                return Ok(redis::Value::Nil);
-            }
-            let cmd = cmds.next();
-            let what = || describe(cmd, graph.as_ref());
-            match &result {
-                Err(e) => Err(RemoteError(format!(
-                    "Redis did not answer {}: {}",
-                    what(),
-                    e.0
-                ))),
-                Ok(_) => match replies.next() {
-                    Some(redis::Value::ServerError(e)) => {
-                        let what = what();
-                        let e = RemoteError(format!("Redis refused {what}: {}", server_words(&e)));
-                        warn.warn(&what, &e);
-                        Err(e)
-                    }
-                    Some(v) => Ok(v),
-                    None => Err(RemoteError(format!("no reply to {}", what()))),
-                },
-            }
-        };
-        for op in batch.drain(..) {
-            match op {
-                Op::Set { .. } | Op::Send(_) => {
-                    let counter = match (next(true), &op) {
-                        (Ok(_), _) => &metrics.0.written,
-                        (Err(_), Op::Set { .. }) => &metrics.0.failed_sets,
-                        (Err(_), _) => &metrics.0.failed_linked,
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
-                Op::Call { cmd, then, done } => {
-                    let reply = next(cmd.is_some());
-                    let then = next(then.is_some()).err();
-                    let _ = done.send(reply.map(|v| (v, then)));
-                }
-            }
-        }
-        if shared.pending.fetch_sub(n, Ordering::SeqCst) == n {
-            shared.drained.notify_waiters();
-        }
-    }
-}
-
-/// What a command sent by the writer is, for errors and the log: its name, and for a
-/// graph script, which one.
-fn describe(cmd: Option<&redis::Cmd>, graph: Option<&GraphKeys>) -> String {
-    let Some(cmd) = cmd else {
-        return "a command".to_owned();
-    };
-    let name = match cmd.args_iter().next() {
-        Some(redis::Arg::Simple(name)) => String::from_utf8_lossy(name).to_ascii_uppercase(),
-        _ => "a command".to_owned(),
-    };
-    match graph.and_then(|g| g.script_name(cmd)) {
-        Some(script) => format!("{name} ({script})"),
-        None => name,
-    }
-}
-
-/// The server's words for an error reply: its code and details.
-pub(crate) fn server_words(e: &redis::ServerError) -> String {
-    match e.details() {
-        Some(details) => format!("{} {details}", e.code()),
-        None => e.code().to_owned(),
-    }
-}
-
-/// Sends again, with their text, the graph scripts of `pipe` the server did not have
-/// (`NOSCRIPT`), in order, and puts their replies in `replies`. If that fails, their
-/// replies stay errors.
-async fn with_text(
-    link: &Arc<Link>,
-    graph: &GraphKeys,
-    pipe: &redis::Pipeline,
-    replies: &mut [redis::Value],
-) {
-    let unknown =
-        |v: &redis::Value| matches!(v, redis::Value::ServerError(e) if e.code() == "NOSCRIPT");
-    if !replies.iter().any(unknown) {
-        return;
-    }
-    let mut again = redis::pipe();
-    again.ignore_errors();
-    let mut at = Vec::new();
-    for (i, cmd) in pipe.cmd_iter().enumerate() {
-        if replies.get(i).is_some_and(unknown) {
-            if let Some(eval) = graph.with_text(cmd) {
-                again.add_command(eval);
-                at.push(i);
-            }
-        }
-    }
-    if at.is_empty() {
-        return;
-    }
-    if let Ok(values) = link.query_pipeline::<Vec<redis::Value>>(&again).await {
-        for (i, v) in at.into_iter().zip(values) {
-            replies[i] = v;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::graph::glob_escape;
 
     #[test]
     fn glob_escape_escapes() {

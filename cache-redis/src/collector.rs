@@ -14,7 +14,8 @@ use tokio::task::JoinHandle;
 
 use crate::backend::{client, RedisBackendError};
 use crate::bus::{PING_EVERY, PING_TIMEOUT};
-use crate::graph::{check_settings, collect_all, glob_escape, CollectionReport, GraphKeys};
+use crate::graph::{glob_escape, GraphKeys};
+use cache_runtime::RemoteError;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -97,7 +98,7 @@ impl DependencyCollectorBuilder {
         let client = client(&self.url, self.root_certificate.as_deref())?;
         let addr = client.get_connection_info().addr().to_string();
         let mut con = connect(&client).await?;
-        check_settings(&mut con)
+        crate::settings::check(&mut con, true)
             .await
             .map_err(|problem| RedisBackendError::ServerSettings { addr, problem })?;
         let counts = Arc::new(Counts::default());
@@ -357,5 +358,151 @@ impl Worker {
                 tracing::warn!(target: "cache_redis", error = %e.0, "dependency collector: full collection failed");
             }
         }
+    }
+}
+
+/// What a [`full_collection`](crate::full_collection) removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CollectionReport {
+    /// Graph items looked at: entries' links, reverse sets, cascades.
+    pub scanned: u64,
+    /// Entries whose value was gone: their links went.
+    pub forward_sets: u64,
+    /// Entries (value and links) whose links were incomplete.
+    pub broken_entries: u64,
+    /// Reverse-set members whose value was gone or no longer linked to the node.
+    pub reverse_members: u64,
+    /// Cascade sets nothing depended on any more.
+    pub cascades: u64,
+    /// Entries listed as having dependents that had none.
+    pub parents: u64,
+}
+
+impl CollectionReport {
+    /// Everything removed.
+    pub fn removed(&self) -> u64 {
+        self.forward_sets
+            + self.broken_entries
+            + self.reverse_members
+            + self.cascades
+            + self.parents
+    }
+}
+
+/// How many keys one `SCAN` step asks for, and how many set members one repair
+/// script checks: bounded batches, so the server is never blocked for long.
+const BATCH: usize = 500;
+
+/// Repairs every orphan of the graph under `keys`: links without a value,
+/// entries whose links are incomplete, reverse-set members whose value is gone or not
+/// linked back, cascade sets nothing depends on. Idempotent; safe while instances run
+/// (every repair is one script that re-checks what it removes).
+pub(crate) async fn collect_all(
+    con: &mut redis::aio::MultiplexedConnection,
+    keys: &GraphKeys,
+) -> Result<CollectionReport, RemoteError> {
+    let mut report = CollectionReport::default();
+    let err = |e: redis::RedisError| RemoteError(e.to_string());
+    let pattern = |kind: &str| format!("{}{kind}*", glob_escape(&keys.graph));
+    // forward links, a page of the hash at a time
+    let links = format!("{}links", keys.graph);
+    let hscan = |cursor: u64| {
+        let mut cmd = redis::cmd("HSCAN");
+        cmd.arg(&links).arg(cursor).arg("COUNT").arg(BATCH);
+        cmd
+    };
+    for page in pages(con, hscan).await? {
+        // field, value, field, value...
+        let entries: Vec<String> = page.into_iter().step_by(2).collect();
+        report.scanned += entries.len() as u64;
+        let (lonely, broken): (u64, u64) = keys
+            .run(con, keys.repair_links(&entries))
+            .await
+            .map_err(err)?;
+        report.forward_sets += lonely;
+        report.broken_entries += broken;
+    }
+    // the parents set
+    let parents = format!("{}parents", keys.graph);
+    let sscan = |cursor: u64| {
+        let mut cmd = redis::cmd("SSCAN");
+        cmd.arg(&parents).arg(cursor).arg("COUNT").arg(BATCH);
+        cmd
+    };
+    for page in pages(con, sscan).await? {
+        let n: u64 = keys
+            .run(con, keys.repair_parents(&page))
+            .await
+            .map_err(err)?;
+        report.parents += n;
+    }
+    // reverse sets
+    for key in scan(con, &pattern("rev:")).await? {
+        report.scanned += 1;
+        let node = &key[keys.graph.len() + "rev:".len()..];
+        let sscan = |cursor: u64| {
+            let mut cmd = redis::cmd("SSCAN");
+            cmd.arg(&key).arg(cursor).arg("COUNT").arg(BATCH);
+            cmd
+        };
+        for members in pages(con, sscan).await? {
+            let n: u64 = keys
+                .run(con, keys.repair_rev(node, &members))
+                .await
+                .map_err(err)?;
+            report.reverse_members += n;
+        }
+    }
+    // cascades
+    for key in scan(con, &pattern("cascade:")).await? {
+        report.scanned += 1;
+        let dependency = &key[keys.graph.len() + "cascade:".len()..];
+        let n: u64 = keys
+            .run(con, keys.repair_cascade(dependency))
+            .await
+            .map_err(err)?;
+        report.cascades += n;
+    }
+    Ok(report)
+}
+
+/// Every key matching `pattern`, by `SCAN` in bounded steps.
+async fn scan(
+    con: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> Result<Vec<String>, RemoteError> {
+    let scan = |cursor: u64| {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(BATCH);
+        cmd
+    };
+    Ok(pages(con, scan).await?.into_iter().flatten().collect())
+}
+
+/// The non-empty pages of a cursor command (`SCAN`, `SSCAN`): `page(cursor)` builds
+/// the command for a cursor.
+async fn pages(
+    con: &mut redis::aio::MultiplexedConnection,
+    page: impl Fn(u64) -> redis::Cmd,
+) -> Result<Vec<Vec<String>>, RemoteError> {
+    let mut cursor: u64 = 0;
+    let mut out = Vec::new();
+    loop {
+        let (next, items): (u64, Vec<String>) = page(cursor)
+            .query_async(con)
+            .await
+            .map_err(|e| RemoteError(e.to_string()))?;
+        if !items.is_empty() {
+            out.push(items);
+        }
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
     }
 }

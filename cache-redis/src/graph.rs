@@ -29,8 +29,6 @@
 
 use std::time::Duration;
 
-use cache_runtime::RemoteError;
-
 /// The first line of the scripts that mostly delete (the invalidation, the
 /// collector's step, the repairs): they run even when Redis is out of memory under
 /// `noeviction` (without it, their first write, such as the count's `INCR`, would be
@@ -285,57 +283,28 @@ impl GraphKeys {
         cmd
     }
 
-    fn repair_links(&self, keys: &[String]) -> redis::Cmd {
+    pub(crate) fn repair_links(&self, keys: &[String]) -> redis::Cmd {
         let mut cmd = self.evalsha(&self.repair_links);
         cmd.arg(keys);
         cmd
     }
 
-    fn repair_parents(&self, keys: &[String]) -> redis::Cmd {
+    pub(crate) fn repair_parents(&self, keys: &[String]) -> redis::Cmd {
         let mut cmd = self.evalsha(&self.repair_parents);
         cmd.arg(keys);
         cmd
     }
 
-    fn repair_rev(&self, node: &str, keys: &[String]) -> redis::Cmd {
+    pub(crate) fn repair_rev(&self, node: &str, keys: &[String]) -> redis::Cmd {
         let mut cmd = self.evalsha(&self.repair_rev);
         cmd.arg(node).arg(keys);
         cmd
     }
 
-    fn repair_cascade(&self, dependency: &str) -> redis::Cmd {
+    pub(crate) fn repair_cascade(&self, dependency: &str) -> redis::Cmd {
         let mut cmd = self.evalsha(&self.repair_cascade);
         cmd.arg(dependency);
         cmd
-    }
-}
-
-/// What a [`full_collection`](crate::full_collection) removed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct CollectionReport {
-    /// Graph items looked at: entries' links, reverse sets, cascades.
-    pub scanned: u64,
-    /// Entries whose value was gone: their links went.
-    pub forward_sets: u64,
-    /// Entries (value and links) whose links were incomplete.
-    pub broken_entries: u64,
-    /// Reverse-set members whose value was gone or no longer linked to the node.
-    pub reverse_members: u64,
-    /// Cascade sets nothing depended on any more.
-    pub cascades: u64,
-    /// Entries listed as having dependents that had none.
-    pub parents: u64,
-}
-
-impl CollectionReport {
-    /// Everything removed.
-    pub fn removed(&self) -> u64 {
-        self.forward_sets
-            + self.broken_entries
-            + self.reverse_members
-            + self.cascades
-            + self.parents
     }
 }
 
@@ -349,160 +318,4 @@ pub(crate) fn glob_escape(s: &str) -> String {
         out.push(c);
     }
     out
-}
-
-/// How many keys one `SCAN` step asks for, and how many set members one repair
-/// script checks: bounded batches, so the server is never blocked for long.
-const BATCH: usize = 500;
-
-/// Repairs every orphan of the graph under `keys`: links without a value,
-/// entries whose links are incomplete, reverse-set members whose value is gone or not
-/// linked back, cascade sets nothing depends on. Idempotent; safe while instances run
-/// (every repair is one script that re-checks what it removes).
-pub(crate) async fn collect_all(
-    con: &mut redis::aio::MultiplexedConnection,
-    keys: &GraphKeys,
-) -> Result<CollectionReport, RemoteError> {
-    let mut report = CollectionReport::default();
-    let err = |e: redis::RedisError| RemoteError(e.to_string());
-    let pattern = |kind: &str| format!("{}{kind}*", glob_escape(&keys.graph));
-    // forward links, a page of the hash at a time
-    let links = format!("{}links", keys.graph);
-    let hscan = |cursor: u64| {
-        let mut cmd = redis::cmd("HSCAN");
-        cmd.arg(&links).arg(cursor).arg("COUNT").arg(BATCH);
-        cmd
-    };
-    for page in pages(con, hscan).await? {
-        // field, value, field, value...
-        let entries: Vec<String> = page.into_iter().step_by(2).collect();
-        report.scanned += entries.len() as u64;
-        let (lonely, broken): (u64, u64) = keys
-            .run(con, keys.repair_links(&entries))
-            .await
-            .map_err(err)?;
-        report.forward_sets += lonely;
-        report.broken_entries += broken;
-    }
-    // the parents set
-    let parents = format!("{}parents", keys.graph);
-    let sscan = |cursor: u64| {
-        let mut cmd = redis::cmd("SSCAN");
-        cmd.arg(&parents).arg(cursor).arg("COUNT").arg(BATCH);
-        cmd
-    };
-    for page in pages(con, sscan).await? {
-        let n: u64 = keys
-            .run(con, keys.repair_parents(&page))
-            .await
-            .map_err(err)?;
-        report.parents += n;
-    }
-    // reverse sets
-    for key in scan(con, &pattern("rev:")).await? {
-        report.scanned += 1;
-        let node = &key[keys.graph.len() + "rev:".len()..];
-        let sscan = |cursor: u64| {
-            let mut cmd = redis::cmd("SSCAN");
-            cmd.arg(&key).arg(cursor).arg("COUNT").arg(BATCH);
-            cmd
-        };
-        for members in pages(con, sscan).await? {
-            let n: u64 = keys
-                .run(con, keys.repair_rev(node, &members))
-                .await
-                .map_err(err)?;
-            report.reverse_members += n;
-        }
-    }
-    // cascades
-    for key in scan(con, &pattern("cascade:")).await? {
-        report.scanned += 1;
-        let dependency = &key[keys.graph.len() + "cascade:".len()..];
-        let n: u64 = keys
-            .run(con, keys.repair_cascade(dependency))
-            .await
-            .map_err(err)?;
-        report.cascades += n;
-    }
-    Ok(report)
-}
-
-/// Every key matching `pattern`, by `SCAN` in bounded steps.
-async fn scan(
-    con: &mut redis::aio::MultiplexedConnection,
-    pattern: &str,
-) -> Result<Vec<String>, RemoteError> {
-    let scan = |cursor: u64| {
-        let mut cmd = redis::cmd("SCAN");
-        cmd.arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(BATCH);
-        cmd
-    };
-    Ok(pages(con, scan).await?.into_iter().flatten().collect())
-}
-
-/// The non-empty pages of a cursor command (`SCAN`, `SSCAN`): `page(cursor)` builds
-/// the command for a cursor.
-async fn pages(
-    con: &mut redis::aio::MultiplexedConnection,
-    page: impl Fn(u64) -> redis::Cmd,
-) -> Result<Vec<Vec<String>>, RemoteError> {
-    let mut cursor: u64 = 0;
-    let mut out = Vec::new();
-    loop {
-        let (next, items): (u64, Vec<String>) = page(cursor)
-            .query_async(con)
-            .await
-            .map_err(|e| RemoteError(e.to_string()))?;
-        if !items.is_empty() {
-            out.push(items);
-        }
-        if next == 0 {
-            return Ok(out);
-        }
-        cursor = next;
-    }
-}
-/// Checks the server settings the graph and its collector need; `Err` says what is
-/// wrong and which `CONFIG SET` fixes it. A server that refuses `CONFIG GET`
-/// (managed services often do) is accepted with a warning.
-pub(crate) async fn check_settings(
-    con: &mut redis::aio::MultiplexedConnection,
-) -> Result<(), String> {
-    let get = |name: &'static str| {
-        let mut cmd = redis::cmd("CONFIG");
-        cmd.arg("GET").arg(name);
-        cmd
-    };
-    let policy: Result<Vec<String>, _> = get("maxmemory-policy").query_async(con).await;
-    let events: Result<Vec<String>, _> = get("notify-keyspace-events").query_async(con).await;
-    let (Ok(policy), Ok(events)) = (policy, events) else {
-        tracing::warn!(target: "cache_redis", "CONFIG GET is not allowed on this server: make sure it runs with `maxmemory-policy volatile-lru` and `notify-keyspace-events Exe`, which the dependency graph and its collector need");
-        return Ok(());
-    };
-    let policy = policy.get(1).map(String::as_str).unwrap_or("");
-    let events = events.get(1).map(String::as_str).unwrap_or("");
-    match policy {
-        "volatile-lru" | "volatile-random" => {}
-        "noeviction" => tracing::warn!(target: "cache_redis", "Redis uses `maxmemory-policy noeviction`: once full it refuses writes (the graph stays whole). `CONFIG SET maxmemory-policy volatile-lru` evicts cache entries instead"),
-        other => {
-            return Err(format!(
-                "Redis evicts with `maxmemory-policy {other}`, which can evict the dependency graph's keys (they have no expiry): run `CONFIG SET maxmemory-policy volatile-lru` (or volatile-random)"
-            ))
-        }
-    }
-    let has = |c: char| events.contains(c) || (events.contains('A') && "xe".contains(c));
-    if !(events.contains('E') || events.contains('K')) || !has('x') {
-        return Err(format!(
-            "Redis sends no expiry events (`notify-keyspace-events` is `{events}`), which the dependency collector needs: run `CONFIG SET notify-keyspace-events Exe` (or add `Exe` to what is set)"
-        ));
-    }
-    if !has('e') {
-        tracing::warn!(target: "cache_redis", "Redis sends no eviction events (`notify-keyspace-events` is `{events}`): the links of evicted values stay until a full collection. `CONFIG SET notify-keyspace-events Exe` adds them");
-    }
-    Ok(())
 }

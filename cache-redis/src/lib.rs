@@ -22,11 +22,16 @@ mod collector;
 mod graph;
 mod link;
 mod probe;
+mod settings;
+mod store;
 mod sync;
+mod writer;
 
-pub use backend::{RedisBackend, RedisBackendBuilder, RedisBackendError, RedisMetrics};
+pub use backend::{RedisBackend, RedisBackendBuilder, RedisBackendError};
 pub use cache_runtime;
-pub use collector::{full_collection, DependencyCollector, DependencyCollectorBuilder};
-pub use graph::CollectionReport;
+pub use collector::{
+    full_collection, CollectionReport, DependencyCollector, DependencyCollectorBuilder,
+};
 pub use redis;
 pub use sync::{RedisSync, RedisSyncBuilder};
+pub use writer::RedisMetrics;

@@ -1,0 +1,286 @@
+//! The backend's store: [`RemoteStore`] (reads, queued writes, removals behind them)
+//! and, with `dependencies(true)`, [`RemoteGraph`] over Redis.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cache_runtime::{
+    BoxFuture, Fetched, LinkedWrite, RemoteError, RemoteGraph, RemoteKey, RemoteStats, RemoteStore,
+    Removed, ShutdownReport,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::graph::{glob_escape, GraphKeys};
+use crate::link::Link;
+use crate::writer::{millis, Backlog, CallReply, Op, Prefixed, RedisMetrics};
+
+pub(crate) struct RedisStore {
+    pub(crate) link: Arc<Link>,
+    pub(crate) prefix: String,
+    pub(crate) default_ttl: Duration,
+    pub(crate) max_value_size: usize,
+    pub(crate) queue: mpsc::Sender<Op>,
+    pub(crate) metrics: RedisMetrics,
+    pub(crate) backlog: Arc<Backlog>,
+    pub(crate) operation_timeout: Duration,
+    /// The channel of the instances' invalidations.
+    pub(crate) channel: String,
+    /// With `dependencies(true)`.
+    pub(crate) graph: Option<GraphKeys>,
+}
+
+impl RedisStore {
+    /// Queues an operation for the writer; a write is dropped (and counted) when the
+    /// queue is full.
+    pub(crate) fn queue(&self, op: Op) -> Result<(), Op> {
+        self.backlog.pending.fetch_add(1, Ordering::SeqCst);
+        self.queue.try_send(op).map_err(|e| {
+            self.backlog.pending.fetch_sub(1, Ordering::SeqCst);
+            match e {
+                mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op) => op,
+            }
+        })
+    }
+
+    /// Runs `cmd` on the writer's connection, behind the operations queued before
+    /// (Redis runs a connection's commands in order, so no queued or in-flight write
+    /// of an old value lands after its removal), and waits for its reply at most the
+    /// operation timeout. Without a command, only waits for the operations before.
+    pub(crate) async fn call(
+        &self,
+        cmd: Option<redis::Cmd>,
+        then: Option<Box<redis::Cmd>>,
+    ) -> CallReply {
+        let (done, result) = oneshot::channel();
+        self.backlog.pending.fetch_add(1, Ordering::SeqCst);
+        match self.queue.try_send(Op::Call { cmd, then, done }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(op)) => {
+                // never dropped: it must land after the writes before it
+                let queue = self.queue.clone();
+                tokio::spawn(async move { queue.send(op).await });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.backlog.pending.fetch_sub(1, Ordering::SeqCst);
+                return Err(RemoteError("the writer has stopped".into()));
+            }
+        }
+        match tokio::time::timeout(self.operation_timeout, result).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(RemoteError("the writer has stopped".into())),
+            Err(_) => Err(RemoteError(format!(
+                "not confirmed within {:?}; it stays queued behind earlier writes",
+                self.operation_timeout
+            ))),
+        }
+    }
+}
+
+impl RemoteStore for RedisStore {
+    fn get<'a>(
+        &'a self,
+        key: RemoteKey<'a>,
+        touch: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Fetched, RemoteError>> {
+        // bounded by the connection's response timeout (no second timer per read)
+        let Some(graph) = &self.graph else {
+            return Box::pin(async move {
+                let value: Option<Vec<u8>> = self
+                    .link
+                    .request(move |cmd| {
+                        key.with_text(|key| {
+                            let key = Prefixed(&self.prefix, key);
+                            match touch {
+                                Some(d) => cmd.arg("GETEX").arg(key).arg("PX").arg(millis(d)),
+                                None => cmd.arg("GET").arg(key),
+                            };
+                        })
+                    })
+                    .await?;
+                Ok(value.into())
+            });
+        };
+        // with the graph, the invalidation count comes in the same round trip; a
+        // sliding entry's read is a script (by hash, with its text on `NOSCRIPT`)
+        let read = move |by_hash: bool| {
+            self.link
+                .request::<(Option<Vec<u8>>, Option<u64>)>(move |cmd| {
+                    key.with_text(|key| {
+                        let key = Prefixed(&self.prefix, key);
+                        let epoch = Prefixed(&graph.graph, "epoch");
+                        match touch {
+                            Some(d) => {
+                                let (command, script) = graph.touch_script(by_hash);
+                                cmd.arg(command)
+                                    .arg(script)
+                                    .arg(2)
+                                    .arg(key)
+                                    .arg(epoch)
+                                    .arg(millis(d))
+                            }
+                            None => cmd.arg("MGET").arg(key).arg(epoch),
+                        };
+                    })
+                })
+        };
+        Box::pin(async move {
+            let (value, epoch) = match read(true).await {
+                Err(e) if touch.is_some() && e.0.starts_with("NOSCRIPT") => read(false).await?,
+                reply => reply?,
+            };
+            Ok(Fetched {
+                value,
+                epoch: epoch.unwrap_or(0),
+            })
+        })
+    }
+
+    fn set(&self, key: String, value: Vec<u8>, ttl: Duration) {
+        if self.queue(Op::Set { key, value, ttl }).is_err() {
+            self.metrics.0.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn remove(
+        &self,
+        keys: Vec<String>,
+        publish: Option<Vec<u8>>,
+    ) -> BoxFuture<'_, Result<Removed, RemoteError>> {
+        Box::pin(async move {
+            let cmd = (!keys.is_empty()).then(|| {
+                let mut cmd = redis::cmd("DEL");
+                for k in &keys {
+                    cmd.arg(Prefixed(&self.prefix, k));
+                }
+                cmd
+            });
+            let publish = publish.map(|message| {
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(&self.channel).arg(message);
+                Box::new(cmd)
+            });
+            let (_, publish_error) = self.call(cmd, publish).await?;
+            Ok(Removed {
+                keys: Vec::new(),
+                publish_error,
+            })
+        })
+    }
+
+    fn clear(&self) -> BoxFuture<'_, Result<(), RemoteError>> {
+        Box::pin(async move {
+            // the values, and with dependencies the graph too
+            let mut prefixes = vec![self.prefix.as_str()];
+            prefixes.extend(self.graph.as_ref().map(|g| g.graph.as_str()));
+            for prefix in prefixes {
+                let pattern = format!("{}*", glob_escape(prefix));
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = self
+                        .link
+                        .query(
+                            redis::cmd("SCAN")
+                                .arg(cursor)
+                                .arg("MATCH")
+                                .arg(&pattern)
+                                .arg("COUNT")
+                                .arg(500),
+                        )
+                        .await?;
+                    if !keys.is_empty() {
+                        self.link
+                            .query::<()>(redis::cmd("UNLINK").arg(&keys))
+                            .await?;
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn flush(&self, timeout: Duration) -> BoxFuture<'_, ShutdownReport> {
+        Box::pin(async move {
+            let before = self.metrics.written();
+            let drained = tokio::time::timeout(timeout, async {
+                loop {
+                    let notified = self.backlog.drained.notified();
+                    if self.backlog.pending.load(Ordering::SeqCst) == 0 {
+                        return;
+                    }
+                    notified.await;
+                }
+            })
+            .await;
+            let written = self.metrics.written() - before;
+            match drained {
+                Ok(()) => ShutdownReport::new(written, 0, false),
+                Err(_) => {
+                    let left = self.backlog.pending.load(Ordering::SeqCst) as u64;
+                    tracing::warn!(target: "cache_redis", "shutdown: {left} writes to Redis were not completed within {timeout:?}");
+                    ShutdownReport::new(written, left, true)
+                }
+            }
+        })
+    }
+
+    fn max_value_size(&self) -> usize {
+        self.max_value_size
+    }
+
+    fn default_ttl(&self) -> Duration {
+        self.default_ttl
+    }
+
+    fn graph(&self) -> Option<&dyn RemoteGraph> {
+        self.graph.as_ref().map(|_| self as &dyn RemoteGraph)
+    }
+
+    fn report(&self, stats: &mut RemoteStats) {
+        let c = &self.metrics.0;
+        stats.write_errors += c.failed_sets.load(Ordering::Relaxed);
+        stats.linked_write_errors += c.failed_linked.load(Ordering::Relaxed);
+        stats.writes_dropped += c.dropped.load(Ordering::Relaxed);
+    }
+}
+
+impl RemoteGraph for RedisStore {
+    fn set_linked(&self, write: LinkedWrite) {
+        let Some(graph) = &self.graph else { return };
+        if self.queue(Op::Send(graph.write(&write))).is_err() {
+            self.metrics.0.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn invalidate(
+        &self,
+        start: Vec<String>,
+        keep: Option<String>,
+        want_keys: bool,
+        publish: Option<Vec<u8>>,
+    ) -> BoxFuture<'_, Result<Removed, RemoteError>> {
+        Box::pin(async move {
+            let Some(graph) = &self.graph else {
+                return Ok(Removed::default());
+            };
+            let publish = publish.as_deref().map(|m| (self.channel.as_str(), m));
+            let cmd = graph.invalidate(&start, keep.as_deref(), want_keys, publish);
+            let (reply, _) = self.call(Some(cmd), None).await?;
+            let removed: Vec<String> =
+                redis::from_redis_value(reply).map_err(|e| RemoteError(e.to_string()))?;
+            // the graph names entries by their value keys
+            Ok(Removed {
+                keys: removed
+                    .into_iter()
+                    .filter_map(|v| v.strip_prefix(graph.values.as_str()).map(str::to_owned))
+                    .collect(),
+                // the script publishes as its last step: it did if it ran
+                publish_error: None,
+            })
+        })
+    }
+}

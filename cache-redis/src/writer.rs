@@ -1,0 +1,262 @@
+//! The writer: one task that sends the backend's writes and removals, in the order
+//! queued, on the writer's connection (so a removal queued after a write of the same
+//! key lands after it), pipelining what has accumulated; and its counters.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cache_runtime::RemoteError;
+use redis::{RedisWrite, ToRedisArgs};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::graph::GraphKeys;
+use crate::link::Link;
+
+/// Counters of the Redis backend's background writes, readable while it runs.
+#[derive(Clone, Debug, Default)]
+pub struct RedisMetrics(pub(crate) Arc<Counters>);
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) written: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    /// `SET`s refused or failed.
+    pub(crate) failed_sets: AtomicU64,
+    /// Linked writes (the graph's write script) refused or failed.
+    pub(crate) failed_linked: AtomicU64,
+}
+
+impl RedisMetrics {
+    /// Writes completed.
+    pub fn written(&self) -> u64 {
+        self.0.written.load(Ordering::Relaxed)
+    }
+    /// Writes dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.0.dropped.load(Ordering::Relaxed)
+    }
+    /// Writes that Redis refused or that failed (both kinds; `stats().remote` tells
+    /// them apart).
+    pub fn failed(&self) -> u64 {
+        self.0.failed_sets.load(Ordering::Relaxed) + self.0.failed_linked.load(Ordering::Relaxed)
+    }
+}
+
+/// State shared with the writer: how many writes are queued or in progress.
+pub(crate) struct Backlog {
+    pub(crate) pending: AtomicUsize,
+    pub(crate) drained: Notify,
+}
+
+/// What the writer does, in the order queued: a removal queued after a write of the
+/// same key lands after it.
+pub(crate) enum Op {
+    Set {
+        key: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    },
+    /// A command whose reply nobody waits for (a conditional write).
+    Send(redis::Cmd),
+    /// A command whose reply the sender waits for; without one, the sender only waits
+    /// for the operations queued before. `then` is sent right after it, in the same
+    /// pipeline (its reply is not looked at).
+    Call {
+        cmd: Option<redis::Cmd>,
+        then: Option<Box<redis::Cmd>>,
+        done: oneshot::Sender<CallReply>,
+    },
+}
+
+/// The reply to [`Op::Call`]: `cmd`'s reply (`Nil` without one) and, if `then` was
+/// sent and failed, why.
+pub(crate) type CallReply = Result<(redis::Value, Option<RemoteError>), RemoteError>;
+
+/// The background writer: takes queued operations in batches and sends each batch as
+/// one pipeline, in order. A batch that fails (the connection) is counted and dropped
+/// (the entries are simply not in Redis; the next miss writes them again), and its
+/// removals report the failure; an operation the server refuses fails alone. Graph
+/// scripts go by their hash; those the server does not have are sent again with their
+/// text, in order, before the next batch.
+pub(crate) async fn writer(
+    link: Arc<Link>,
+    prefix: String,
+    graph: Option<GraphKeys>,
+    mut rx: mpsc::Receiver<Op>,
+    metrics: RedisMetrics,
+    backlog: Arc<Backlog>,
+) {
+    const BATCH: usize = 128;
+    let mut batch = Vec::with_capacity(BATCH);
+    let warn = crate::link::RateLimited::default();
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for op in &batch {
+            match op {
+                Op::Set { key, value, ttl } => {
+                    pipe.cmd("SET")
+                        .arg(Prefixed(&prefix, key))
+                        .arg(value)
+                        .arg("PX")
+                        .arg(millis(*ttl));
+                }
+                Op::Send(cmd) => {
+                    pipe.add_command(cmd.clone());
+                }
+                Op::Call { cmd, then, .. } => {
+                    if let Some(cmd) = cmd {
+                        pipe.add_command(cmd.clone());
+                    }
+                    if let Some(then) = then {
+                        pipe.add_command((**then).clone());
+                    }
+                }
+            }
+        }
+        let mut result = match pipe.is_empty() {
+            true => Ok(Vec::new()),
+            false => link.pipeline_again::<Vec<redis::Value>>(&pipe).await,
+        };
+        if let (Ok(replies), Some(graph)) = (&mut result, &graph) {
+            with_text(&link, graph, &pipe, replies).await;
+        }
+        if let Err(e) = &result {
+            let e = format!(
+                "a batch of {} operations on Redis failed: {}",
+                batch.len(),
+                e.0
+            );
+            warn.warn("a batch", &RemoteError(e));
+        }
+        let n = batch.len();
+        let mut replies = match &mut result {
+            Ok(values) => std::mem::take(values).into_iter(),
+            Err(_) => Vec::new().into_iter(),
+        };
+        let mut cmds = pipe.cmd_iter();
+        // the reply of the next command sent, with what it was for the log
+        let mut next = |present: bool| -> Result<redis::Value, RemoteError> {
+            if !present {
+                return Ok(redis::Value::Nil);
+            }
+            let cmd = cmds.next();
+            let what = || describe(cmd, graph.as_ref());
+            match &result {
+                Err(e) => Err(RemoteError(format!(
+                    "Redis did not answer {}: {}",
+                    what(),
+                    e.0
+                ))),
+                Ok(_) => match replies.next() {
+                    Some(redis::Value::ServerError(e)) => {
+                        let what = what();
+                        let e = RemoteError(format!("Redis refused {what}: {}", server_words(&e)));
+                        warn.warn(&what, &e);
+                        Err(e)
+                    }
+                    Some(v) => Ok(v),
+                    None => Err(RemoteError(format!("no reply to {}", what()))),
+                },
+            }
+        };
+        for op in batch.drain(..) {
+            match op {
+                Op::Set { .. } | Op::Send(_) => {
+                    let counter = match (next(true), &op) {
+                        (Ok(_), _) => &metrics.0.written,
+                        (Err(_), Op::Set { .. }) => &metrics.0.failed_sets,
+                        (Err(_), _) => &metrics.0.failed_linked,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Op::Call { cmd, then, done } => {
+                    let reply = next(cmd.is_some());
+                    let then = next(then.is_some()).err();
+                    let _ = done.send(reply.map(|v| (v, then)));
+                }
+            }
+        }
+        if backlog.pending.fetch_sub(n, Ordering::SeqCst) == n {
+            backlog.drained.notify_waiters();
+        }
+    }
+}
+
+/// What a command sent by the writer is, for errors and the log: its name, and for a
+/// graph script, which one.
+fn describe(cmd: Option<&redis::Cmd>, graph: Option<&GraphKeys>) -> String {
+    let Some(cmd) = cmd else {
+        return "a command".to_owned();
+    };
+    let name = match cmd.args_iter().next() {
+        Some(redis::Arg::Simple(name)) => String::from_utf8_lossy(name).to_ascii_uppercase(),
+        _ => "a command".to_owned(),
+    };
+    match graph.and_then(|g| g.script_name(cmd)) {
+        Some(script) => format!("{name} ({script})"),
+        None => name,
+    }
+}
+
+/// The server's words for an error reply: its code and details.
+pub(crate) fn server_words(e: &redis::ServerError) -> String {
+    match e.details() {
+        Some(details) => format!("{} {details}", e.code()),
+        None => e.code().to_owned(),
+    }
+}
+
+/// Sends again, with their text, the graph scripts of `pipe` the server did not have
+/// (`NOSCRIPT`), in order, and puts their replies in `replies`. If that fails, their
+/// replies stay errors.
+async fn with_text(
+    link: &Arc<Link>,
+    graph: &GraphKeys,
+    pipe: &redis::Pipeline,
+    replies: &mut [redis::Value],
+) {
+    let unknown =
+        |v: &redis::Value| matches!(v, redis::Value::ServerError(e) if e.code() == "NOSCRIPT");
+    if !replies.iter().any(unknown) {
+        return;
+    }
+    let mut again = redis::pipe();
+    again.ignore_errors();
+    let mut at = Vec::new();
+    for (i, cmd) in pipe.cmd_iter().enumerate() {
+        if replies.get(i).is_some_and(unknown) {
+            if let Some(eval) = graph.with_text(cmd) {
+                again.add_command(eval);
+                at.push(i);
+            }
+        }
+    }
+    if at.is_empty() {
+        return;
+    }
+    if let Ok(values) = link.query_pipeline::<Vec<redis::Value>>(&again).await {
+        for (i, v) in at.into_iter().zip(values) {
+            replies[i] = v;
+        }
+    }
+}
+
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// A key with the backend's prefix, written as one argument without formatting a
+/// string first.
+pub(crate) struct Prefixed<'a>(pub(crate) &'a str, pub(crate) &'a str);
+
+impl ToRedisArgs for Prefixed<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        // writing into memory does not fail
+        let _ = arg.write_all(self.0.as_bytes());
+        let _ = arg.write_all(self.1.as_bytes());
+    }
+}
