@@ -48,11 +48,14 @@ pub fn call_key(
 /// Removes the entries of these calls, and every entry that depends on them.
 #[doc(hidden)]
 pub async fn invalidate_calls(keys: impl IntoIterator<Item = CallKey>) {
-    let nodes: Vec<Node> = keys
-        .into_iter()
-        .filter_map(|k| k.key)
-        .map(|k| Node::Entry(k.as_bytes().into()))
-        .collect();
+    invalidate_after(keys.into_iter().collect(), Vec::new()).await;
+}
+
+/// Runs the invalidations of `#[invalidate_cache]` once the function has succeeded:
+/// its keys and dependencies in one invalidation (one remote removal, one message).
+#[doc(hidden)]
+pub async fn invalidate_after(keys: Vec<CallKey>, dependencies: Vec<crate::Dependency>) {
+    let nodes = nodes_of(keys, &dependencies);
     if !nodes.is_empty() {
         let service = with_current(CachingService::clone);
         let pending = service.inner.invalidate(nodes);
@@ -60,30 +63,27 @@ pub async fn invalidate_calls(keys: impl IntoIterator<Item = CallKey>) {
     }
 }
 
-/// Runs the invalidations of `#[invalidate_cache]` once the function has succeeded.
-#[doc(hidden)]
-pub async fn invalidate_after(keys: Vec<CallKey>, dependencies: Vec<crate::Dependency>) {
-    invalidate_calls(keys).await;
-    for d in dependencies {
-        crate::invalidate_dependency(d).await;
-    }
-}
-
 /// Blocking form of [`invalidate_after`], for plain functions. The in-process tier
 /// needs no waiting; remote tiers queue their part.
 #[doc(hidden)]
 pub fn invalidate_after_sync(keys: Vec<CallKey>, dependencies: Vec<crate::Dependency>) {
+    let nodes = nodes_of(keys, &dependencies);
+    if !nodes.is_empty() {
+        let service = with_current(CachingService::clone);
+        let pending = service.inner.invalidate(nodes);
+        service.complete_detached(pending);
+    }
+}
+
+/// The graph nodes of calls' keys and dependencies.
+fn nodes_of(keys: Vec<CallKey>, dependencies: &[crate::Dependency]) -> Vec<Node> {
     let mut nodes: Vec<Node> = keys
         .into_iter()
         .filter_map(|k| k.key)
         .map(|k| Node::Entry(k.as_bytes().into()))
         .collect();
     nodes.extend(dependencies.iter().flat_map(crate::deps::nodes_of));
-    if !nodes.is_empty() {
-        let service = with_current(CachingService::clone);
-        let pending = service.inner.invalidate(nodes);
-        service.complete_detached(pending);
-    }
+    nodes
 }
 
 /// Invalidates a dependency in the current service: every entry that depends on it
