@@ -294,7 +294,6 @@ impl RedisBackendBuilder {
         tokio::spawn(writer(
             writes,
             prefix.clone(),
-            graph.clone(),
             rx,
             metrics.clone(),
             shared.clone(),

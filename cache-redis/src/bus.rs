@@ -28,11 +28,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Where received messages go: the receivers of the services attached (usually one;
 /// several when a backend was cloned into several services).
 #[derive(Default)]
-struct Slot(Mutex<Vec<BusReceiver>>);
+struct Receivers(Mutex<Vec<BusReceiver>>);
 
-impl Slot {
+impl Receivers {
     /// The live receivers; `None` once every attached service is gone.
-    fn receivers(&self) -> Option<Vec<BusReceiver>> {
+    fn live(&self) -> Option<Vec<BusReceiver>> {
         let mut receivers = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let attached = !receivers.is_empty();
         receivers.retain(BusReceiver::is_alive);
@@ -41,7 +41,7 @@ impl Slot {
 
     /// Runs `f` on every live receiver; `false` once the services are gone.
     fn each(&self, f: impl Fn(&BusReceiver)) -> bool {
-        let Some(receivers) = self.receivers() else {
+        let Some(receivers) = self.live() else {
             return false;
         };
         receivers.iter().for_each(f);
@@ -74,7 +74,7 @@ pub(crate) struct RedisBus {
     publisher: Arc<Link>,
     /// Bounds a publication.
     timeout: Duration,
-    slot: Arc<Slot>,
+    receivers: Arc<Receivers>,
     subscribed: watch::Receiver<bool>,
     /// The subscriber, if this bus receives.
     task: Option<AbortHandle>,
@@ -99,7 +99,7 @@ impl RedisBus {
             channel,
             publisher,
             timeout,
-            slot: Arc::default(),
+            receivers: Arc::default(),
             subscribed: watch::channel(false).1,
             task: None,
         }
@@ -115,13 +115,13 @@ impl RedisBus {
         lazy: bool,
         wait: Duration,
     ) -> Result<RedisBus, redis::RedisError> {
-        let slot = Arc::new(Slot::default());
+        let receivers = Arc::new(Receivers::default());
         let (tx, mut subscribed) = watch::channel(false);
         let (first_error_tx, mut first_error) = watch::channel(None::<redis::RedisError>);
         let task = tokio::spawn(subscriber(
             client,
             channel.clone(),
-            slot.clone(),
+            receivers.clone(),
             tx,
             first_error_tx,
             lazy,
@@ -131,7 +131,7 @@ impl RedisBus {
             channel,
             publisher,
             timeout: wait,
-            slot,
+            receivers,
             subscribed: subscribed.clone(),
             task: Some(task),
         };
@@ -170,7 +170,11 @@ impl RedisBus {
 
 impl InvalidationBus for RedisBus {
     fn attach(&self, receiver: BusReceiver) {
-        let mut receivers = self.slot.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut receivers = self
+            .receivers
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         // Under the lock: the subscriber marks itself subscribed before it tells the
         // receivers, so this one is either told, or sees it subscribed.
         if self.task.is_some() && !self.is_subscribed() {
@@ -202,7 +206,7 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 async fn subscriber(
     client: Client,
     channel: String,
-    slot: Arc<Slot>,
+    receivers: Arc<Receivers>,
     subscribed: watch::Sender<bool>,
     first_error: watch::Sender<Option<redis::RedisError>>,
     lazy: bool,
@@ -225,7 +229,7 @@ async fn subscriber(
                 if warned.take().is_some() {
                     tracing::info!(target: "cache_redis", channel, "subscribed: the in-process tier is served again");
                 }
-                if !slot.receiving() {
+                if !receivers.receiving() {
                     return;
                 }
                 tracing::debug!(target: "cache_redis", channel, "subscribed");
@@ -235,7 +239,7 @@ async fn subscriber(
                     tokio::select! {
                         msg = stream.next() => match msg {
                             Some(msg) => {
-                                if !slot.deliver(msg.get_payload_bytes()) {
+                                if !receivers.deliver(msg.get_payload_bytes()) {
                                     return;
                                 }
                             }
@@ -253,7 +257,7 @@ async fn subscriber(
                 subscribed.send_replace(false);
                 tracing::warn!(target: "cache_redis", channel, "invalidation subscription lost ({why}): the in-process tier is cleared and bypassed until resubscribed");
                 warned = Some(tokio::time::Instant::now());
-                if !slot.missed() {
+                if !receivers.missed() {
                     return;
                 }
                 None

@@ -328,11 +328,7 @@ impl Worker {
             return;
         }
         let entry = &key;
-        match self
-            .keys
-            .run::<i64>(&mut self.con, self.keys.collect(entry))
-            .await
-        {
+        match self.keys.collect(entry).run::<i64>(&mut self.con).await {
             Ok(1) => {
                 self.counts.collected.fetch_add(1, Ordering::Relaxed);
             }
@@ -416,10 +412,8 @@ pub(crate) async fn collect_all(
         // field, value, field, value...
         let entries: Vec<String> = page.into_iter().step_by(2).collect();
         report.scanned += entries.len() as u64;
-        let (lonely, broken): (u64, u64) = keys
-            .run(con, keys.repair_links(&entries))
-            .await
-            .map_err(err)?;
+        let (lonely, broken): (u64, u64) =
+            keys.repair_links(&entries).run(con).await.map_err(err)?;
         report.forward_sets += lonely;
         report.broken_entries += broken;
     }
@@ -431,10 +425,7 @@ pub(crate) async fn collect_all(
         cmd
     };
     for page in pages(con, sscan).await? {
-        let n: u64 = keys
-            .run(con, keys.repair_parents(&page))
-            .await
-            .map_err(err)?;
+        let n: u64 = keys.repair_parents(&page).run(con).await.map_err(err)?;
         report.parents += n;
     }
     // reverse sets
@@ -448,7 +439,8 @@ pub(crate) async fn collect_all(
         };
         for members in pages(con, sscan).await? {
             let n: u64 = keys
-                .run(con, keys.repair_rev(node, &members))
+                .repair_rev(node, &members)
+                .run(con)
                 .await
                 .map_err(err)?;
             report.reverse_members += n;
@@ -459,7 +451,8 @@ pub(crate) async fn collect_all(
         report.scanned += 1;
         let dependency = &key[keys.graph.len() + "cascade:".len()..];
         let n: u64 = keys
-            .run(con, keys.repair_cascade(dependency))
+            .repair_cascade(dependency)
+            .run(con)
             .await
             .map_err(err)?;
         report.cascades += n;

@@ -27,6 +27,7 @@
 //! `volatile-lru` or `volatile-random` (never a graph key), and why a collector
 //! removes the links of values that expire or are evicted.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The first line of the scripts that mostly delete (the invalidation, the
@@ -49,9 +50,9 @@ fn script_text(script: &str) -> String {
 /// Entries are named by their value key `v`.
 const UNLINK: &str = include_str!("lua/unlink.lua");
 
-/// ARGV: G, P, key, value, ttl ms, since, n, n links, then per cascade: dependency,
+/// ARGV: G, P, key, value, ttl ms, remote epoch, n, n links, then per cascade: dependency,
 /// count, keys. Writes the value with its links, replacing the old ones, unless a
-/// marker of the entry or of a link is newer than `since`, or `since` is above the
+/// marker of the entry or of a link is newer than the remote epoch, or that epoch is above the
 /// server's count (it restarted and lost its markers). Returns 1 if written.
 const WRITE: &str = include_str!("lua/write.lua");
 
@@ -90,22 +91,85 @@ const REPAIR_PARENTS: &str = include_str!("lua/repair_parents.lua");
 
 /// A script, sent by its hash (`EVALSHA`), so that its text travels and is hashed by
 /// the server only when the server does not have it yet.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct Hashed {
+    /// What it is, for errors and the log.
+    name: &'static str,
     text: String,
     sha: String,
 }
 
 impl Hashed {
     /// One of the graph's scripts, with the common part.
-    fn new(script: &str) -> Self {
-        Self::plain(script_text(script))
+    fn new(name: &'static str, script: &str) -> Arc<Self> {
+        Self::plain(name, script_text(script))
     }
 
     /// A script as it is.
-    fn plain(text: String) -> Self {
+    fn plain(name: &'static str, text: String) -> Arc<Self> {
         let sha = redis::Script::new(&text).get_hash().to_owned();
-        Hashed { text, sha }
+        Arc::new(Hashed { name, text, sha })
+    }
+
+    /// The command and its first argument: `EVALSHA` and the hash, or, for a server
+    /// that answered `NOSCRIPT` (it restarted, or its scripts were flushed), `EVAL`
+    /// and the text, which loads it again.
+    pub(crate) fn head(&self, by_hash: bool) -> (&'static str, &str) {
+        match by_hash {
+            true => ("EVALSHA", &self.sha),
+            false => ("EVAL", &self.text),
+        }
+    }
+}
+
+/// Whether the server answered that it does not have the script.
+pub(crate) fn no_script(code: Option<&str>) -> bool {
+    code == Some("NOSCRIPT")
+}
+
+/// A call of one of the graph's scripts: the script and the arguments after it. Sent
+/// by hash, and with the text where the server answers `NOSCRIPT`: in a pipeline
+/// (the writer), alone on a connection ([`ScriptCall::run`]), and in the sliding read
+/// ([`Hashed::head`] written into the link's command buffer).
+///
+/// Not `redis::Script::invoke_async`: it runs one command by itself, and after
+/// `NOSCRIPT` sends `SCRIPT LOAD` and the `EVALSHA` again (two more round trips, out
+/// of order with the writer's queue); redis-rs 1.8 has no script in a pipeline.
+#[derive(Clone, Debug)]
+pub(crate) struct ScriptCall {
+    script: Arc<Hashed>,
+    args: Vec<Vec<u8>>,
+}
+
+impl ScriptCall {
+    fn arg<T: redis::ToRedisArgs>(&mut self, value: T) -> &mut Self {
+        value.write_redis_args(&mut self.args);
+        self
+    }
+
+    /// The command: by hash, or with the script's text.
+    pub(crate) fn cmd(&self, by_hash: bool) -> redis::Cmd {
+        let (command, script) = self.script.head(by_hash);
+        let mut cmd = redis::cmd(command);
+        cmd.arg(script).arg(&self.args);
+        cmd
+    }
+
+    /// Which script it runs, for errors and the log.
+    pub(crate) fn name(&self) -> &'static str {
+        self.script.name
+    }
+
+    /// Runs it on `con`: by hash, and once more with the text if the server does not
+    /// have the script.
+    pub(crate) async fn run<T: redis::FromRedisValue>(
+        &self,
+        con: &mut redis::aio::MultiplexedConnection,
+    ) -> redis::RedisResult<T> {
+        match self.cmd(true).query_async(con).await {
+            Err(e) if no_script(e.code()) => self.cmd(false).query_async(con).await,
+            result => result,
+        }
     }
 }
 
@@ -122,14 +186,14 @@ pub(crate) struct GraphKeys {
     pub(crate) values: String,
     /// How long a marker is kept, in milliseconds.
     pub(crate) marker_ttl: u64,
-    write: Hashed,
-    invalidate: Hashed,
-    collect: Hashed,
-    repair_links: Hashed,
-    repair_rev: Hashed,
-    repair_cascade: Hashed,
-    repair_parents: Hashed,
-    touch: Hashed,
+    write: Arc<Hashed>,
+    invalidate: Arc<Hashed>,
+    collect: Arc<Hashed>,
+    repair_links: Arc<Hashed>,
+    repair_rev: Arc<Hashed>,
+    repair_cascade: Arc<Hashed>,
+    repair_parents: Arc<Hashed>,
+    touch: Arc<Hashed>,
 }
 
 impl GraphKeys {
@@ -140,114 +204,39 @@ impl GraphKeys {
             marker_ttl: u64::try_from(marker_ttl.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1),
-            write: Hashed::new(WRITE),
-            invalidate: Hashed::new(INVALIDATE),
-            collect: Hashed::new(COLLECT),
-            repair_links: Hashed::new(REPAIR_LINKS),
-            repair_rev: Hashed::new(REPAIR_REV),
-            repair_cascade: Hashed::new(REPAIR_CASCADE),
-            repair_parents: Hashed::new(REPAIR_PARENTS),
-            touch: Hashed::plain(GET_TOUCH_EPOCH.to_owned()),
+            write: Hashed::new("the graph's write script", WRITE),
+            invalidate: Hashed::new("the graph's invalidation script", INVALIDATE),
+            collect: Hashed::new("the collector's script", COLLECT),
+            repair_links: Hashed::new("a repair script", REPAIR_LINKS),
+            repair_rev: Hashed::new("a repair script", REPAIR_REV),
+            repair_cascade: Hashed::new("a repair script", REPAIR_CASCADE),
+            repair_parents: Hashed::new("a repair script", REPAIR_PARENTS),
+            touch: Hashed::plain("the sliding read", GET_TOUCH_EPOCH.to_owned()),
         }
     }
 
-    /// `EVALSHA` of one of the scripts above, with the common arguments.
-    fn evalsha(&self, script: &Hashed) -> redis::Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&script.sha)
-            .arg(0)
-            .arg(&self.graph)
-            .arg(&self.values);
-        cmd
-    }
-
-    /// Sends `cmd`, an `EVALSHA` of one of the scripts above, and once more with the
-    /// script's text if the server does not have it (see [`GraphKeys::with_text`]).
-    pub(crate) async fn run<T: redis::FromRedisValue>(
-        &self,
-        con: &mut redis::aio::MultiplexedConnection,
-        cmd: redis::Cmd,
-    ) -> redis::RedisResult<T> {
-        match cmd.query_async(con).await {
-            Err(e) if e.code() == Some("NOSCRIPT") => match self.with_text(&cmd) {
-                Some(eval) => eval.query_async(con).await,
-                None => Err(e),
-            },
-            result => result,
-        }
-    }
-
-    /// The `EVAL` form of `cmd`, an `EVALSHA` of one of this graph's hashed scripts,
-    /// for a server that does not have the script (`NOSCRIPT`: it restarted, or its
-    /// scripts were flushed); `EVAL` loads it again.
-    pub(crate) fn with_text(&self, cmd: &redis::Cmd) -> Option<redis::Cmd> {
-        let mut args = cmd.args_iter().map(|a| match a {
-            redis::Arg::Simple(bytes) => bytes,
-            _ => &[],
-        });
-        if !args.next()?.eq_ignore_ascii_case(b"EVALSHA") {
-            return None;
-        }
-        let sha = args.next()?;
-        let script = [
-            &self.write,
-            &self.invalidate,
-            &self.collect,
-            &self.repair_links,
-            &self.repair_rev,
-            &self.repair_cascade,
-            &self.repair_parents,
-        ]
-        .into_iter()
-        .find(|s| s.sha.as_bytes() == sha)?;
-        let mut eval = redis::cmd("EVAL");
-        eval.arg(&script.text);
-        for a in args {
-            eval.arg(a);
-        }
-        Some(eval)
-    }
-
-    /// The command and its first argument for a sliding entry's read: `EVALSHA` and
-    /// the hash, or (`by_hash` false, after `NOSCRIPT`) `EVAL` and the text.
-    pub(crate) fn touch_script(&self, by_hash: bool) -> (&'static str, &str) {
-        match by_hash {
-            true => ("EVALSHA", &self.touch.sha),
-            false => ("EVAL", &self.touch.text),
-        }
-    }
-
-    /// Which of the graph's scripts `cmd` runs, if it is an `EVALSHA` of one.
-    pub(crate) fn script_name(&self, cmd: &redis::Cmd) -> Option<&'static str> {
-        let mut args = cmd.args_iter();
-        match args.next()? {
-            redis::Arg::Simple(name) if name.eq_ignore_ascii_case(b"EVALSHA") => {}
-            _ => return None,
-        }
-        let redis::Arg::Simple(sha) = args.next()? else {
-            return None;
+    /// A call of one of the scripts above, with the common arguments.
+    fn call(&self, script: &Arc<Hashed>) -> ScriptCall {
+        let mut call = ScriptCall {
+            script: script.clone(),
+            args: Vec::new(),
         };
-        [
-            (&self.write, "the graph's write script"),
-            (&self.invalidate, "the graph's invalidation script"),
-            (&self.collect, "the collector's script"),
-            (&self.repair_links, "a repair script"),
-            (&self.repair_rev, "a repair script"),
-            (&self.repair_cascade, "a repair script"),
-            (&self.repair_parents, "a repair script"),
-        ]
-        .into_iter()
-        .find(|(s, _)| s.sha.as_bytes() == sha)
-        .map(|(_, name)| name)
+        call.arg(0).arg(&self.graph).arg(&self.values);
+        call
+    }
+
+    /// The sliding entry's read (see `GET_TOUCH_EPOCH`).
+    pub(crate) fn touch(&self) -> &Hashed {
+        &self.touch
     }
 
     /// The conditional write of a value with its links.
-    pub(crate) fn write(&self, w: &cache_runtime::LinkedWrite) -> redis::Cmd {
-        let mut cmd = self.evalsha(&self.write);
+    pub(crate) fn write(&self, w: &cache_runtime::LinkedWrite) -> ScriptCall {
+        let mut cmd = self.call(&self.write);
         cmd.arg(&w.key)
             .arg(&w.value)
             .arg(u64::try_from(w.ttl.as_millis()).unwrap_or(u64::MAX).max(1))
-            .arg(w.since)
+            .arg(w.remote_epoch)
             .arg(w.links.len())
             .arg(&w.links);
         for (dependency, keys) in &w.cascades {
@@ -264,8 +253,8 @@ impl GraphKeys {
         keep: Option<&str>,
         want_keys: bool,
         publish: Option<(&str, &[u8])>,
-    ) -> redis::Cmd {
-        let mut cmd = self.evalsha(&self.invalidate);
+    ) -> ScriptCall {
+        let mut cmd = self.call(&self.invalidate);
         let (channel, message) = publish.unwrap_or(("", b""));
         cmd.arg(self.marker_ttl)
             .arg(keep.unwrap_or(""))
@@ -277,32 +266,32 @@ impl GraphKeys {
     }
 
     /// The collector's step for the value key `key`.
-    pub(crate) fn collect(&self, key: &str) -> redis::Cmd {
-        let mut cmd = self.evalsha(&self.collect);
+    pub(crate) fn collect(&self, key: &str) -> ScriptCall {
+        let mut cmd = self.call(&self.collect);
         cmd.arg(key);
         cmd
     }
 
-    pub(crate) fn repair_links(&self, keys: &[String]) -> redis::Cmd {
-        let mut cmd = self.evalsha(&self.repair_links);
+    pub(crate) fn repair_links(&self, keys: &[String]) -> ScriptCall {
+        let mut cmd = self.call(&self.repair_links);
         cmd.arg(keys);
         cmd
     }
 
-    pub(crate) fn repair_parents(&self, keys: &[String]) -> redis::Cmd {
-        let mut cmd = self.evalsha(&self.repair_parents);
+    pub(crate) fn repair_parents(&self, keys: &[String]) -> ScriptCall {
+        let mut cmd = self.call(&self.repair_parents);
         cmd.arg(keys);
         cmd
     }
 
-    pub(crate) fn repair_rev(&self, node: &str, keys: &[String]) -> redis::Cmd {
-        let mut cmd = self.evalsha(&self.repair_rev);
+    pub(crate) fn repair_rev(&self, node: &str, keys: &[String]) -> ScriptCall {
+        let mut cmd = self.call(&self.repair_rev);
         cmd.arg(node).arg(keys);
         cmd
     }
 
-    pub(crate) fn repair_cascade(&self, dependency: &str) -> redis::Cmd {
-        let mut cmd = self.evalsha(&self.repair_cascade);
+    pub(crate) fn repair_cascade(&self, dependency: &str) -> ScriptCall {
+        let mut cmd = self.call(&self.repair_cascade);
         cmd.arg(dependency);
         cmd
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::RedisError;
 
-use crate::graph::GraphKeys;
+use crate::graph::{GraphKeys, ScriptCall};
 
 /// What the probe found wrong.
 #[derive(Debug)]
@@ -122,7 +122,7 @@ pub(crate) async fn probe(
             "grant the scripts and the commands they run: `ACL SETUSER {user} +eval +evalsha +@read +@write {keys}`"
         );
         let epoch = format!("{}epoch", graph.graph);
-        let (_, since): (Option<Vec<u8>>, Option<u64>) = query(
+        let (_, remote_epoch): (Option<Vec<u8>>, Option<u64>) = query(
             con,
             redis::cmd("MGET").arg(&key).arg(&epoch),
             "MGET",
@@ -138,11 +138,11 @@ pub(crate) async fn probe(
             ttl: Duration::from_secs(10),
             links: vec![dependency.clone()],
             cascades: Vec::new(),
-            since: since.unwrap_or(0),
+            remote_epoch: remote_epoch.unwrap_or(0),
         });
-        script(con, graph, write, feature, &scripts).await?;
+        script(con, write, feature, &scripts).await?;
         let invalidate = graph.invalidate(std::slice::from_ref(&dependency), None, false, None);
-        script(con, graph, invalidate, feature, &scripts).await?;
+        script(con, invalidate, feature, &scripts).await?;
         // the invalidation's marker of the probe's dependency is of no use to anyone
         let _: redis::RedisResult<()> = redis::pipe()
             .cmd("HDEL")
@@ -155,13 +155,9 @@ pub(crate) async fn probe(
             .ignore()
             .query_async(con)
             .await;
-        let mut touch = redis::cmd("EVAL");
-        touch
-            .arg(graph.touch_script(false).1)
-            .arg(2)
-            .arg(&key)
-            .arg(&epoch)
-            .arg(10_000);
+        let (eval, text) = graph.touch().head(false);
+        let mut touch = redis::cmd(eval);
+        touch.arg(text).arg(2).arg(&key).arg(&epoch).arg(10_000);
         run(
             con,
             &touch,
@@ -179,12 +175,11 @@ pub(crate) async fn probe(
 /// Runs a graph script the way the writer does (by hash, then with its text).
 async fn script(
     con: &mut MultiplexedConnection,
-    graph: &GraphKeys,
-    cmd: redis::Cmd,
+    call: ScriptCall,
     feature: &str,
     fix: &str,
 ) -> Result<(), Problem> {
-    let result: redis::RedisResult<redis::Value> = graph.run(con, cmd).await;
+    let result: redis::RedisResult<redis::Value> = call.run(con).await;
     let command = match &result {
         // `run` sends `EVAL` after a `NOSCRIPT`; a refused `EVALSHA` never gets there
         Err(e) if e.code() == Some("NOPERM") && mentions(e, "evalsha") => "EVALSHA",

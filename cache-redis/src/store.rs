@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::graph::{glob_escape, GraphKeys};
 use crate::link::Link;
-use crate::writer::{millis, Backlog, CallReply, Op, Prefixed, RedisMetrics};
+use crate::writer::{millis, Backlog, CallReply, Command, Op, Prefixed, RedisMetrics};
 
 pub(crate) struct RedisStore {
     pub(crate) link: Arc<Link>,
@@ -49,7 +49,7 @@ impl RedisStore {
     /// operation timeout. Without a command, only waits for the operations before.
     pub(crate) async fn call(
         &self,
-        cmd: Option<redis::Cmd>,
+        cmd: Option<Command>,
         then: Option<Box<redis::Cmd>>,
     ) -> CallReply {
         let (done, result) = oneshot::channel();
@@ -111,7 +111,7 @@ impl RemoteStore for RedisStore {
                         let epoch = Prefixed(&graph.graph, "epoch");
                         match touch {
                             Some(d) => {
-                                let (command, script) = graph.touch_script(by_hash);
+                                let (command, script) = graph.touch().head(by_hash);
                                 cmd.arg(command)
                                     .arg(script)
                                     .arg(2)
@@ -153,7 +153,7 @@ impl RemoteStore for RedisStore {
                 for k in &keys {
                     cmd.arg(Prefixed(&self.prefix, k));
                 }
-                cmd
+                Command::Plain(cmd)
             });
             let publish = publish.map(|message| {
                 let mut cmd = redis::cmd("PUBLISH");
@@ -269,7 +269,7 @@ impl RemoteGraph for RedisStore {
             };
             let publish = publish.as_deref().map(|m| (self.channel.as_str(), m));
             let cmd = graph.invalidate(&start, keep.as_deref(), want_keys, publish);
-            let (reply, _) = self.call(Some(cmd), None).await?;
+            let (reply, _) = self.call(Some(Command::Script(cmd)), None).await?;
             let removed: Vec<String> =
                 redis::from_redis_value(reply).map_err(|e| RemoteError(e.to_string()))?;
             // the graph names entries by their value keys

@@ -10,7 +10,7 @@ use cache_runtime::RemoteError;
 use redis::{RedisWrite, ToRedisArgs};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::graph::GraphKeys;
+use crate::graph::ScriptCall;
 use crate::link::Link;
 
 /// Counters of the Redis backend's background writes, readable while it runs.
@@ -57,16 +57,38 @@ pub(crate) enum Op {
         value: Vec<u8>,
         ttl: Duration,
     },
-    /// A command whose reply nobody waits for (a conditional write).
-    Send(redis::Cmd),
+    /// A script whose reply nobody waits for (a conditional write).
+    Send(ScriptCall),
     /// A command whose reply the sender waits for; without one, the sender only waits
     /// for the operations queued before. `then` is sent right after it, in the same
     /// pipeline (its reply is not looked at).
     Call {
-        cmd: Option<redis::Cmd>,
+        cmd: Option<Command>,
         then: Option<Box<redis::Cmd>>,
         done: oneshot::Sender<CallReply>,
     },
+}
+
+/// A command the writer sends: a plain one, or a graph script (by hash, sent again
+/// with its text on `NOSCRIPT`).
+pub(crate) enum Command {
+    Plain(redis::Cmd),
+    Script(ScriptCall),
+}
+
+impl Command {
+    /// What it is, for errors and the log: its name, and for a script, which one.
+    fn describe(&self) -> String {
+        match self {
+            Command::Plain(cmd) => match cmd.args_iter().next() {
+                Some(redis::Arg::Simple(name)) => {
+                    String::from_utf8_lossy(name).to_ascii_uppercase()
+                }
+                _ => "a command".to_owned(),
+            },
+            Command::Script(call) => format!("EVALSHA ({})", call.name()),
+        }
+    }
 }
 
 /// The reply to [`Op::Call`]: `cmd`'s reply (`Nil` without one) and, if `then` was
@@ -82,7 +104,6 @@ pub(crate) type CallReply = Result<(redis::Value, Option<RemoteError>), RemoteEr
 pub(crate) async fn writer(
     link: Arc<Link>,
     prefix: String,
-    graph: Option<GraphKeys>,
     mut rx: mpsc::Receiver<Op>,
     metrics: RedisMetrics,
     backlog: Arc<Backlog>,
@@ -93,6 +114,8 @@ pub(crate) async fn writer(
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
+        // for each command of the pipeline, the script it runs, if any
+        let mut scripts: Vec<Option<&ScriptCall>> = Vec::with_capacity(batch.len());
         for op in &batch {
             match op {
                 Op::Set { key, value, ttl } => {
@@ -101,16 +124,27 @@ pub(crate) async fn writer(
                         .arg(value)
                         .arg("PX")
                         .arg(millis(*ttl));
+                    scripts.push(None);
                 }
-                Op::Send(cmd) => {
-                    pipe.add_command(cmd.clone());
+                Op::Send(call) => {
+                    pipe.add_command(call.cmd(true));
+                    scripts.push(Some(call));
                 }
                 Op::Call { cmd, then, .. } => {
-                    if let Some(cmd) = cmd {
-                        pipe.add_command(cmd.clone());
+                    match cmd {
+                        Some(Command::Plain(cmd)) => {
+                            pipe.add_command(cmd.clone());
+                            scripts.push(None);
+                        }
+                        Some(Command::Script(call)) => {
+                            pipe.add_command(call.cmd(true));
+                            scripts.push(Some(call));
+                        }
+                        None => {}
                     }
                     if let Some(then) = then {
                         pipe.add_command((**then).clone());
+                        scripts.push(None);
                     }
                 }
             }
@@ -119,9 +153,10 @@ pub(crate) async fn writer(
             true => Ok(Vec::new()),
             false => link.pipeline_again::<Vec<redis::Value>>(&pipe).await,
         };
-        if let (Ok(replies), Some(graph)) = (&mut result, &graph) {
-            with_text(&link, graph, &pipe, replies).await;
+        if let Ok(replies) = &mut result {
+            with_text(&link, &scripts, replies).await;
         }
+        drop(scripts);
         if let Err(e) = &result {
             let e = format!(
                 "a batch of {} operations on Redis failed: {}",
@@ -135,14 +170,8 @@ pub(crate) async fn writer(
             Ok(values) => std::mem::take(values).into_iter(),
             Err(_) => Vec::new().into_iter(),
         };
-        let mut cmds = pipe.cmd_iter();
         // the reply of the next command sent, with what it was for the log
-        let mut next = |present: bool| -> Result<redis::Value, RemoteError> {
-            if !present {
-                return Ok(redis::Value::Nil);
-            }
-            let cmd = cmds.next();
-            let what = || describe(cmd, graph.as_ref());
+        let mut next = |what: &dyn Fn() -> String| -> Result<redis::Value, RemoteError> {
             match &result {
                 Err(e) => Err(RemoteError(format!(
                     "Redis did not answer {}: {}",
@@ -163,17 +192,28 @@ pub(crate) async fn writer(
         };
         for op in batch.drain(..) {
             match op {
-                Op::Set { .. } | Op::Send(_) => {
-                    let counter = match (next(true), &op) {
-                        (Ok(_), _) => &metrics.0.written,
-                        (Err(_), Op::Set { .. }) => &metrics.0.failed_sets,
-                        (Err(_), _) => &metrics.0.failed_linked,
+                Op::Set { .. } => {
+                    let counter = match next(&|| "SET".to_owned()) {
+                        Ok(_) => &metrics.0.written,
+                        Err(_) => &metrics.0.failed_sets,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Op::Send(call) => {
+                    let counter = match next(&|| format!("EVALSHA ({})", call.name())) {
+                        Ok(_) => &metrics.0.written,
+                        Err(_) => &metrics.0.failed_linked,
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
                 Op::Call { cmd, then, done } => {
-                    let reply = next(cmd.is_some());
-                    let then = next(then.is_some()).err();
+                    let reply = match &cmd {
+                        Some(cmd) => next(&|| cmd.describe()),
+                        None => Ok(redis::Value::Nil),
+                    };
+                    let then = then.and_then(|then| {
+                        next(&|| Command::Plain((*then).clone()).describe()).err()
+                    });
                     let _ = done.send(reply.map(|v| (v, then)));
                 }
             }
@@ -181,22 +221,6 @@ pub(crate) async fn writer(
         if backlog.pending.fetch_sub(n, Ordering::SeqCst) == n {
             backlog.drained.notify_waiters();
         }
-    }
-}
-
-/// What a command sent by the writer is, for errors and the log: its name, and for a
-/// graph script, which one.
-fn describe(cmd: Option<&redis::Cmd>, graph: Option<&GraphKeys>) -> String {
-    let Some(cmd) = cmd else {
-        return "a command".to_owned();
-    };
-    let name = match cmd.args_iter().next() {
-        Some(redis::Arg::Simple(name)) => String::from_utf8_lossy(name).to_ascii_uppercase(),
-        _ => "a command".to_owned(),
-    };
-    match graph.and_then(|g| g.script_name(cmd)) {
-        Some(script) => format!("{name} ({script})"),
-        None => name,
     }
 }
 
@@ -208,29 +232,22 @@ pub(crate) fn server_words(e: &redis::ServerError) -> String {
     }
 }
 
-/// Sends again, with their text, the graph scripts of `pipe` the server did not have
+/// Sends again, with their text, the graph scripts the server did not have
 /// (`NOSCRIPT`), in order, and puts their replies in `replies`. If that fails, their
 /// replies stay errors.
 async fn with_text(
     link: &Arc<Link>,
-    graph: &GraphKeys,
-    pipe: &redis::Pipeline,
+    scripts: &[Option<&ScriptCall>],
     replies: &mut [redis::Value],
 ) {
-    let unknown =
-        |v: &redis::Value| matches!(v, redis::Value::ServerError(e) if e.code() == "NOSCRIPT");
-    if !replies.iter().any(unknown) {
-        return;
-    }
+    let unknown = |v: &redis::Value| matches!(v, redis::Value::ServerError(e) if crate::graph::no_script(Some(e.code())));
     let mut again = redis::pipe();
     again.ignore_errors();
     let mut at = Vec::new();
-    for (i, cmd) in pipe.cmd_iter().enumerate() {
-        if replies.get(i).is_some_and(unknown) {
-            if let Some(eval) = graph.with_text(cmd) {
-                again.add_command(eval);
-                at.push(i);
-            }
+    for (i, script) in scripts.iter().enumerate() {
+        if let (Some(call), true) = (script, replies.get(i).is_some_and(unknown)) {
+            again.add_command(call.cmd(false));
+            at.push(i);
         }
     }
     if at.is_empty() {

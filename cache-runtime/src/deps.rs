@@ -175,11 +175,11 @@ pub(crate) struct Frame {
     /// For each node, the invalidation count when it was read: a nested cached call
     /// reads its entry at a known moment; `add_dependency` records 0, for "since the
     /// body started", since what the body read for it may be older than the call.
-    pub(crate) read_at: Vec<u64>,
+    pub(crate) read_epoch: Vec<u64>,
     pub(crate) cascades: Vec<(Arc<str>, Vec<Node>)>,
     /// The oldest remote invalidation count as of which an entry read here was
     /// current (see [`crate::Fetched::epoch`]): a value computed from it is as old.
-    pub(crate) as_of: Option<u64>,
+    pub(crate) remote_epoch: Option<u64>,
     /// Inside `untracked`: collect nothing.
     suspended: bool,
 }
@@ -188,9 +188,9 @@ impl Frame {
     /// A frame with nothing in it, for values that depend on nothing.
     pub(crate) const EMPTY: &Frame = &Frame {
         nodes: Vec::new(),
-        read_at: Vec::new(),
+        read_epoch: Vec::new(),
         cascades: Vec::new(),
-        as_of: None,
+        remote_epoch: None,
         suspended: false,
     };
 
@@ -198,22 +198,22 @@ impl Frame {
     pub(crate) fn of(nodes: impl Iterator<Item = Node>) -> Frame {
         let nodes: Vec<Node> = nodes.collect();
         Frame {
-            read_at: vec![0; nodes.len()],
+            read_epoch: vec![0; nodes.len()],
             nodes,
             ..Frame::default()
         }
     }
 
-    fn add(&mut self, node: Node, read_at: u64) {
+    fn add(&mut self, node: Node, read_epoch: u64) {
         if self.suspended {
             return;
         }
         match self.nodes.iter().position(|n| *n == node) {
             // keep the earliest read: the value may come from it
-            Some(i) => self.read_at[i] = self.read_at[i].min(read_at),
+            Some(i) => self.read_epoch[i] = self.read_epoch[i].min(read_epoch),
             None => {
                 self.nodes.push(node);
-                self.read_at.push(read_at);
+                self.read_epoch.push(read_epoch);
             }
         }
     }
@@ -242,24 +242,27 @@ impl Frame {
         }
     }
 
-    /// Links to another entry, read when the invalidation count was `read_at`: the
+    /// Links to another entry, read when the invalidation count was `read_epoch`: the
     /// entry itself and what it depends on.
     ///
-    /// `as_of` is the remote invalidation count as of which the entry was current.
+    /// `remote_epoch` is the remote invalidation count as of which the entry was current.
     pub(crate) fn add_entry(
         &mut self,
         key: &[u8],
         deps: Option<&[Node]>,
-        read_at: u64,
-        as_of: u64,
+        read_epoch: u64,
+        remote_epoch: u64,
     ) {
         if self.suspended {
             return;
         }
-        self.as_of = Some(self.as_of.map_or(as_of, |a| a.min(as_of)));
-        self.add(Node::Entry(key.into()), read_at);
+        self.remote_epoch = Some(
+            self.remote_epoch
+                .map_or(remote_epoch, |a| a.min(remote_epoch)),
+        );
+        self.add(Node::Entry(key.into()), read_epoch);
         for node in deps.into_iter().flatten() {
-            self.add(node.clone(), read_at);
+            self.add(node.clone(), read_epoch);
         }
     }
 }
@@ -554,7 +557,7 @@ mod tests {
     fn frame(nodes: &[Node]) -> Frame {
         Frame {
             nodes: nodes.to_vec(),
-            read_at: vec![0; nodes.len()],
+            read_epoch: vec![0; nodes.len()],
             ..Frame::default()
         }
     }

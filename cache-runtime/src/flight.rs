@@ -33,7 +33,7 @@ pub(crate) struct Handoff {
     pub(crate) value: Box<dyn Any + Send + Sync>,
     pub(crate) deps: Option<Arc<[Node]>>,
     /// The remote invalidation count as of which the value is current.
-    pub(crate) as_of: u64,
+    pub(crate) remote_epoch: u64,
 }
 
 pub(crate) type Shared = Arc<Handoff>;
@@ -258,7 +258,7 @@ mod tests {
         Arc::new(Handoff {
             value: Box::new(v),
             deps: None,
-            as_of: 0,
+            remote_epoch: 0,
         })
     }
 

@@ -184,10 +184,10 @@ pub(crate) fn read<T>(
             .memory
             .get_hashed(key, hash, |slot| (ops.from_any)(&slot.value));
     }
-    let read_at = inner.epoch.load(Ordering::SeqCst);
+    let read_epoch = inner.epoch.load(Ordering::SeqCst);
     inner.memory.get_hashed(key, hash, |slot| {
         let value = (ops.from_any)(&slot.value)?;
-        with_frame(|f| f.add_entry(key, slot.deps.as_deref(), read_at, slot.as_of));
+        with_frame(|f| f.add_entry(key, slot.deps.as_deref(), read_epoch, slot.remote_epoch));
         Some(value)
     })
 }

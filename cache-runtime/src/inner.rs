@@ -97,7 +97,7 @@ impl Inner {
         desc: &'static Descriptor,
         reg: &'static Registration,
     ) -> &FnState {
-        self.functions.0.get_or_init(reg.id as usize, || {
+        self.functions.numbered.get_or_init(reg.id as usize, || {
             FnState::resolve(&self.profiles, desc, reg)
         })
     }
@@ -113,7 +113,7 @@ impl Inner {
             self.function(desc, reg)
         } else {
             self.functions
-                .1
+                .beyond
                 .get_or_init(|| FnState::resolve(&self.profiles, desc, reg))
         }
     }
@@ -124,19 +124,19 @@ impl Inner {
         }
     }
 
-    /// Runs `then` if a value for `key`, computed since `since` from what `frame`
+    /// Runs `then` if a value for `key`, computed epoch `epoch` from what `frame`
     /// collected, is current ([`InvalidationLog::is_stale`]), under the invalidation log's
     /// lock: an invalidation is either seen here, or starts after `then` ran (so its
     /// removal is queued after what `then` queued).
     pub(crate) fn if_current(
         &self,
         key: &[u8],
-        since: u64,
+        epoch: u64,
         frame: &Frame,
         then: impl FnOnce(),
     ) -> bool {
         let log = self.log.lock();
-        if self.epoch.load(Ordering::SeqCst) != since && log.is_stale(key, since, frame) {
+        if self.epoch.load(Ordering::SeqCst) != epoch && log.is_stale(key, epoch, frame) {
             return false;
         }
         then();
@@ -152,25 +152,25 @@ impl FunctionStates for Inner {
 }
 
 impl InvalidationLog {
-    /// Whether a value for `key`, computed since the invalidation count `since` from
-    /// what `frame` collected, is out of date: an invalidation after `since` reached the
+    /// Whether a value for `key`, computed epoch the invalidation count `epoch` from
+    /// what `frame` collected, is out of date: an invalidation after `epoch` reached the
     /// key itself, or reached something the body read before that invalidation.
-    pub(crate) fn is_stale(&self, key: &[u8], since: u64, frame: &Frame) -> bool {
+    pub(crate) fn is_stale(&self, key: &[u8], epoch: u64, frame: &Frame) -> bool {
         let log = self;
-        if since < log.floor {
+        if epoch < log.floor {
             return true;
         }
         let own = Node::Entry(key.into());
         log.entries
             .iter()
-            .filter(|(e, _)| *e > since)
+            .filter(|(e, _)| *e > epoch)
             .any(|(e, reached)| {
                 reached.contains(&own)
                     || frame
                         .nodes
                         .iter()
-                        .zip(&frame.read_at)
-                        .any(|(node, read_at)| *e > *read_at && reached.contains(node))
+                        .zip(&frame.read_epoch)
+                        .any(|(node, read_epoch)| *e > *read_epoch && reached.contains(node))
             })
     }
 

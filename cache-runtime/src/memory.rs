@@ -55,8 +55,8 @@ pub(crate) struct Slot<V: ?Sized> {
     /// name entries by it (see [`KeyIndex`]).
     text: Option<Box<str>>,
     /// The remote invalidation count as of which the value is current (see
-    /// [`crate::deps::Frame::as_of`]).
-    pub(crate) as_of: u64,
+    /// [`crate::deps::Frame::remote_epoch`]).
+    pub(crate) remote_epoch: u64,
     pub(crate) value: V,
 }
 
@@ -83,7 +83,7 @@ impl<V> Slot<V> {
             sliding,
             deps: None,
             text: None,
-            as_of: 0,
+            remote_epoch: 0,
             value,
         }
     }

@@ -109,13 +109,13 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             Waited::Done(handoff) => match (self.entry.ops.from_any)(&*handoff.value) {
                 Some(v) => {
                     self.entry.state.counters.bump(Counter::Miss);
-                    let read_at = self.entry.inner.epoch.load(Ordering::SeqCst);
+                    let read_epoch = self.entry.inner.epoch.load(Ordering::SeqCst);
                     with_frame(|f| {
                         f.add_entry(
                             self.entry.key.as_bytes(),
                             handoff.deps.as_deref(),
-                            read_at,
-                            handoff.as_of,
+                            read_epoch,
+                            handoff.remote_epoch,
                         )
                     });
                     Next::Return(K::from_stored(v))
@@ -148,14 +148,14 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
         let key = self.entry.key.as_bytes();
         let deps: Option<Arc<[Node]>> =
             (!frame.nodes.is_empty()).then(|| frame.nodes.as_slice().into());
-        let as_of = self.entry.as_of(&frame);
+        let remote_epoch = self.entry.value_epoch(&frame);
         // The calling function read this value as of when it started computing.
-        with_frame(|f| f.add_entry(key, deps.as_deref(), self.epoch, as_of));
+        with_frame(|f| f.add_entry(key, deps.as_deref(), self.epoch, remote_epoch));
         // Without a value to store, dropping the leader abandons the flight: a waiter
         // runs the body. So does a value that is out of date: the waiters that joined
         // before the invalidation retry, as callers after it would.
         let value = K::stored(result, self.desc.cache_none)?;
-        let current = self.keep(value, &frame, as_of);
+        let current = self.keep(value, &frame, remote_epoch);
         // Entries computed from the old value are out of date.
         let pending = refresh.then(|| self.entry.inner.invalidate_dependents(key));
         if let (Some(leader), true) = (leader, current) {
@@ -163,7 +163,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
                 Arc::new(Handoff {
                     value: (self.entry.ops.into_shared)((self.entry.ops.clone)(value)),
                     deps,
-                    as_of,
+                    remote_epoch,
                 })
             });
         }
@@ -178,25 +178,25 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     /// that started before the entry was in place may have missed it, so the check
     /// comes after the insert; the remote write is queued under the same check, so an
     /// invalidation either sees it, or queues its removal after it.
-    fn keep(&self, value: &K::Stored, frame: &Frame, as_of: u64) -> bool {
-        self.keep_local(value, frame, self.entry.expiration, as_of, true)
+    fn keep(&self, value: &K::Stored, frame: &Frame, remote_epoch: u64) -> bool {
+        self.keep_in_tiers(value, frame, self.entry.expiration, remote_epoch, true)
     }
 
     /// Stores the value in the in-process tier with `expiration`, then, with `write`,
     /// queues its remote write if it is current (see [`Miss::keep`]); returns whether
     /// it is.
-    fn keep_local(
+    fn keep_in_tiers(
         &self,
         value: &K::Stored,
         frame: &Frame,
         expiration: Expiration,
-        as_of: u64,
+        remote_epoch: u64,
         write: bool,
     ) -> bool {
         let key = self.entry.key.as_bytes();
         let slot = self.entry.inner.memory.enabled().then(|| {
             let mut slot = (self.entry.ops.into_slot)((self.entry.ops.clone)(value), expiration);
-            slot.as_of = as_of;
+            slot.remote_epoch = remote_epoch;
             let id = slot_id(&slot);
             self.entry
                 .inner
@@ -211,7 +211,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         } else {
             self.entry.inner.if_current(key, self.epoch, frame, || {
                 if write {
-                    self.entry.write(value, frame, as_of);
+                    self.entry.write(value, frame, remote_epoch);
                 }
             })
         };
@@ -242,8 +242,8 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         let frame = linked.as_ref().unwrap_or(Frame::EMPTY);
         let deps: Option<Arc<[Node]>> =
             (!frame.nodes.is_empty()).then(|| frame.nodes.as_slice().into());
-        let as_of = self.entry.remote_epoch();
-        with_frame(|f| f.add_entry(key, deps.as_deref(), self.epoch, as_of));
+        let remote_epoch = self.entry.remote_epoch();
+        with_frame(|f| f.add_entry(key, deps.as_deref(), self.epoch, remote_epoch));
         let expiration = match deadline {
             _ if !self.entry.inner.memory.enabled() => self.entry.expiration, // not kept here
             0 => self.entry.expiration,
@@ -252,12 +252,12 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
                 None => return K::from_stored(value), // expired meanwhile
             },
         };
-        if self.keep_local(&value, frame, expiration, as_of, false) {
+        if self.keep_in_tiers(&value, frame, expiration, remote_epoch, false) {
             leader.complete(|| {
                 Arc::new(Handoff {
                     value: (self.entry.ops.into_shared)((self.entry.ops.clone)(&value)),
                     deps,
-                    as_of,
+                    remote_epoch,
                 })
             });
         }

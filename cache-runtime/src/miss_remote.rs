@@ -71,9 +71,9 @@ impl<'a, T: 'static> MissEntry<'a, T> {
     /// read is current: the count read with the entry, or older if an entry the body
     /// read was older (an in-process copy another instance's invalidation has not
     /// reached yet must not make a value that passes for newer).
-    pub(crate) fn as_of(&self, frame: &Frame) -> u64 {
+    pub(crate) fn value_epoch(&self, frame: &Frame) -> u64 {
         let fetched = self.remote_epoch();
-        frame.as_of.map_or(fetched, |a| a.min(fetched))
+        frame.remote_epoch.map_or(fetched, |a| a.min(fetched))
     }
 
     /// What the value depends on, as the remote graph names it.
@@ -164,7 +164,7 @@ impl<'a, T: 'static> MissEntry<'a, T> {
     /// A value with dependencies goes through the store's graph, with its links; a
     /// store without one does not get it (it could not remove it when a dependency
     /// is invalidated on another instance).
-    pub(crate) fn write(&self, value: &T, frame: &Frame, as_of: u64) {
+    pub(crate) fn write(&self, value: &T, frame: &Frame, remote_epoch: u64) {
         let (Some(remote), Some(encode)) = (&self.inner.remote, self.ops.encode) else {
             return;
         };
@@ -206,7 +206,7 @@ impl<'a, T: 'static> MissEntry<'a, T> {
                             ttl,
                             links,
                             cascades,
-                            since: as_of,
+                            remote_epoch,
                         });
                     }
                     None => remote.set(key, bytes, ttl),

@@ -286,26 +286,31 @@ impl<T> IdTable<T> {
 
 /// Per-service function states, by registration number, and one shared state for
 /// functions numbered beyond the table.
-pub(crate) struct FnTable(
-    pub(crate) Box<IdTable<FnState>>,
-    pub(crate) OnceLock<FnState>,
-);
+pub(crate) struct FnTable {
+    /// By registration number.
+    pub(crate) numbered: Box<IdTable<FnState>>,
+    /// Shared by the functions numbered beyond [`MAX_FUNCTIONS`], which run uncached.
+    pub(crate) beyond: OnceLock<FnState>,
+}
 
 impl Default for FnTable {
     fn default() -> Self {
-        FnTable(Box::new(IdTable::new()), OnceLock::new())
+        FnTable {
+            numbered: Box::new(IdTable::new()),
+            beyond: OnceLock::new(),
+        }
     }
 }
 
 impl FnTable {
     /// The state of a function that has been called in this service.
     pub(crate) fn get(&self, id: u32) -> Option<&FnState> {
-        self.0.get(id as usize)
+        self.numbered.get(id as usize)
     }
 
     pub(crate) fn stats(&self) -> Stats {
         let mut stats = Stats::default();
-        for state in self.0.iter().chain(self.1.get()) {
+        for state in self.numbered.iter().chain(self.beyond.get()) {
             let s = state.counters.snapshot();
             stats.total.add(&s);
             stats

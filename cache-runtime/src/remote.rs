@@ -122,7 +122,7 @@ pub struct Fetched {
     /// The bytes, if the entry is there.
     pub value: Option<Vec<u8>>,
     /// With a [`RemoteGraph`]: the store's invalidation count as of the read, which a
-    /// later [`LinkedWrite`] of the same call carries as `since`. Otherwise 0.
+    /// later [`LinkedWrite`] of the same call carries as `remote_epoch`. Otherwise 0.
     pub epoch: u64,
 }
 
@@ -133,7 +133,7 @@ impl From<Option<Vec<u8>>> for Fetched {
 }
 
 /// A value to write with what it depends on, unless an invalidation reached the entry
-/// or one of its links after `since`.
+/// or one of its links after `remote_epoch`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkedWrite {
     /// The entry's readable key.
@@ -149,7 +149,7 @@ pub struct LinkedWrite {
     pub cascades: Vec<(String, Vec<String>)>,
     /// The invalidation count read before the value was computed ([`Fetched::epoch`];
     /// 0 when unknown: then any recent invalidation of the entry or a link drops it).
-    pub since: u64,
+    pub remote_epoch: u64,
 }
 
 /// A dependency graph kept by the remote store, so that an invalidation on any

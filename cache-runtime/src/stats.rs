@@ -161,13 +161,13 @@ pub(crate) const SLOTS: usize = 16;
 
 #[derive(Default)]
 #[repr(align(64))]
-struct Slot([AtomicU64; COUNTERS]);
+struct CounterRow([AtomicU64; COUNTERS]);
 
 /// Live counters of one function in one service.
 #[derive(Default)]
 pub(crate) struct Counters {
-    slots: [Slot; SLOTS],
-    overflow: Slot,
+    slots: [CounterRow; SLOTS],
+    overflow: CounterRow,
 }
 
 /// Slots given back by threads that exited.
@@ -225,7 +225,7 @@ impl Counters {
     pub(crate) fn bump(&self, counter: Counter) {
         let slot = thread_slot();
         match self.slots.get(slot) {
-            Some(Slot(c)) => {
+            Some(CounterRow(c)) => {
                 // Single writer: this thread owns the slot.
                 let c = &c[counter as usize];
                 c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);

@@ -1,11 +1,11 @@
 
-local e, since, n = ARGV[3], tonumber(ARGV[6]), tonumber(ARGV[7])
+local e, epoch, n = ARGV[3], tonumber(ARGV[6]), tonumber(ARGV[7])
 local v = P .. e
 -- a count above the server's: it restarted since the read, its markers are gone
-if since > tonumber(redis.call('GET', G .. 'epoch') or 0) then return 0 end
+if epoch > tonumber(redis.call('GET', G .. 'epoch') or 0) then return 0 end
 local function newer(node)
   local m = redis.call('HGET', G .. 'marks', node)
-  return m and tonumber(m) > since
+  return m and tonumber(m) > epoch
 end
 if newer('e:' .. e) then return 0 end
 for i = 8, 7 + n do
