@@ -154,7 +154,7 @@ pub(crate) async fn writer(
             false => link.pipeline_again::<Vec<redis::Value>>(&pipe).await,
         };
         if let Ok(replies) = &mut result {
-            with_text(&link, &scripts, replies).await;
+            resend_with_text(&link, &scripts, replies).await;
         }
         drop(scripts);
         if let Err(e) = &result {
@@ -235,7 +235,7 @@ pub(crate) fn server_words(e: &redis::ServerError) -> String {
 /// Sends again, with their text, the graph scripts the server did not have
 /// (`NOSCRIPT`), in order, and puts their replies in `replies`. If that fails, their
 /// replies stay errors.
-async fn with_text(
+async fn resend_with_text(
     link: &Arc<Link>,
     scripts: &[Option<&ScriptCall>],
     replies: &mut [redis::Value],

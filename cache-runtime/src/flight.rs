@@ -36,16 +36,14 @@ pub(crate) struct Handoff {
     pub(crate) remote_epoch: u64,
 }
 
-pub(crate) type Shared = Arc<Handoff>;
-
 #[derive(Clone)]
 pub(crate) enum Outcome {
-    Done(Shared),
+    Done(Arc<Handoff>),
     Abandoned,
 }
 
 pub(crate) enum Waited {
-    Done(Shared),
+    Done(Arc<Handoff>),
     Abandoned,
     TimedOut,
 }
@@ -220,7 +218,7 @@ pub(crate) struct Leader<'a> {
 
 impl Leader<'_> {
     /// Ends the flight with a value: `handoff` makes it, if anyone waits.
-    pub(crate) fn complete(mut self, handoff: impl FnOnce() -> Shared) {
+    pub(crate) fn complete(mut self, handoff: impl FnOnce() -> Arc<Handoff>) {
         if let Some(flight) = self.end() {
             flight.publish(Outcome::Done(handoff()));
         }
@@ -254,7 +252,7 @@ mod tests {
         Arc::from(&b"k"[..])
     }
 
-    fn slot(v: u32) -> Shared {
+    fn slot(v: u32) -> Arc<Handoff> {
         Arc::new(Handoff {
             value: Box::new(v),
             deps: None,
