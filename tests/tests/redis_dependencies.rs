@@ -286,6 +286,27 @@ async fn scripts_the_server_lost_are_sent_again() {
     assert_eq!(b.scope(slides(1)).await, 1);
     assert_eq!(server.calls("eval"), texts + 1, "its text sent again");
     assert_eq!(b.stats().total.l2_hits, 2, "{:?}", b.stats().total);
+
+    // What `redis::Script::invoke_async` sends instead after a flush: the refused
+    // `EVALSHA`, `SCRIPT LOAD`, and the `EVALSHA` again, three round trips where
+    // ours takes two (the refused `EVALSHA`, then `EVAL`).
+    let client = cache_redis::redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let script = cache_redis::redis::Script::new("return 1");
+    let _: i64 = script.invoke_async(&mut con).await.unwrap();
+    assert_eq!(server.command(&["SCRIPT", "FLUSH"]).as_deref(), Some("+OK"));
+    let counts = || {
+        let c = |name| server.calls(name);
+        (c("evalsha"), c("eval"), c("script|load"))
+    };
+    let before = counts();
+    let _: i64 = script.invoke_async(&mut con).await.unwrap();
+    let after = counts();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1, after.2 - before.2),
+        (2, 0, 1),
+        "invoke_async after NOSCRIPT: the refused EVALSHA, SCRIPT LOAD, EVALSHA again"
+    );
 }
 
 #[cached(name = "d.slides", sliding = "1m")]
