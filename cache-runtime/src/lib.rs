@@ -38,11 +38,15 @@
 //! readable key; configuration errors are `error` events.
 
 #![warn(missing_docs)]
+// Unsafe code is confined to the two modules that allow it below.
+#![deny(unsafe_code)]
 
 // The layers, lowest first: none refers to a module above it (`tests/module_cycles.rs`).
 // Keys, values, settings and counters:
 mod backoff;
 mod key;
+// the key buffer: short copies into its inline array, and reading it back
+#[allow(unsafe_code)]
 mod keybuf;
 mod profile;
 mod stats;
@@ -54,6 +58,8 @@ mod flight;
 mod held;
 mod memory;
 mod pending;
+// the global service's function state, kept as a pointer next to the descriptor
+#[allow(unsafe_code)]
 mod registry;
 mod remote;
 // The service's state, its configuration and the current service:
