@@ -1,7 +1,7 @@
 //! `#[invalidate_cache(...)]`, its by-name resolution, and `invalidate!`, `refresh!`,
 //! `peek!`.
 //!
-//! All of them reach a cached function through its companions (see `cached.rs`):
+//! All of them reach a cached function through its companions (see `cached/companions.rs`):
 //! `path::__cache_key(args)` for a free function, `Type::__cache_key_method(args)` or
 //! `receiver.__cache_key_method(args)` for a method. Calling a companion type-checks the
 //! arguments against the cached function's parameters, and a target that is not cached

@@ -357,7 +357,7 @@ impl Worker {
     }
 }
 
-/// What a [`full_collection`](crate::full_collection) removed.
+/// What a [`full_collection`] removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CollectionReport {

@@ -55,7 +55,7 @@ pub(crate) struct Inner {
     pub(crate) graph: Arc<dyn DependencyGraph>,
     pub(crate) remote: Option<Arc<dyn RemoteStore>>,
     pub(crate) bus: Option<Arc<dyn InvalidationBus>>,
-    /// The remote store publishes on `bus` itself ([`Backend::with_store_bus`]).
+    /// The remote store publishes on `bus` itself ([`Backend::with_store_bus`](crate::Backend::with_store_bus)).
     pub(crate) store_publishes: bool,
     /// This instance's id in bus messages.
     pub(crate) instance_id: u64,
@@ -65,7 +65,7 @@ pub(crate) struct Inner {
     pub(crate) max_key_length: usize,
     pub(crate) flights: Flights,
     pub(crate) functions: FnTable,
-    /// Counts invalidations (see [`Inner::is_stale`]).
+    /// Counts invalidations (see [`InvalidationLog::is_stale`]).
     pub(crate) epoch: AtomicU64,
     pub(crate) log: parking_lot::Mutex<InvalidationLog>,
     /// Removals and publications that failed, sent again by one task.

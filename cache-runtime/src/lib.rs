@@ -29,7 +29,7 @@
 //! - [`CachingService`]: configured once in `main` (backend, profiles), or created with
 //!   defaults by the first cached call; [`CachingService::scope`] runs code against
 //!   another service.
-//! - [`stats`]: hit, miss and execution counts per function.
+//! - [`stats()`]: hit, miss and execution counts per function.
 //! - [`InvalidationBus`]: how instances tell each other what they invalidated, so that
 //!   each drops its in-process copies (`cache_redis::RedisSync` and `RedisBackend`'s L1
 //!   use Redis pub/sub; [`MemoryBus`] works inside one process).

@@ -134,7 +134,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
     /// Stores the body's result (if its kind stores one) with what the body depended
     /// on, links the calling function's entry to it, and hands it to the waiters. A
     /// result that an invalidation made out of date while it was computed is returned
-    /// but not kept (see [`Inner::is_stale`]).
+    /// but not kept (see [`crate::inner::InvalidationLog::is_stale`]).
     ///
     /// A refresh returns what is left to do in the shared tiers: the refreshing
     /// caller waits for it, so that it never reads the old value back.

@@ -69,7 +69,7 @@ pub fn write_arg<T: CacheKey + ?Sized>(w: &mut KeyWriter, value: &T) {
     value.write_key(w);
 }
 
-/// Builds a function key in a buffer on the stack (see [`KeyBuf`]) and runs `f` on
+/// Builds a function key in a buffer on the stack (see [`KeyBuf`](crate::keybuf::KeyBuf)) and runs `f` on
 /// it.
 ///
 /// The key is the function's registration number, then for methods the receiver's

@@ -49,7 +49,7 @@ impl Default for KeyWriter {
 }
 
 impl KeyWriter {
-    /// An empty writer, for encoding a single value (see [`key_text`]).
+    /// An empty writer, for encoding a single value (see [`key_text`](super::key_text)).
     #[inline(always)]
     pub fn new() -> Self {
         KeyWriter { buf: KeyBuf::new() }
