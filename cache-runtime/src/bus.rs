@@ -17,7 +17,7 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::lock;
+use crate::lock::lock;
 use crate::remote::{BoxFuture, RemoteError};
 use crate::stats::SyncStats;
 

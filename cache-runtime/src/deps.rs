@@ -35,9 +35,8 @@ impl Node {
     pub(crate) fn remote_id(&self, max_key_length: usize) -> Option<String> {
         match self {
             Node::Key(d) => Some(format!("d:{d}")),
-            Node::Entry(bytes) => {
-                crate::Key::from_bytes(bytes).map(|k| format!("e:{}", k.to_text(max_key_length)))
-            }
+            Node::Entry(bytes) => crate::key::Key::from_bytes(bytes)
+                .map(|k| format!("e:{}", k.to_text(max_key_length))),
             Node::Remote(text) => Some(format!("e:{text}")),
         }
     }

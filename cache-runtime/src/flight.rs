@@ -18,7 +18,7 @@ use std::hash::BuildHasher;
 use std::pin::pin;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
-use crate::lock;
+use crate::lock::lock;
 use std::time::Duration;
 
 use tokio::sync::Notify;

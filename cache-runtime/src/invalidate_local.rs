@@ -32,7 +32,7 @@ impl Inner {
         if self.bus.is_some() || self.remote.is_some() {
             named_texts = named
                 .iter()
-                .filter_map(|k| Some(crate::Key::from_bytes(k)?.to_text(self.max_key_length)))
+                .filter_map(|k| Some(crate::key::Key::from_bytes(k)?.to_text(self.max_key_length)))
                 .collect();
             // and what depends on them through entries read from the remote tier
             start.extend(named_texts.iter().map(|t| Node::Remote(t.as_str().into())));
@@ -74,8 +74,9 @@ impl Inner {
         }
         entries.sort_unstable();
         entries.dedup();
-        let text =
-            |bytes: &[u8]| crate::Key::from_bytes(bytes).map(|k| k.to_text(self.max_key_length));
+        let text = |bytes: &[u8]| {
+            crate::key::Key::from_bytes(bytes).map(|k| k.to_text(self.max_key_length))
+        };
         let removed: Vec<String> = entries.iter().filter_map(|k| text(k)).collect();
         let replaced = replaced.and_then(text);
         let mut items = Vec::new();
@@ -173,7 +174,7 @@ impl Inner {
         }
         let wanted: HashSet<&str> = texts.iter().map(String::as_str).collect();
         let renders_to_one = |bytes: &[u8]| {
-            crate::Key::from_bytes(bytes)
+            crate::key::Key::from_bytes(bytes)
                 .is_some_and(|k| wanted.contains(k.to_text(self.max_key_length).as_str()))
         };
         let mut nodes: Vec<Node> = self

@@ -45,6 +45,7 @@
 // Keys, values, settings and counters:
 mod backoff;
 mod key;
+mod lock;
 // the key buffer: short copies into its inline array, and reading it back
 #[allow(unsafe_code)]
 mod keybuf;
@@ -81,7 +82,6 @@ pub use builder::{Backend, CachingServiceBuilder, InstallError};
 pub use bus::{BusReceiver, InvalidationBus, Item, MemoryBus, Message};
 pub use deps::{add_dependency, untracked, CacheDependency, Dependency};
 pub use invalidate::invalidate_dependency;
-pub(crate) use key::Key;
 pub use key::{key_text, CacheKey, KeyWriter};
 pub use memory::{MemoryBackend, WeighFn};
 pub use profile::Expiration;
@@ -202,12 +202,6 @@ pub use cache_macros::refresh;
 /// # });
 /// ```
 pub use cache_macros::peek;
-
-/// Locks a std mutex, ignoring poisoning (the data behind it stays consistent: no
-/// lock is held across code that can panic halfway through a change).
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Items used by the generated code. Not a public API: names and signatures change
 /// without notice.

@@ -717,7 +717,7 @@ mod tests {
             "the index names exactly the entries held"
         );
         for k in tier.keys() {
-            let text = crate::Key::from_bytes(&k).unwrap().to_text(1024);
+            let text = crate::key::Key::from_bytes(&k).unwrap().to_text(1024);
             assert_eq!(tier.key_of(&text).as_deref(), Some(&*k));
         }
         // invalidating the inner entry reaches every live dependent

@@ -200,7 +200,7 @@ impl<'a, T: 'static> MissEntry<'a, T> {
                 let key = self.text().to_owned();
                 match graph {
                     Some(graph) => {
-                        graph.set_linked(crate::LinkedWrite {
+                        graph.set_linked(crate::remote::LinkedWrite {
                             key,
                             value: bytes,
                             ttl,

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use crate::lock;
+use crate::lock::lock;
 use crate::profile::{Expiration, Profile};
 use crate::stats::{Counters, Stats};
 
@@ -325,7 +325,7 @@ impl FnTable {
 
 /// A key of a test function with one string argument.
 #[cfg(test)]
-pub(crate) fn test_key(arg: &str) -> crate::Key {
+pub(crate) fn test_key(arg: &str) -> crate::key::Key {
     static DESC: Descriptor = Descriptor {
         key_name: "test::f",
         method: false,

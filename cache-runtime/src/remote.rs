@@ -101,7 +101,7 @@ pub trait RemoteStore: Send + Sync + 'static {
     }
 
     /// Adds the store's own counters (writes refused, failed or dropped) to `stats`.
-    fn report(&self, stats: &mut crate::RemoteStats) {
+    fn report(&self, stats: &mut crate::stats::RemoteStats) {
         let _ = stats;
     }
 }

@@ -68,7 +68,7 @@ impl CachingService {
             .memory
             .keys()
             .iter()
-            .map(|bytes| match crate::Key::from_bytes(bytes) {
+            .map(|bytes| match crate::key::Key::from_bytes(bytes) {
                 Some(key) => key.to_text(self.inner.max_key_length),
                 None => "<invalid key>".to_owned(),
             })

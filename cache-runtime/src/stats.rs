@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::lock;
+use crate::lock::lock;
 
 /// Counters of one function, or of the whole service.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

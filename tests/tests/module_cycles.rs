@@ -77,8 +77,8 @@ fn defined(code: &str) -> Vec<String> {
         .collect()
 }
 
-/// The module graph of a crate's `src`: top-level module to the modules it refers to.
-fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+/// The Rust files under `src`.
+fn rust_files(src: &Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     let mut dirs = vec![src.to_path_buf()];
     while let Some(dir) = dirs.pop() {
@@ -91,6 +91,12 @@ fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
             }
         }
     }
+    files
+}
+
+/// The module graph of a crate's `src`: top-level module to the modules it refers to.
+fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let files = rust_files(src);
     let top = |path: &Path| -> Option<String> {
         let rel = path.strip_prefix(src).ok()?;
         let first = rel.components().next()?.as_os_str().to_str()?;
@@ -163,7 +169,32 @@ fn no_module_cycles() {
             found.is_empty(),
             "{krate}: these modules reach each other: {found:?}; the graph: {g:#?}"
         );
+        let found = uses_of_lib_items(&root.join(krate).join("src"));
+        assert!(
+            found.is_empty(),
+            "{krate}: uses of what lib.rs defines: {found:?}"
+        );
     }
+}
+
+/// Items defined in `lib.rs` itself that other modules of the crate use: `lib.rs`
+/// refers to every module, so each such use closes a cycle through it.
+fn uses_of_lib_items(src: &Path) -> Vec<String> {
+    let lib = code_of(&std::fs::read_to_string(src.join("lib.rs")).unwrap());
+    let own = defined(&lib);
+    let mut found = Vec::new();
+    for path in rust_files(src) {
+        if path.ends_with("lib.rs") {
+            continue;
+        }
+        let code = code_of(&std::fs::read_to_string(&path).unwrap());
+        for name in idents_after(&code, "crate::") {
+            if own.contains(&name) {
+                found.push(format!("{}: crate::{name}", path.display()));
+            }
+        }
+    }
+    found
 }
 
 #[test]
