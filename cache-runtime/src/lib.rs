@@ -41,28 +41,29 @@
 // Unsafe code is confined to the two modules that allow it below.
 #![deny(unsafe_code)]
 
-// The layers, lowest first: none refers to a module above it (`tests/module_cycles.rs`).
-// Keys, values, settings and counters:
+// Grouped by layer: a module refers only to its own group and those before it
+// (`tests/tests/module_cycles.rs` checks that none refers back).
+// Settings, counters and buffers:
 mod backoff;
-mod key;
-mod lock;
 // the key buffer: short copies into its inline array, and reading it back
 #[allow(unsafe_code)]
 mod keybuf;
+mod lock;
 mod profile;
 mod stats;
-mod value;
-// The stores and structures the flows work on:
+// Keys, values, and the stores and structures the flows work on:
 mod bus;
 mod deps;
 mod flight;
 mod held;
+mod key;
 mod memory;
 mod pending;
 // the global service's function state, kept as a pointer next to the descriptor
 #[allow(unsafe_code)]
 mod registry;
 mod remote;
+mod value;
 // The service's state, its configuration and the current service:
 mod builder;
 mod current;
