@@ -21,8 +21,8 @@ use crate::value::{ReturnKind, ValueOps};
 pub enum Lookup<R> {
     /// Served from the cache.
     Hit(R),
-    /// Run the body: through the miss path ([`run_async`], [`run_sync`]) if caching
-    /// is on, else directly.
+    /// Run the body: through the miss path (`run_async`, `run_sync` in `miss.rs`) if
+    /// caching is on, else directly.
     Run(Option<MissPath>),
 }
 
