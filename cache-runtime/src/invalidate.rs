@@ -54,7 +54,7 @@ pub async fn invalidate_calls(keys: impl IntoIterator<Item = CallKey>) {
 /// Runs the invalidations of `#[invalidate_cache]` once the function has succeeded:
 /// its keys and dependencies in one invalidation (one remote removal, one message).
 #[doc(hidden)]
-pub async fn invalidate_after(keys: Vec<CallKey>, dependencies: Vec<crate::deps::Dependency>) {
+pub async fn invalidate_after(keys: Vec<CallKey>, dependencies: Vec<Dependency>) {
     let nodes = nodes_of(keys, &dependencies);
     if !nodes.is_empty() {
         let service = with_current(CachingService::clone);
@@ -66,7 +66,7 @@ pub async fn invalidate_after(keys: Vec<CallKey>, dependencies: Vec<crate::deps:
 /// Blocking form of [`invalidate_after`], for plain functions. The in-process tier
 /// needs no waiting; remote tiers queue their part.
 #[doc(hidden)]
-pub fn invalidate_after_sync(keys: Vec<CallKey>, dependencies: Vec<crate::deps::Dependency>) {
+pub fn invalidate_after_sync(keys: Vec<CallKey>, dependencies: Vec<Dependency>) {
     let nodes = nodes_of(keys, &dependencies);
     if !nodes.is_empty() {
         let service = with_current(CachingService::clone);
@@ -76,7 +76,7 @@ pub fn invalidate_after_sync(keys: Vec<CallKey>, dependencies: Vec<crate::deps::
 }
 
 /// The graph nodes of calls' keys and dependencies.
-fn nodes_of(keys: Vec<CallKey>, dependencies: &[crate::deps::Dependency]) -> Vec<Node> {
+fn nodes_of(keys: Vec<CallKey>, dependencies: &[Dependency]) -> Vec<Node> {
     let mut nodes: Vec<Node> = keys
         .into_iter()
         .filter_map(|k| k.key)
@@ -90,10 +90,7 @@ fn nodes_of(keys: Vec<CallKey>, dependencies: &[crate::deps::Dependency]) -> Vec
 /// (see [`add_dependency`](crate::add_dependency)) is removed, with the entries that
 /// depend on those, transitively, and the dependencies of its cascade.
 pub async fn invalidate_dependency(dependency: impl Into<Dependency>) {
-    let nodes = crate::deps::nodes_of(&dependency.into());
-    let service = with_current(CachingService::clone);
-    let pending = service.inner.invalidate(nodes);
-    service.inner.complete(pending).await;
+    invalidate_after(Vec::new(), vec![dependency.into()]).await;
 }
 
 impl Inner {
