@@ -1,6 +1,7 @@
 //! Support code for the integration tests.
 
 pub mod instance;
+pub mod redis_cluster;
 pub mod redis_server;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -35,6 +35,12 @@ impl RedisServer {
 
     /// Starts a server with extra `redis-server` arguments (`["--maxmemory", "1mb"]`).
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        Self::start_on(extra, free_port)
+    }
+
+    /// Starts a server with extra arguments on a port `pick` chooses (tried again on
+    /// another if it was taken meanwhile).
+    pub fn start_on(extra: &[&str], pick: fn() -> u16) -> RedisServer {
         let dir = std::env::temp_dir().join(format!(
             "cache-rs-redis-{}-{}",
             std::process::id(),
@@ -52,7 +58,7 @@ impl RedisServer {
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         for _ in 0..10 {
-            let port = free_port();
+            let port = pick();
             let mut server = RedisServer {
                 port,
                 tls: None,
@@ -302,6 +308,17 @@ impl RedisServer {
         let mut line = String::new();
         BufReader::new(stream).read_line(&mut line).ok()?;
         Some(line.trim_end().to_owned())
+    }
+
+    /// A field of `CLUSTER INFO` (`cluster_state`), if the server answers it.
+    pub fn info(&self, field: &str) -> Option<String> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut con = client.get_connection().ok()?;
+        let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut con).ok()?;
+        let prefix = format!("{field}:");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|v| v.trim().to_owned())
     }
 
     /// How many times the server ran `command` (from `INFO commandstats`).

@@ -1,0 +1,117 @@
+//! A private Redis Cluster for one test: `redis-server --cluster-enabled yes`
+//! processes (see [`RedisServer`]) joined by `redis-cli --cluster create`, stopped
+//! when dropped.
+
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::redis_server::RedisServer;
+
+/// A cluster of private servers: masters first, then their replicas.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    masters: usize,
+}
+
+impl RedisCluster {
+    /// Starts `masters` masters with `replicas` replicas each, the slots spread over
+    /// the masters, and a node timeout of 1 s (failovers within a few seconds).
+    pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        assert!(
+            masters >= 3,
+            "redis-cli --cluster create needs 3 masters at least"
+        );
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
+            .map(|_| {
+                RedisServer::start_on(
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                        // a replica takes over whatever the age of its data: the
+                        // tests' replicas have just synced
+                        "--cluster-replica-validity-factor",
+                        "0",
+                    ],
+                    cluster_port,
+                )
+            })
+            .collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let output = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("could not run redis-cli (it comes with redis-server): {e}")
+            });
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cluster = RedisCluster { nodes, masters };
+        cluster.wait_ok(Duration::from_secs(20));
+        cluster
+    }
+
+    /// Waits until every node running says `cluster_state:ok`.
+    pub fn wait_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = self.nodes.iter().all(|n| {
+                n.command(&["PING"]).is_none() || n.info("cluster_state").as_deref() == Some("ok")
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster is not ok after {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every node, masters first (as created).
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// Node `i` (masters first), to stop, restart or pause it.
+    pub fn node_mut(&mut self, i: usize) -> &mut RedisServer {
+        &mut self.nodes[i]
+    }
+
+    /// The masters as created.
+    pub fn masters(&self) -> &[RedisServer] {
+        &self.nodes[..self.masters]
+    }
+
+    /// `redis://127.0.0.1:<port>/0` of the first master: any node will do.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+}
+
+/// A free port whose cluster bus port (the port + 10000) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
