@@ -138,12 +138,13 @@ pub(crate) fn no_script(code: Option<&str>) -> bool {
 #[derive(Clone, Debug)]
 pub(crate) struct ScriptCall {
     script: Arc<Hashed>,
-    args: Vec<Vec<u8>>,
+    /// The arguments after the script, in one buffer (not a command to send).
+    args: redis::Cmd,
 }
 
 impl ScriptCall {
     fn arg<T: redis::ToRedisArgs>(&mut self, value: T) -> &mut Self {
-        value.write_redis_args(&mut self.args);
+        self.args.arg(value);
         self
     }
 
@@ -151,7 +152,12 @@ impl ScriptCall {
     pub(crate) fn cmd(&self, by_hash: bool) -> redis::Cmd {
         let (command, script) = self.script.head(by_hash);
         let mut cmd = redis::cmd(command);
-        cmd.arg(script).arg(&self.args);
+        cmd.arg(script);
+        for arg in self.args.args_iter() {
+            if let redis::Arg::Simple(bytes) = arg {
+                cmd.arg(bytes);
+            }
+        }
         cmd
     }
 
@@ -219,7 +225,7 @@ impl GraphKeys {
     fn call(&self, script: &Arc<Hashed>) -> ScriptCall {
         let mut call = ScriptCall {
             script: script.clone(),
-            args: Vec::new(),
+            args: redis::Cmd::new(),
         };
         call.arg(0).arg(&self.graph).arg(&self.values);
         call

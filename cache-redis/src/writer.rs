@@ -80,14 +80,17 @@ impl Command {
     /// What it is, for errors and the log: its name, and for a script, which one.
     fn describe(&self) -> String {
         match self {
-            Command::Plain(cmd) => match cmd.args_iter().next() {
-                Some(redis::Arg::Simple(name)) => {
-                    String::from_utf8_lossy(name).to_ascii_uppercase()
-                }
-                _ => "a command".to_owned(),
-            },
+            Command::Plain(cmd) => name_of(cmd),
             Command::Script(call) => format!("EVALSHA ({})", call.name()),
         }
+    }
+}
+
+/// A plain command's name, for errors and the log.
+fn name_of(cmd: &redis::Cmd) -> String {
+    match cmd.args_iter().next() {
+        Some(redis::Arg::Simple(name)) => String::from_utf8_lossy(name).to_ascii_uppercase(),
+        _ => "a command".to_owned(),
     }
 }
 
@@ -211,9 +214,7 @@ pub(crate) async fn writer(
                         Some(cmd) => next(&|| cmd.describe()),
                         None => Ok(redis::Value::Nil),
                     };
-                    let then = then.and_then(|then| {
-                        next(&|| Command::Plain((*then).clone()).describe()).err()
-                    });
+                    let then = then.and_then(|then| next(&|| name_of(&then)).err());
                     let _ = done.send(reply.map(|v| (v, then)));
                 }
             }

@@ -70,7 +70,8 @@ impl CachingServiceBuilder {
     }
 }
 
-/// Runs `f` as a scope of the task-local service `service` (see [`CachingService::scope`]).
+/// Runs `future` with `service` as the task-local current one (see
+/// [`CachingService::scope`]).
 pub(crate) async fn scoped<F: std::future::Future>(
     service: CachingService,
     future: F,
