@@ -9,6 +9,8 @@ use cache_runtime::{Backend, Backoff, MemoryBackend, FORMAT_VERSION};
 use tokio::sync::{mpsc, Notify};
 
 use crate::bus::RedisBus;
+use crate::cluster::{Recent, Replayer};
+use crate::endpoint::{Conn, Endpoint, Kind};
 use crate::graph::GraphKeys;
 use crate::link::Link;
 use crate::store::RedisStore;
@@ -148,6 +150,8 @@ pub struct RedisBackendBuilder {
     root_certificate: Option<Vec<u8>>,
     dependencies: bool,
     marker_ttl: Duration,
+    seed_nodes: Vec<String>,
+    replay_window: Duration,
 }
 
 impl fmt::Debug for RedisBackendBuilder {
@@ -205,6 +209,23 @@ impl RedisBackendBuilder {
     /// counted ([`RedisMetrics::dropped`]). Default: 10,000.
     pub fn write_queue(mut self, capacity: usize) -> Self {
         self.write_queue = capacity;
+        self
+    }
+
+    /// More nodes of a Redis Cluster, tried in turn at `build` (and at each
+    /// reconnection) when the URL's does not answer. The URL, and any of these, may
+    /// be a standalone server or any node of a cluster: which one is found out at the
+    /// first connection, and a cluster's other nodes are discovered from it.
+    pub fn seed_nodes<S: Into<String>>(mut self, urls: impl IntoIterator<Item = S>) -> Self {
+        self.seed_nodes = urls.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// On a Redis Cluster: how long this instance remembers the keys it removed, to
+    /// apply those removals again after a failover (a promoted replica may never have
+    /// seen them). Longer than the cluster takes to promote a replica. Default: 30 s.
+    pub fn replay_window(mut self, window: Duration) -> Self {
+        self.replay_window = window;
         self
     }
 
@@ -266,13 +287,15 @@ impl RedisBackendBuilder {
                 "operation_timeout and write_queue must be positive",
             ));
         }
-        let client = client(&self.url, self.root_certificate.as_deref())?;
-        let addr = client.get_connection_info().addr().to_string();
-        let user = user_of(&client);
+        let (endpoint, addr, user) = endpoint(
+            &self.url,
+            &self.seed_nodes,
+            self.root_certificate.as_deref(),
+        )?;
         // Reads and writes use separate connections: Redis answers a connection's
         // commands in order, so reads sharing one with a slow write would wait for it.
         let open = || async {
-            Link::open(client.clone(), self.operation_timeout, self.lazy)
+            Link::open(endpoint.clone(), self.operation_timeout, self.lazy)
                 .await
                 .map_err(|source| RedisBackendError::Connect {
                     addr: addr.clone(),
@@ -303,7 +326,7 @@ impl RedisBackendBuilder {
         // listens to the others'.
         let bus = match self.l1 {
             Some(_) => RedisBus::start(
-                client.clone(),
+                endpoint.clone(),
                 reads.clone(),
                 channel.clone(),
                 self.lazy,
@@ -313,7 +336,21 @@ impl RedisBackendBuilder {
             .map_err(|source| RedisBackendError::subscribing(&addr, &user, &channel, source))?,
             None => RedisBus::publish_only(reads.clone(), channel.clone(), self.operation_timeout),
         };
+        let recent = Arc::new(Recent::new(self.replay_window));
+        let replayer = Arc::new(Replayer {
+            prefix: prefix.clone(),
+            receivers: bus.receivers(),
+        });
+        // on a cluster, watches for failovers (ends at once on a standalone server)
+        tokio::spawn(crate::cluster::watch(
+            reads.clone(),
+            Arc::downgrade(&recent),
+            Arc::downgrade(&replayer),
+            self.operation_timeout.max(Duration::from_millis(500)),
+        ));
         let store = RedisStore {
+            recent,
+            _replayer: replayer,
             link: reads,
             prefix,
             default_ttl: self.default_ttl,
@@ -326,7 +363,7 @@ impl RedisBackendBuilder {
             graph,
         };
         let probe = Probe {
-            client: client.clone(),
+            endpoint: endpoint.clone(),
             addr: addr.clone(),
             user,
             key_prefix: self.key_prefix.clone(),
@@ -343,6 +380,9 @@ impl RedisBackendBuilder {
             tokio::spawn(async move { probe.later(alive).await });
         } else {
             let mut con = probe.connect().await?;
+            if self.dependencies && endpoint.kind() == Some(Kind::Cluster) {
+                return Err(RedisBackendError::Config(CLUSTER_GRAPH));
+            }
             probe.run(&mut con).await?;
             crate::settings::check(&mut con, self.dependencies)
                 .await
@@ -360,9 +400,12 @@ impl RedisBackendBuilder {
     }
 }
 
+/// Why `dependencies(true)` is refused on a cluster, for now.
+const CLUSTER_GRAPH: &str = "dependencies(true) is not supported on a Redis Cluster yet: the graph's scripts need their keys on one node. Build with dependencies(false) (entries that have dependencies then stay in the in-process tier), or point at a standalone server";
+
 /// What `build` checks (see [`crate::probe`]).
 struct Probe {
-    client: redis::Client,
+    endpoint: Arc<Endpoint>,
     addr: String,
     user: String,
     key_prefix: String,
@@ -374,12 +417,9 @@ struct Probe {
 }
 
 impl Probe {
-    async fn connect(&self) -> Result<redis::aio::MultiplexedConnection, RedisBackendError> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
-        self.client
-            .get_multiplexed_async_connection_with_config(&config)
+    async fn connect(&self) -> Result<Conn, RedisBackendError> {
+        self.endpoint
+            .connect(self.timeout, self.timeout)
             .await
             .map_err(|source| RedisBackendError::Connect {
                 addr: self.addr.clone(),
@@ -388,10 +428,7 @@ impl Probe {
     }
 
     /// Runs every command the configuration needs once.
-    async fn run(
-        &self,
-        con: &mut redis::aio::MultiplexedConnection,
-    ) -> Result<(), RedisBackendError> {
+    async fn run(&self, con: &mut Conn) -> Result<(), RedisBackendError> {
         let needs = crate::probe::Needs {
             values: Some(&self.values),
             user: &self.user,
@@ -491,6 +528,8 @@ impl RedisBackend {
             root_certificate: None,
             dependencies: false,
             marker_ttl: Duration::from_secs(600),
+            seed_nodes: Vec::new(),
+            replay_window: Duration::from_secs(30),
         }
     }
 
@@ -510,6 +549,22 @@ impl From<RedisBackend> for Backend {
 /// The pub/sub channel of the instances sharing `prefix`.
 pub(crate) fn channel_name(prefix: &str) -> String {
     format!("{prefix}:invalidations")
+}
+
+/// Where to connect: `url`, then the `seeds`, trusting `root_certificate` (PEM) for
+/// TLS if given; with the first address (for errors) and the URL's user.
+pub(crate) fn endpoint(
+    url: &str,
+    seeds: &[String],
+    root_certificate: Option<&[u8]>,
+) -> Result<(Arc<Endpoint>, String, String), RedisBackendError> {
+    let clients = std::iter::once(url)
+        .chain(seeds.iter().map(String::as_str))
+        .map(|url| client(url, root_certificate))
+        .collect::<Result<Vec<_>, _>>()?;
+    let endpoint = Endpoint::new(clients, root_certificate.map(<[u8]>::to_vec));
+    let (addr, user) = (endpoint.addr(), user_of(endpoint.first()));
+    Ok((Arc::new(endpoint), addr, user))
 }
 
 /// A client for `url`, trusting `root_certificate` (PEM) for TLS if given.

@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use cache_runtime::{Backoff, BoxFuture, BusReceiver, InvalidationBus, RemoteError};
 use futures_util::StreamExt;
-use redis::Client;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use crate::endpoint::Endpoint;
 use crate::link::Link;
 
 /// How often the subscriber checks its connection.
@@ -28,7 +28,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Where received messages go: the receivers of the services attached (usually one;
 /// several when a backend was cloned into several services).
 #[derive(Default)]
-struct Receivers(Mutex<Vec<BusReceiver>>);
+pub(crate) struct Receivers(Mutex<Vec<BusReceiver>>);
 
 impl Receivers {
     /// The live receivers; `None` once every attached service is gone.
@@ -65,6 +65,13 @@ impl Receivers {
         self.each(|r| {
             r.receiving();
         })
+    }
+
+    /// Tells the services that their in-process tiers may hold stale values.
+    pub(crate) fn stale(&self) {
+        self.each(|r| {
+            r.stale();
+        });
     }
 }
 
@@ -109,7 +116,7 @@ impl RedisBus {
     /// (at most `wait`, or the connect timeout if longer) and fails if it is not.
     /// Publications take at most `wait`.
     pub(crate) async fn start(
-        client: Client,
+        endpoint: Arc<Endpoint>,
         publisher: Arc<Link>,
         channel: String,
         lazy: bool,
@@ -119,7 +126,7 @@ impl RedisBus {
         let (tx, mut subscribed) = watch::channel(false);
         let (first_error_tx, mut first_error) = watch::channel(None::<redis::RedisError>);
         let task = tokio::spawn(subscriber(
-            client,
+            endpoint,
             channel.clone(),
             receivers.clone(),
             tx,
@@ -155,6 +162,11 @@ impl RedisBus {
             }
         }
         Ok(bus)
+    }
+
+    /// Where received messages and signals go.
+    pub(crate) fn receivers(&self) -> Arc<Receivers> {
+        self.receivers.clone()
     }
 
     /// The channel's name.
@@ -204,7 +216,7 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// subscribed, the services' in-process tiers are bypassed (see
 /// [`BusReceiver::waiting`], [`BusReceiver::missed`]).
 async fn subscriber(
-    client: Client,
+    endpoint: Arc<Endpoint>,
     channel: String,
     receivers: Arc<Receivers>,
     subscribed: watch::Sender<bool>,
@@ -214,7 +226,13 @@ async fn subscriber(
     let mut backoff = Backoff::RECONNECT;
     let mut first = true;
     let mut warned: Option<tokio::time::Instant> = None;
+    let mut attempt = 0usize;
     loop {
+        // on a cluster, any node: a `PUBLISH` reaches every node; the next one after
+        // a failure
+        let nodes = endpoint.subscribers();
+        let client = nodes[attempt % nodes.len()].clone();
+        attempt += 1;
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
             let (mut sink, stream) = client.get_async_pubsub().await?.split();
             sink.subscribe(&channel).await?;
@@ -269,6 +287,12 @@ async fn subscriber(
             ))),
         };
         if let Some(e) = failure {
+            // the first time, every node is tried before giving up (a refusal is the
+            // same on every node)
+            if first && attempt < nodes.len() && e.code() != Some("NOPERM") {
+                tracing::debug!(target: "cache_redis", channel, error = %e, "subscribing failed; trying the next node");
+                continue;
+            }
             // (a first failure without `lazy` is `build`'s error)
             let say = (lazy || !first) && warned.is_none_or(|t| t.elapsed() >= WARN_EVERY);
             if say {

@@ -170,7 +170,7 @@ impl ScriptCall {
     /// have the script.
     pub(crate) async fn run<T: redis::FromRedisValue>(
         &self,
-        con: &mut redis::aio::MultiplexedConnection,
+        con: &mut (impl redis::aio::ConnectionLike + Send),
     ) -> redis::RedisResult<T> {
         match self.cmd(true).query_async(con).await {
             Err(e) if no_script(e.code()) => self.cmd(false).query_async(con).await,

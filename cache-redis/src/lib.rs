@@ -18,13 +18,16 @@
 
 mod backend;
 mod bus;
+mod cluster;
 mod collector;
+mod endpoint;
 mod graph;
 mod link;
 mod probe;
 mod settings;
 mod store;
 mod sync;
+mod topology;
 mod writer;
 
 pub use backend::{RedisBackend, RedisBackendBuilder, RedisBackendError};

@@ -25,10 +25,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use cache_runtime::{Backoff, RemoteError};
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, RedisError, RedisResult};
+use redis::{Cmd, FromRedisValue, RedisError, RedisResult, Value};
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::endpoint::{Conn, Endpoint};
 
 /// How many idle connection handles a thread keeps, over all links.
 const SPARES_PER_THREAD: usize = 64;
@@ -43,7 +44,7 @@ static LINKS_DROPPED: AtomicU64 = AtomicU64::new(0);
 struct Handle {
     link: u64,
     generation: u64,
-    conn: MultiplexedConnection,
+    conn: Conn,
     cmd: Cmd,
 }
 
@@ -74,7 +75,7 @@ thread_local! {
 }
 
 struct Current {
-    conn: MultiplexedConnection,
+    conn: Conn,
     generation: u64,
 }
 
@@ -91,9 +92,9 @@ pub(crate) struct Link {
     id: u64,
     /// The current connection's generation (0: none), for checking spares.
     generation: AtomicU64,
-    client: Client,
-    config: AsyncConnectionConfig,
+    endpoint: Arc<Endpoint>,
     connect_timeout: Duration,
+    response_timeout: Duration,
     /// How long a call waits for a connection attempt that is under way.
     wait: Duration,
     current: ArcSwapOption<Current>,
@@ -103,22 +104,19 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// A link to the server `client` points at; connects now unless `lazy`.
+    /// A link to the server or cluster `endpoint` names; connects now unless `lazy`.
     pub(crate) async fn open(
-        client: Client,
+        endpoint: Arc<Endpoint>,
         timeout: Duration,
         lazy: bool,
     ) -> Result<Arc<Link>, RedisError> {
         let connect_timeout = timeout.max(Duration::from_secs(1));
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(Some(timeout));
         let link = Arc::new(Link {
             id: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
             generation: AtomicU64::new(0),
-            client,
-            config,
+            endpoint,
             connect_timeout,
+            response_timeout: timeout,
             wait: timeout,
             current: ArcSwapOption::empty(),
             attempts: Mutex::new(Attempts {
@@ -168,7 +166,13 @@ impl Link {
         pipe: &redis::Pipeline,
     ) -> Result<T, RemoteError> {
         let mut handle = self.connection().await?;
-        let result = pipe.query_async(&mut handle.conn).await;
+        let result = match &mut handle.conn {
+            Conn::Node(c) => pipe.query_async(c).await,
+            Conn::Cluster(c) => match crate::endpoint::cluster_pipeline(c, pipe).await {
+                Ok(replies) => redis::from_redis_value(Value::Array(replies)).map_err(Into::into),
+                Err(e) => Err(e),
+            },
+        };
         self.done(handle, result)
     }
 
@@ -206,7 +210,8 @@ impl Link {
         result: RedisResult<T>,
     ) -> Result<T, RemoteError> {
         match result {
-            Err(e) if e.is_unrecoverable_error() => {
+            // a cluster connection reconnects to its nodes by itself
+            Err(e) if e.is_unrecoverable_error() && matches!(handle.conn, Conn::Node(_)) => {
                 self.broken(handle.generation);
                 Err(RemoteError(e.to_string()))
             }
@@ -280,6 +285,25 @@ impl Link {
         Err(RemoteError("not connected to Redis".into()))
     }
 
+    /// The current connection, if there is one (without waiting for an attempt).
+    pub(crate) fn conn(&self) -> Option<Conn> {
+        self.current.load().as_ref().map(|c| c.conn.clone())
+    }
+
+    /// Drops the current connection and connects again (a cluster connection that
+    /// stopped recovering by itself).
+    pub(crate) fn redial(self: &Arc<Self>) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation != 0 {
+            self.broken(generation);
+        }
+    }
+
+    /// The server or cluster this link connects to.
+    pub(crate) fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
     /// A new handle to the current connection.
     fn current(&self) -> Option<Box<Handle>> {
         let current = self.current.load();
@@ -329,17 +353,17 @@ impl Link {
         self.attempted.notify_waiters();
     }
 
-    async fn dial(&self) -> Result<MultiplexedConnection, RedisError> {
+    async fn dial(&self) -> Result<Conn, RedisError> {
         let dial = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config);
+            .endpoint
+            .connect(self.connect_timeout, self.response_timeout);
         match tokio::time::timeout(self.connect_timeout, dial).await {
             Ok(result) => result,
             Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
         }
     }
 
-    fn install(&self, conn: MultiplexedConnection) {
+    fn install(&self, conn: Conn) {
         let mut a = self.attempts.lock().unwrap_or_else(PoisonError::into_inner);
         a.generation += 1;
         a.retry_at = None;
@@ -370,10 +394,14 @@ impl Link {
     }
 }
 
-/// Sends a command on `conn` directly (not through `ConnectionLike`, which boxes
-/// every request's future) and converts the reply.
-async fn send<T: FromRedisValue>(conn: &mut MultiplexedConnection, cmd: &Cmd) -> RedisResult<T> {
-    let reply = conn.send_packed_command(cmd).await?;
+/// Sends a command on `conn`: to one server directly (not through `ConnectionLike`,
+/// which boxes every request's future), to a cluster routed by its key; and converts
+/// the reply.
+async fn send<T: FromRedisValue>(conn: &mut Conn, cmd: &Cmd) -> RedisResult<T> {
+    let reply = match conn {
+        Conn::Node(c) => c.send_packed_command(cmd).await?,
+        Conn::Cluster(c) => redis::aio::ConnectionLike::req_packed_command(c, cmd).await?,
+    };
     Ok(redis::from_redis_value(reply.extract_error()?)?)
 }
 

@@ -11,7 +11,6 @@
 use std::hash::BuildHasher;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use redis::RedisError;
 
 use crate::graph::{GraphKeys, ScriptCall};
@@ -61,7 +60,7 @@ pub(crate) fn probe_message() -> Vec<u8> {
 /// Runs each command the configuration needs once. Server errors that are not about
 /// permissions (out of memory) are logged and left to run time.
 pub(crate) async fn probe(
-    con: &mut MultiplexedConnection,
+    con: &mut (impl redis::aio::ConnectionLike + Send),
     needs: &Needs<'_>,
 ) -> Result<(), Problem> {
     let id = format!(
@@ -174,7 +173,7 @@ pub(crate) async fn probe(
 
 /// Runs a graph script the way the writer does (by hash, then with its text).
 async fn script(
-    con: &mut MultiplexedConnection,
+    con: &mut (impl redis::aio::ConnectionLike + Send),
     call: ScriptCall,
     feature: &str,
     fix: &str,
@@ -191,7 +190,7 @@ async fn script(
 }
 
 async fn run(
-    con: &mut MultiplexedConnection,
+    con: &mut (impl redis::aio::ConnectionLike + Send),
     cmd: &redis::Cmd,
     command: &'static str,
     feature: &str,
@@ -204,7 +203,7 @@ async fn run(
 
 /// Sends `cmd`; `Ok(None)` for a server error that is only worth a warning.
 async fn query<T: redis::FromRedisValue>(
-    con: &mut MultiplexedConnection,
+    con: &mut (impl redis::aio::ConnectionLike + Send),
     cmd: &redis::Cmd,
     command: &'static str,
     feature: &str,

@@ -6,7 +6,7 @@
 /// wrong and which `CONFIG SET` fixes it. A server that refuses `CONFIG GET`
 /// (managed services often do) is accepted with a warning.
 pub(crate) async fn check(
-    con: &mut redis::aio::MultiplexedConnection,
+    con: &mut (impl redis::aio::ConnectionLike + Send),
     graph: bool,
 ) -> Result<(), String> {
     let get = |name: &'static str| {

@@ -11,6 +11,8 @@ use cache_runtime::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cluster::{Recent, Replayer};
+use crate::endpoint::{Conn, Kind};
 use crate::graph::{glob_escape, GraphKeys};
 use crate::link::Link;
 use crate::writer::{millis, Backlog, CallReply, Command, Op, Prefixed, RedisMetrics};
@@ -28,9 +30,18 @@ pub(crate) struct RedisStore {
     pub(crate) channel: String,
     /// With `dependencies(true)`.
     pub(crate) graph: Option<GraphKeys>,
+    /// On a cluster: this instance's recent removals, and whether they must be
+    /// applied again (see [`crate::cluster`]).
+    pub(crate) recent: Arc<Recent>,
+    /// What the cluster's watcher applies again (kept alive here).
+    pub(crate) _replayer: Arc<Replayer>,
 }
 
 impl RedisStore {
+    fn on_cluster(&self) -> bool {
+        self.link.endpoint().kind() == Some(Kind::Cluster)
+    }
+
     /// Queues an operation for the writer; a write is dropped (and counted) when the
     /// queue is full.
     pub(crate) fn queue(&self, op: Op) -> Result<(), Op> {
@@ -83,6 +94,11 @@ impl RemoteStore for RedisStore {
         key: RemoteKey<'a>,
         touch: Option<Duration>,
     ) -> BoxFuture<'a, Result<Fetched, RemoteError>> {
+        // on a cluster after a sign of trouble: a key this instance removed lately may
+        // be old on a promoted replica until the removal was applied again
+        if self.recent.unsure() && key.with_text(|k| self.recent.holds(k)) {
+            return Box::pin(async { Ok(None::<Vec<u8>>.into()) });
+        }
         // bounded by the connection's response timeout (no second timer per read)
         let Some(graph) = &self.graph else {
             return Box::pin(async move {
@@ -148,6 +164,9 @@ impl RemoteStore for RedisStore {
         publish: Option<Vec<u8>>,
     ) -> BoxFuture<'_, Result<Removed, RemoteError>> {
         Box::pin(async move {
+            if self.on_cluster() {
+                self.recent.removed(&keys);
+            }
             let cmd = (!keys.is_empty()).then(|| {
                 let mut cmd = redis::cmd("DEL");
                 for k in &keys {
@@ -170,6 +189,17 @@ impl RemoteStore for RedisStore {
 
     fn clear(&self) -> BoxFuture<'_, Result<(), RemoteError>> {
         Box::pin(async move {
+            if let Some(Conn::Cluster(con)) = self.link.conn() {
+                self.recent.cleared();
+                let masters = crate::topology::topology(&con)
+                    .await
+                    .map_err(|e| RemoteError(e.to_string()))?
+                    .masters;
+                let pattern = format!("{}*", glob_escape(&self.prefix));
+                return crate::cluster::unlink_matching(&con, &masters, &pattern)
+                    .await
+                    .map_err(|e| RemoteError(e.to_string()));
+            }
             // the values, and with dependencies the graph too
             let mut prefixes = vec![self.prefix.as_str()];
             prefixes.extend(self.graph.as_ref().map(|g| g.graph.as_str()));
@@ -245,6 +275,8 @@ impl RemoteStore for RedisStore {
         stats.write_errors += c.failed_sets.load(Ordering::Relaxed);
         stats.linked_write_errors += c.failed_linked.load(Ordering::Relaxed);
         stats.writes_dropped += c.dropped.load(Ordering::Relaxed);
+        stats.topology_changes += self.recent.topology_changes.load(Ordering::Relaxed);
+        stats.invalidations_replayed += self.recent.replayed.load(Ordering::Relaxed);
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use cache_runtime::{BoxFuture, BusReceiver, InvalidationBus, RemoteError};
 
-use crate::backend::{channel_name, client, RedisBackendError};
+use crate::backend::{channel_name, endpoint, RedisBackendError};
 use crate::bus::RedisBus;
 use crate::link::Link;
 
@@ -17,6 +17,7 @@ pub struct RedisSyncBuilder {
     operation_timeout: Duration,
     lazy: bool,
     root_certificate: Option<Vec<u8>>,
+    seed_nodes: Vec<String>,
 }
 
 impl fmt::Debug for RedisSyncBuilder {
@@ -52,6 +53,13 @@ impl RedisSyncBuilder {
         self
     }
 
+    /// More nodes of a Redis Cluster, tried in turn when the URL's does not answer
+    /// (see [`RedisBackendBuilder::seed_nodes`](crate::RedisBackendBuilder::seed_nodes)).
+    pub fn seed_nodes<S: Into<String>>(mut self, urls: impl IntoIterator<Item = S>) -> Self {
+        self.seed_nodes = urls.into_iter().map(Into::into).collect();
+        self
+    }
+
     /// For `rediss://` URLs: trust this certificate (PEM) instead of the system's
     /// root certificates.
     pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
@@ -71,18 +79,20 @@ impl RedisSyncBuilder {
                 "operation_timeout must be positive",
             ));
         }
-        let client = client(&self.url, self.root_certificate.as_deref())?;
-        let addr = client.get_connection_info().addr().to_string();
-        let user = crate::backend::user_of(&client);
+        let (endpoint, addr, user) = endpoint(
+            &self.url,
+            &self.seed_nodes,
+            self.root_certificate.as_deref(),
+        )?;
         let channel = channel_name(&self.channel_prefix);
-        let publisher = Link::open(client.clone(), self.operation_timeout, self.lazy)
+        let publisher = Link::open(endpoint.clone(), self.operation_timeout, self.lazy)
             .await
             .map_err(|source| RedisBackendError::Connect {
                 addr: addr.clone(),
                 source,
             })?;
         let bus = RedisBus::start(
-            client.clone(),
+            endpoint.clone(),
             publisher,
             channel.clone(),
             self.lazy,
@@ -92,22 +102,15 @@ impl RedisSyncBuilder {
         .map_err(|source| RedisBackendError::subscribing(&addr, &user, &channel, source))?;
         if !self.lazy {
             // what the bus needs besides SUBSCRIBE: PUBLISH on the channel, PING
-            let config = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(
-                    self.operation_timeout
-                        .max(std::time::Duration::from_secs(1)),
-                ))
-                .set_response_timeout(Some(
-                    self.operation_timeout
-                        .max(std::time::Duration::from_secs(1)),
-                ));
-            let mut con = client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-                .map_err(|source| RedisBackendError::Connect {
+            let timeout = self
+                .operation_timeout
+                .max(std::time::Duration::from_secs(1));
+            let mut con = endpoint.connect(timeout, timeout).await.map_err(|source| {
+                RedisBackendError::Connect {
                     addr: addr.clone(),
                     source,
-                })?;
+                }
+            })?;
             let needs = crate::probe::Needs {
                 values: None,
                 user: &user,
@@ -166,6 +169,7 @@ impl RedisSync {
             operation_timeout: Duration::from_millis(200),
             lazy: false,
             root_certificate: None,
+            seed_nodes: Vec::new(),
         }
     }
 

@@ -168,6 +168,9 @@ pub(crate) trait Receive: Send + Sync {
     fn waiting(&self);
     /// Receiving (again): serve the in-process tier (after a loss, clear it first).
     fn receiving(&self);
+    /// The store may have served values that were invalidated: clear the in-process
+    /// tier.
+    fn stale(&self);
 }
 
 /// A service's end of a bus: hands it received payloads and loss signals.
@@ -231,6 +234,14 @@ impl BusReceiver {
     /// the service is gone.
     pub fn receiving(&self) -> bool {
         self.with(|inner| inner.receiving())
+    }
+
+    /// Says that the remote store may have served values that were invalidated (a
+    /// Redis Cluster failover promoted a replica that had not seen some removals): the
+    /// service clears its in-process tier (counted in [`SyncStats::l1_clears`]);
+    /// nothing is bypassed. Returns `false` once the service is gone.
+    pub fn stale(&self) -> bool {
+        self.with(|inner| inner.stale())
     }
 
     /// Whether the service still exists.

@@ -52,6 +52,11 @@ impl Receive for Inner {
     fn receiving(&self) {
         self.resume_after_loss();
     }
+
+    fn stale(&self) {
+        self.clear_local();
+        self.sync_stats.bump(&self.sync_stats.l1_clears);
+    }
 }
 
 impl Inner {

@@ -137,6 +137,13 @@ pub struct RemoteStats {
     /// Values read from the store and not served, because an invalidation of this
     /// instance that covers them had not reached the store (the call ran the body).
     pub reads_held: u64,
+    /// On a Redis Cluster: changes of which node serves which slots (a failover, a
+    /// resharding) after which this instance replayed its recent invalidations and
+    /// cleared its in-process tier.
+    pub topology_changes: u64,
+    /// Removals applied again to the cluster after a topology change (a promoted
+    /// replica may never have seen them).
+    pub invalidations_replayed: u64,
 }
 
 /// What is counted.

@@ -24,8 +24,20 @@ impl Instance {
 
     /// [`Instance::start`] with the cache's URL given (another user, say).
     pub fn start_url(exe: &str, mode: &str, cache_url: &str, db: &RedisServer) -> Instance {
+        Self::start_with(exe, mode, cache_url, db, &[])
+    }
+
+    /// [`Instance::start_url`] with environment variables (`CACHE_INSTANCE_EAGER`).
+    pub fn start_with(
+        exe: &str,
+        mode: &str,
+        cache_url: &str,
+        db: &RedisServer,
+        env: &[(&str, &str)],
+    ) -> Instance {
         let mut child = Command::new(exe)
             .args([mode, cache_url, &db.url()])
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -91,4 +103,28 @@ impl Drop for Instance {
         }
         let _ = self.child.kill();
     }
+}
+
+/// `rounds` rounds over `ids` rows: B reads a row and serves it from its cache, A
+/// changes it (`set`), and B drops its copy within 200 ms and reads the new value.
+/// Returns how long B took to drop its copy each round, in microseconds.
+pub fn crossing_rounds(a: &mut Instance, b: &mut Instance, rounds: u64, ids: u64) -> Vec<u64> {
+    let mut delays = Vec::new();
+    for round in 0..rounds {
+        let id = round % ids;
+        let old = b.cmd(&format!("get {id}"));
+        b.cmd("flush"); // B's write of the old value, if any, lands first
+        let runs = b.stat("runs");
+        assert_eq!(b.cmd(&format!("get {id}")), old);
+        assert_eq!(b.stat("runs"), runs, "B served it from its cache");
+        assert_eq!(a.cmd(&format!("set {id} v{round}")), "ok");
+        let micros: u64 = b
+            .cmd(&format!("wait_drop {id} 200"))
+            .parse()
+            .expect("B dropped its copy within 200 ms");
+        assert!(micros < 200_000);
+        delays.push(micros);
+        assert_eq!(b.cmd(&format!("get {id}")), format!("v{round}"));
+    }
+    delays
 }

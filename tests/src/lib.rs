@@ -3,6 +3,7 @@
 pub mod instance;
 pub mod redis_cluster;
 pub mod redis_server;
+pub mod rounds;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

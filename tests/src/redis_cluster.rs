@@ -97,6 +97,51 @@ impl RedisCluster {
         &self.nodes[..self.masters]
     }
 
+    /// The node that serves `key` now (the others answer `MOVED`).
+    pub fn master_of(&self, key: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| {
+                n.command(&["GET", key])
+                    .is_some_and(|r| !r.starts_with("-MOVED") && !r.starts_with("-CLUSTERDOWN"))
+            })
+            .unwrap_or_else(|| panic!("no node serves {key}"))
+    }
+
+    /// A replica of node `master` (from `INFO replication`).
+    pub fn replica_of(&self, master: usize) -> usize {
+        let port = format!("master_port:{}", self.nodes[master].port());
+        (0..self.nodes.len())
+            .find(|&i| {
+                i != master
+                    && redis::Client::open(self.nodes[i].url())
+                        .and_then(|c| c.get_connection())
+                        .and_then(|mut c| {
+                            redis::cmd("INFO")
+                                .arg("replication")
+                                .query::<String>(&mut c)
+                        })
+                        .is_ok_and(|info| info.lines().any(|l| l.trim() == port))
+            })
+            .unwrap_or_else(|| panic!("node {master} has no replica"))
+    }
+
+    /// How many keys starting with `prefix` node `i` holds (`SCAN`).
+    pub fn keys_on(&self, i: usize, prefix: &str) -> usize {
+        let client = redis::Client::open(self.nodes[i].url()).expect("url");
+        let mut con = client.get_connection().expect("connect");
+        redis::cmd("SCAN")
+            .cursor_arg(0)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .clone()
+            .iter::<String>(&mut con)
+            .expect("SCAN")
+            .count()
+    }
+
     /// `redis://127.0.0.1:<port>/0` of the first master: any node will do.
     pub fn url(&self) -> String {
         self.nodes[0].url()

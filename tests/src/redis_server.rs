@@ -281,6 +281,26 @@ impl RedisServer {
         );
     }
 
+    /// Freezes the process (`SIGSTOP`): it neither answers nor replicates until
+    /// [`RedisServer::resume`].
+    pub fn suspend(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen process run again (`SIGCONT`).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("the server runs").id();
+        let status = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} {pid} failed");
+    }
+
     /// Stops the server from answering clients for `duration` (`CLIENT PAUSE`).
     pub fn pause(&self, duration: Duration) {
         let ms = duration.as_millis().to_string();

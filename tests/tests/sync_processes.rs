@@ -16,21 +16,7 @@ use tests::instance::Instance;
 fn crossing(mode: &str) {
     let (cache, db) = (RedisServer::start(), RedisServer::start());
     let (mut a, mut b) = (instance(mode, &cache, &db), instance(mode, &cache, &db));
-    for round in 0..20 {
-        let id = round % 3;
-        let old = b.cmd(&format!("get {id}"));
-        b.cmd("flush"); // B's write of the old value, if any, lands first
-        let runs = b.stat("runs");
-        assert_eq!(b.cmd(&format!("get {id}")), old);
-        assert_eq!(b.stat("runs"), runs, "B served it from its cache");
-        assert_eq!(a.cmd(&format!("set {id} v{round}")), "ok");
-        let micros: u64 = b
-            .cmd(&format!("wait_drop {id} 200"))
-            .parse()
-            .expect("B dropped its copy within 200 ms");
-        assert!(micros < 200_000);
-        assert_eq!(b.cmd(&format!("get {id}")), format!("v{round}"));
-    }
+    tests::instance::crossing_rounds(&mut a, &mut b, 20, 3);
     assert_eq!(a.stat("received"), 0, "A ignores its own messages");
     assert!(b.stat("received") >= 20);
 }

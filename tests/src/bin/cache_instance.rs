@@ -19,7 +19,7 @@
 //! | `wait_drop ID MS` | polls `peek` until the entry is gone: microseconds taken, or `timeout` |
 //! | `wait_value ID VALUE MS` | polls `get` every 5 ms until it returns VALUE: milliseconds, or `timeout` |
 //! | `flush` | waits for this instance's queued writes to Redis: `ok` |
-//! | `stats` | `runs=N received=N published=N l1_clears=N l1_bypassed=0/1`, and the remote tier's errors (`write_errors=N removal_errors=N reads_held=N ...`) |
+//! | `stats` | `runs=N received=N published=N l1_clears=N l1_bypassed=0/1`, and the remote tier's errors (`write_errors=N removal_errors=N reads_held=N ...`) and, on a cluster, `topology_changes=N invalidations_replayed=N` |
 //! | `random SECONDS SEED` | a random mix for SECONDS (see [`random`]): `ops=N reads=N stale=N` |
 //! | `soak SECONDS SEED` | the soak's load (see [`soak`]): a `progress ...` line a second, then `result {json}` |
 
@@ -292,6 +292,13 @@ async fn soak(seconds: Duration, seed: u64) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // `CACHE_INSTANCE_LOG=cache_redis=debug` shows the backend's log on stderr
+    if let Ok(filter) = std::env::var("CACHE_INSTANCE_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let args: Vec<String> = std::env::args().collect();
     let [_, mode, cache_url, db_url] = &args[..] else {
         panic!("usage: cache_instance l1|redis|sync <cache redis url> <database redis url>");
@@ -318,7 +325,8 @@ async fn main() {
             let mut backend = RedisBackend::builder(cache_url.as_str())
                 .key_prefix("inst")
                 .dependencies(mode == "deps")
-                .connect_lazily(true);
+                // `CACHE_INSTANCE_EAGER=1`: connected before `ready`
+                .connect_lazily(std::env::var_os("CACHE_INSTANCE_EAGER").is_none());
             if mode != "redis" {
                 backend = backend.l1(MemoryBackend::new().max_entries(100_000));
             }
@@ -409,7 +417,7 @@ async fn main() {
                 let stats = cache_runtime::stats();
                 let (s, r) = (stats.sync, stats.remote);
                 format!(
-                    "runs={} received={} published={} l1_clears={} l1_bypassed={} publish_errors={} write_errors={} linked_write_errors={} removal_errors={} removals_retried={} removals_waiting={} reads_held={}",
+                    "runs={} received={} published={} l1_clears={} l1_bypassed={} publish_errors={} write_errors={} linked_write_errors={} removal_errors={} removals_retried={} removals_waiting={} reads_held={} topology_changes={} invalidations_replayed={}",
                     RUNS.load(Ordering::SeqCst),
                     s.received,
                     s.published,
@@ -422,6 +430,8 @@ async fn main() {
                     r.removals_retried,
                     r.removals_waiting,
                     r.reads_held,
+                    r.topology_changes,
+                    r.invalidations_replayed,
                 )
             }
             Some("quit") | None => break,

@@ -1,0 +1,322 @@
+//! On a Redis Cluster: the topology as this instance sees it, the watch for its
+//! changes, and the replay of this instance's recent removals after one.
+//!
+//! Replication is asynchronous: a replica promoted when its master died may never
+//! have seen a `DEL` the master acknowledged, and would serve the old value again.
+//! So each instance keeps the keys it removed in the last `replay_window`
+//! ([`Recent`]). A watcher reads the topology (`CLUSTER SLOTS`) and pings every
+//! master a few times a second. From the first sign of trouble (a master that does
+//! not answer, slots without a master, a topology that changed) until the cluster is
+//! whole again and the removals of the window have been applied again, this instance
+//! reads none of those keys from Redis (the call runs its body): a failover takes
+//! at least the cluster's node timeout, so the sign comes before any replica can be
+//! promoted. Then the in-process tier is cleared, since it may hold values read
+//! from a promoted replica before another instance replayed its own removals.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::RedisResult;
+
+use crate::endpoint::Conn;
+use crate::link::Link;
+use crate::topology::{topology, Node, Topology};
+
+/// How often the watcher reads the topology and pings the masters.
+pub(crate) const WATCH_EVERY: Duration = Duration::from_millis(250);
+/// How long the topology may go unread before the cluster connection is made again.
+const REDIAL_AFTER: Duration = Duration::from_secs(2);
+
+/// Whether every master answers a `PING` within `timeout`.
+async fn masters_answer(con: &ClusterConnection, t: &Topology, timeout: Duration) -> bool {
+    let pings = t.masters.iter().map(|m| {
+        let mut con = con.clone();
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: m.host.clone(),
+            port: m.port,
+        });
+        async move {
+            matches!(
+                tokio::time::timeout(timeout, con.route_command(redis::cmd("PING"), route)).await,
+                Ok(Ok(_))
+            )
+        }
+    });
+    futures_util::future::join_all(pings)
+        .await
+        .into_iter()
+        .all(|ok| ok)
+}
+
+/// This instance's removals of the last `window`, and whether they must be applied
+/// again before their keys are read from Redis.
+pub(crate) struct Recent {
+    window: Duration,
+    /// Removed keys (without the prefix), with when.
+    keys: Mutex<Keys>,
+    /// Set from a sign of trouble until the removals were applied again.
+    unsure: AtomicBool,
+    pub(crate) topology_changes: AtomicU64,
+    pub(crate) replayed: AtomicU64,
+}
+
+#[derive(Default)]
+struct Keys {
+    at: HashMap<String, Instant>,
+    /// The last `clear` of this instance.
+    cleared: Option<Instant>,
+    pruned: Option<Instant>,
+}
+
+impl Recent {
+    pub(crate) fn new(window: Duration) -> Recent {
+        Recent {
+            window,
+            keys: Mutex::default(),
+            unsure: AtomicBool::new(false),
+            topology_changes: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Keys> {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records removed keys.
+    pub(crate) fn removed(&self, keys: &[String]) {
+        let now = Instant::now();
+        let mut k = self.lock();
+        for key in keys {
+            k.at.insert(key.clone(), now);
+        }
+        if k.pruned
+            .is_none_or(|t| now.duration_since(t) >= self.window)
+        {
+            let window = self.window;
+            k.at.retain(|_, t| now.duration_since(*t) < window);
+            k.pruned = Some(now);
+        }
+    }
+
+    /// Records a clear of every key.
+    pub(crate) fn cleared(&self) {
+        self.lock().cleared = Some(Instant::now());
+    }
+
+    /// Whether reads may have to be held (a cheap check before [`Recent::holds`]).
+    #[inline]
+    pub(crate) fn unsure(&self) -> bool {
+        self.unsure.load(Ordering::Acquire)
+    }
+
+    /// Whether a read of `key` must not be served from Redis now: a removal of it
+    /// within the window may not be on the node that would answer.
+    #[inline]
+    pub(crate) fn holds(&self, key: &str) -> bool {
+        if !self.unsure.load(Ordering::Acquire) {
+            return false;
+        }
+        let k = self.lock();
+        let recent = |t: &Instant| t.elapsed() < self.window;
+        k.cleared.as_ref().is_some_and(recent) || k.at.get(key).is_some_and(recent)
+    }
+
+    fn suspect(&self) {
+        if !self.unsure.swap(true, Ordering::AcqRel) {
+            tracing::info!(target: "cache_redis", "the cluster is changing: this instance's recent removals will be applied again once it is whole");
+        }
+    }
+
+    /// The removals of the window, and whether a clear is among them.
+    fn window(&self) -> (Vec<String>, bool) {
+        let k = self.lock();
+        let recent = |t: &Instant| t.elapsed() < self.window;
+        let keys =
+            k.at.iter()
+                .filter(|(_, t)| recent(t))
+                .map(|(key, _)| key.clone())
+                .collect();
+        (keys, k.cleared.as_ref().is_some_and(recent))
+    }
+}
+
+/// What the watcher applies again: the backend's removals under `prefix`; and whom
+/// it tells that the in-process tiers may hold stale values.
+pub(crate) struct Replayer {
+    pub(crate) prefix: String,
+    pub(crate) receivers: Arc<crate::bus::Receivers>,
+}
+
+impl Replayer {
+    async fn replay(
+        &self,
+        con: &ClusterConnection,
+        keys: &[String],
+        cleared: bool,
+        masters: &[Node],
+    ) -> RedisResult<()> {
+        remove_keys(con, &self.prefix, keys).await?;
+        if cleared {
+            let pattern = format!("{}*", crate::graph::glob_escape(&self.prefix));
+            unlink_matching(con, masters, &pattern).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The watcher: ends when the backend is dropped (`recent` and `replay` are gone).
+pub(crate) async fn watch(
+    link: Arc<Link>,
+    recent: Weak<Recent>,
+    replay: Weak<Replayer>,
+    timeout: Duration,
+) {
+    let mut stable: Option<Topology> = None;
+    // since when the topology could not be read
+    let mut blind: Option<Instant> = None;
+    let mut ticks = tokio::time::interval(WATCH_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(recent) = recent.upgrade() else {
+            return;
+        };
+        let con = match link.conn() {
+            Some(Conn::Cluster(con)) => con,
+            Some(Conn::Node(_)) => return,
+            None => {
+                // not connected: whatever happens meanwhile is unseen
+                if stable.is_some() {
+                    recent.suspect();
+                }
+                continue;
+            }
+        };
+        let seen = match tokio::time::timeout(timeout, topology(&con)).await {
+            Ok(Ok(t)) => t,
+            _ => {
+                recent.suspect();
+                // a cluster connection recovers from the nodes it started from only:
+                // after a while, start again from the nodes last seen
+                if blind.get_or_insert_with(Instant::now).elapsed() > REDIAL_AFTER {
+                    tracing::info!(target: "cache_redis", "the cluster does not answer; connecting again from the nodes last seen");
+                    link.redial();
+                    blind = None;
+                }
+                continue;
+            }
+        };
+        blind = None;
+        link.endpoint().saw_nodes(&seen.nodes);
+        if !seen.covers_all() || !masters_answer(&con, &seen, timeout).await {
+            recent.suspect();
+            continue;
+        }
+        let changed = stable
+            .as_ref()
+            .is_some_and(|s| s.ranges != seen.ranges || s.masters != seen.masters);
+        if changed {
+            recent.suspect();
+        }
+        if recent.unsure.load(Ordering::Acquire) {
+            let Some(replay) = replay.upgrade() else {
+                return;
+            };
+            let (keys, cleared) = recent.window();
+            let done = replay.replay(&con, &keys, cleared, &seen.masters).await;
+            if let Err(e) = done {
+                tracing::debug!(target: "cache_redis", error = %e, "applying the recent removals again failed; trying again");
+                continue;
+            }
+            replay.receivers.stale();
+            recent.unsure.store(false, Ordering::Release);
+            recent
+                .replayed
+                .fetch_add(keys.len() as u64 + u64::from(cleared), Ordering::Relaxed);
+            if changed {
+                recent.topology_changes.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::info!(target: "cache_redis", replayed = keys.len(), changed, "the cluster is whole: recent removals applied again, in-process tier cleared");
+        }
+        stable = Some(seen);
+    }
+}
+
+/// Removes every key matching `pattern` on every master: `SCAN` on each, `UNLINK`
+/// by slot.
+pub(crate) async fn unlink_matching(
+    con: &ClusterConnection,
+    masters: &[Node],
+    pattern: &str,
+) -> RedisResult<()> {
+    for m in masters {
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: m.host.clone(),
+            port: m.port,
+        });
+        let mut cursor: u64 = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(500);
+            let reply = con.clone().route_command(scan, route.clone()).await?;
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)?;
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for k in keys {
+                    pipe.cmd("UNLINK").arg(k);
+                }
+                crate::endpoint::cluster_pipeline(con, &pipe).await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(())
+}
+
+/// Removes `keys` (each with `prefix`), a thousand to a pipeline.
+pub(crate) async fn remove_keys(
+    con: &ClusterConnection,
+    prefix: &str,
+    keys: &[String],
+) -> RedisResult<()> {
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.cmd("DEL").arg(crate::writer::Prefixed(prefix, k));
+        }
+        crate::endpoint::cluster_pipeline(con, &pipe).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_removals_hold_reads_only_while_unsure() {
+        let recent = Recent::new(Duration::from_secs(30));
+        recent.removed(&["a".into()]);
+        assert!(!recent.holds("a"));
+        recent.suspect();
+        assert!(recent.holds("a"));
+        assert!(!recent.holds("b"));
+        recent.cleared();
+        assert!(recent.holds("b"));
+        let (keys, cleared) = recent.window();
+        assert_eq!(keys, vec!["a".to_owned()]);
+        assert!(cleared);
+    }
+}

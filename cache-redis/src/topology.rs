@@ -1,0 +1,131 @@
+//! A Redis Cluster's topology: which master serves which slots, and its nodes, from
+//! `CLUSTER SLOTS`.
+
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{RedisResult, Value};
+
+/// A node: its address and its id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Node {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) id: String,
+}
+
+/// Which master serves which slots, and every node seen.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Topology {
+    /// Slot ranges (inclusive) and the id of their master, sorted.
+    pub(crate) ranges: Vec<(u16, u16, String)>,
+    pub(crate) masters: Vec<Node>,
+    /// Every node, masters and replicas.
+    pub(crate) nodes: Vec<(String, u16)>,
+}
+
+impl Topology {
+    /// Whether every slot has a master.
+    pub(crate) fn covers_all(&self) -> bool {
+        let mut next = 0u32;
+        for (start, end, _) in &self.ranges {
+            if u32::from(*start) != next {
+                return false;
+            }
+            next = u32::from(*end) + 1;
+        }
+        next == 16_384
+    }
+}
+
+/// Reads the topology from any node (`CLUSTER SLOTS`).
+pub(crate) async fn topology(con: &ClusterConnection) -> RedisResult<Topology> {
+    let mut con = con.clone();
+    let reply = con
+        .route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
+        .await?;
+    Ok(parse_slots(&reply))
+}
+
+pub(crate) fn parse_slots(reply: &Value) -> Topology {
+    let node = |v: &Value| -> Option<Node> {
+        let Value::Array(parts) = v else { return None };
+        Some(Node {
+            host: redis::from_redis_value_ref(parts.first()?).ok()?,
+            port: redis::from_redis_value_ref(parts.get(1)?).ok()?,
+            id: redis::from_redis_value_ref(parts.get(2)?).ok()?,
+        })
+    };
+    let mut t = Topology::default();
+    let Value::Array(ranges) = reply else {
+        return t;
+    };
+    for range in ranges {
+        let Value::Array(parts) = range else { continue };
+        let (Some(start), Some(end), Some(master)) = (
+            parts
+                .first()
+                .and_then(|v| redis::from_redis_value_ref::<u16>(v).ok()),
+            parts
+                .get(1)
+                .and_then(|v| redis::from_redis_value_ref::<u16>(v).ok()),
+            parts.get(2).and_then(node),
+        ) else {
+            continue;
+        };
+        t.ranges.push((start, end, master.id.clone()));
+        for n in parts[2..].iter().filter_map(node) {
+            if !t.nodes.contains(&(n.host.clone(), n.port)) {
+                t.nodes.push((n.host.clone(), n.port));
+            }
+        }
+        if !t.masters.contains(&master) {
+            t.masters.push(master);
+        }
+    }
+    t.ranges.sort();
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(host: &str, port: i64, id: &str) -> Value {
+        Value::Array(vec![
+            Value::BulkString(host.into()),
+            Value::Int(port),
+            Value::BulkString(id.into()),
+        ])
+    }
+
+    #[test]
+    fn slots_are_read() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(5461),
+                Value::Int(16383),
+                node("127.0.0.1", 7001, "b"),
+                node("127.0.0.1", 7003, "d"),
+            ]),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("127.0.0.1", 7000, "a"),
+            ]),
+        ]);
+        let t = parse_slots(&reply);
+        assert_eq!(
+            t.ranges,
+            vec![(0, 5460, "a".into()), (5461, 16383, "b".into())]
+        );
+        assert!(t.covers_all());
+        assert_eq!(t.masters.len(), 2);
+        assert_eq!(t.nodes.len(), 3);
+        let mut gap = t.clone();
+        gap.ranges.remove(0);
+        assert!(!gap.covers_all());
+    }
+}

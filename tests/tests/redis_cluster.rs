@@ -1,0 +1,212 @@
+//! The cache on a private Redis Cluster (`redis-server --cluster-enabled yes` joined
+//! by `redis-cli --cluster create`): found from any node, values on every master and
+//! shared between processes, invalidations crossing processes, and the instance that
+//! invalidates never reading the old value, in thousands of rounds and through a
+//! failover that loses a removal.
+
+use std::time::{Duration, Instant};
+
+use cache_redis::{RedisBackend, RedisBackendError, RedisSync};
+use tests::instance::Instance;
+use tests::redis_cluster::RedisCluster;
+use tests::redis_server::RedisServer;
+use tests::rounds::{rounds, Stale};
+
+/// An instance process on the cluster, connected before it says it is ready.
+fn instance(mode: &str, cluster: &RedisCluster, db: &RedisServer) -> Instance {
+    Instance::start_with(
+        env!("CARGO_BIN_EXE_cache_instance"),
+        mode,
+        &cluster.url(),
+        db,
+        &[("CACHE_INSTANCE_EAGER", "1")],
+    )
+}
+
+/// Sets row `id` of the instances' database.
+fn db_set(db: &RedisServer, id: u64, value: &str) {
+    let key = format!("db:{id}");
+    assert_eq!(db.command(&["SET", &key, value]).as_deref(), Some("+OK"));
+}
+
+#[test]
+fn values_spread_over_every_master_and_reach_another_process() {
+    let cluster = RedisCluster::start(3, 0);
+    let db = RedisServer::start();
+    for id in 0..60 {
+        db_set(&db, id, &format!("v{id}"));
+    }
+    let mut a = instance("l1-plain", &cluster, &db);
+    for id in 0..60 {
+        assert_eq!(a.cmd(&format!("get {id}")), format!("v{id}"));
+    }
+    a.cmd("flush");
+    let per_master: Vec<usize> = (0..3).map(|i| cluster.keys_on(i, "inst:2:")).collect();
+    eprintln!("entries per master: {per_master:?}");
+    assert_eq!(per_master.iter().sum::<usize>(), 60, "{per_master:?}");
+    assert!(per_master.iter().all(|&n| n > 0), "{per_master:?}");
+    // another process, on the same cluster, reads them all without running a body
+    let mut b = instance("l1-plain", &cluster, &db);
+    for id in 0..60 {
+        assert_eq!(b.cmd(&format!("get {id}")), format!("v{id}"));
+    }
+    assert_eq!(b.stat("runs"), 0);
+    // a `clear` on one removes them from every master
+    b.cmd("clear");
+    let left: usize = (0..3).map(|i| cluster.keys_on(i, "inst:2:")).sum();
+    assert_eq!(left, 0);
+}
+
+/// A's invalidation drops B's copy within 200 ms, whatever node each subscribed to.
+fn crossing(mode: &str) {
+    let cluster = RedisCluster::start(3, 0);
+    let db = RedisServer::start();
+    let (mut a, mut b) = (instance(mode, &cluster, &db), instance(mode, &cluster, &db));
+    let mut delays = tests::instance::crossing_rounds(&mut a, &mut b, 30, 7);
+    delays.sort_unstable();
+    eprintln!(
+        "{mode}: B dropped its copy after {} µs (median), {} µs (max)",
+        delays[delays.len() / 2],
+        delays[delays.len() - 1]
+    );
+}
+
+#[test]
+fn an_invalidation_reaches_the_other_processes_l1() {
+    crossing("l1-plain");
+}
+
+#[test]
+fn an_invalidation_reaches_the_other_processes_memory_cache_with_redis_sync() {
+    crossing("sync");
+}
+
+/// Thousands of rounds of: read (a miss whose write is queued), change the source,
+/// invalidate, read again; and the same with `refresh!`. Not one read returns the
+/// old value, and no old value is left on any master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invalidating_instance_never_reads_the_old_value() {
+    let cluster = RedisCluster::start(3, 0);
+    for (prefix, l1, base) in [("w", false, 0), ("wl1", true, 1_000_000)] {
+        let stale = rounds(&cluster.url(), true, prefix, l1, (base, 2_000), |_| {}).await;
+        assert_eq!(stale, Stale::default(), "l1: {l1}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_or_a_seed_will_do() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let third = cluster.nodes()[2].url();
+    cluster.node_mut(0).stop();
+    // a replica took over
+    std::thread::sleep(Duration::from_millis(1_500));
+    cluster.wait_ok(Duration::from_secs(20));
+    // the URL's node is down: the seed answers, and the cluster is found from it
+    let backend = RedisBackend::builder(cluster.url())
+        .seed_nodes([third.clone()])
+        .key_prefix("seed")
+        .build()
+        .await;
+    assert!(backend.is_ok(), "{:?}", backend.err());
+    let sync = RedisSync::builder(cluster.url())
+        .seed_nodes([third])
+        .build()
+        .await;
+    assert!(sync.is_ok(), "{:?}", sync.err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_other_than_0_is_refused() {
+    let cluster = RedisCluster::start(3, 0);
+    let url = cluster.url().replace("/0", "/3");
+    let err = RedisBackend::builder(url).build().await.unwrap_err();
+    assert!(
+        matches!(err, RedisBackendError::Connect { .. }) && err.to_string().contains("database 0"),
+        "{err}"
+    );
+}
+
+/// The replay: the replica of the master holding two values is frozen, so it never
+/// sees their removal; the master is killed; the replica resumes and takes over
+/// (`CLUSTER FAILOVER TAKEOVER`), holding the old values. The instance that
+/// invalidated (without an L1: every call reads Redis) never reads the first one
+/// back, and once it applied its recent removals again, a new process does not read
+/// the second one (which the first instance did not read again in between).
+#[test]
+fn an_invalidation_survives_a_failover_that_lost_it() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let db = RedisServer::start();
+    let key = |id: u64| format!("inst:2:inst.row:v1({id})");
+    let (x, master) = (5, cluster.master_of(&key(5)));
+    let y = (6..)
+        .find(|&id| cluster.master_of(&key(id)) == master)
+        .unwrap();
+    let mut a = instance("redis-plain", &cluster, &db);
+    for id in [x, y] {
+        db_set(&db, id, "old");
+        assert_eq!(a.cmd(&format!("get {id}")), "old");
+    }
+    a.cmd("flush");
+    let replica = cluster.replica_of(master);
+    // the replica has the old values, then sees nothing more
+    let start = Instant::now();
+    while cluster.nodes()[replica].command(&["DBSIZE"]).as_deref() != Some(":2") {
+        assert!(start.elapsed() < Duration::from_secs(5), "not replicated");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cluster.nodes()[replica].suspend();
+    // the master drops its link to the replica: what it sends from now on does not
+    // wait in the frozen replica's socket buffer
+    let killed = cluster.nodes()[master].command(&["CLIENT", "KILL", "TYPE", "replica"]);
+    assert_eq!(killed.as_deref(), Some(":1"));
+    for id in [x, y] {
+        assert_eq!(a.cmd(&format!("set {id} new")), "ok");
+    }
+    assert_eq!(
+        cluster.nodes()[master].command(&["DBSIZE"]).as_deref(),
+        Some(":0")
+    );
+    cluster.node_mut(master).stop();
+    // no failover can happen within the node timeout (1 s)
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(
+        a.cmd(&format!("get {x}")),
+        "new",
+        "while the slot has no master"
+    );
+    cluster.nodes()[replica].resume();
+    // the replica still holds the old values: the removals never reached it
+    assert_eq!(
+        cluster.nodes()[replica].command(&["DBSIZE"]).as_deref(),
+        Some(":2")
+    );
+    let reply = cluster.nodes()[replica].command(&["CLUSTER", "FAILOVER", "TAKEOVER"]);
+    assert_eq!(reply.as_deref(), Some("+OK"));
+    let promoted = Instant::now();
+    // A reads x, again and again, while the cluster settles and A replays
+    let mut reads = 0;
+    while a.stat("invalidations_replayed") == 0 {
+        assert_eq!(a.cmd(&format!("get {x}")), "new", "A read the old value");
+        reads += 1;
+        assert!(
+            promoted.elapsed() < Duration::from_secs(20),
+            "A did not replay its removals"
+        );
+    }
+    eprintln!(
+        "A replayed its removals {:?} after the takeover ({reads} reads meanwhile)",
+        promoted.elapsed()
+    );
+    assert_eq!(a.cmd(&format!("get {x}")), "new");
+    assert!(a.stat("topology_changes") >= 1);
+    // a new process does not read the old y (it is connected when it reads)
+    let mut b = Instance::start_with(
+        env!("CARGO_BIN_EXE_cache_instance"),
+        "redis-plain",
+        &cluster.nodes()[replica].url(),
+        &db,
+        &[("CACHE_INSTANCE_EAGER", "1")],
+    );
+    assert_eq!(b.cmd(&format!("get {y}")), "new");
+    assert_eq!(b.stat("runs"), 1);
+}
