@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use cache_redis::{RedisBackend, RedisBackendError, RedisSync};
+use cache_runtime::{cached, CachingService};
 use tests::instance::Instance;
 use tests::redis_cluster::RedisCluster;
 use tests::redis_server::RedisServer;
@@ -209,4 +210,123 @@ fn an_invalidation_survives_a_failover_that_lost_it() {
     );
     assert_eq!(b.cmd(&format!("get {y}")), "new");
     assert_eq!(b.stat("runs"), 1);
+}
+
+#[cached(name = "load.row")]
+async fn load_row(id: u64) -> u64 {
+    id * 10
+}
+
+/// Eight tasks call without pause (no L1: every call reads Redis) while a master is
+/// killed and its replica takes over: no call fails or returns a wrong value, none
+/// waits much longer than the operation timeout, the bodies run while the slots have
+/// no master, L2 hits come back by themselves, and the instance counts the topology
+/// change and clears its L1 after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_under_load_fails_no_call_and_hits_resume() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let mut cluster = RedisCluster::start(3, 1);
+    let svc = CachingService::builder()
+        .backend(
+            RedisBackend::builder(cluster.url())
+                .key_prefix("load")
+                .build()
+                .await
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (calls, wrong, slowest) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let tasks: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (svc, stop, calls, wrong, slowest) = (
+                svc.clone(),
+                stop.clone(),
+                calls.clone(),
+                wrong.clone(),
+                slowest.clone(),
+            );
+            tokio::spawn(async move {
+                svc.scope(async {
+                    let mut i = t;
+                    while !stop.load(Ordering::Relaxed) {
+                        i = (i * 7 + 13) % 300;
+                        let start = Instant::now();
+                        let v = load_row(i).await;
+                        let took = start.elapsed().as_micros() as u64;
+                        slowest.fetch_max(took, Ordering::Relaxed);
+                        calls.fetch_add(1, Ordering::Relaxed);
+                        if v != i * 10 {
+                            wrong.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+                .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = svc.stats().total;
+    assert!(before.l2_hits > 0);
+    let killed = Instant::now();
+    tokio::task::block_in_place(|| cluster.node_mut(0).stop());
+    // L2 hits are back once no body ran for 300 ms
+    let mut last = svc.stats().total.executions;
+    let mut quiet_since: Option<Instant> = None;
+    let resumed = loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = svc.stats().total.executions;
+        if now != last || killed.elapsed() < Duration::from_millis(500) {
+            quiet_since = None;
+        } else if quiet_since.get_or_insert_with(Instant::now).elapsed()
+            >= Duration::from_millis(300)
+        {
+            break quiet_since.unwrap() - killed;
+        }
+        last = now;
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "L2 hits did not resume"
+        );
+    };
+    // and the topology change is counted, the L1 cleared
+    while svc.stats().remote.topology_changes == 0 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no topology change counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let after = svc.stats();
+    eprintln!(
+        "{} calls, {} bodies run after the kill, L2 hits back {resumed:?} after the kill, slowest call {} ms, {} L1 clears",
+        calls.load(Ordering::Relaxed),
+        after.total.executions - before.executions,
+        slowest.load(Ordering::Relaxed) / 1000,
+        after.sync.l1_clears,
+    );
+    assert_eq!(wrong.load(Ordering::Relaxed), 0);
+    assert!(
+        after.total.executions > before.executions,
+        "bodies ran meanwhile"
+    );
+    assert!(
+        after.sync.l1_clears >= 1,
+        "the L1 was cleared after the change"
+    );
+    assert!(
+        slowest.load(Ordering::Relaxed) < 2_000_000,
+        "a call waited {} µs",
+        slowest.load(Ordering::Relaxed)
+    );
 }
