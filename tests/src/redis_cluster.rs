@@ -108,6 +108,46 @@ impl RedisCluster {
             .unwrap_or_else(|| panic!("no node serves {key}"))
     }
 
+    /// The nodes that are masters now (they answer `ROLE` with a master's reply).
+    pub fn masters_now(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].command(&["ROLE"]).is_some_and(|r| r == "*3"))
+            .collect()
+    }
+
+    /// The nodes that are replicas now.
+    pub fn replicas_now(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].command(&["ROLE"]).is_some_and(|r| r == "*5"))
+            .collect()
+    }
+
+    /// Node `i`'s cluster id (`CLUSTER MYID`).
+    pub fn id_of(&self, i: usize) -> String {
+        let client = redis::Client::open(self.nodes[i].url()).expect("url");
+        let mut con = client.get_connection().expect("connect");
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut con)
+            .expect("CLUSTER MYID")
+    }
+
+    /// Starts moving `slots` slots from master `from` to master `to` with
+    /// `redis-cli --cluster reshard`, in the background (keys move with `MIGRATE`,
+    /// clients meet `ASK` and `MOVED` meanwhile); wait on the child to see it end.
+    pub fn reshard(&self, from: usize, to: usize, slots: u32) -> std::process::Child {
+        Command::new("redis-cli")
+            .args(["--cluster", "reshard"])
+            .arg(format!("127.0.0.1:{}", self.nodes[from].port()))
+            .args(["--cluster-from", &self.id_of(from)])
+            .args(["--cluster-to", &self.id_of(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run redis-cli --cluster reshard")
+    }
+
     /// A replica of node `master` (from `INFO replication`).
     pub fn replica_of(&self, master: usize) -> usize {
         let port = format!("master_port:{}", self.nodes[master].port());

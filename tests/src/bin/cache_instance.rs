@@ -157,7 +157,9 @@ async fn random(seconds: Duration, seed: u64) -> String {
 /// A row of the soak's database: its version, or the database's error.
 #[cached(name = "inst.soak_row", ttl = "2s")]
 async fn soak_row(id: u64) -> Result<u64, String> {
-    add_dependency(format!("soak:{id}"));
+    if ROW_DEPENDENCY.load(Ordering::Relaxed) {
+        add_dependency(format!("soak:{id}"));
+    }
     let mut db = DB.get().ok_or("no database")?.clone();
     let v: Option<u64> = redis::cmd("GET")
         .arg(format!("db:s:{id}"))
@@ -214,7 +216,8 @@ async fn soak(seconds: Duration, seed: u64) -> String {
                 continue;
             };
             let start = Instant::now();
-            if (r >> 4) % 2 == 0 {
+            // (by key only when rows depend on nothing: the `-plain` modes)
+            if (r >> 4) % 2 == 0 || !ROW_DEPENDENCY.load(Ordering::Relaxed) {
                 cache_runtime::invalidate!(soak_row(id)).await;
             } else {
                 cache_runtime::invalidate_dependency(format!("soak:{id}")).await;

@@ -1,6 +1,7 @@
 //! `soak`: the cache under load and faults, across processes, with figures.
 //!
-//! Starts its own `redis-server` for the cache and a second one as the database,
+//! Starts its own `redis-server` for the cache (or, with `--cluster`, a Redis Cluster
+//! of 3 masters and 3 replicas) and a second one as the database,
 //! then instance processes (`cache_instance`, next to this binary) running the soak
 //! load (`cache_instance`'s `soak` command), injects faults on a schedule, and
 //! reports what users ask: failed calls, wrong values, how stale other instances'
@@ -12,6 +13,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tests::redis_cluster::RedisCluster;
 use tests::redis_server::RedisServer;
 
 const HELP: &str = "\
@@ -24,10 +26,17 @@ OPTIONS:
     --seconds <S>      how long the load runs (default 60)
     --instances <N>    instance processes (default 3)
     --mode <MODE>      l1-deps (RedisBackend with an L1 and dependencies, default),
-                       redis (RedisBackend alone), sync (memory caches with RedisSync)
+                       l1 (with an L1, rows without dependencies, so stored in
+                       Redis; the default with --cluster), redis (RedisBackend
+                       alone), sync (memory caches with RedisSync)
+    --cluster          a Redis Cluster of 3 masters and 3 replicas for the cache
     --no-faults        no faults
     --fault <NAME>     only this fault (repeatable): redis-restart, pause,
-                       kill-pubsub, evictions, instance-restart, collector-stop
+                       kill-pubsub, evictions, instance-restart, collector-stop;
+                       with --cluster: master-kill (a failover, then the old
+                       master back as a replica), takeover (CLUSTER FAILOVER
+                       TAKEOVER on a replica), reshard (1,000 slots moved), pause,
+                       kill-pubsub, evictions, instance-restart
     --seed <N>         the load's seed (default 1)
     --json             print the result as one JSON object, on the last line
     -h, --help         print this help
@@ -36,6 +45,16 @@ Every fault runs once, at evenly spaced times. SOAK_DEBUG=1 prints each stale
 read outside fault periods, with how long after each fault it came. The instances read rows and nested
 views of a database (about 90%) and write them, then invalidate by key or by
 dependency (about 10%), over 400 rows (their L1 holds 100).";
+
+const CLUSTER_FAULTS: [&str; 7] = [
+    "master-kill",
+    "pause",
+    "takeover",
+    "kill-pubsub",
+    "reshard",
+    "evictions",
+    "instance-restart",
+];
 
 const FAULTS: [&str; 6] = [
     "redis-restart",
@@ -53,6 +72,7 @@ struct Args {
     faults: Vec<String>,
     seed: u64,
     json: bool,
+    cluster: bool,
 }
 
 fn parse() -> Result<Option<Args>, String> {
@@ -63,7 +83,9 @@ fn parse() -> Result<Option<Args>, String> {
         faults: FAULTS.iter().map(|f| f.to_string()).collect(),
         seed: 1,
         json: false,
+        cluster: false,
     };
+    let mut mode: Option<String> = None;
     let mut chosen: Vec<String> = Vec::new();
     let mut no_faults = false;
     let mut args = std::env::args().skip(1);
@@ -81,7 +103,8 @@ fn parse() -> Result<Option<Args>, String> {
                     .parse()
                     .map_err(|_| "--instances: a number")?
             }
-            "--mode" => a.mode = value("--mode")?,
+            "--mode" => mode = Some(value("--mode")?),
+            "--cluster" => a.cluster = true,
             "--seed" => a.seed = value("--seed")?.parse().map_err(|_| "--seed: a number")?,
             "--fault" => chosen.push(value("--fault")?),
             "--no-faults" => no_faults = true,
@@ -89,12 +112,20 @@ fn parse() -> Result<Option<Args>, String> {
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
-    if !["l1-deps", "redis", "sync"].contains(&a.mode.as_str()) {
+    a.mode = mode.unwrap_or_else(|| if a.cluster { "l1" } else { "l1-deps" }.into());
+    if !["l1-deps", "l1", "redis", "sync"].contains(&a.mode.as_str()) {
         return Err(format!("unknown mode `{}`", a.mode));
     }
-    if let Some(bad) = chosen.iter().find(|f| !FAULTS.contains(&f.as_str())) {
+    if a.cluster && a.mode == "l1-deps" {
+        return Err(
+            "--mode l1-deps: dependencies in Redis are not supported on a cluster yet".into(),
+        );
+    }
+    let faults: &[&str] = if a.cluster { &CLUSTER_FAULTS } else { &FAULTS };
+    if let Some(bad) = chosen.iter().find(|f| !faults.contains(&f.as_str())) {
         return Err(format!("unknown fault `{bad}`"));
     }
+    a.faults = faults.iter().map(|f| f.to_string()).collect();
     if !chosen.is_empty() {
         a.faults = chosen;
     }
@@ -127,7 +158,7 @@ struct Instance {
 fn spawn(
     slot: usize,
     mode: &str,
-    cache: &RedisServer,
+    cache: &str,
     db: &RedisServer,
     tx: &mpsc::Sender<Said>,
 ) -> Instance {
@@ -136,10 +167,11 @@ fn spawn(
         .with_file_name(format!("cache_instance{}", std::env::consts::EXE_SUFFIX));
     let instance_mode = match mode {
         "l1-deps" => "deps",
+        "l1" => "l1-plain",
         other => other,
     };
     let mut child = Command::new(&exe)
-        .args([instance_mode, &cache.url(), &db.url()])
+        .args([instance_mode, cache, &db.url()])
         .env("CACHE_INSTANCE_L1_ENTRIES", "100")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -179,6 +211,43 @@ fn start_load(instance: &mut Instance, seconds: u64, seed: u64) {
     let _ = writeln!(instance.stdin, "soak {seconds} {seed}");
 }
 
+/// The cache's Redis: one server, or a cluster.
+enum Cache {
+    One(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Cache {
+    fn url(&self) -> String {
+        match self {
+            Cache::One(s) => s.url(),
+            Cache::Cluster(c) => c.url(),
+        }
+    }
+
+    /// Sends a command to the server, or to every node of the cluster.
+    fn command_all(&self, args: &[&str]) {
+        match self {
+            Cache::One(s) => {
+                s.command(args);
+            }
+            Cache::Cluster(c) => {
+                for n in c.nodes() {
+                    n.command(args);
+                }
+            }
+        }
+    }
+
+    /// The server, or a master of the cluster now.
+    fn a_master(&self) -> &RedisServer {
+        match self {
+            Cache::One(s) => s,
+            Cache::Cluster(c) => &c.nodes()[c.masters_now()[0]],
+        }
+    }
+}
+
 /// A fault period: what, from when to when (unix ms).
 struct Period {
     fault: String,
@@ -206,7 +275,12 @@ fn main() {
         }
     };
     let rt = tokio::runtime::Runtime::new().expect("a runtime");
-    let mut cache = RedisServer::start();
+    let mut cache = if args.cluster {
+        Cache::Cluster(RedisCluster::start(3, 1))
+    } else {
+        Cache::One(RedisServer::start())
+    };
+    let mut reshards: Vec<Child> = Vec::new();
     let db = RedisServer::start();
     let deps = args.mode == "l1-deps";
     let start_collector = |url: String| {
@@ -222,7 +296,7 @@ fn main() {
 
     let (tx, rx) = mpsc::channel();
     let mut instances: Vec<Instance> = (0..args.instances)
-        .map(|i| spawn(i, &args.mode, &cache, &db, &tx))
+        .map(|i| spawn(i, &args.mode, &cache.url(), &db, &tx))
         .collect();
     // each instance says "ready" first; give them a moment to connect
     std::thread::sleep(Duration::from_millis(500));
@@ -245,6 +319,7 @@ fn main() {
     let mut lost = [0u64; 3];
     let mut results: Vec<serde_json::Value> = Vec::new();
     let mut restart_recovery_ms: Option<u64> = None;
+    let mut failover_ms: Option<u64> = None;
     let mut next_line = Instant::now() + Duration::from_secs(1);
     let mut waiting = args.instances;
     let mut undo: Vec<(Instant, String)> = Vec::new();
@@ -264,22 +339,55 @@ fn main() {
             let mut duration = Duration::from_secs(2);
             match fault.as_str() {
                 "redis-restart" => {
-                    // clients connected before the restart, as the instances are
-                    let probes = rt.block_on(Probes::connect(&cache.url()));
-                    cache.stop();
-                    std::thread::sleep(Duration::from_millis(300));
-                    cache.restart();
-                    let t = Instant::now();
-                    restart_recovery_ms = Some(rt.block_on(probes.recovery()));
-                    duration = Duration::from_millis(300) + t.elapsed();
+                    if let Cache::One(server) = &mut cache {
+                        // clients connected before the restart, as the instances are
+                        let probes = rt.block_on(Probes::connect(&server.url()));
+                        server.stop();
+                        std::thread::sleep(Duration::from_millis(300));
+                        server.restart();
+                        let t = Instant::now();
+                        restart_recovery_ms = Some(rt.block_on(probes.recovery()));
+                        duration = Duration::from_millis(300) + t.elapsed();
+                    }
                 }
-                "pause" => cache.pause(Duration::from_secs(2)),
+                "master-kill" => {
+                    if let Cache::Cluster(cluster) = &mut cache {
+                        let t = Instant::now();
+                        let victim = cluster.masters_now()[0];
+                        cluster.node_mut(victim).stop();
+                        // a replica takes over, then the old master comes back as
+                        // a replica
+                        while cluster.masters_now().len() < 3
+                            && t.elapsed() < Duration::from_secs(20)
+                        {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        failover_ms = Some(t.elapsed().as_millis() as u64);
+                        cluster.node_mut(victim).restart();
+                        duration = t.elapsed() + Duration::from_secs(2);
+                    }
+                }
+                "takeover" => {
+                    if let Cache::Cluster(cluster) = &cache {
+                        let replica = cluster.replicas_now()[0];
+                        cluster.nodes()[replica].command(&["CLUSTER", "FAILOVER", "TAKEOVER"]);
+                        duration = Duration::from_secs(3);
+                    }
+                }
+                "reshard" => {
+                    if let Cache::Cluster(cluster) = &cache {
+                        let masters = cluster.masters_now();
+                        reshards.push(cluster.reshard(masters[0], masters[1], 1_000));
+                        duration = Duration::from_secs(5);
+                    }
+                }
+                "pause" => cache.a_master().pause(Duration::from_secs(2)),
                 "kill-pubsub" => {
-                    cache.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+                    cache.command_all(&["CLIENT", "KILL", "TYPE", "pubsub"]);
                     duration = Duration::from_secs(1);
                 }
                 "evictions" => {
-                    cache.command(&["CONFIG", "SET", "maxmemory", "3mb"]);
+                    cache.command_all(&["CONFIG", "SET", "maxmemory", "3mb"]);
                     duration = Duration::from_secs(3);
                     undo.push((now + duration, "maxmemory".into()));
                 }
@@ -291,7 +399,7 @@ fn main() {
                         *l += p;
                     }
                     progress[victim] = [0; 3];
-                    instances[victim] = spawn(victim, &args.mode, &cache, &db, &tx);
+                    instances[victim] = spawn(victim, &args.mode, &cache.url(), &db, &tx);
                     std::thread::sleep(Duration::from_millis(300));
                     let left = total.saturating_sub(began.elapsed()).as_secs().max(1);
                     start_load(&mut instances[victim], left, args.seed + 100);
@@ -318,9 +426,7 @@ fn main() {
                 return true;
             }
             match what.as_str() {
-                "maxmemory" => {
-                    cache.command(&["CONFIG", "SET", "maxmemory", "0"]);
-                }
+                "maxmemory" => cache.command_all(&["CONFIG", "SET", "maxmemory", "0"]),
                 _ => collector = deps.then(|| start_collector(cache.url())),
             }
             false
@@ -349,7 +455,7 @@ fn main() {
     // faults the load outlived: put the server back as it was
     for (_, what) in undo {
         if what == "maxmemory" {
-            cache.command(&["CONFIG", "SET", "maxmemory", "0"]);
+            cache.command_all(&["CONFIG", "SET", "maxmemory", "0"]);
         }
     }
     if collector.is_none() && deps {
@@ -378,6 +484,9 @@ fn main() {
     }
     for mut inst in instances {
         let _ = inst.child.wait();
+    }
+    for mut r in reshards {
+        let _ = r.wait();
     }
 
     // totals
@@ -426,7 +535,12 @@ fn main() {
     let l1_clears = sum("l1_clears");
     let dropped = sum("writes_dropped");
     println!(
-        "soak: mode {}, {} instances, {} s, faults: {}",
+        "soak: {}mode {}, {} instances, {} s, faults: {}",
+        if args.cluster {
+            "Redis Cluster (3 masters, 3 replicas), "
+        } else {
+            ""
+        },
         args.mode,
         args.instances,
         args.seconds,
@@ -461,6 +575,13 @@ fn main() {
         "L2 hits resumed after a restart (ms)",
         restart_recovery_ms.map_or("-".into(), |m| m.to_string())
     );
+    if args.cluster {
+        println!(
+            "  {:<44} {}",
+            "a replica master after a master kill (ms)",
+            failover_ms.map_or("-".into(), |m| m.to_string())
+        );
+    }
     println!("  {:<44} {}", "L1 clears", l1_clears);
     println!("  {:<44} {}", "writes dropped", dropped);
     println!(
@@ -483,6 +604,7 @@ fn main() {
             "stale_fault_p99_ms": pct(&stale_in, 0.99),
             "stale_fault_max_ms": pct(&stale_in, 1.0),
             "restart_recovery_ms": restart_recovery_ms,
+            "failover_ms": failover_ms,
             "l1_clears": l1_clears,
             "writes_dropped": dropped,
             "orphan_keys": orphans,
