@@ -400,8 +400,9 @@ impl RedisBackendBuilder {
     }
 }
 
-/// Why `dependencies(true)` is refused on a cluster, for now.
-const CLUSTER_GRAPH: &str = "dependencies(true) is not supported on a Redis Cluster yet: the graph's scripts need their keys on one node. Build with dependencies(false) (entries that have dependencies then stay in the in-process tier), or point at a standalone server";
+/// Why the dependency graph (`dependencies(true)`, its collector, the full
+/// collection) is refused on a cluster, for now.
+pub(crate) const CLUSTER_GRAPH: &str = "the dependency graph in Redis (dependencies(true), DependencyCollector, full_collection) is not supported on a Redis Cluster yet: its scripts need their keys on one node. Build the backend with dependencies(false) (entries that have dependencies then stay in the in-process tier), or point at a standalone server";
 
 /// What `build` checks (see [`crate::probe`]).
 struct Probe {

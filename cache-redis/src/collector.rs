@@ -37,7 +37,7 @@ pub async fn full_collection(
     key_prefix: &str,
 ) -> Result<CollectionReport, RedisBackendError> {
     let client = client(url, None)?;
-    let mut con = connect(&client).await?;
+    let mut con = connect_graph(&client).await?;
     collect_all(&mut con, &GraphKeys::new(key_prefix, Duration::ZERO))
         .await
         .map_err(|e| RedisBackendError::Command(e.0))
@@ -45,6 +45,23 @@ pub async fn full_collection(
 
 fn client_addr(client: &redis::Client) -> String {
     client.get_connection_info().addr().to_string()
+}
+
+/// Connects for the graph's full collection or the collector's start, which need a
+/// standalone server for now (see [`crate::backend`]'s `CLUSTER_GRAPH`).
+async fn connect_graph(
+    client: &redis::Client,
+) -> Result<redis::aio::MultiplexedConnection, RedisBackendError> {
+    let mut con = connect(client).await?;
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut con)
+        .await
+        .map_err(|e| RedisBackendError::Command(e.to_string()))?;
+    if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+        return Err(RedisBackendError::Config(crate::backend::CLUSTER_GRAPH));
+    }
+    Ok(con)
 }
 
 async fn connect(
@@ -97,7 +114,7 @@ impl DependencyCollectorBuilder {
     pub async fn start(self) -> Result<DependencyCollector, RedisBackendError> {
         let client = client(&self.url, self.root_certificate.as_deref())?;
         let addr = client.get_connection_info().addr().to_string();
-        let mut con = connect(&client).await?;
+        let mut con = connect_graph(&client).await?;
         crate::settings::check(&mut con, true)
             .await
             .map_err(|problem| RedisBackendError::ServerSettings { addr, problem })?;

@@ -116,6 +116,41 @@ async fn any_node_or_a_seed_will_do() {
     assert!(sync.is_ok(), "{:?}", sync.err());
 }
 
+/// What the cluster does not support yet is refused with a message that says so,
+/// rather than failing on every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dependency_graph_is_refused_on_a_cluster() {
+    let cluster = RedisCluster::start(3, 0);
+    let err = RedisBackend::builder(cluster.url())
+        .dependencies(true)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RedisBackendError::Config(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("not supported on a Redis Cluster yet"),
+        "{err}"
+    );
+    let err = cache_redis::DependencyCollector::builder(cluster.url())
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("not supported on a Redis Cluster yet"),
+        "{err}"
+    );
+    let err = cache_redis::full_collection(&cluster.url(), "cache")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("not supported on a Redis Cluster yet"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_other_than_0_is_refused() {
     let cluster = RedisCluster::start(3, 0);
