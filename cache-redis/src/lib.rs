@@ -9,6 +9,12 @@
 //!   [`DependencyCollector`] (also the binary `cache-redis-gc`) and repaired by
 //!   [`full_collection`].
 //!
+//! `RedisBackend` and `RedisSync` take a standalone server or any node of a Redis
+//! Cluster (found out at the first connection; `seed_nodes` gives more nodes to
+//! try). On a cluster, values spread over the masters by their keys, and each
+//! instance applies its recent removals again after a failover (`replay_window`);
+//! the dependency graph needs a standalone server for now.
+//!
 //! Server settings: `maxmemory-policy volatile-lru` (or `volatile-random`): every cache
 //! entry carries an expiry, so eviction removes cache entries only; with the graph,
 //! `notify-keyspace-events Exe` for the collector.
