@@ -339,6 +339,7 @@ impl RedisBackendBuilder {
         let recent = Arc::new(Recent::new(self.replay_window));
         let replayer = Arc::new(Replayer {
             prefix: prefix.clone(),
+            endpoint: endpoint.clone(),
             receivers: bus.receivers(),
         });
         // on a cluster, watches for failovers (ends at once on a standalone server)

@@ -149,6 +149,7 @@ impl Recent {
 /// it tells that the in-process tiers may hold stale values.
 pub(crate) struct Replayer {
     pub(crate) prefix: String,
+    pub(crate) endpoint: Arc<crate::endpoint::Endpoint>,
     pub(crate) receivers: Arc<crate::bus::Receivers>,
 }
 
@@ -160,10 +161,11 @@ impl Replayer {
         cleared: bool,
         masters: &[Node],
     ) -> RedisResult<()> {
-        remove_keys(con, &self.prefix, keys).await?;
+        let replicas = |slot| self.endpoint.replicas_of(slot);
+        remove_keys(con, &self.prefix, keys, &replicas).await?;
         if cleared {
             let pattern = format!("{}*", crate::graph::glob_escape(&self.prefix));
-            unlink_matching(con, masters, &pattern).await?;
+            unlink_matching(con, masters, &pattern, &replicas).await?;
         }
         Ok(())
     }
@@ -212,7 +214,7 @@ pub(crate) async fn watch(
             }
         };
         blind = None;
-        link.endpoint().saw_nodes(&seen.nodes);
+        link.endpoint().saw(&seen);
         if !seen.covers_all() || !masters_answer(&con, &seen, timeout).await {
             recent.suspect();
             continue;
@@ -253,6 +255,7 @@ pub(crate) async fn unlink_matching(
     con: &ClusterConnection,
     masters: &[Node],
     pattern: &str,
+    replicas: &(dyn Fn(u16) -> usize + Sync),
 ) -> RedisResult<()> {
     for m in masters {
         let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
@@ -274,7 +277,7 @@ pub(crate) async fn unlink_matching(
                 for k in keys {
                     pipe.cmd("UNLINK").arg(k);
                 }
-                crate::endpoint::cluster_pipeline(con, &pipe).await?;
+                refused(crate::endpoint::cluster_pipeline(con, &pipe, replicas).await?)?;
             }
             if next == 0 {
                 break;
@@ -290,13 +293,23 @@ pub(crate) async fn remove_keys(
     con: &ClusterConnection,
     prefix: &str,
     keys: &[String],
+    replicas: &(dyn Fn(u16) -> usize + Sync),
 ) -> RedisResult<()> {
     for chunk in keys.chunks(1000) {
         let mut pipe = redis::pipe();
         for k in chunk {
             pipe.cmd("DEL").arg(crate::writer::Prefixed(prefix, k));
         }
-        crate::endpoint::cluster_pipeline(con, &pipe).await?;
+        refused(crate::endpoint::cluster_pipeline(con, &pipe, replicas).await?)?;
+    }
+    Ok(())
+}
+
+/// The first error among a pipeline's replies (a removal refused, or that no
+/// replica acknowledged), as an error.
+fn refused(replies: Vec<redis::Value>) -> RedisResult<()> {
+    for v in replies {
+        v.extract_error()?;
     }
     Ok(())
 }

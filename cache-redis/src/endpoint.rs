@@ -13,6 +13,8 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+
+use crate::topology::Topology;
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, RedisError, RedisFuture,
     RedisResult, Value,
@@ -42,7 +44,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Node(c) => c.req_packed_commands(pipe, offset, count),
             Conn::Cluster(c) => Box::pin(async move {
-                let replies = cluster_pipeline(c, pipe).await?;
+                let replies = cluster_pipeline(c, pipe, &|_| 0).await?;
                 Ok(replies.into_iter().skip(offset).take(count).collect())
             }),
         }
@@ -74,6 +76,8 @@ pub(crate) struct Endpoint {
     /// and where a cluster connection starts from (redis-rs recovers a connection
     /// whose every node is lost from these only).
     nodes: Mutex<Vec<Client>>,
+    /// The cluster's topology as last seen.
+    topology: Mutex<Option<Topology>>,
 }
 
 impl Endpoint {
@@ -83,6 +87,7 @@ impl Endpoint {
             seeds,
             root_certificate,
             kind: OnceLock::new(),
+            topology: Mutex::new(None),
         }
     }
 
@@ -110,14 +115,25 @@ impl Endpoint {
             .clone()
     }
 
-    /// Records a cluster's nodes (`host`, `port`), seen in its topology.
-    pub(crate) fn saw_nodes(&self, nodes: &[(String, u16)]) {
-        let mut clients: Vec<Client> = nodes
+    /// Records a cluster's topology as seen, and its nodes.
+    pub(crate) fn saw(&self, topology: &Topology) {
+        *self.topology.lock().unwrap_or_else(PoisonError::into_inner) = Some(topology.clone());
+        let mut clients: Vec<Client> = topology
+            .nodes
             .iter()
             .filter_map(|(host, port)| self.client_at(host, *port))
             .collect();
         clients.extend(self.seeds.iter().cloned());
         *self.nodes.lock().unwrap_or_else(PoisonError::into_inner) = clients;
+    }
+
+    /// How many replicas the master of `slot` had when last seen.
+    pub(crate) fn replicas_of(&self, slot: u16) -> usize {
+        self.topology
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, |t| t.replicas_of(slot))
     }
 
     /// A client for the node at `host:port`, with the first URL's credentials and TLS.
@@ -211,7 +227,7 @@ impl Endpoint {
                     .arg("SLOTS")
                     .query_async(&mut con)
                     .await?;
-                self.saw_nodes(&crate::topology::parse_slots(&slots).nodes);
+                self.saw(&crate::topology::parse_slots(&slots));
             }
             let _ = self.kind.set(kind);
             return Ok(kind);
@@ -253,9 +269,40 @@ fn no_seed() -> RedisError {
     RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Redis URL"))
 }
 
-/// The slot route of a command that names keys of one slot; `None` for a command
-/// without a key or with keys of several slots.
-fn route_of(cmd: &Cmd) -> Option<Route> {
+/// A key's cluster slot: CRC16 (XMODEM) of the key, or of its hash tag (the part
+/// between the first `{` and the next `}`, if not empty), modulo 16,384.
+pub(crate) fn slot_of(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    let mut crc: u16 = 0;
+    for &b in tagged.unwrap_or(key) {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16_384
+}
+
+/// How a command of a pipeline goes to a cluster.
+enum Part {
+    /// To one slot (and whether it removes keys).
+    Slot(u16, bool),
+    /// A removal of keys of several slots: one command per slot, replies summed.
+    Split(Vec<(u16, Cmd)>),
+    /// Alone, after what was queued before it: no key (`PUBLISH`), or keys of several
+    /// slots that the cluster connection splits itself.
+    Alone,
+}
+
+fn part_of(cmd: &Cmd) -> Part {
     let args: Vec<&[u8]> = cmd
         .args_iter()
         .map(|a| match a {
@@ -263,68 +310,213 @@ fn route_of(cmd: &Cmd) -> Option<Route> {
             _ => &[][..],
         })
         .collect();
-    let name = args.first()?.to_ascii_uppercase();
+    let Some(name) = args.first().map(|n| n.to_ascii_uppercase()) else {
+        return Part::Alone;
+    };
+    let removal = matches!(name.as_slice(), b"DEL" | b"UNLINK");
     let keys: &[&[u8]] = match name.as_slice() {
         b"EVAL" | b"EVALSHA" => {
-            let n: usize = std::str::from_utf8(args.get(2)?).ok()?.parse().ok()?;
-            args.get(3..3 + n)?
+            let n: Option<usize> = args
+                .get(2)
+                .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok());
+            match n.and_then(|n| args.get(3..3 + n)) {
+                Some(keys) => keys,
+                None => return Part::Alone,
+            }
         }
         b"PUBLISH" | b"PING" | b"SCAN" | b"INFO" | b"CONFIG" | b"SCRIPT" | b"CLUSTER" => {
-            return None
+            return Part::Alone
         }
-        b"DEL" | b"UNLINK" | b"MGET" | b"EXISTS" | b"TOUCH" => args.get(1..)?,
-        _ => args.get(1..2)?,
+        b"DEL" | b"UNLINK" | b"MGET" | b"EXISTS" | b"TOUCH" => &args[1..],
+        _ => args.get(1..2).unwrap_or(&[]),
     };
-    let first = redis::cluster_routing::Slot::for_key(keys.first()?);
-    keys.iter()
-        .all(|k| redis::cluster_routing::Slot::for_key(k) == first)
-        .then(|| Route::with_slot(first, SlotAddr::Master))
+    let Some(first) = keys.first().map(|k| slot_of(k)) else {
+        return Part::Alone;
+    };
+    if keys.iter().all(|k| slot_of(k) == first) {
+        return Part::Slot(first, removal);
+    }
+    if !removal {
+        return Part::Alone;
+    }
+    let mut split: Vec<(u16, Cmd)> = Vec::new();
+    for k in keys {
+        let slot = slot_of(k);
+        match split.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, c)) => {
+                c.arg(*k);
+            }
+            None => {
+                let mut c = redis::cmd(std::str::from_utf8(&name).unwrap_or("DEL"));
+                c.arg(*k);
+                split.push((slot, c));
+            }
+        }
+    }
+    Part::Split(split)
+}
+
+/// How long a removal waits for a replica to acknowledge it (`WAIT`).
+const REPLICA_WAIT_MS: u64 = 100;
+
+/// One slot's pipeline: its commands, where each reply goes (the pipeline's index,
+/// and whether it adds to a split removal's sum), and whether it removes keys.
+struct Group {
+    slot: u16,
+    cmds: Vec<Cmd>,
+    to: Vec<usize>,
+    removes: bool,
 }
 
 /// Runs a pipeline on a cluster, where Redis runs a pipeline on one node only: the
 /// commands of one slot go together as one pipeline, in their order, the slots' in
-/// parallel; a command without a key or with keys of several slots (a `PUBLISH`, a
-/// `DEL` of many keys) waits for those before it and is routed alone (the cluster
-/// connection splits a multi-slot command by slot). Replies come back in the
-/// pipeline's order; a failure of any part fails the whole.
+/// parallel. A removal of keys of several slots is split by slot (its reply is the
+/// sum). A command without a key, or with keys of several slots that is not a
+/// removal, waits for those before it and is routed alone.
+///
+/// A slot's pipeline that removes keys ends with `WAIT 1` when the slot's master has
+/// a replica (per `replicas`): replication is asynchronous, and a replica promoted
+/// before it saw a removal would serve the old value again. If no replica
+/// acknowledges within [`REPLICA_WAIT_MS`], the pipeline's removals are answered
+/// with a `NOREPLICAS` error, so that the caller holds their keys and sends them
+/// again, as for any removal that failed. Replies come back in the pipeline's order;
+/// a connection failure of any part fails the whole.
 pub(crate) async fn cluster_pipeline(
     con: &ClusterConnection,
     pipe: &redis::Pipeline,
+    replicas: &(dyn Fn(u16) -> usize + Sync),
 ) -> RedisResult<Vec<Value>> {
     let cmds: Vec<&Cmd> = pipe.cmd_iter().collect();
     let mut replies = vec![Value::Nil; cmds.len()];
+    // indexes of split removals, whose replies are sums
+    let mut summed = vec![false; cmds.len()];
     let mut i = 0;
     while i < cmds.len() {
-        // the commands of one slot each, up to the next barrier
-        let mut groups: Vec<(Route, Vec<usize>)> = Vec::new();
-        while let Some(route) = cmds.get(i).and_then(|c| route_of(c)) {
-            match groups.iter_mut().find(|(r, _)| *r == route) {
-                Some((_, at)) => at.push(i),
-                None => groups.push((route, vec![i])),
+        // the commands of each slot, up to the next command sent alone
+        let mut groups: Vec<Group> = Vec::new();
+        let add = |groups: &mut Vec<Group>, slot: u16, cmd: Cmd, to: usize, removes: bool| {
+            let at = match groups.iter().position(|g| g.slot == slot) {
+                Some(at) => at,
+                None => {
+                    groups.push(Group {
+                        slot,
+                        cmds: Vec::new(),
+                        to: Vec::new(),
+                        removes: false,
+                    });
+                    groups.len() - 1
+                }
+            };
+            let g = &mut groups[at];
+            g.cmds.push(cmd);
+            g.to.push(to);
+            g.removes |= removes;
+        };
+        let mut alone = None;
+        while i < cmds.len() {
+            match part_of(cmds[i]) {
+                Part::Slot(slot, removes) => add(&mut groups, slot, cmds[i].clone(), i, removes),
+                Part::Split(parts) => {
+                    summed[i] = true;
+                    replies[i] = Value::Int(0);
+                    for (slot, cmd) in parts {
+                        add(&mut groups, slot, cmd, i, true);
+                    }
+                }
+                Part::Alone => {
+                    alone = Some(i);
+                    i += 1;
+                    break;
+                }
             }
             i += 1;
         }
-        let sent = groups.iter().map(|(route, at)| {
+        let sent = groups.iter().map(|g| {
             let mut part = redis::pipe();
             part.ignore_errors();
-            for &j in at {
-                part.add_command(cmds[j].clone());
+            for cmd in &g.cmds {
+                part.add_command(cmd.clone());
             }
+            let wait = g.removes && replicas(g.slot) > 0;
+            if wait {
+                part.cmd("WAIT").arg(1).arg(REPLICA_WAIT_MS);
+            }
+            let n = g.cmds.len() + usize::from(wait);
             let mut con = con.clone();
-            let route = SingleNodeRoutingInfo::SpecificNode(*route);
-            async move { con.route_pipeline(part, 0, at.len(), route).await }
+            let route = SingleNodeRoutingInfo::SpecificNode(Route::new(g.slot, SlotAddr::Master));
+            async move {
+                let mut values = con.route_pipeline(part, 0, n, route).await?;
+                if wait {
+                    let acked = matches!(values.pop(), Some(Value::Int(n)) if n >= 1);
+                    if !acked {
+                        let refused = redis::parse_redis_value(
+                            b"-NOREPLICAS no replica acknowledged the removal\r\n",
+                        )?;
+                        for v in &mut values {
+                            *v = refused.clone();
+                        }
+                    }
+                }
+                Ok::<_, RedisError>(values)
+            }
         });
         let results = futures_util::future::join_all(sent).await;
-        for ((_, at), result) in groups.iter().zip(results) {
-            for (&j, v) in at.iter().zip(result?) {
-                replies[j] = v;
+        for (g, result) in groups.iter().zip(results) {
+            for (&j, v) in g.to.iter().zip(result?) {
+                replies[j] = match (summed[j], &replies[j], v) {
+                    (true, Value::Int(sum), Value::Int(n)) => Value::Int(sum + n),
+                    (true, Value::ServerError(_), _) => continue,
+                    (_, _, v) => v,
+                };
             }
         }
-        if let Some(cmd) = cmds.get(i) {
+        if let Some(at) = alone {
             let mut con = con.clone();
-            replies[i] = con.req_packed_command(cmd).await?;
-            i += 1;
+            replies[at] = con.req_packed_command(cmds[at]).await?;
         }
     }
     Ok(replies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_redis_cluster_slots() {
+        // the values `CLUSTER KEYSLOT` gives
+        assert_eq!(slot_of(b"foo"), 12182);
+        assert_eq!(slot_of(b"bar"), 5061);
+        assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
+        assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}"));
+        assert_eq!(slot_of(b"foo{}{bar}"), 8363);
+        for key in [&b"a"[..], b"shop:2:row(1)", b"{x}y", b"{}z"] {
+            assert_eq!(
+                redis::cluster_routing::Route::with_key(key, SlotAddr::Master),
+                Route::new(slot_of(key), SlotAddr::Master)
+            );
+        }
+    }
+
+    #[test]
+    fn removals_of_several_slots_are_split() {
+        let mut del = redis::cmd("DEL");
+        del.arg("foo").arg("bar").arg("{foo}x");
+        let Part::Split(parts) = part_of(&del) else {
+            panic!("not split")
+        };
+        assert_eq!(parts.len(), 2);
+        assert!(matches!(
+            part_of(redis::cmd("PUBLISH").arg("c").arg("m")),
+            Part::Alone
+        ));
+        assert!(matches!(
+            part_of(redis::cmd("SET").arg("foo").arg("v")),
+            Part::Slot(12182, false)
+        ));
+        assert!(matches!(
+            part_of(redis::cmd("DEL").arg("foo")),
+            Part::Slot(12182, true)
+        ));
+    }
 }

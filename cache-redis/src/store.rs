@@ -196,7 +196,8 @@ impl RemoteStore for RedisStore {
                     .map_err(|e| RemoteError(e.to_string()))?
                     .masters;
                 let pattern = format!("{}*", glob_escape(&self.prefix));
-                return crate::cluster::unlink_matching(&con, &masters, &pattern)
+                let replicas = |slot| self.link.endpoint().replicas_of(slot);
+                return crate::cluster::unlink_matching(&con, &masters, &pattern, &replicas)
                     .await
                     .map_err(|e| RemoteError(e.to_string()));
             }

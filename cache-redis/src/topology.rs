@@ -21,9 +21,19 @@ pub(crate) struct Topology {
     pub(crate) masters: Vec<Node>,
     /// Every node, masters and replicas.
     pub(crate) nodes: Vec<(String, u16)>,
+    /// How many replicas each range's master has (by the range's index).
+    pub(crate) replicas: Vec<usize>,
 }
 
 impl Topology {
+    /// How many replicas the master of `slot` has (0 if no master serves it).
+    pub(crate) fn replicas_of(&self, slot: u16) -> usize {
+        self.ranges
+            .iter()
+            .position(|(start, end, _)| (*start..=*end).contains(&slot))
+            .map_or(0, |i| self.replicas[i])
+    }
+
     /// Whether every slot has a master.
     pub(crate) fn covers_all(&self) -> bool {
         let mut next = 0u32;
@@ -76,6 +86,7 @@ pub(crate) fn parse_slots(reply: &Value) -> Topology {
             continue;
         };
         t.ranges.push((start, end, master.id.clone()));
+        t.replicas.push(parts.len().saturating_sub(3));
         for n in parts[2..].iter().filter_map(node) {
             if !t.nodes.contains(&(n.host.clone(), n.port)) {
                 t.nodes.push((n.host.clone(), n.port));
@@ -85,7 +96,10 @@ pub(crate) fn parse_slots(reply: &Value) -> Topology {
             t.masters.push(master);
         }
     }
-    t.ranges.sort();
+    let mut order: Vec<usize> = (0..t.ranges.len()).collect();
+    order.sort_by(|&a, &b| t.ranges[a].cmp(&t.ranges[b]));
+    t.replicas = order.iter().map(|&i| t.replicas[i]).collect();
+    t.ranges = order.iter().map(|&i| t.ranges[i].clone()).collect();
     t
 }
 
@@ -122,10 +136,12 @@ mod tests {
             vec![(0, 5460, "a".into()), (5461, 16383, "b".into())]
         );
         assert!(t.covers_all());
+        assert_eq!((t.replicas_of(0), t.replicas_of(6000)), (0, 1));
         assert_eq!(t.masters.len(), 2);
         assert_eq!(t.nodes.len(), 3);
         let mut gap = t.clone();
         gap.ranges.remove(0);
+        gap.replicas.remove(0);
         assert!(!gap.covers_all());
     }
 }

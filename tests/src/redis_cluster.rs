@@ -150,9 +150,14 @@ impl RedisCluster {
 
     /// A replica of node `master` (from `INFO replication`).
     pub fn replica_of(&self, master: usize) -> usize {
+        self.replicas_of(master)[0]
+    }
+
+    /// The replicas of node `master` (from `INFO replication`).
+    pub fn replicas_of(&self, master: usize) -> Vec<usize> {
         let port = format!("master_port:{}", self.nodes[master].port());
-        (0..self.nodes.len())
-            .find(|&i| {
+        let replicas: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| {
                 i != master
                     && redis::Client::open(self.nodes[i].url())
                         .and_then(|c| c.get_connection())
@@ -163,7 +168,30 @@ impl RedisCluster {
                         })
                         .is_ok_and(|info| info.lines().any(|l| l.trim() == port))
             })
-            .unwrap_or_else(|| panic!("node {master} has no replica"))
+            .collect();
+        assert!(!replicas.is_empty(), "node {master} has no replica");
+        replicas
+    }
+
+    /// Cuts replica `replica` from its master: the master closes the replication
+    /// connection (`CLIENT KILL ADDR`, the address the replica connects from), so
+    /// that what the master sends afterwards does not reach it, even frozen, through
+    /// its socket's buffer. The replica reconnects when it runs.
+    pub fn cut_replica(&self, master: usize, replica: usize) {
+        let client = redis::Client::open(self.nodes[replica].url()).expect("url");
+        let mut con = client.get_connection().expect("connect");
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("master")
+            .query(&mut con)
+            .expect("CLIENT LIST");
+        let laddr = list
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("laddr="))
+            .expect("the replica's link to its master");
+        let reply = self.nodes[master].command(&["CLIENT", "KILL", "ADDR", laddr]);
+        assert_eq!(reply.as_deref(), Some("+OK"), "CLIENT KILL ADDR {laddr}");
     }
 
     /// How many keys starting with `prefix` node `i` holds (`SCAN`).
