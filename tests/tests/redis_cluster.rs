@@ -116,6 +116,15 @@ async fn any_node_or_a_seed_will_do() {
     assert!(sync.is_ok(), "{:?}", sync.err());
 }
 
+/// Fails unless `err` says the cluster does not support it yet.
+fn says_not_yet(err: &RedisBackendError) {
+    assert!(
+        err.to_string()
+            .contains("not supported on a Redis Cluster yet"),
+        "{err}"
+    );
+}
+
 /// What the cluster does not support yet is refused with a message that says so,
 /// rather than failing on every call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,28 +136,16 @@ async fn the_dependency_graph_is_refused_on_a_cluster() {
         .await
         .unwrap_err();
     assert!(matches!(err, RedisBackendError::Config(_)), "{err}");
-    assert!(
-        err.to_string()
-            .contains("not supported on a Redis Cluster yet"),
-        "{err}"
-    );
+    says_not_yet(&err);
     let err = cache_redis::DependencyCollector::builder(cluster.url())
         .start()
         .await
         .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("not supported on a Redis Cluster yet"),
-        "{err}"
-    );
+    says_not_yet(&err);
     let err = cache_redis::full_collection(&cluster.url(), "cache")
         .await
         .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("not supported on a Redis Cluster yet"),
-        "{err}"
-    );
+    says_not_yet(&err);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
