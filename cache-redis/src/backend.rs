@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::bus::RedisBus;
 use crate::cluster::{Recent, Replayer};
-use crate::endpoint::{Conn, Endpoint, Kind};
+use crate::endpoint::{Conn, Endpoint};
 use crate::graph::GraphKeys;
 use crate::link::Link;
 use crate::store::RedisStore;
@@ -313,7 +313,7 @@ impl RedisBackendBuilder {
         });
         let graph = self
             .dependencies
-            .then(|| GraphKeys::new(&self.key_prefix, self.marker_ttl));
+            .then(|| GraphKeys::new(&self.key_prefix, self.marker_ttl, Some(endpoint.clone())));
         tokio::spawn(writer(
             writes,
             prefix.clone(),
@@ -339,6 +339,7 @@ impl RedisBackendBuilder {
         let recent = Arc::new(Recent::new(self.replay_window));
         let replayer = Arc::new(Replayer {
             prefix: prefix.clone(),
+            graph: graph.clone(),
             endpoint: endpoint.clone(),
             receivers: bus.receivers(),
         });
@@ -352,6 +353,7 @@ impl RedisBackendBuilder {
         let store = RedisStore {
             recent,
             _replayer: replayer,
+            unburied: std::sync::Mutex::default(),
             link: reads,
             prefix,
             default_ttl: self.default_ttl,
@@ -381,8 +383,12 @@ impl RedisBackendBuilder {
             tokio::spawn(async move { probe.later(alive).await });
         } else {
             let mut con = probe.connect().await?;
-            if self.dependencies && endpoint.kind() == Some(Kind::Cluster) {
-                return Err(RedisBackendError::Config(CLUSTER_GRAPH));
+            if store
+                .graph
+                .as_ref()
+                .is_some_and(|g| g.on_cluster() && !g.one_slot())
+            {
+                return Err(RedisBackendError::Config(CLUSTER_GRAPH_PREFIX));
             }
             probe.run(&mut con).await?;
             crate::settings::check(&mut con, self.dependencies)
@@ -404,6 +410,9 @@ impl RedisBackendBuilder {
 /// Why the dependency graph (`dependencies(true)`, its collector, the full
 /// collection) is refused on a cluster, for now.
 pub(crate) const CLUSTER_GRAPH: &str = "the dependency graph in Redis (dependencies(true), DependencyCollector, full_collection) is not supported on a Redis Cluster yet: its scripts need their keys on one node. Build the backend with dependencies(false) (entries that have dependencies then stay in the in-process tier), or point at a standalone server";
+
+/// Why a prefix is refused for the dependency graph on a cluster.
+pub(crate) const CLUSTER_GRAPH_PREFIX: &str = "with dependencies(true) on a Redis Cluster, the key_prefix must not contain `{}`: the graph's keys carry the prefix as their hash tag, so that they share one slot";
 
 /// What `build` checks (see [`crate::probe`]).
 struct Probe {

@@ -62,11 +62,16 @@ pub(crate) struct Recent {
     unsure: AtomicBool,
     pub(crate) topology_changes: AtomicU64,
     pub(crate) replayed: AtomicU64,
+    /// With the dependency graph: the highest invalidation count read from the
+    /// cluster (see [`crate::tombstones`]), which reads report as theirs.
+    pub(crate) epoch: AtomicU64,
 }
 
 #[derive(Default)]
 struct Keys {
     at: HashMap<String, Instant>,
+    /// With the dependency graph: the nodes invalidations started from, with when.
+    nodes: HashMap<String, Instant>,
     /// The last `clear` of this instance.
     cleared: Option<Instant>,
     pruned: Option<Instant>,
@@ -80,6 +85,7 @@ impl Recent {
             unsure: AtomicBool::new(false),
             topology_changes: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -89,16 +95,26 @@ impl Recent {
 
     /// Records removed keys.
     pub(crate) fn removed(&self, keys: &[String]) {
+        self.invalidated(&[], keys);
+    }
+
+    /// Records an invalidation of the graph: the nodes it started from, the keys it
+    /// removed.
+    pub(crate) fn invalidated(&self, nodes: &[String], keys: &[String]) {
         let now = Instant::now();
         let mut k = self.lock();
         for key in keys {
             k.at.insert(key.clone(), now);
+        }
+        for node in nodes {
+            k.nodes.insert(node.clone(), now);
         }
         if k.pruned
             .is_none_or(|t| now.duration_since(t) >= self.window)
         {
             let window = self.window;
             k.at.retain(|_, t| now.duration_since(*t) < window);
+            k.nodes.retain(|_, t| now.duration_since(*t) < window);
             k.pruned = Some(now);
         }
     }
@@ -133,22 +149,36 @@ impl Recent {
     }
 
     /// The removals of the window, and whether a clear is among them.
-    fn window(&self) -> (Vec<String>, bool) {
+    fn window(&self) -> Window {
         let k = self.lock();
         let recent = |t: &Instant| t.elapsed() < self.window;
-        let keys =
-            k.at.iter()
+        let within = |m: &HashMap<String, Instant>| {
+            m.iter()
                 .filter(|(_, t)| recent(t))
                 .map(|(key, _)| key.clone())
-                .collect();
-        (keys, k.cleared.as_ref().is_some_and(recent))
+                .collect()
+        };
+        Window {
+            keys: within(&k.at),
+            nodes: within(&k.nodes),
+            cleared: k.cleared.as_ref().is_some_and(recent),
+        }
     }
+}
+
+/// The removals of the window.
+struct Window {
+    keys: Vec<String>,
+    nodes: Vec<String>,
+    cleared: bool,
 }
 
 /// What the watcher applies again: the backend's removals under `prefix`; and whom
 /// it tells that the in-process tiers may hold stale values.
 pub(crate) struct Replayer {
     pub(crate) prefix: String,
+    /// With the dependency graph.
+    pub(crate) graph: Option<crate::graph::GraphKeys>,
     pub(crate) endpoint: Arc<crate::endpoint::Endpoint>,
     pub(crate) receivers: Arc<crate::bus::Receivers>,
 }
@@ -156,14 +186,32 @@ pub(crate) struct Replayer {
 impl Replayer {
     async fn replay(
         &self,
+        link: &Arc<Link>,
         con: &ClusterConnection,
-        keys: &[String],
-        cleared: bool,
+        w: &Window,
         masters: &[Node],
+        recent: &Recent,
     ) -> RedisResult<()> {
         let replicas = |slot| self.endpoint.replicas_of(slot);
-        remove_keys(con, &self.prefix, keys, &replicas).await?;
-        if cleared {
+        match &self.graph {
+            // the graph's changes may be lost too: the walk runs again from the
+            // nodes of the window, and every key of the window is buried again
+            Some(graph) => {
+                let failed = |e: cache_runtime::RemoteError| {
+                    redis::RedisError::from((redis::ErrorKind::Io, "replay", e.0))
+                };
+                let (count, mut keys) = crate::tombstones::walk(link, graph, &w.nodes)
+                    .await
+                    .map_err(failed)?;
+                keys.extend(w.keys.iter().map(|k| format!("{}{k}", self.prefix)));
+                let published = crate::tombstones::bury(link, graph, count, &keys, &[count])
+                    .await
+                    .map_err(failed)?;
+                recent.epoch.fetch_max(published, Ordering::AcqRel);
+            }
+            None => remove_keys(con, &self.prefix, &w.keys, &replicas).await?,
+        }
+        if w.cleared {
             let pattern = format!("{}*", crate::graph::glob_escape(&self.prefix));
             unlink_matching(con, masters, &pattern, &replicas).await?;
         }
@@ -225,12 +273,27 @@ pub(crate) async fn watch(
         if changed {
             recent.suspect();
         }
+        let Some(replay) = replay.upgrade() else {
+            return;
+        };
+        if let Some(graph) = &replay.graph {
+            // the count reads report (see `crate::tombstones`)
+            let epoch = format!("{}epoch", graph.g());
+            // stored, not raised: a count that went down (a clear, a failover
+            // that lost invalidations) must go down here too
+            if let Ok(Ok(n)) = tokio::time::timeout(
+                timeout,
+                link.query::<Option<u64>>(redis::cmd("GET").arg(&epoch)),
+            )
+            .await
+            {
+                recent.epoch.store(n.unwrap_or(0), Ordering::Release);
+            }
+        }
         if recent.unsure.load(Ordering::Acquire) {
-            let Some(replay) = replay.upgrade() else {
-                return;
-            };
-            let (keys, cleared) = recent.window();
-            let done = replay.replay(&con, &keys, cleared, &seen.masters).await;
+            let w = recent.window();
+            let done = replay.replay(&link, &con, &w, &seen.masters, &recent).await;
+            let (keys, cleared) = (w.keys, w.cleared);
             if let Err(e) = done {
                 tracing::debug!(target: "cache_redis", error = %e, "applying the recent removals again failed; trying again");
                 continue;
@@ -328,7 +391,8 @@ mod tests {
         assert!(!recent.holds("b"));
         recent.cleared();
         assert!(recent.holds("b"));
-        let (keys, cleared) = recent.window();
+        let w = recent.window();
+        let (keys, cleared) = (w.keys, w.cleared);
         assert_eq!(keys, vec!["a".to_owned()]);
         assert!(cleared);
     }

@@ -38,7 +38,7 @@ pub async fn full_collection(
 ) -> Result<CollectionReport, RedisBackendError> {
     let client = client(url, None)?;
     let mut con = connect_graph(&client).await?;
-    collect_all(&mut con, &GraphKeys::new(key_prefix, Duration::ZERO))
+    collect_all(&mut con, &GraphKeys::new(key_prefix, Duration::ZERO, None))
         .await
         .map_err(|e| RedisBackendError::Command(e.0))
 }
@@ -124,7 +124,7 @@ impl DependencyCollectorBuilder {
         let worker = Worker {
             db: client.get_connection_info().redis_settings().db(),
             client,
-            keys: GraphKeys::new(&self.key_prefix, Duration::ZERO),
+            keys: GraphKeys::new(&self.key_prefix, Duration::ZERO, None),
             con,
             counts: counts.clone(),
         };
@@ -417,9 +417,9 @@ pub(crate) async fn collect_all(
 ) -> Result<CollectionReport, RemoteError> {
     let mut report = CollectionReport::default();
     let err = |e: redis::RedisError| RemoteError(e.to_string());
-    let pattern = |kind: &str| format!("{}{kind}*", glob_escape(&keys.graph));
+    let pattern = |kind: &str| format!("{}{kind}*", glob_escape(keys.g()));
     // forward links, a page of the hash at a time
-    let links = format!("{}links", keys.graph);
+    let links = format!("{}links", keys.g());
     let hscan = |cursor: u64| {
         let mut cmd = redis::cmd("HSCAN");
         cmd.arg(&links).arg(cursor).arg("COUNT").arg(BATCH);
@@ -435,7 +435,7 @@ pub(crate) async fn collect_all(
         report.broken_entries += broken;
     }
     // the parents set
-    let parents = format!("{}parents", keys.graph);
+    let parents = format!("{}parents", keys.g());
     let sscan = |cursor: u64| {
         let mut cmd = redis::cmd("SSCAN");
         cmd.arg(&parents).arg(cursor).arg("COUNT").arg(BATCH);
@@ -448,7 +448,7 @@ pub(crate) async fn collect_all(
     // reverse sets
     for key in scan(con, &pattern("rev:")).await? {
         report.scanned += 1;
-        let node = &key[keys.graph.len() + "rev:".len()..];
+        let node = &key[keys.g().len() + "rev:".len()..];
         let sscan = |cursor: u64| {
             let mut cmd = redis::cmd("SSCAN");
             cmd.arg(&key).arg(cursor).arg("COUNT").arg(BATCH);
@@ -466,7 +466,7 @@ pub(crate) async fn collect_all(
     // cascades
     for key in scan(con, &pattern("cascade:")).await? {
         report.scanned += 1;
-        let dependency = &key[keys.graph.len() + "cascade:".len()..];
+        let dependency = &key[keys.g().len() + "cascade:".len()..];
         let n: u64 = keys
             .repair_cascade(dependency)
             .run(con)

@@ -313,7 +313,11 @@ fn part_of(cmd: &Cmd) -> Part {
     let Some(name) = args.first().map(|n| n.to_ascii_uppercase()) else {
         return Part::Alone;
     };
-    let removal = matches!(name.as_slice(), b"DEL" | b"UNLINK");
+    let removal = match name.as_slice() {
+        b"DEL" | b"UNLINK" => true,
+        b"EVAL" | b"EVALSHA" => args.get(1).is_some_and(|s| crate::script::removes(s)),
+        _ => false,
+    };
     let keys: &[&[u8]] = match name.as_slice() {
         b"EVAL" | b"EVALSHA" => {
             let n: Option<usize> = args

@@ -30,18 +30,38 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::endpoint::{Endpoint, Kind};
+use crate::script::Prefixed;
+pub(crate) use crate::script::{Hashed, ScriptCall};
+
 /// The first line of the scripts that mostly delete (the invalidation, the
 /// collector's step, the repairs): they run even when Redis is out of memory under
 /// `noeviction` (without it, their first write, such as the count's `INCR`, would be
 /// refused there, and an invalidation would leave its entries in Redis).
 const ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
 
-/// A script's text: its flags line if it has one, then the common part, then its own.
-fn script_text(script: &str) -> String {
+/// A script's text: its flags line if it has one, then the common part, then
+/// `prelude` (the variables that tell one node from a cluster), then its own.
+fn script_text(script: &str, prelude: &str) -> String {
     match script.strip_prefix(ALLOW_OOM) {
-        Some(own) => format!("{ALLOW_OOM}{UNLINK}{own}"),
-        None => format!("{UNLINK}{script}"),
+        Some(own) => format!("{ALLOW_OOM}{UNLINK}{prelude}{own}"),
+        None => format!("{UNLINK}{prelude}{script}"),
     }
+}
+
+/// The variables of the scripts on one node.
+const ON_NODE: &str = "local CLUSTER, SETV = false, true\n";
+/// On a cluster: the graph's scripts do not touch values (they are on other slots);
+/// an invalidation's count is reserved for `RESERVE` ms at most; the count instances
+/// read is the highest one below every reserved count (see `PUBLISH_EPOCH`).
+const ON_CLUSTER: &str = concat!(
+    "local CLUSTER, SETV, RESERVE = true, false, 10000\n",
+    include_str!("lua/publish_epoch.lua")
+);
+
+/// One of the graph's scripts, with the common part and `prelude`.
+fn hashed(name: &'static str, script: &str, prelude: &str) -> Arc<Hashed> {
+    Hashed::plain(name, script_text(script, prelude))
 }
 
 /// The common part of the scripts: the prefixes, and removing an entry's links
@@ -89,109 +109,37 @@ const REPAIR_CASCADE: &str = include_str!("lua/repair_cascade.lua");
 /// ARGV: G, P, value keys. Removes from the parents the entries nothing depends on.
 const REPAIR_PARENTS: &str = include_str!("lua/repair_parents.lua");
 
-/// A script, sent by its hash (`EVALSHA`), so that its text travels and is hashed by
-/// the server only when the server does not have it yet.
-#[derive(Debug)]
-pub(crate) struct Hashed {
-    /// What it is, for errors and the log.
-    name: &'static str,
-    text: String,
-    sha: String,
-}
-
-impl Hashed {
-    /// One of the graph's scripts, with the common part.
-    fn new(name: &'static str, script: &str) -> Arc<Self> {
-        Self::plain(name, script_text(script))
-    }
-
-    /// A script as it is.
-    fn plain(name: &'static str, text: String) -> Arc<Self> {
-        let sha = redis::Script::new(&text).get_hash().to_owned();
-        Arc::new(Hashed { name, text, sha })
-    }
-
-    /// The command and its first argument: `EVALSHA` and the hash, or, for a server
-    /// that answered `NOSCRIPT` (it restarted, or its scripts were flushed), `EVAL`
-    /// and the text, which loads it again.
-    pub(crate) fn head(&self, by_hash: bool) -> (&'static str, &str) {
-        match by_hash {
-            true => ("EVALSHA", &self.sha),
-            false => ("EVAL", &self.text),
-        }
-    }
-}
-
-/// Whether the server answered that it does not have the script.
-pub(crate) fn no_script(code: Option<&str>) -> bool {
-    code == Some("NOSCRIPT")
-}
-
-/// A call of one of the graph's scripts: the script and the arguments after it. Sent
-/// by hash, and with the text where the server answers `NOSCRIPT`: in a pipeline
-/// (the writer), alone on a connection ([`ScriptCall::run`]), and in the sliding read
-/// ([`Hashed::head`] written into the link's command buffer).
-///
-/// Not `redis::Script::invoke_async`: it runs one command by itself, and after
-/// `NOSCRIPT` sends `SCRIPT LOAD` and the `EVALSHA` again (two more round trips, out
-/// of order with the writer's queue); redis-rs 1.8 has no script in a pipeline.
-#[derive(Clone, Debug)]
-pub(crate) struct ScriptCall {
-    script: Arc<Hashed>,
-    /// The arguments after the script, in one buffer (not a command to send).
-    args: redis::Cmd,
-}
-
-impl ScriptCall {
-    fn arg<T: redis::ToRedisArgs>(&mut self, value: T) -> &mut Self {
-        self.args.arg(value);
-        self
-    }
-
-    /// The command: by hash, or with the script's text.
-    pub(crate) fn cmd(&self, by_hash: bool) -> redis::Cmd {
-        let (command, script) = self.script.head(by_hash);
-        let mut cmd = redis::cmd(command);
-        cmd.arg(script);
-        for arg in self.args.args_iter() {
-            if let redis::Arg::Simple(bytes) = arg {
-                cmd.arg(bytes);
-            }
-        }
-        cmd
-    }
-
-    /// Which script it runs, for errors and the log.
-    pub(crate) fn name(&self) -> &'static str {
-        self.script.name
-    }
-
-    /// Runs it on `con`: by hash, and once more with the text if the server does not
-    /// have the script.
-    pub(crate) async fn run<T: redis::FromRedisValue>(
-        &self,
-        con: &mut (impl redis::aio::ConnectionLike + Send),
-    ) -> redis::RedisResult<T> {
-        match self.cmd(true).query_async(con).await {
-            Err(e) if no_script(e.code()) => self.cmd(false).query_async(con).await,
-            result => result,
-        }
-    }
-}
-
 /// A sliding entry's read with the graph: the value, its expiry moved, and the
 /// invalidation count (KEYS: the value key, the count; ARGV: the expiry in ms).
 const GET_TOUCH_EPOCH: &str = include_str!("lua/get_touch_epoch.lua");
 
-/// The keys of one prefix's graph.
-#[derive(Clone, Debug)]
-pub(crate) struct GraphKeys {
-    /// `{prefix}:g:`
-    pub(crate) graph: String,
-    /// `{prefix}:{format}:`, the value keys' prefix.
-    pub(crate) values: String,
-    /// How long a marker is kept, in milliseconds.
-    pub(crate) marker_ttl: u64,
+/// On a cluster, a value's write after the graph accepted its links (KEYS: the value
+/// key; ARGV: the value, its expiry in ms, the count it was computed at): written
+/// unless an invalidation with a higher count left a tombstone there.
+const PUT: &str = include_str!("lua/put.lua");
+
+/// On a cluster, what an invalidation leaves in place of a value (KEYS: the value key;
+/// ARGV: the invalidation's count, the tombstone's lifetime in ms): a zero byte and
+/// the count, unless a tombstone with a count as high is there already.
+const BURY: &str = include_str!("lua/bury.lua");
+
+/// On a cluster, a sliding entry's read: the value, its expiry moved unless it is a
+/// tombstone (KEYS: the value key; ARGV: the expiry in ms).
+const TOUCH_VALUE: &str = include_str!("lua/touch_value.lua");
+
+/// On a cluster, the end of invalidations (ARGV: G, P, their counts): their
+/// reservations go, and the count instances read moves up. Returns it.
+const RELEASE: &str = include_str!("lua/release.lua");
+
+/// A tombstone's first byte (an encoded value starts with `0xCA`).
+pub(crate) const TOMBSTONE: u8 = 0;
+
+/// The scripts and the graph's key prefix of one layout: one node, or a cluster.
+#[derive(Debug)]
+struct Layout {
+    /// `{prefix}:g:` on one node; `{prefix}:g:{{prefix}}:` on a cluster, so that every
+    /// graph key has the same hash tag, and so the same slot.
+    graph: String,
     write: Arc<Hashed>,
     invalidate: Arc<Hashed>,
     collect: Arc<Hashed>,
@@ -199,48 +147,170 @@ pub(crate) struct GraphKeys {
     repair_rev: Arc<Hashed>,
     repair_cascade: Arc<Hashed>,
     repair_parents: Arc<Hashed>,
+}
+
+impl Layout {
+    fn new(graph: String, prelude: &str) -> Arc<Layout> {
+        let new = |name, script| hashed(name, script, prelude);
+        Arc::new(Layout {
+            graph,
+            write: new("the graph's write script", WRITE),
+            invalidate: match prelude == ON_CLUSTER {
+                true => new("the graph's invalidation script", INVALIDATE).removing(),
+                false => new("the graph's invalidation script", INVALIDATE),
+            },
+            collect: new("the collector's script", COLLECT),
+            repair_links: new("a repair script", REPAIR_LINKS),
+            repair_rev: new("a repair script", REPAIR_REV),
+            repair_cascade: new("a repair script", REPAIR_CASCADE),
+            repair_parents: new("a repair script", REPAIR_PARENTS),
+        })
+    }
+}
+
+/// The keys and scripts of one prefix's graph, on one node or on a cluster (which the
+/// endpoint tells once connected; one node until then).
+#[derive(Clone)]
+pub(crate) struct GraphKeys {
+    node: Arc<Layout>,
+    cluster: Arc<Layout>,
+    endpoint: Option<Arc<Endpoint>>,
+    /// `{prefix}:{format}:`, the value keys' prefix.
+    pub(crate) values: String,
+    /// How long a marker is kept, in milliseconds.
+    pub(crate) marker_ttl: u64,
     touch: Arc<Hashed>,
+    touch_value: Arc<Hashed>,
+    put: Arc<Hashed>,
+    bury: Arc<Hashed>,
+    release: Arc<Hashed>,
+}
+
+impl std::fmt::Debug for GraphKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphKeys")
+            .field("graph", &self.g())
+            .field("values", &self.values)
+            .finish_non_exhaustive()
+    }
 }
 
 impl GraphKeys {
-    pub(crate) fn new(prefix: &str, marker_ttl: Duration) -> Self {
+    /// The graph of `prefix`, on the server or cluster `endpoint` leads to (one node
+    /// without one).
+    pub(crate) fn new(prefix: &str, marker_ttl: Duration, endpoint: Option<Arc<Endpoint>>) -> Self {
         GraphKeys {
-            graph: format!("{prefix}:g:"),
+            node: Layout::new(format!("{prefix}:g:"), ON_NODE),
+            cluster: Layout::new(format!("{prefix}:g:{{{prefix}}}:"), ON_CLUSTER),
+            endpoint,
             values: format!("{prefix}:{}:", cache_runtime::FORMAT_VERSION),
             marker_ttl: u64::try_from(marker_ttl.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1),
-            write: Hashed::new("the graph's write script", WRITE),
-            invalidate: Hashed::new("the graph's invalidation script", INVALIDATE),
-            collect: Hashed::new("the collector's script", COLLECT),
-            repair_links: Hashed::new("a repair script", REPAIR_LINKS),
-            repair_rev: Hashed::new("a repair script", REPAIR_REV),
-            repair_cascade: Hashed::new("a repair script", REPAIR_CASCADE),
-            repair_parents: Hashed::new("a repair script", REPAIR_PARENTS),
             touch: Hashed::plain("the sliding read", GET_TOUCH_EPOCH.to_owned()),
+            touch_value: Hashed::plain("the sliding read", TOUCH_VALUE.to_owned()),
+            put: Hashed::plain("the value's write", PUT.to_owned()),
+            bury: Hashed::plain("the tombstone's write", BURY.to_owned()).removing(),
+            release: hashed("the end of an invalidation", RELEASE, ON_CLUSTER).removing(),
         }
     }
 
-    /// A call of one of the scripts above, with the common arguments.
-    fn call(&self, script: &Arc<Hashed>) -> ScriptCall {
+    /// Whether the graph is on a cluster.
+    pub(crate) fn on_cluster(&self) -> bool {
+        self.endpoint
+            .as_ref()
+            .is_some_and(|e| e.kind() == Some(Kind::Cluster))
+    }
+
+    fn layout(&self) -> &Layout {
+        match self.on_cluster() {
+            true => &self.cluster,
+            false => &self.node,
+        }
+    }
+
+    /// The prefix of the graph's keys.
+    pub(crate) fn g(&self) -> &str {
+        &self.layout().graph
+    }
+
+    /// Whether every key of the graph has one slot on a cluster (a prefix with `{}`
+    /// in it would break the hash tag).
+    pub(crate) fn one_slot(&self) -> bool {
+        let g = &self.cluster.graph;
+        let slot = crate::endpoint::slot_of(format!("{g}epoch").as_bytes());
+        ["links", "rev:d:x", "marks", "burying:1"]
+            .iter()
+            .all(|k| crate::endpoint::slot_of(format!("{g}{k}").as_bytes()) == slot)
+    }
+
+    /// A call of one of the scripts above, with the common arguments: the count's key
+    /// (which routes it to the graph's slot on a cluster), the graph's prefix, the
+    /// values'.
+    fn call<'s>(&'s self, script: impl FnOnce(&'s Layout) -> &'s Arc<Hashed>) -> ScriptCall {
+        let layout = self.layout();
+        let mut call = ScriptCall {
+            script: script(layout).clone(),
+            args: redis::Cmd::new(),
+        };
+        call.arg(1)
+            .arg(Prefixed(&layout.graph, "epoch"))
+            .arg(&layout.graph)
+            .arg(&self.values);
+        call
+    }
+
+    /// A call of a script on one value key.
+    fn on_value(script: &Arc<Hashed>, key: impl redis::ToRedisArgs) -> ScriptCall {
         let mut call = ScriptCall {
             script: script.clone(),
             args: redis::Cmd::new(),
         };
-        call.arg(0).arg(&self.graph).arg(&self.values);
+        call.arg(1).arg(key);
         call
     }
 
-    /// The sliding entry's read (see `GET_TOUCH_EPOCH`).
+    /// The sliding entry's read (see `GET_TOUCH_EPOCH`; `TOUCH_VALUE` on a cluster).
     pub(crate) fn touch(&self) -> &Hashed {
-        &self.touch
+        match self.on_cluster() {
+            true => &self.touch_value,
+            false => &self.touch,
+        }
+    }
+
+    /// On a cluster, the value's write after its links were accepted (see `PUT`).
+    pub(crate) fn put(&self, w: &cache_runtime::LinkedWrite) -> ScriptCall {
+        let mut call = Self::on_value(&self.put, Prefixed(&self.values, &w.key));
+        call.arg(&w.value)
+            .arg(u64::try_from(w.ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg(w.remote_epoch);
+        call
+    }
+
+    /// On a cluster, a tombstone of count `count` in place of the value key `key`.
+    pub(crate) fn bury(&self, key: &str, count: u64) -> ScriptCall {
+        let mut call = Self::on_value(&self.bury, key);
+        call.arg(count).arg(self.marker_ttl);
+        call
+    }
+
+    /// On a cluster, the end of the invalidations of `counts`.
+    pub(crate) fn release(&self, counts: &[u64]) -> ScriptCall {
+        let mut call = self.call(|_| &self.release);
+        call.arg(counts);
+        call
     }
 
     /// The conditional write of a value with its links.
     pub(crate) fn write(&self, w: &cache_runtime::LinkedWrite) -> ScriptCall {
-        let mut cmd = self.call(&self.write);
+        let mut cmd = self.call(|l| &l.write);
+        // on a cluster, the value goes to its own slot afterwards (`put`)
+        let value: &[u8] = match self.on_cluster() {
+            true => b"",
+            false => &w.value,
+        };
         cmd.arg(&w.key)
-            .arg(&w.value)
+            .arg(value)
             .arg(u64::try_from(w.ttl.as_millis()).unwrap_or(u64::MAX).max(1))
             .arg(w.remote_epoch)
             .arg(w.links.len())
@@ -260,7 +330,7 @@ impl GraphKeys {
         want_keys: bool,
         publish: Option<(&str, &[u8])>,
     ) -> ScriptCall {
-        let mut cmd = self.call(&self.invalidate);
+        let mut cmd = self.call(|l| &l.invalidate);
         let (channel, message) = publish.unwrap_or(("", b""));
         cmd.arg(self.marker_ttl)
             .arg(keep.unwrap_or(""))
@@ -273,31 +343,31 @@ impl GraphKeys {
 
     /// The collector's step for the value key `key`.
     pub(crate) fn collect(&self, key: &str) -> ScriptCall {
-        let mut cmd = self.call(&self.collect);
+        let mut cmd = self.call(|l| &l.collect);
         cmd.arg(key);
         cmd
     }
 
     pub(crate) fn repair_links(&self, keys: &[String]) -> ScriptCall {
-        let mut cmd = self.call(&self.repair_links);
+        let mut cmd = self.call(|l| &l.repair_links);
         cmd.arg(keys);
         cmd
     }
 
     pub(crate) fn repair_parents(&self, keys: &[String]) -> ScriptCall {
-        let mut cmd = self.call(&self.repair_parents);
+        let mut cmd = self.call(|l| &l.repair_parents);
         cmd.arg(keys);
         cmd
     }
 
     pub(crate) fn repair_rev(&self, node: &str, keys: &[String]) -> ScriptCall {
-        let mut cmd = self.call(&self.repair_rev);
+        let mut cmd = self.call(|l| &l.repair_rev);
         cmd.arg(node).arg(keys);
         cmd
     }
 
     pub(crate) fn repair_cascade(&self, dependency: &str) -> ScriptCall {
-        let mut cmd = self.call(&self.repair_cascade);
+        let mut cmd = self.call(|l| &l.repair_cascade);
         cmd.arg(dependency);
         cmd
     }

@@ -30,9 +30,11 @@ mod endpoint;
 mod graph;
 mod link;
 mod probe;
+mod script;
 mod settings;
 mod store;
 mod sync;
+mod tombstones;
 mod topology;
 mod writer;
 

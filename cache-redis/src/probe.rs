@@ -120,43 +120,73 @@ pub(crate) async fn probe(
         let scripts = format!(
             "grant the scripts and the commands they run: `ACL SETUSER {user} +eval +evalsha +@read +@write {keys}`"
         );
-        let epoch = format!("{}epoch", graph.graph);
-        let (_, remote_epoch): (Option<Vec<u8>>, Option<u64>) = query(
-            con,
-            redis::cmd("MGET").arg(&key).arg(&epoch),
-            "MGET",
-            "reading values with the invalidation count (`.dependencies(true)`)",
-            grant("+mget"),
-        )
-        .await?
-        .unwrap_or_default();
+        let epoch = format!("{}epoch", graph.g());
+        let cluster = graph.on_cluster();
+        let remote_epoch: Option<u64> = match cluster {
+            // on a cluster, the value and the count are on different slots
+            true => query(
+                con,
+                redis::cmd("GET").arg(&epoch),
+                "GET",
+                "reading the invalidation count (`.dependencies(true)`)",
+                grant("+get"),
+            )
+            .await?
+            .flatten(),
+            false => {
+                let (_, remote_epoch): (Option<Vec<u8>>, Option<u64>) = query(
+                    con,
+                    redis::cmd("MGET").arg(&key).arg(&epoch),
+                    "MGET",
+                    "reading values with the invalidation count (`.dependencies(true)`)",
+                    grant("+mget"),
+                )
+                .await?
+                .unwrap_or_default();
+                remote_epoch
+            }
+        };
         let dependency = format!("d:{id}");
-        let write = graph.write(&cache_runtime::LinkedWrite {
+        let linked = cache_runtime::LinkedWrite {
             key: id.clone(),
             value: b"probe".to_vec(),
             ttl: Duration::from_secs(10),
             links: vec![dependency.clone()],
             cascades: Vec::new(),
             remote_epoch: remote_epoch.unwrap_or(0),
-        });
-        script(con, write, feature, &scripts).await?;
-        let invalidate = graph.invalidate(std::slice::from_ref(&dependency), None, false, None);
-        script(con, invalidate, feature, &scripts).await?;
+        };
+        script(con, graph.write(&linked), feature, &scripts).await?;
+        let invalidate = graph.invalidate(std::slice::from_ref(&dependency), None, cluster, None);
+        if cluster {
+            // the steps of an invalidation on a cluster (see `crate::tombstones`)
+            script(con, graph.put(&linked), feature, &scripts).await?;
+            let (count, _): (u64, Vec<String>) = match invalidate.run(con).await {
+                Ok(reply) => reply,
+                Err(e) => return judge(Err(e), "EVALSHA", feature, scripts.clone()),
+            };
+            script(con, graph.bury(&key, count), feature, &scripts).await?;
+            script(con, graph.release(&[count]), feature, &scripts).await?;
+        } else {
+            script(con, invalidate, feature, &scripts).await?;
+        }
         // the invalidation's marker of the probe's dependency is of no use to anyone
         let _: redis::RedisResult<()> = redis::pipe()
             .cmd("HDEL")
-            .arg(format!("{}marks", graph.graph))
+            .arg(format!("{}marks", graph.g()))
             .arg(&dependency)
             .ignore()
             .cmd("ZREM")
-            .arg(format!("{}marked", graph.graph))
+            .arg(format!("{}marked", graph.g()))
             .arg(&dependency)
             .ignore()
             .query_async(con)
             .await;
         let (eval, text) = graph.touch().head(false);
         let mut touch = redis::cmd(eval);
-        touch.arg(text).arg(2).arg(&key).arg(&epoch).arg(10_000);
+        match cluster {
+            true => touch.arg(text).arg(1).arg(&key).arg(10_000),
+            false => touch.arg(text).arg(2).arg(&key).arg(&epoch).arg(10_000),
+        };
         run(
             con,
             &touch,
@@ -165,6 +195,9 @@ pub(crate) async fn probe(
             scripts.clone(),
         )
         .await?;
+        if cluster {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&key).query_async(con).await;
+        }
     }
     // A refused `SET` is reported after the rest: the removals matter more, and a
     // full server (out of memory) is only a warning.

@@ -2,7 +2,7 @@
 //! and, with `dependencies(true)`, [`RemoteGraph`] over Redis.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cache_runtime::{
@@ -35,6 +35,15 @@ pub(crate) struct RedisStore {
     pub(crate) recent: Arc<Recent>,
     /// What the cluster's watcher applies again (kept alive here).
     pub(crate) _replayer: Arc<Replayer>,
+    /// On a cluster with the graph: invalidations whose tombstones did not all land,
+    /// by count, buried with the next one (the walk found their keys and unlinked
+    /// them: a walk again would not).
+    pub(crate) unburied: Mutex<Vec<(u64, Vec<String>)>>,
+}
+
+/// The value, or nothing for a tombstone (see [`crate::tombstones`]).
+fn live(value: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    value.filter(|v| v.first() != Some(&crate::graph::TOMBSTONE))
 }
 
 impl RedisStore {
@@ -114,9 +123,38 @@ impl RemoteStore for RedisStore {
                         })
                     })
                     .await?;
-                Ok(value.into())
+                Ok(live(value).into())
             });
         };
+        if graph.on_cluster() {
+            // the count known before the read (see `crate::tombstones`), and a
+            // tombstone is a miss
+            let epoch = self.recent.epoch.load(Ordering::Acquire);
+            let read = move |by_hash: bool| {
+                self.link.request::<Option<Vec<u8>>>(move |cmd| {
+                    key.with_text(|key| {
+                        let key = Prefixed(&self.prefix, key);
+                        match touch {
+                            Some(d) => {
+                                let (command, script) = graph.touch().head(by_hash);
+                                cmd.arg(command).arg(script).arg(1).arg(key).arg(millis(d))
+                            }
+                            None => cmd.arg("GET").arg(key),
+                        };
+                    })
+                })
+            };
+            return Box::pin(async move {
+                let value = match read(true).await {
+                    Err(e) if touch.is_some() && e.0.starts_with("NOSCRIPT") => read(false).await?,
+                    reply => reply?,
+                };
+                Ok(Fetched {
+                    value: live(value),
+                    epoch,
+                })
+            });
+        }
         // with the graph, the invalidation count comes in the same round trip; a
         // sliding entry's read is a script (by hash, with its text on `NOSCRIPT`)
         let read = move |by_hash: bool| {
@@ -124,7 +162,7 @@ impl RemoteStore for RedisStore {
                 .request::<(Option<Vec<u8>>, Option<u64>)>(move |cmd| {
                     key.with_text(|key| {
                         let key = Prefixed(&self.prefix, key);
-                        let epoch = Prefixed(&graph.graph, "epoch");
+                        let epoch = Prefixed(graph.g(), "epoch");
                         match touch {
                             Some(d) => {
                                 let (command, script) = graph.touch().head(by_hash);
@@ -146,7 +184,7 @@ impl RemoteStore for RedisStore {
                 reply => reply?,
             };
             Ok(Fetched {
-                value,
+                value: live(value),
                 epoch: epoch.unwrap_or(0),
             })
         })
@@ -195,15 +233,23 @@ impl RemoteStore for RedisStore {
                     .await
                     .map_err(|e| RemoteError(e.to_string()))?
                     .masters;
-                let pattern = format!("{}*", glob_escape(&self.prefix));
                 let replicas = |slot| self.link.endpoint().replicas_of(slot);
-                return crate::cluster::unlink_matching(&con, &masters, &pattern, &replicas)
-                    .await
-                    .map_err(|e| RemoteError(e.to_string()));
+                // the values, and with dependencies the graph too
+                let mut prefixes = vec![self.prefix.as_str()];
+                prefixes.extend(self.graph.as_ref().map(|g| g.g()));
+                for prefix in prefixes {
+                    let pattern = format!("{}*", glob_escape(prefix));
+                    crate::cluster::unlink_matching(&con, &masters, &pattern, &replicas)
+                        .await
+                        .map_err(|e| RemoteError(e.to_string()))?;
+                }
+                // the count went back to nothing with the graph
+                self.recent.epoch.store(0, Ordering::Release);
+                return Ok(());
             }
             // the values, and with dependencies the graph too
             let mut prefixes = vec![self.prefix.as_str()];
-            prefixes.extend(self.graph.as_ref().map(|g| g.graph.as_str()));
+            prefixes.extend(self.graph.as_ref().map(|g| g.g()));
             for prefix in prefixes {
                 let pattern = format!("{}*", glob_escape(prefix));
                 let mut cursor: u64 = 0;
@@ -284,7 +330,14 @@ impl RemoteStore for RedisStore {
 impl RemoteGraph for RedisStore {
     fn set_linked(&self, write: LinkedWrite) {
         let Some(graph) = &self.graph else { return };
-        if self.queue(Op::Send(graph.write(&write))).is_err() {
+        let op = match graph.on_cluster() {
+            true => Op::Linked {
+                graph: graph.write(&write),
+                put: Box::new(graph.put(&write)),
+            },
+            false => Op::Send(graph.write(&write)),
+        };
+        if self.queue(op).is_err() {
             self.metrics.0.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -300,6 +353,11 @@ impl RemoteGraph for RedisStore {
             let Some(graph) = &self.graph else {
                 return Ok(Removed::default());
             };
+            if graph.on_cluster() {
+                return self
+                    .invalidate_on_cluster(graph, start, keep, want_keys, publish)
+                    .await;
+            }
             let publish = publish.as_deref().map(|m| (self.channel.as_str(), m));
             let cmd = graph.invalidate(&start, keep.as_deref(), want_keys, publish);
             let (reply, _) = self.call(Some(Command::Script(cmd)), None).await?;
@@ -314,6 +372,66 @@ impl RemoteGraph for RedisStore {
                 // the script publishes as its last step: it did if it ran
                 publish_error: None,
             })
+        })
+    }
+}
+
+impl RedisStore {
+    /// An invalidation of the graph on a cluster (see [`crate::tombstones`]): the
+    /// walk, the tombstones (with those of earlier invalidations that did not all
+    /// land), the release, then the message.
+    async fn invalidate_on_cluster(
+        &self,
+        graph: &GraphKeys,
+        start: Vec<String>,
+        keep: Option<String>,
+        want_keys: bool,
+        publish: Option<Vec<u8>>,
+    ) -> Result<Removed, RemoteError> {
+        // behind the writes queued before it, whose values are written before the
+        // reply (on the graph's slot, the links of a write queued before it are
+        // recorded before the walk, which so finds them)
+        let walk = graph.invalidate(&start, keep.as_deref(), true, None);
+        let (reply, _) = self.call(Some(Command::Script(walk)), None).await?;
+        let (count, keys) = crate::tombstones::walked(reply)?;
+        let readable: Vec<String> = keys
+            .iter()
+            .filter_map(|v| v.strip_prefix(graph.values.as_str()).map(str::to_owned))
+            .collect();
+        self.recent.invalidated(&start, &readable);
+        let mut pending =
+            std::mem::take(&mut *self.unburied.lock().unwrap_or_else(PoisonError::into_inner));
+        pending.push((count, keys));
+        let counts: Vec<u64> = pending.iter().map(|(c, _)| *c).collect();
+        let all: Vec<String> = pending
+            .iter()
+            .flat_map(|(_, k)| k.iter().cloned())
+            .collect();
+        // the highest count: a tombstone's count only refuses more
+        let top = counts.iter().copied().max().unwrap_or(count);
+        match crate::tombstones::bury(&self.link, graph, top, &all, &counts).await {
+            Ok(published) => {
+                self.recent.epoch.fetch_max(published, Ordering::AcqRel);
+            }
+            Err(e) => {
+                self.unburied
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(pending);
+                return Err(e);
+            }
+        }
+        let publish_error = match publish {
+            Some(message) => self
+                .link
+                .query_again::<()>(redis::cmd("PUBLISH").arg(&self.channel).arg(message))
+                .await
+                .err(),
+            None => None,
+        };
+        Ok(Removed {
+            keys: if want_keys { readable } else { Vec::new() },
+            publish_error,
         })
     }
 }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cache_runtime::RemoteError;
-use redis::{RedisWrite, ToRedisArgs};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::graph::ScriptCall;
 use crate::link::Link;
+pub(crate) use crate::script::{millis, Prefixed};
+use crate::script::{no_script, ScriptCall};
 
 /// Counters of the Redis backend's background writes, readable while it runs.
 #[derive(Clone, Debug, Default)]
@@ -59,6 +59,12 @@ pub(crate) enum Op {
     },
     /// A script whose reply nobody waits for (a conditional write).
     Send(ScriptCall),
+    /// On a cluster, a value's write with its links: the links on the graph's slot
+    /// (`graph`), then, if they were accepted, the value on its own (`put`).
+    Linked {
+        graph: ScriptCall,
+        put: Box<ScriptCall>,
+    },
     /// A command whose reply the sender waits for; without one, the sender only waits
     /// for the operations queued before. `then` is sent right after it, in the same
     /// pipeline (its reply is not looked at).
@@ -129,7 +135,7 @@ pub(crate) async fn writer(
                         .arg(millis(*ttl));
                     scripts.push(None);
                 }
-                Op::Send(call) => {
+                Op::Send(call) | Op::Linked { graph: call, .. } => {
                     pipe.add_command(call.cmd(true));
                     scripts.push(Some(call));
                 }
@@ -193,8 +199,25 @@ pub(crate) async fn writer(
                 },
             }
         };
+        // on a cluster, the values whose links were accepted
+        let mut puts = Vec::new();
+        // the replies to calls, given once the values of the writes queued before
+        // them are written (a `refresh!` reads its value right after)
+        let mut answers = Vec::new();
         for op in batch.drain(..) {
             match op {
+                Op::Linked { graph, put } => {
+                    match next(&|| format!("EVALSHA ({})", graph.name())) {
+                        Ok(redis::Value::Int(1)) => puts.push(*put),
+                        // refused by a marker: nothing to write
+                        Ok(_) => {
+                            metrics.0.written.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            metrics.0.failed_linked.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
                 Op::Set { .. } => {
                     let counter = match next(&|| "SET".to_owned()) {
                         Ok(_) => &metrics.0.written,
@@ -215,9 +238,24 @@ pub(crate) async fn writer(
                         None => Ok(redis::Value::Nil),
                     };
                     let then = then.and_then(|then| next(&|| name_of(&then)).err());
-                    let _ = done.send(reply.map(|v| (v, then)));
+                    answers.push((done, reply.map(|v| (v, then))));
                 }
             }
+        }
+        if !puts.is_empty() {
+            // a value's write checks its slot's tombstone: its order with the
+            // invalidations does not matter
+            let counter = match run_scripts(&link, &puts).await {
+                Ok(_) => &metrics.0.written,
+                Err(e) => {
+                    warn.warn("a value's write", &e);
+                    &metrics.0.failed_linked
+                }
+            };
+            counter.fetch_add(puts.len() as u64, Ordering::Relaxed);
+        }
+        for (done, answer) in answers {
+            let _ = done.send(answer);
         }
         if backlog.pending.fetch_sub(n, Ordering::SeqCst) == n {
             backlog.drained.notify_waiters();
@@ -236,12 +274,13 @@ pub(crate) fn server_words(e: &redis::ServerError) -> String {
 /// Sends again, with their text, the graph scripts the server did not have
 /// (`NOSCRIPT`), in order, and puts their replies in `replies`. If that fails, their
 /// replies stay errors.
-async fn resend_with_text(
+pub(crate) async fn resend_with_text(
     link: &Arc<Link>,
     scripts: &[Option<&ScriptCall>],
     replies: &mut [redis::Value],
 ) {
-    let unknown = |v: &redis::Value| matches!(v, redis::Value::ServerError(e) if crate::graph::no_script(Some(e.code())));
+    let unknown =
+        |v: &redis::Value| matches!(v, redis::Value::ServerError(e) if no_script(Some(e.code())));
     let mut again = redis::pipe();
     again.ignore_errors();
     let mut at = Vec::new();
@@ -261,20 +300,29 @@ async fn resend_with_text(
     }
 }
 
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-/// A key with the backend's prefix, written as one argument without formatting a
-/// string first.
-pub(crate) struct Prefixed<'a>(pub(crate) &'a str, pub(crate) &'a str);
-
-impl ToRedisArgs for Prefixed<'_> {
-    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
-        use std::io::Write;
-        let mut arg = out.writer_for_next_arg();
-        // writing into memory does not fail
-        let _ = arg.write_all(self.0.as_bytes());
-        let _ = arg.write_all(self.1.as_bytes());
+/// Runs script calls as one pipeline (split by slot on a cluster), by hash, and with
+/// their text where the server does not have them. `Err` if the pipeline failed or
+/// any call was refused.
+pub(crate) async fn run_scripts(
+    link: &Arc<Link>,
+    calls: &[ScriptCall],
+) -> Result<Vec<redis::Value>, RemoteError> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for call in calls {
+        pipe.add_command(call.cmd(true));
     }
+    let mut replies: Vec<redis::Value> = link.pipeline_again(&pipe).await?;
+    let scripts: Vec<Option<&ScriptCall>> = calls.iter().map(Some).collect();
+    resend_with_text(link, &scripts, &mut replies).await;
+    for (call, reply) in calls.iter().zip(&replies) {
+        if let redis::Value::ServerError(e) = reply {
+            return Err(RemoteError(format!(
+                "Redis refused EVALSHA ({}): {}",
+                call.name(),
+                server_words(e)
+            )));
+        }
+    }
+    Ok(replies)
 }

@@ -194,11 +194,11 @@ impl RedisCluster {
         assert_eq!(reply.as_deref(), Some("+OK"), "CLIENT KILL ADDR {laddr}");
     }
 
-    /// How many keys starting with `prefix` node `i` holds (`SCAN`).
-    pub fn keys_on(&self, i: usize, prefix: &str) -> usize {
+    /// The keys starting with `prefix` on node `i` (`SCAN`), and a connection to it.
+    fn scan_on(&self, i: usize, prefix: &str) -> (Vec<String>, redis::Connection) {
         let client = redis::Client::open(self.nodes[i].url()).expect("url");
         let mut con = client.get_connection().expect("connect");
-        redis::cmd("SCAN")
+        let keys = redis::cmd("SCAN")
             .cursor_arg(0)
             .arg("MATCH")
             .arg(format!("{prefix}*"))
@@ -207,6 +207,25 @@ impl RedisCluster {
             .clone()
             .iter::<String>(&mut con)
             .expect("SCAN")
+            .collect::<Result<_, _>>()
+            .expect("SCAN");
+        (keys, con)
+    }
+
+    /// How many keys starting with `prefix` node `i` holds.
+    pub fn keys_on(&self, i: usize, prefix: &str) -> usize {
+        self.scan_on(i, prefix).0.len()
+    }
+
+    /// How many values (not tombstones: those start with a zero byte) under `prefix`
+    /// node `i` holds.
+    pub fn live_on(&self, i: usize, prefix: &str) -> usize {
+        let (keys, mut con) = self.scan_on(i, prefix);
+        keys.iter()
+            .filter(|k| {
+                let v: Option<Vec<u8>> = redis::cmd("GET").arg(k).query(&mut con).expect("GET");
+                v.is_some_and(|v| v.first() != Some(&0))
+            })
             .count()
     }
 

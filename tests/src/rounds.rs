@@ -25,8 +25,14 @@ fn db_get(id: u64) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether rows depend on `w:{id}` (a backend with `dependencies(true)`).
+static DEPS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 #[cached(name = "w.row")]
 async fn row(id: u64) -> u64 {
+    if DEPS.load(std::sync::atomic::Ordering::Relaxed) {
+        cache_runtime::add_dependency(format!("w:{id}"));
+    }
     db_get(id)
 }
 
@@ -50,10 +56,26 @@ pub async fn rounds(
     cluster: bool,
     prefix: &str,
     l1: bool,
+    range: (u64, u64),
+    each: impl FnMut(u64),
+) -> Stale {
+    rounds_with(url, cluster, prefix, (l1, false), range, each).await
+}
+
+/// [`rounds`] with `(l1, deps)`: with `deps`, the backend keeps the dependency graph
+/// (`dependencies(true)`) and each row depends on `w:{id}`.
+pub async fn rounds_with(
+    url: &str,
+    cluster: bool,
+    prefix: &str,
+    (l1, deps): (bool, bool),
     (base, n): (u64, u64),
     mut each: impl FnMut(u64),
 ) -> Stale {
-    let mut b = RedisBackend::builder(url).key_prefix(prefix);
+    DEPS.store(deps, std::sync::atomic::Ordering::Relaxed);
+    let mut b = RedisBackend::builder(url)
+        .key_prefix(prefix)
+        .dependencies(deps);
     if l1 {
         b = b.l1(MemoryBackend::new().max_entries(100_000));
     }
@@ -105,7 +127,8 @@ async fn old_values(con: &mut impl redis::aio::ConnectionLike, keys: &[String]) 
     let mut old = 0;
     for key in keys {
         let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(con).await.unwrap();
-        if let Some(bytes) = bytes {
+        // a tombstone (the graph on a cluster) starts with a zero byte
+        if let Some(bytes) = bytes.filter(|b| b.first() != Some(&0)) {
             let (v, _, _): (u64, u64, Vec<String>) =
                 cache_runtime::__private::decode(&bytes).unwrap();
             old += u64::from(v != 3);

@@ -11,7 +11,7 @@ use cache_runtime::{cached, CachingService};
 use tests::instance::Instance;
 use tests::redis_cluster::RedisCluster;
 use tests::redis_server::RedisServer;
-use tests::rounds::{rounds, Stale};
+use tests::rounds::{rounds, rounds_with, Stale};
 
 /// An instance process on the cluster, connected before it says it is ready.
 fn instance(mode: &str, cluster: &RedisCluster, db: &RedisServer) -> Instance {
@@ -128,15 +128,8 @@ fn says_not_yet(err: &RedisBackendError) {
 /// What the cluster does not support yet is refused with a message that says so,
 /// rather than failing on every call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dependency_graph_is_refused_on_a_cluster() {
+async fn the_collector_is_refused_on_a_cluster() {
     let cluster = RedisCluster::start(3, 0);
-    let err = RedisBackend::builder(cluster.url())
-        .dependencies(true)
-        .build()
-        .await
-        .unwrap_err();
-    assert!(matches!(err, RedisBackendError::Config(_)), "{err}");
-    says_not_yet(&err);
     let err = cache_redis::DependencyCollector::builder(cluster.url())
         .start()
         .await
@@ -146,6 +139,75 @@ async fn the_dependency_graph_is_refused_on_a_cluster() {
         .await
         .unwrap_err();
     says_not_yet(&err);
+}
+
+/// Entries whose values sit on every master, linked to one dependency directly and
+/// through a nested cached call, are all removed from every master by an
+/// invalidation in another process; the graph's keys are on one master; the
+/// instance that read them reads the new values, and so does a new process.
+#[test]
+fn dependencies_on_every_master_go_with_an_invalidation_from_another_process() {
+    let cluster = RedisCluster::start(3, 0);
+    let db = RedisServer::start();
+    for id in 0..60 {
+        db_set(&db, id, &format!("v{id}"));
+    }
+    let mut a = instance("deps", &cluster, &db);
+    for id in 0..60 {
+        assert_eq!(a.cmd(&format!("oget {id}")), format!("v{id}"));
+    }
+    a.cmd("flush");
+    let live =
+        |prefix: &str| -> Vec<usize> { (0..3).map(|i| cluster.live_on(i, prefix)).collect() };
+    let per_master = live("inst:2:");
+    eprintln!("values per master: {per_master:?}");
+    assert_eq!(per_master.iter().sum::<usize>(), 120, "{per_master:?}");
+    assert!(per_master.iter().all(|&n| n > 0), "{per_master:?}");
+    let graph: Vec<usize> = (0..3).map(|i| cluster.keys_on(i, "inst:g:")).collect();
+    eprintln!("graph keys per master: {graph:?}");
+    assert_eq!(graph.iter().filter(|&&n| n > 0).count(), 1, "{graph:?}");
+    // one row's dependency: its two entries go, the others stay
+    let mut b = instance("deps", &cluster, &db);
+    db_set(&db, 7, "new7");
+    assert_eq!(b.cmd("dep row:7"), "ok");
+    assert_eq!(live("inst:2:").iter().sum::<usize>(), 118);
+    assert_eq!(a.cmd("oget 7"), "new7");
+    // the dependency of every row: every entry goes from every master
+    for id in 0..60 {
+        db_set(&db, id, &format!("w{id}"));
+    }
+    assert_eq!(b.cmd("dep group"), "ok");
+    let left = live("inst:2:");
+    assert_eq!(left, vec![0, 0, 0], "values left per master");
+    for id in 0..60 {
+        assert_eq!(a.cmd(&format!("oget {id}")), format!("w{id}"), "row {id}");
+    }
+    let mut c = instance("deps", &cluster, &db);
+    for id in 0..60 {
+        assert_eq!(c.cmd(&format!("oget {id}")), format!("w{id}"), "row {id}");
+    }
+    for i in [&mut a, &mut b, &mut c] {
+        assert_eq!((i.stat("write_errors"), i.stat("removal_errors")), (0, 0));
+    }
+}
+
+/// The rounds with the dependency graph on the cluster: an invalidation by key and a
+/// `refresh!`, each followed by a read, thousands of times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_dependencies_the_invalidating_instance_never_reads_the_old_value() {
+    let cluster = RedisCluster::start(3, 0);
+    for (prefix, l1, base) in [("wd", false, 0), ("wdl1", true, 1_000_000)] {
+        let stale = rounds_with(
+            &cluster.url(),
+            true,
+            prefix,
+            (l1, true),
+            (base, 2_000),
+            |_| {},
+        )
+        .await;
+        assert_eq!(stale, Stale::default(), "l1: {l1}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

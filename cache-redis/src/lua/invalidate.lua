@@ -1,7 +1,7 @@
 #!lua flags=allow-oom
 local ttl, want = tonumber(ARGV[3]), ARGV[5] == '1'
 local keep = ARGV[4] ~= '' and P .. ARGV[4]
-local epoch = redis.call('INCR', G .. 'epoch')
+local epoch = redis.call('INCR', G .. (CLUSTER and 'count' or 'epoch'))
 local MARKS, MARKED = G .. 'marks', G .. 'marked'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -53,7 +53,8 @@ while #deps > 0 or #entries > 0 do
       if nested then fresh[#fresh + 1] = v end
       if v ~= keep then
         removed[#removed + 1] = v
-        dead[#dead + 1] = v
+        -- on a cluster, values are on other slots: the caller leaves tombstones
+        if not CLUSTER then dead[#dead + 1] = v end
       end
     end
   end
@@ -109,6 +110,28 @@ for node, vs in pairs(others) do
   for _, v in ipairs(vs) do forget(node, v) end
 end
 chunks(dead, function(...) redis.call('UNLINK', ...) end)
+if CLUSTER then
+  -- This count is reserved until the caller has left its tombstones (`release`):
+  -- the count read by instances stays below it meanwhile, so that a value read
+  -- before the tombstone lands never passes for newer. Reservations past their
+  -- deadline (their instance stopped) are taken over: their keys are buried again.
+  local INFLIGHT, DEADLINE = G .. 'inflight', G .. 'deadline'
+  for _, c in ipairs(redis.call('ZRANGE', INFLIGHT, 0, 9)) do
+    if tonumber(redis.call('HGET', DEADLINE, c) or 0) < now then
+      for _, v in ipairs(redis.call('LRANGE', G .. 'burying:' .. c, 0, -1)) do
+        removed[#removed + 1] = v
+      end
+      redis.call('ZREM', INFLIGHT, c)
+      redis.call('HDEL', DEADLINE, c)
+      redis.call('DEL', G .. 'burying:' .. c)
+    end
+  end
+  redis.call('ZADD', INFLIGHT, epoch, epoch)
+  redis.call('HSET', DEADLINE, epoch, now + RESERVE)
+  chunks(removed, function(...) redis.call('RPUSH', G .. 'burying:' .. epoch, ...) end)
+  publish_epoch()
+  return {epoch, removed}
+end
 if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
 if want then return removed end
 return {}

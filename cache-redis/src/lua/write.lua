@@ -12,7 +12,7 @@ for i = 8, 7 + n do
   if newer(ARGV[i]) then return 0 end
 end
 unlink(v)
-redis.call('SET', v, ARGV[4], 'PX', ARGV[5])
+if SETV then redis.call('SET', v, ARGV[4], 'PX', ARGV[5]) end
 if n > 0 then
   local links = {}
   for i = 8, 7 + n do

@@ -11,6 +11,7 @@
 //! | command | answer |
 //! |---|---|
 //! | `get ID` | the cached value of row ID (`none` if absent) |
+//! | `oget ID` | row ID through two nested cached calls, the inner one depending on `group` and `row:{ID}` |
 //! | `set ID VALUE` | writes the row and invalidates it (`#[invalidate_cache]`): `ok` |
 //! | `inv_range FROM TO` | invalidates rows FROM..TO one by one: `ok` |
 //! | `dep NAME` | `invalidate_dependency(NAME)`: `ok` |
@@ -55,6 +56,21 @@ async fn row(id: u64) -> String {
         add_dependency(format!("row:{id}"));
     }
     db_get(id).await.unwrap_or_else(|| "none".into())
+}
+
+/// A row that also depends on `group` (one invalidation reaches every row).
+#[cached(name = "inst.grouped")]
+async fn grouped(id: u64) -> String {
+    RUNS.fetch_add(1, Ordering::SeqCst);
+    add_dependency("group");
+    add_dependency(format!("row:{id}"));
+    db_get(id).await.unwrap_or_else(|| "none".into())
+}
+
+/// [`grouped`] through a nested cached call (linked to it).
+#[cached(name = "inst.outer")]
+async fn outer(id: u64) -> String {
+    grouped(id).await
 }
 
 #[invalidate_cache(row)]
@@ -363,6 +379,7 @@ async fn main() {
         let num = |i: usize| -> u64 { words[i].parse().expect("a number") };
         let answer = match words.first().copied() {
             Some("get") => row(num(1)).await,
+            Some("oget") => outer(num(1)).await,
             Some("set") => {
                 write_row(num(1), words[2].to_owned()).await;
                 "ok".into()
