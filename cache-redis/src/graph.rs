@@ -22,8 +22,9 @@
 //!   evicts them.
 //!
 //! Every change of the graph is one Lua script, so it is atomic; the scripts build
-//! the keys they touch from the prefix, which is why the graph needs one Redis (not
-//! a cluster). Graph keys have no expiry, which is why the server must evict by
+//! the keys they touch from the prefix. On a cluster the graph's prefix is
+//! `p:g:{p}:`, so that every graph key has one slot, and the values, on other
+//! slots, are written and removed in steps of their own (see [`crate::tombstones`]). Graph keys have no expiry, which is why the server must evict by
 //! `volatile-lru` or `volatile-random` (never a graph key), and why a collector
 //! removes the links of values that expire or are evicted.
 

@@ -118,7 +118,8 @@ fn parse() -> Result<Option<Args>, String> {
     }
     if a.cluster && a.mode == "l1-deps" {
         return Err(
-            "--mode l1-deps: dependencies in Redis are not supported on a cluster yet".into(),
+            "--mode l1-deps runs a dependency collector, which is not supported on a cluster yet"
+                .into(),
         );
     }
     let faults: &[&str] = if a.cluster { &CLUSTER_FAULTS } else { &FAULTS };
