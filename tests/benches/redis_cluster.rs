@@ -1,6 +1,8 @@
 //! The Redis tier on a 3-master Redis Cluster the benchmark starts, against raw
 //! redis-rs cluster `GET`s of the same bytes, in one run: an L2 hit (no in-process
-//! tier) sequential, and 64 concurrent tasks. Each comparison alternates its two
+//! tier) sequential, and 64 concurrent tasks; and invalidating a dependency of 1,000
+//! entries (`dependencies(true)`) on the cluster against the same on one
+//! `redis-server`. Each comparison alternates its two
 //! sides in short runs (each first in turn) and reports the median ratio, since this
 //! machine's speed drifts by 10-20% over tens of seconds.
 //!
@@ -26,6 +28,29 @@ async fn ours(id: u64, region: &str) -> Product {
 fn id_of(i: u64) -> u64 {
     i * 104_729
 }
+
+#[cache_runtime::cached(name = "bench.dependent")]
+async fn dependent(id: u64, round: u64) -> u64 {
+    cache_runtime::add_dependency(format!("shared:{round}"));
+    id
+}
+
+/// A service of its own with the dependency graph on `url`.
+async fn with_graph(url: &str) -> CachingService {
+    CachingService::builder()
+        .backend(
+            RedisBackend::builder(url)
+                .key_prefix("bdeps")
+                .dependencies(true)
+                .build()
+                .await
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
+}
+
+const DEPENDENTS: u64 = 1_000;
 
 fn key_of(id: u64) -> String {
     format!(r#"bench:2:bench.product:v1({id},"eu-west")"#)
@@ -159,5 +184,58 @@ fn main() {
         cache_runtime::stats().total.executions,
         64,
         "every measured call was an L2 hit"
+    );
+    invalidations(&rt, &cluster);
+}
+
+/// Invalidating a dependency of 1,000 entries spread over the cluster's slots, against
+/// the same on one server: the time of `invalidate_dependency`, once the entries are
+/// written.
+fn invalidations(rt: &tokio::runtime::Runtime, cluster: &RedisCluster) {
+    let node = tests::redis_server::RedisServer::start();
+    let (on_cluster, on_node) = rt.block_on(async {
+        (
+            with_graph(&cluster.url()).await,
+            with_graph(&node.url()).await,
+        )
+    });
+    let mut round = 0;
+    let mut times = (Vec::new(), Vec::new());
+    let mut invalidate = |svc: &CachingService| -> Duration {
+        round += 1;
+        let r = round;
+        rt.block_on(svc.scope(async move {
+            for id in 0..DEPENDENTS {
+                dependent(id_of(id), r).await;
+            }
+            cache_runtime::shutdown().await;
+            let start = Instant::now();
+            cache_runtime::invalidate_dependency(format!("shared:{r}")).await;
+            start.elapsed()
+        }))
+    };
+    let mut ratios = Vec::new();
+    for i in 0..11 {
+        let (n, c) = if i % 2 == 0 {
+            let n = invalidate(&on_node);
+            (n, invalidate(&on_cluster))
+        } else {
+            let c = invalidate(&on_cluster);
+            (invalidate(&on_node), c)
+        };
+        times.0.push(n.as_secs_f64() * 1e3);
+        times.1.push(c.as_secs_f64() * 1e3);
+        ratios.push(c.as_secs_f64() / n.as_secs_f64());
+    }
+    let live: usize = (0..3)
+        .map(|i| cluster.live_on(i, "bdeps:2:bench.dependent"))
+        .sum();
+    assert_eq!(live, 0, "every dependent removed from every master");
+    println!(
+        "invalidating a dependency of {DEPENDENTS} entries, median of 11 alternating runs: \
+         one server {:.2} ms, the cluster {:.2} ms: {:.2}x",
+        median(&mut times.0),
+        median(&mut times.1),
+        median(&mut ratios)
     );
 }
