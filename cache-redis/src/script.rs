@@ -108,16 +108,15 @@ static REMOVING: LazyLock<RwLock<HashSet<String>>> = LazyLock::new(RwLock::defau
 /// that removes values: on a cluster it waits for a replica's acknowledgement, as a
 /// `DEL` does (see `cluster_pipeline`).
 pub(crate) fn removes(arg: &[u8]) -> bool {
-    let arg = match arg.len() {
-        40 => std::str::from_utf8(arg).unwrap_or_default().to_owned(),
-        _ => redis::Script::new(std::str::from_utf8(arg).unwrap_or_default())
-            .get_hash()
-            .to_owned(),
+    let Ok(arg) = std::str::from_utf8(arg) else {
+        return false;
     };
-    REMOVING
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .contains(&arg)
+    let removing = REMOVING.read().unwrap_or_else(PoisonError::into_inner);
+    match arg.len() {
+        40 => removing.contains(arg),
+        // a script sent with its text, after `NOSCRIPT`
+        _ => removing.contains(redis::Script::new(arg).get_hash()),
+    }
 }
 
 pub(crate) fn millis(d: Duration) -> u64 {

@@ -13,7 +13,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cache_redis::RedisBackend;
 use cache_runtime::{add_dependency, CachingService};
 use criterion::{criterion_group, criterion_main, Criterion};
 use tests::redis_server::RedisServer;
@@ -37,17 +36,8 @@ async fn plain(id: u64) -> Product {
 }
 
 async fn service(url: &str, dependencies: bool) -> CachingService {
-    CachingService::builder()
-        .backend(
-            RedisBackend::builder(url)
-                .key_prefix(if dependencies { "graph" } else { "flat" })
-                .dependencies(dependencies)
-                .build()
-                .await
-                .unwrap(),
-        )
-        .build()
-        .unwrap()
+    let prefix = if dependencies { "graph" } else { "flat" };
+    tests::redis_service(url, prefix, dependencies).await
 }
 
 const DEPENDENTS: u64 = 1_000;

@@ -35,21 +35,6 @@ async fn dependent(id: u64, round: u64) -> u64 {
     id
 }
 
-/// A service of its own with the dependency graph on `url`.
-async fn with_graph(url: &str) -> CachingService {
-    CachingService::builder()
-        .backend(
-            RedisBackend::builder(url)
-                .key_prefix("bdeps")
-                .dependencies(true)
-                .build()
-                .await
-                .unwrap(),
-        )
-        .build()
-        .unwrap()
-}
-
 const DEPENDENTS: u64 = 1_000;
 
 fn key_of(id: u64) -> String {
@@ -195,8 +180,8 @@ fn invalidations(rt: &tokio::runtime::Runtime, cluster: &RedisCluster) {
     let node = tests::redis_server::RedisServer::start();
     let (on_cluster, on_node) = rt.block_on(async {
         (
-            with_graph(&cluster.url()).await,
-            with_graph(&node.url()).await,
+            tests::redis_service(&cluster.url(), "bdeps", true).await,
+            tests::redis_service(&node.url(), "bdeps", true).await,
         )
     });
     let mut round = 0;

@@ -128,3 +128,14 @@ pub fn crossing_rounds(a: &mut Instance, b: &mut Instance, rounds: u64, ids: u64
     }
     delays
 }
+
+/// Checks the answers of two instances' `random` commands: each read more than 1,000
+/// times and read nothing stale.
+pub fn assert_random_runs(a: &str, b: &str) {
+    eprintln!("A: {a}; B: {b}");
+    for r in [a, b] {
+        assert!(r.ends_with(" stale=0"), "{r}");
+        let reads: u64 = r.split(' ').nth(1).unwrap()[6..].parse().unwrap();
+        assert!(reads > 1_000, "{r}");
+    }
+}

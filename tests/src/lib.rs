@@ -92,3 +92,23 @@ impl Runs {
 #[doc = include_str!("../../README.md")]
 #[cfg(doctest)]
 pub struct Readme;
+
+/// A service of its own on the Redis at `url`, under `prefix`, with or without the
+/// dependency graph.
+pub async fn redis_service(
+    url: &str,
+    prefix: &str,
+    dependencies: bool,
+) -> cache_runtime::CachingService {
+    cache_runtime::CachingService::builder()
+        .backend(
+            cache_redis::RedisBackend::builder(url)
+                .key_prefix(prefix)
+                .dependencies(dependencies)
+                .build()
+                .await
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
+}

@@ -33,13 +33,7 @@ fn a_random_run_with_a_restart_leaves_no_stale_read_and_no_orphan() {
     writeln!(b.stdin, "random 20 11").unwrap();
     std::thread::sleep(Duration::from_secs(10));
     cache.restart();
-    let (ra, rb) = (a.line(), b.line());
-    eprintln!("A: {ra}; B: {rb}");
-    for r in [&ra, &rb] {
-        assert!(r.ends_with(" stale=0"), "{r}");
-        let reads: u64 = r.split(' ').nth(1).unwrap()[6..].parse().unwrap();
-        assert!(reads > 1_000, "{r}");
-    }
+    tests::instance::assert_random_runs(&a.line(), &b.line());
     a.cmd("flush");
     b.cmd("flush");
     std::thread::sleep(Duration::from_millis(1_500)); // the last values expire
