@@ -65,6 +65,8 @@ pub(crate) struct Recent {
     /// With the dependency graph: the highest invalidation count read from the
     /// cluster (see [`crate::tombstones`]), which reads report as theirs.
     pub(crate) epoch: AtomicU64,
+    /// With the dependency graph: this instance's walks.
+    pub(crate) walks: crate::tombstones::Walks,
 }
 
 #[derive(Default)]
@@ -86,6 +88,7 @@ impl Recent {
             topology_changes: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            walks: crate::tombstones::Walks::new(),
         }
     }
 
@@ -200,11 +203,13 @@ impl Replayer {
                 let failed = |e: cache_runtime::RemoteError| {
                     redis::RedisError::from((redis::ErrorKind::Io, "replay", e.0))
                 };
-                let (count, mut keys) = crate::tombstones::walk(link, graph, &w.nodes)
+                let mut walked = crate::tombstones::walk(link, graph, &recent.walks, &w.nodes)
                     .await
                     .map_err(failed)?;
+                let keys = &mut walked.keys;
                 keys.extend(w.keys.iter().map(|k| format!("{}{k}", self.prefix)));
-                let published = crate::tombstones::bury(link, graph, count, &keys, &[count])
+                let (count, counts) = (walked.count, &walked.counts);
+                let published = crate::tombstones::bury(link, graph, count, keys, counts)
                     .await
                     .map_err(failed)?;
                 recent.epoch.fetch_max(published, Ordering::AcqRel);

@@ -342,6 +342,26 @@ impl GraphKeys {
         cmd
     }
 
+    /// On a cluster, the walk of an invalidation from `start` (see
+    /// [`crate::tombstones`]): `id` names it, `lost` names this instance's earlier
+    /// walks whose replies were lost, whose reservations it takes over.
+    pub(crate) fn walk(
+        &self,
+        start: &[String],
+        keep: Option<&str>,
+        id: &str,
+        lost: &str,
+    ) -> ScriptCall {
+        let mut cmd = self.call(|l| &l.invalidate);
+        cmd.arg(self.marker_ttl)
+            .arg(keep.unwrap_or(""))
+            .arg("1")
+            .arg(id)
+            .arg(lost)
+            .arg(start);
+        cmd
+    }
+
     /// The collector's step for the value key `key`.
     pub(crate) fn collect(&self, key: &str) -> ScriptCall {
         let mut cmd = self.call(|l| &l.collect);

@@ -156,17 +156,23 @@ pub(crate) async fn probe(
             remote_epoch: remote_epoch.unwrap_or(0),
         };
         script(con, graph.write(&linked), feature, &scripts).await?;
-        let invalidate = graph.invalidate(std::slice::from_ref(&dependency), None, cluster, None);
+        let start = std::slice::from_ref(&dependency);
         if cluster {
-            // the steps of an invalidation on a cluster (see `crate::tombstones`)
+            // the steps of an invalidation on a cluster (see `crate::tombstones`);
+            // reservations it takes over are buried and released with its own
             script(con, graph.put(&linked), feature, &scripts).await?;
-            let (count, _): (u64, Vec<String>) = match invalidate.run(con).await {
+            let walk = graph.walk(start, None, "probe", "");
+            let (count, keys, adopted): (u64, Vec<String>, Vec<u64>) = match walk.run(con).await {
                 Ok(reply) => reply,
                 Err(e) => return judge(Err(e), "EVALSHA", feature, scripts.clone()),
             };
-            script(con, graph.bury(&key, count), feature, &scripts).await?;
-            script(con, graph.release(&[count]), feature, &scripts).await?;
+            for key in &keys {
+                script(con, graph.bury(key, count), feature, &scripts).await?;
+            }
+            let counts: Vec<u64> = std::iter::once(count).chain(adopted).collect();
+            script(con, graph.release(&counts), feature, &scripts).await?;
         } else {
+            let invalidate = graph.invalidate(start, None, false, None);
             script(con, invalidate, feature, &scripts).await?;
         }
         // the invalidation's marker of the probe's dependency is of no use to anyone

@@ -36,9 +36,9 @@ pub(crate) struct RedisStore {
     /// What the cluster's watcher applies again (kept alive here).
     pub(crate) _replayer: Arc<Replayer>,
     /// On a cluster with the graph: invalidations whose tombstones did not all land,
-    /// by count, buried with the next one (the walk found their keys and unlinked
+    /// with the counts they release, buried with the next one (the walk found their keys and unlinked
     /// them: a walk again would not).
-    pub(crate) unburied: Mutex<Vec<(u64, Vec<String>)>>,
+    pub(crate) unburied: Mutex<Vec<(Vec<u64>, Vec<String>)>>,
 }
 
 /// The value, or nothing for a tombstone (see [`crate::tombstones`]).
@@ -391,9 +391,11 @@ impl RedisStore {
         // behind the writes queued before it, whose values are written before the
         // reply (on the graph's slot, the links of a write queued before it are
         // recorded before the walk, which so finds them)
-        let walk = graph.invalidate(&start, keep.as_deref(), true, None);
-        let (reply, _) = self.call(Some(Command::Script(walk)), None).await?;
-        let (count, keys) = crate::tombstones::walked(reply)?;
+        let walks = &self.recent.walks;
+        let (walk, id) = walks.walk(graph, &start, keep.as_deref());
+        let reply = self.call(Some(Command::Script(walk)), None).await;
+        let walked = walks.walked(id, reply.map(|(reply, _)| reply))?;
+        let (count, keys) = (walked.count, walked.keys);
         let readable: Vec<String> = keys
             .iter()
             .filter_map(|v| v.strip_prefix(graph.values.as_str()).map(str::to_owned))
@@ -401,8 +403,11 @@ impl RedisStore {
         self.recent.invalidated(&start, &readable);
         let mut pending =
             std::mem::take(&mut *self.unburied.lock().unwrap_or_else(PoisonError::into_inner));
-        pending.push((count, keys));
-        let counts: Vec<u64> = pending.iter().map(|(c, _)| *c).collect();
+        pending.push((walked.counts, keys));
+        let counts: Vec<u64> = pending
+            .iter()
+            .flat_map(|(c, _)| c.iter().copied())
+            .collect();
         let all: Vec<String> = pending
             .iter()
             .flat_map(|(_, k)| k.iter().cloned())

@@ -14,9 +14,14 @@
 //! read from Redis between steps 1 and 2 (still the old one) never passes for one
 //! current as of that count: whatever is computed from it is refused by the marks.
 //! An instance that stops between the steps leaves its reservation, which the next
-//! walk after its deadline takes over (its keys are buried with that walk's).
+//! walk after its deadline takes over (its keys are buried with that walk's, then it
+//! is released with it). A walk whose reply was lost (a timeout while the server was
+//! slow, then ran it anyway) is taken over by the same instance's next walk, which
+//! names it: the one sent again finds nothing left to walk.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use cache_runtime::RemoteError;
 
@@ -24,21 +29,100 @@ use crate::graph::{GraphKeys, ScriptCall};
 use crate::link::Link;
 use crate::writer::run_scripts;
 
-/// Step 1's reply: its count and the value keys to bury.
-pub(crate) fn walked(reply: redis::Value) -> Result<(u64, Vec<String>), RemoteError> {
-    redis::from_redis_value(reply).map_err(|e| RemoteError(e.to_string()))
+/// How long a reservation lasts before another walk takes it over (`RESERVE` in
+/// the scripts' prelude on a cluster, `graph::ON_CLUSTER`): a lost walk is named by this instance's walks for that long.
+const RESERVE: Duration = Duration::from_secs(10);
+
+/// This instance's walks: their ids, and those whose reply was lost.
+pub(crate) struct Walks {
+    owner: u64,
+    next: AtomicU64,
+    lost: Mutex<Vec<(String, Instant)>>,
 }
 
-/// Step 1 on `link`: the walk from `start`. Returns its count and the value keys to
-/// bury.
+/// Step 1's outcome: its count, the value keys to bury (its own and those of the
+/// reservations it took over), and the counts to release (its own first).
+pub(crate) struct Walked {
+    pub(crate) count: u64,
+    pub(crate) keys: Vec<String>,
+    pub(crate) counts: Vec<u64>,
+}
+
+impl Walks {
+    pub(crate) fn new() -> Walks {
+        Walks {
+            owner: cache_runtime::new_instance_id(),
+            next: AtomicU64::new(0),
+            lost: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Step 1: the walk from `start` (keeping `keep`), and its id.
+    pub(crate) fn walk(
+        &self,
+        graph: &GraphKeys,
+        start: &[String],
+        keep: Option<&str>,
+    ) -> (ScriptCall, String) {
+        let id = format!(
+            "{:x}.{}",
+            self.owner,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
+        let lost = {
+            let mut lost = self.lost.lock().unwrap_or_else(PoisonError::into_inner);
+            lost.retain(|(_, at)| at.elapsed() < RESERVE);
+            lost.iter()
+                .map(|(id, _)| id.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        (graph.walk(start, keep, &id, &lost), id)
+    }
+
+    /// The outcome of the walk `id`. Without a reply, it may still have run (or run
+    /// later): this instance's walks name it from now on, and the first to find its
+    /// reservation takes it over.
+    pub(crate) fn walked(
+        &self,
+        id: String,
+        reply: Result<redis::Value, RemoteError>,
+    ) -> Result<Walked, RemoteError> {
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.lost
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((id, Instant::now()));
+                return Err(e);
+            }
+        };
+        let (count, keys, adopted): (u64, Vec<String>, Vec<u64>) =
+            redis::from_redis_value(reply).map_err(|e| RemoteError(e.to_string()))?;
+        let mut counts = Vec::with_capacity(1 + adopted.len());
+        counts.push(count);
+        counts.extend(adopted);
+        Ok(Walked {
+            count,
+            keys,
+            counts,
+        })
+    }
+}
+
+/// Step 1 on `link`: the walk from `start`.
 pub(crate) async fn walk(
     link: &Arc<Link>,
     graph: &GraphKeys,
+    walks: &Walks,
     start: &[String],
-) -> Result<(u64, Vec<String>), RemoteError> {
-    let call = graph.invalidate(start, None, true, None);
-    let reply = run_scripts(link, std::slice::from_ref(&call)).await?;
-    walked(reply.into_iter().next().unwrap_or(redis::Value::Nil))
+) -> Result<Walked, RemoteError> {
+    let (call, id) = walks.walk(graph, start, None);
+    let reply = run_scripts(link, std::slice::from_ref(&call))
+        .await
+        .map(|r| r.into_iter().next().unwrap_or(redis::Value::Nil));
+    walks.walked(id, reply)
 }
 
 /// Steps 2 and 3: tombstones of `count` in place of `keys` (value keys), then the

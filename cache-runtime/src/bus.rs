@@ -145,8 +145,9 @@ fn unescape(s: &str) -> Option<String> {
     Some(out)
 }
 
-/// A fresh random instance id.
-pub(crate) fn new_instance_id() -> u64 {
+/// A fresh random id, for an instance or anything else that must not collide with
+/// another process's (its messages' sender, its reservations in a shared store).
+pub fn new_instance_id() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()

@@ -80,7 +80,7 @@ mod service;
 
 pub use backoff::Backoff;
 pub use builder::{Backend, CachingServiceBuilder, InstallError};
-pub use bus::{BusReceiver, InvalidationBus, Item, MemoryBus, Message};
+pub use bus::{new_instance_id, BusReceiver, InvalidationBus, Item, MemoryBus, Message};
 pub use deps::{add_dependency, untracked, CacheDependency, Dependency};
 pub use invalidate::invalidate_dependency;
 pub use key::{key_text, CacheKey, KeyWriter};

@@ -452,3 +452,81 @@ fn a_random_run_with_dependencies_and_the_graphs_master_killed_leaves_no_stale_r
         assert!(i.stat("topology_changes") >= 1);
     }
 }
+
+/// The source of [`lost_row`]: the round each row was last changed in.
+static LOST_DB: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+
+/// A row of [`a_walk_whose_reply_was_lost_is_taken_over_by_the_next_one`]: it
+/// depends on its round's group.
+#[cached(name = "lost.row")]
+async fn lost_row(id: u64) -> u64 {
+    cache_runtime::add_dependency(format!("lost:{}", id / 10));
+    *LOST_DB.lock().unwrap()
+}
+
+/// The graph's master paused past the operation timeout while an invalidation's walk
+/// is on its way: the walk times out at the instance but runs when the master
+/// resumes, so the one sent again finds nothing to walk. Its reservation is taken
+/// over by the one sent again, which buries its keys: once the invalidation went
+/// through, the instance reads none of the old values (before, it did until the
+/// reservation's deadline, 10 s later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_walk_whose_reply_was_lost_is_taken_over_by_the_next_one() {
+    let cluster = RedisCluster::start(3, 0);
+    let svc = CachingService::builder()
+        .backend(
+            RedisBackend::builder(cluster.url())
+                .key_prefix("lost")
+                .dependencies(true)
+                .operation_timeout(Duration::from_millis(200))
+                .build()
+                .await
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let graph = &cluster.masters()[cluster.master_of("lost:g:{lost}:epoch")];
+    let (mut reads, mut old) = (0u64, 0u64);
+    svc.scope(async {
+        for round in 1..=5u64 {
+            *LOST_DB.lock().unwrap() = round;
+            let ids = round * 10..round * 10 + 10;
+            for id in ids.clone() {
+                assert_eq!(lost_row(id).await, round);
+            }
+            // the writes are in Redis, read by the instance (no L1)
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for id in ids.clone() {
+                assert_eq!(lost_row(id).await, round);
+            }
+            *LOST_DB.lock().unwrap() = round + 100;
+            graph.pause(Duration::from_millis(700));
+            cache_runtime::invalidate_dependency(format!("lost:{round}")).await;
+            // until the invalidation went through, then for a second more
+            let mut through = None;
+            while through.is_none_or(|t: Instant| t.elapsed() < Duration::from_secs(1)) {
+                for id in ids.clone() {
+                    reads += 1;
+                    if lost_row(id).await == round {
+                        old += 1;
+                    }
+                }
+                if through.is_none() && svc.stats().remote.removals_waiting == 0 {
+                    through = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    })
+    .await;
+    let remote = svc.stats().remote;
+    eprintln!(
+        "reads {reads}, old {old}, removal errors {}, retried {}",
+        remote.removal_errors, remote.removals_retried
+    );
+    assert!(
+        remote.removals_retried >= 5,
+        "the walks timed out: {remote:?}"
+    );
+    assert_eq!(old, 0, "old values read after the invalidation");
+}

@@ -113,24 +113,46 @@ chunks(dead, function(...) redis.call('UNLINK', ...) end)
 if CLUSTER then
   -- This count is reserved until the caller has left its tombstones (`release`):
   -- the count read by instances stays below it meanwhile, so that a value read
-  -- before the tombstone lands never passes for newer. Reservations past their
-  -- deadline (their instance stopped) are taken over: their keys are buried again.
+  -- before the tombstone lands never passes for newer. (On a cluster, ARGV[6] is
+  -- this walk's id and ARGV[7] the ids of the caller's walks whose replies it lost.)
   local INFLIGHT, DEADLINE = G .. 'inflight', G .. 'deadline'
+  local counts = {}
+  if #removed > 0 then
+    redis.call('ZADD', INFLIGHT, epoch, epoch)
+    redis.call('HSET', DEADLINE, epoch, now + RESERVE)
+    chunks(removed, function(...) redis.call('RPUSH', G .. 'burying:' .. epoch, ...) end)
+    counts[1] = epoch
+  end
+  -- Reservations are taken over (their keys buried with this walk's, then
+  -- released with it) when past their deadline (their instance stopped), or when
+  -- the caller lost the reply of the walk that holds them. They stay reserved
+  -- meanwhile, under a new deadline: the count read does not pass them before
+  -- their keys are buried.
+  local adopted, taken = {}, {}
+  local function adopt(c)
+    if taken[c] or not redis.call('ZSCORE', INFLIGHT, c) then return end
+    taken[c] = true
+    adopted[#adopted + 1] = tonumber(c)
+    counts[#counts + 1] = c
+    for _, v in ipairs(redis.call('LRANGE', G .. 'burying:' .. c, 0, -1)) do
+      removed[#removed + 1] = v
+    end
+    redis.call('HSET', DEADLINE, c, now + RESERVE)
+  end
   for _, c in ipairs(redis.call('ZRANGE', INFLIGHT, 0, 9)) do
-    if tonumber(redis.call('HGET', DEADLINE, c) or 0) < now then
-      for _, v in ipairs(redis.call('LRANGE', G .. 'burying:' .. c, 0, -1)) do
-        removed[#removed + 1] = v
-      end
-      redis.call('ZREM', INFLIGHT, c)
-      redis.call('HDEL', DEADLINE, c)
-      redis.call('DEL', G .. 'burying:' .. c)
+    if tonumber(redis.call('HGET', DEADLINE, c) or 0) < now then adopt(c) end
+  end
+  for id in string.gmatch(ARGV[7], '%S+') do
+    for c in string.gmatch(redis.call('GET', G .. 'walk:' .. id) or '', '%S+') do
+      adopt(c)
     end
   end
-  redis.call('ZADD', INFLIGHT, epoch, epoch)
-  redis.call('HSET', DEADLINE, epoch, now + RESERVE)
-  chunks(removed, function(...) redis.call('RPUSH', G .. 'burying:' .. epoch, ...) end)
+  -- which counts this walk holds, for a later walk of its caller if the reply is lost
+  if #counts > 0 then
+    redis.call('SET', G .. 'walk:' .. ARGV[6], table.concat(counts, ' '), 'PX', 2 * RESERVE)
+  end
   publish_epoch()
-  return {epoch, removed}
+  return {epoch, removed, adopted}
 end
 if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
 if want then return removed end
