@@ -407,10 +407,6 @@ impl RedisBackendBuilder {
     }
 }
 
-/// Why the dependency collector and the full collection are refused on a cluster,
-/// for now.
-pub(crate) const CLUSTER_GRAPH: &str = "the dependency collector (DependencyCollector, full_collection, cache-redis-gc) is not supported on a Redis Cluster yet: its steps check values inside the graph's scripts, and on a cluster values are on other slots. dependencies(true) works on a cluster without it (the links of expired values stay until the entry is written or invalidated again); or point at a standalone server";
-
 /// Why a prefix is refused for the dependency graph on a cluster.
 pub(crate) const CLUSTER_GRAPH_PREFIX: &str = "with dependencies(true) on a Redis Cluster, the key_prefix must not contain `{}`: the graph's keys carry the prefix as their hash tag, so that they share one slot";
 

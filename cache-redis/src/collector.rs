@@ -2,29 +2,48 @@
 //! clean when values expire or are evicted, and the full collection that repairs a
 //! whole prefix.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cache_runtime::Backoff;
+use futures_util::stream::SelectAll;
 use futures_util::StreamExt;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::backend::{client, RedisBackendError};
+use crate::backend::RedisBackendError;
 use crate::bus::{PING_EVERY, PING_TIMEOUT};
-use crate::graph::{glob_escape, GraphKeys};
+use crate::endpoint::Conn;
+use crate::graph::{glob_escape, GraphKeys, ScriptCall, COLLECT_GRACE_MS, TOMBSTONE};
+use crate::link::Link;
+use crate::writer::run_scripts;
 use cache_runtime::RemoteError;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Repairs the dependency graph of the prefix `key_prefix` on the server at `url`:
-/// links without a value, entries whose links are incomplete, reverse-set members
-/// whose value is gone, cascades nothing depends on. Scans in bounded batches;
-/// idempotent; safe while instances and collectors run. Run it after every collector
-/// was down for a while (a collector runs one itself when it starts and after it lost
-/// its subscription).
+/// How long the collector's commands may take (a repair script on a batch, a page
+/// of a scan).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// On a cluster, how many entries heard of and not collected yet the collector keeps
+/// (those whose links are too recent wait); past that, the next full collection
+/// repairs what it drops.
+const WAITING_MAX: usize = 100_000;
+
+/// Repairs the dependency graph of the prefix `key_prefix` on the server at `url` (a
+/// standalone server, or any node of a Redis Cluster): links without a value, entries
+/// whose links are incomplete, reverse-set members whose value is gone, cascades
+/// nothing depends on. Scans in bounded batches; idempotent; safe while instances and
+/// collectors run. Run it after every collector was down for a while (a collector
+/// runs one itself when it starts and after it lost its subscription).
+///
+/// On a cluster the graph's keys are on one slot and the values on every master:
+/// it scans the graph's master, reads the values where they are, and leaves alone
+/// the links recorded less than 10 s before (their value may be on its way).
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -36,32 +55,104 @@ pub async fn full_collection(
     url: &str,
     key_prefix: &str,
 ) -> Result<CollectionReport, RedisBackendError> {
-    let client = client(url, None)?;
-    let mut con = connect_graph(&client).await?;
-    collect_all(&mut con, &GraphKeys::new(key_prefix, Duration::ZERO, None))
+    let graph = Graph::open(url, None, key_prefix).await?;
+    graph
+        .collect_all()
         .await
         .map_err(|e| RedisBackendError::Command(e.0))
 }
 
-fn client_addr(client: &redis::Client) -> String {
-    client.get_connection_info().addr().to_string()
+/// The graph a collector keeps: the connection to its server or cluster, and its
+/// keys.
+struct Graph {
+    link: Arc<Link>,
+    keys: GraphKeys,
+    addr: String,
 }
 
-/// Connects for the graph's full collection or the collector's start, which need a
-/// standalone server for now (see [`crate::backend`]'s `CLUSTER_GRAPH`).
-async fn connect_graph(
-    client: &redis::Client,
-) -> Result<redis::aio::MultiplexedConnection, RedisBackendError> {
-    let mut con = connect(client).await?;
-    let info: String = redis::cmd("INFO")
-        .arg("cluster")
-        .query_async(&mut con)
-        .await
-        .map_err(|e| RedisBackendError::Command(e.to_string()))?;
-    if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
-        return Err(RedisBackendError::Config(crate::backend::CLUSTER_GRAPH));
+impl Graph {
+    /// Connects to the server or cluster at `url` and finds out which it is.
+    async fn open(
+        url: &str,
+        root_certificate: Option<&[u8]>,
+        prefix: &str,
+    ) -> Result<Graph, RedisBackendError> {
+        let (endpoint, addr, _) = crate::backend::endpoint(url, &[], root_certificate)?;
+        let link = Link::open(endpoint.clone(), COMMAND_TIMEOUT, false)
+            .await
+            .map_err(|source| RedisBackendError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let keys = GraphKeys::new(prefix, Duration::ZERO, Some(endpoint));
+        if keys.on_cluster() && !keys.one_slot() {
+            return Err(RedisBackendError::Config(
+                crate::backend::CLUSTER_GRAPH_PREFIX,
+            ));
+        }
+        Ok(Graph { link, keys, addr })
     }
-    Ok(con)
+
+    fn on_cluster(&self) -> bool {
+        self.keys.on_cluster()
+    }
+
+    /// Runs one of the graph's scripts.
+    async fn script<T: redis::FromRedisValue>(&self, call: ScriptCall) -> Result<T, RemoteError> {
+        let reply = run_scripts(&self.link, std::slice::from_ref(&call)).await?;
+        let reply = reply.into_iter().next().unwrap_or(redis::Value::Nil);
+        redis::from_redis_value(reply).map_err(|e| RemoteError(e.to_string()))
+    }
+
+    /// The masters' addresses: the server's on one node.
+    async fn masters(&self) -> Result<Vec<(String, u16)>, RemoteError> {
+        match self.link.conn() {
+            Some(Conn::Cluster(con)) => {
+                let topology = crate::topology::topology(&con)
+                    .await
+                    .map_err(|e| RemoteError(e.to_string()))?;
+                let mut masters: Vec<(String, u16)> = topology
+                    .masters
+                    .into_iter()
+                    .map(|m| (m.host, m.port))
+                    .collect();
+                masters.sort();
+                Ok(masters)
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The clients to subscribe with: the URL's on one node; one per master on a
+    /// cluster (keyspace events are each node's own).
+    async fn subscribers(&self) -> Result<(Vec<redis::Client>, Vec<(String, u16)>), RemoteError> {
+        let endpoint = self.link.endpoint();
+        if !self.on_cluster() {
+            return Ok((vec![endpoint.first().clone()], Vec::new()));
+        }
+        let masters = self.masters().await?;
+        let clients = masters
+            .iter()
+            .filter_map(|(host, port)| endpoint.client_at(host, *port))
+            .collect();
+        Ok((clients, masters))
+    }
+
+    /// Checks the settings of the server, or of every master.
+    async fn check_settings(&self) -> Result<(), RedisBackendError> {
+        let (clients, _) = self
+            .subscribers()
+            .await
+            .map_err(|e| RedisBackendError::Command(e.0))?;
+        for client in clients {
+            let addr = client.get_connection_info().addr().to_string();
+            let mut con = connect(&client).await?;
+            crate::settings::check(&mut con, true)
+                .await
+                .map_err(|problem| RedisBackendError::ServerSettings { addr, problem })?;
+        }
+        Ok(())
+    }
 }
 
 async fn connect(
@@ -69,7 +160,7 @@ async fn connect(
 ) -> Result<redis::aio::MultiplexedConnection, RedisBackendError> {
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(Duration::from_secs(30)));
+        .set_response_timeout(Some(COMMAND_TIMEOUT));
     client
         .get_multiplexed_async_connection_with_config(&config)
         .await
@@ -109,32 +200,39 @@ impl DependencyCollectorBuilder {
         self
     }
 
-    /// Checks the server's settings, subscribes to expiry and eviction events, runs a
-    /// full collection, and goes on in a task of its own until stopped.
+    /// Checks the server's settings (every master's on a cluster), subscribes to
+    /// expiry and eviction events (on every master), runs a full collection, and goes
+    /// on in a task of its own until stopped.
     pub async fn start(self) -> Result<DependencyCollector, RedisBackendError> {
-        let client = client(&self.url, self.root_certificate.as_deref())?;
-        let addr = client.get_connection_info().addr().to_string();
-        let mut con = connect_graph(&client).await?;
-        crate::settings::check(&mut con, true)
-            .await
-            .map_err(|problem| RedisBackendError::ServerSettings { addr, problem })?;
+        let graph = Graph::open(
+            &self.url,
+            self.root_certificate.as_deref(),
+            &self.key_prefix,
+        )
+        .await?;
+        graph.check_settings().await?;
         let counts = Arc::new(Counts::default());
         let (stop, stopped) = watch::channel(false);
         let (ready_tx, mut ready) = watch::channel(false);
         let worker = Worker {
-            db: client.get_connection_info().redis_settings().db(),
-            client,
-            keys: GraphKeys::new(&self.key_prefix, Duration::ZERO, None),
-            con,
+            db: graph
+                .link
+                .endpoint()
+                .first()
+                .get_connection_info()
+                .redis_settings()
+                .db(),
+            graph,
             counts: counts.clone(),
+            waiting: HashMap::new(),
         };
         // a refused subscription is a configuration error, said as such
         if let Err(e) = worker.subscribe().await {
             if e.code() == Some("NOPERM") {
                 let db = worker.db;
-                let user = crate::backend::user_of(&worker.client);
+                let user = crate::backend::user_of(worker.graph.link.endpoint().first());
                 return Err(RedisBackendError::Refused {
-                    addr: client_addr(&worker.client),
+                    addr: worker.graph.addr.clone(),
                     command: "PSUBSCRIBE/SUBSCRIBE".into(),
                     feature: "the collector, which hears values expire and get evicted,".into(),
                     words: crate::probe::words(&e),
@@ -241,32 +339,33 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 struct Worker {
-    client: redis::Client,
+    graph: Graph,
     db: i64,
-    keys: GraphKeys,
-    con: redis::aio::MultiplexedConnection,
     counts: Arc<Counts>,
+    /// On a cluster: value keys heard of, with when to look at them (at once, or
+    /// once their links are old enough; see [`GraphKeys::linked`]).
+    waiting: HashMap<String, Instant>,
+}
+
+/// A subscription to keyspace events: one connection on one node, one per master on
+/// a cluster (`masters`, sorted; empty on one node).
+struct Subscription {
+    sinks: Vec<redis::aio::PubSubSink>,
+    stream: SelectAll<redis::aio::PubSubStream>,
+    masters: Vec<(String, u16)>,
 }
 
 impl Worker {
     async fn run(mut self, mut stop: watch::Receiver<bool>, ready: watch::Sender<bool>) {
         let mut backoff = Backoff::RECONNECT;
-        let mut first = true;
         loop {
             let subscribed = tokio::select! {
                 s = self.subscribe() => s,
                 _ = stopped(&mut stop) => return,
             };
             match subscribed {
-                Ok((mut sink, mut stream)) => {
+                Ok(mut sub) => {
                     backoff.reset();
-                    if !std::mem::take(&mut first) {
-                        // the command connection went down with the subscription
-                        match connect(&self.client).await {
-                            Ok(con) => self.con = con,
-                            Err(_) => continue,
-                        }
-                    }
                     ready.send_replace(true);
                     // whatever expired while it was not listening
                     self.full_collection().await;
@@ -275,13 +374,12 @@ impl Worker {
                     loop {
                         tokio::select! {
                             _ = stopped(&mut stop) => return,
-                            msg = stream.next() => match msg {
+                            msg = sub.stream.next() => match msg {
                                 Some(msg) => self.on_event(&msg).await,
                                 None => break,
                             },
                             _ = ping.tick() => {
-                                let alive = tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await;
-                                if !matches!(alive, Ok(Ok(_))) {
+                                if !self.tick(&mut sub).await {
                                     break;
                                 }
                             }
@@ -290,7 +388,7 @@ impl Worker {
                     self.counts
                         .subscriptions_lost
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(target: "cache_redis", "dependency collector: subscription lost; resubscribing, then a full collection");
+                    tracing::warn!(target: "cache_redis", "dependency collector: subscription lost (or the cluster's masters changed); resubscribing, then a full collection");
                 }
                 Err(e) => {
                     tracing::debug!(target: "cache_redis", error = %e, "dependency collector: subscribing failed");
@@ -303,24 +401,60 @@ impl Worker {
         }
     }
 
-    async fn subscribe(
-        &self,
-    ) -> Result<(redis::aio::PubSubSink, redis::aio::PubSubStream), redis::RedisError> {
+    /// Every [`PING_EVERY`]: checks that every subscription is alive and, on a
+    /// cluster, that the masters are the same, then looks at the entries waiting.
+    /// Returns false to subscribe again.
+    async fn tick(&mut self, sub: &mut Subscription) -> bool {
+        for sink in &mut sub.sinks {
+            let alive = tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await;
+            if !matches!(alive, Ok(Ok(_))) {
+                return false;
+            }
+        }
+        if self.graph.on_cluster() {
+            // a master it does not listen to (a promoted replica, a new node)
+            match self.graph.masters().await {
+                Ok(masters) if masters != sub.masters => return false,
+                _ => {}
+            }
+            self.collect_waiting().await;
+        }
+        true
+    }
+
+    async fn subscribe(&self) -> Result<Subscription, redis::RedisError> {
         tokio::time::timeout(CONNECT_TIMEOUT, async {
-            let (mut sink, stream) = self.client.get_async_pubsub().await?.split();
-            let db = self.db;
-            // keyspace events of the value keys (`K`), and key events (`E`)
-            sink.psubscribe(format!(
-                "__keyspace@{db}__:{}*",
-                glob_escape(&self.keys.values)
-            ))
-            .await?;
-            sink.subscribe(&[
-                format!("__keyevent@{db}__:expired"),
-                format!("__keyevent@{db}__:evicted"),
-            ])
-            .await?;
-            Ok((sink, stream))
+            let (clients, masters) = self.graph.subscribers().await.map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "reading the cluster's masters",
+                    e.0,
+                ))
+            })?;
+            let mut sinks = Vec::with_capacity(clients.len());
+            let mut stream = SelectAll::new();
+            for client in clients {
+                let (mut sink, events) = client.get_async_pubsub().await?.split();
+                let db = self.db;
+                // keyspace events of the value keys (`K`), and key events (`E`)
+                sink.psubscribe(format!(
+                    "__keyspace@{db}__:{}*",
+                    glob_escape(&self.graph.keys.values)
+                ))
+                .await?;
+                sink.subscribe(&[
+                    format!("__keyevent@{db}__:expired"),
+                    format!("__keyevent@{db}__:evicted"),
+                ])
+                .await?;
+                sinks.push(sink);
+                stream.push(events);
+            }
+            Ok(Subscription {
+                sinks,
+                stream,
+                masters,
+            })
         })
         .await
         .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "subscribing timed out")))?
@@ -341,23 +475,79 @@ impl Worker {
         } else {
             payload
         };
-        if !key.starts_with(self.keys.values.as_str()) {
+        if !key.starts_with(self.graph.keys.values.as_str()) {
             return;
         }
-        let entry = &key;
-        match self.keys.collect(entry).run::<i64>(&mut self.con).await {
+        if self.graph.on_cluster() {
+            // looked at in batches, on the next tick
+            if self.waiting.len() < WAITING_MAX {
+                self.waiting.insert(key, Instant::now());
+            }
+            return;
+        }
+        match self
+            .graph
+            .script::<i64>(self.graph.keys.collect(&key))
+            .await
+        {
             Ok(1) => {
                 self.counts.collected.fetch_add(1, Ordering::Relaxed);
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(target: "cache_redis", error = %e, "dependency collector: collecting `{entry}` failed (the next full collection repairs it)");
+                tracing::warn!(target: "cache_redis", error = %e, "dependency collector: collecting `{key}` failed (the next full collection repairs it)");
+            }
+        }
+    }
+
+    /// On a cluster: collects the entries heard of whose time has come, in batches.
+    async fn collect_waiting(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .waiting
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for batch in due.chunks(BATCH) {
+            for key in batch {
+                self.waiting.remove(key);
+            }
+            match self.graph.look(batch).await {
+                Ok(look) => {
+                    let gone: Vec<(String, String)> = look
+                        .ready
+                        .into_iter()
+                        .filter(|(_, _, live)| !live)
+                        .map(|(key, at, _)| (key, at))
+                        .collect();
+                    if !gone.is_empty() {
+                        match self
+                            .graph
+                            .script::<u64>(self.graph.keys.collect_found(&gone))
+                            .await
+                        {
+                            Ok(n) => {
+                                self.counts.collected.fetch_add(n, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                tracing::warn!(target: "cache_redis", error = %e.0, "dependency collector: collecting {} entries failed (the next full collection repairs them)", gone.len());
+                            }
+                        }
+                    }
+                    for (key, wait) in look.recent {
+                        self.waiting.insert(key, now + wait);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(target: "cache_redis", error = %e.0, "dependency collector: looking at {} entries failed (the next full collection repairs them)", batch.len());
+                }
             }
         }
     }
 
     async fn full_collection(&mut self) {
-        match collect_all(&mut self.con, &self.keys).await {
+        match self.graph.collect_all().await {
             Ok(report) => {
                 self.counts.full_collections.fetch_add(1, Ordering::Relaxed);
                 self.counts
@@ -390,6 +580,9 @@ pub struct CollectionReport {
     pub cascades: u64,
     /// Entries listed as having dependents that had none.
     pub parents: u64,
+    /// On a cluster: entries whose links were recorded too recently to judge their
+    /// value missing (it may be on its way), left to the next collection.
+    pub recent: u64,
 }
 
 impl CollectionReport {
@@ -407,112 +600,174 @@ impl CollectionReport {
 /// script checks: bounded batches, so the server is never blocked for long.
 const BATCH: usize = 500;
 
-/// Repairs every orphan of the graph under `keys`: links without a value,
-/// entries whose links are incomplete, reverse-set members whose value is gone or not
-/// linked back, cascade sets nothing depends on. Idempotent; safe while instances run
-/// (every repair is one script that re-checks what it removes).
-pub(crate) async fn collect_all(
-    con: &mut redis::aio::MultiplexedConnection,
-    keys: &GraphKeys,
-) -> Result<CollectionReport, RemoteError> {
-    let mut report = CollectionReport::default();
-    let err = |e: redis::RedisError| RemoteError(e.to_string());
-    let pattern = |kind: &str| format!("{}{kind}*", glob_escape(keys.g()));
-    // forward links, a page of the hash at a time
-    let links = format!("{}links", keys.g());
-    let hscan = |cursor: u64| {
-        let mut cmd = redis::cmd("HSCAN");
-        cmd.arg(&links).arg(cursor).arg("COUNT").arg(BATCH);
+/// A cursor command (`HSCAN`, `SSCAN`) over `key`, for [`Graph::pages`].
+fn scan_of<'a>(name: &'a str, key: &'a str) -> impl Fn(u64) -> redis::Cmd + 'a {
+    move |cursor| {
+        let mut cmd = redis::cmd(name);
+        cmd.arg(key).arg(cursor).arg("COUNT").arg(BATCH);
         cmd
-    };
-    for page in pages(con, hscan).await? {
-        // field, value, field, value...
-        let entries: Vec<String> = page.into_iter().step_by(2).collect();
-        report.scanned += entries.len() as u64;
-        let (lonely, broken): (u64, u64) =
-            keys.repair_links(&entries).run(con).await.map_err(err)?;
-        report.forward_sets += lonely;
-        report.broken_entries += broken;
     }
-    // the parents set
-    let parents = format!("{}parents", keys.g());
-    let sscan = |cursor: u64| {
-        let mut cmd = redis::cmd("SSCAN");
-        cmd.arg(&parents).arg(cursor).arg("COUNT").arg(BATCH);
-        cmd
-    };
-    for page in pages(con, sscan).await? {
-        let n: u64 = keys.repair_parents(&page).run(con).await.map_err(err)?;
-        report.parents += n;
+}
+
+/// What [`Graph::look`] found: entries whose links are old enough, with when they
+/// were recorded and whether the value is there; and those to look at again later.
+struct Look {
+    ready: Vec<(String, String, bool)>,
+    recent: Vec<(String, Duration)>,
+}
+
+impl Graph {
+    /// Repairs every orphan of the graph: links without a value, entries whose links
+    /// are incomplete, reverse-set members whose value is gone or not linked back,
+    /// cascade sets nothing depends on. Idempotent; safe while instances run (every
+    /// repair is one script that re-checks what it removes; on a cluster, values are
+    /// looked at where they are first, see [`GraphKeys::linked`]).
+    async fn collect_all(&self) -> Result<CollectionReport, RemoteError> {
+        let keys = &self.keys;
+        let mut report = CollectionReport::default();
+        let pattern = |kind: &str| format!("{}{kind}*", glob_escape(keys.g()));
+        // forward links, a page of the hash at a time
+        let links = format!("{}links", keys.g());
+        for page in self.pages(scan_of("HSCAN", &links), false).await? {
+            // field, value, field, value...
+            let entries: Vec<String> = page.into_iter().step_by(2).collect();
+            report.scanned += entries.len() as u64;
+            if !self.on_cluster() {
+                let (lonely, broken): (u64, u64) = self.script(keys.repair_links(&entries)).await?;
+                report.forward_sets += lonely;
+                report.broken_entries += broken;
+                continue;
+            }
+            let look = self.look(&entries).await?;
+            report.recent += look.recent.len() as u64;
+            if look.ready.is_empty() {
+                continue;
+            }
+            let (lonely, broken, count, bury): (u64, u64, u64, Vec<String>) =
+                self.script(keys.repair_found(&look.ready)).await?;
+            // a value whose links were incomplete: a tombstone in its place
+            let calls: Vec<ScriptCall> = bury.iter().map(|v| keys.bury(v, count)).collect();
+            if !calls.is_empty() {
+                run_scripts(&self.link, &calls).await?;
+            }
+            report.forward_sets += lonely;
+            report.broken_entries += broken;
+        }
+        // the parents set
+        let parents = format!("{}parents", keys.g());
+        for page in self.pages(scan_of("SSCAN", &parents), false).await? {
+            let n: u64 = self.script(keys.repair_parents(&page)).await?;
+            report.parents += n;
+        }
+        // reverse sets
+        for key in self.scan(&pattern("rev:")).await? {
+            report.scanned += 1;
+            let node = &key[keys.g().len() + "rev:".len()..];
+            for members in self.pages(scan_of("SSCAN", &key), false).await? {
+                let n: u64 = self.script(keys.repair_rev(node, &members)).await?;
+                report.reverse_members += n;
+            }
+        }
+        // cascades
+        for key in self.scan(&pattern("cascade:")).await? {
+            report.scanned += 1;
+            let dependency = &key[keys.g().len() + "cascade:".len()..];
+            let n: u64 = self.script(keys.repair_cascade(dependency)).await?;
+            report.cascades += n;
+        }
+        Ok(report)
     }
-    // reverse sets
-    for key in scan(con, &pattern("rev:")).await? {
-        report.scanned += 1;
-        let node = &key[keys.g().len() + "rev:".len()..];
-        let sscan = |cursor: u64| {
-            let mut cmd = redis::cmd("SSCAN");
-            cmd.arg(&key).arg(cursor).arg("COUNT").arg(BATCH);
+
+    /// On a cluster, the collector's look at the entries of the value keys `keys`:
+    /// when their links were recorded (on the graph's slot), then, for those recorded
+    /// long enough ago, whether their value is there (on their own slots).
+    async fn look(&self, keys: &[String]) -> Result<Look, RemoteError> {
+        let mut times: Vec<String> = self.script(self.keys.linked(keys)).await?;
+        let now: u64 = times
+            .pop()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| RemoteError("the graph's time is missing".into()))?;
+        let mut look = Look {
+            ready: Vec::new(),
+            recent: Vec::new(),
+        };
+        for (key, at) in keys.iter().zip(times) {
+            let Ok(t) = at.parse::<u64>() else {
+                continue; // no links: nothing to collect
+            };
+            match (t + COLLECT_GRACE_MS).checked_sub(now) {
+                Some(wait) if wait > 0 => {
+                    look.recent.push((key.clone(), Duration::from_millis(wait)))
+                }
+                _ => look.ready.push((key.clone(), at, false)),
+            }
+        }
+        if look.ready.is_empty() {
+            return Ok(look);
+        }
+        let mut pipe = redis::pipe();
+        for (key, _, _) in &look.ready {
+            pipe.cmd("GETRANGE").arg(key).arg(0).arg(0);
+        }
+        let heads: Vec<Vec<u8>> = self.link.pipeline_again(&pipe).await?;
+        for ((_, _, live), head) in look.ready.iter_mut().zip(heads) {
+            *live = head.first().is_some_and(|&b| b != TOMBSTONE);
+        }
+        Ok(look)
+    }
+
+    /// Every key of the graph matching `pattern`, by `SCAN` in bounded steps (on a
+    /// cluster, on the master of the graph's slot).
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>, RemoteError> {
+        let scan = |cursor: u64| {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(BATCH);
             cmd
         };
-        for members in pages(con, sscan).await? {
-            let n: u64 = keys
-                .repair_rev(node, &members)
-                .run(con)
-                .await
-                .map_err(err)?;
-            report.reverse_members += n;
-        }
+        Ok(self
+            .pages(scan, true)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
     }
-    // cascades
-    for key in scan(con, &pattern("cascade:")).await? {
-        report.scanned += 1;
-        let dependency = &key[keys.g().len() + "cascade:".len()..];
-        let n: u64 = keys
-            .repair_cascade(dependency)
-            .run(con)
-            .await
-            .map_err(err)?;
-        report.cascades += n;
-    }
-    Ok(report)
-}
 
-/// Every key matching `pattern`, by `SCAN` in bounded steps.
-async fn scan(
-    con: &mut redis::aio::MultiplexedConnection,
-    pattern: &str,
-) -> Result<Vec<String>, RemoteError> {
-    let scan = |cursor: u64| {
-        let mut cmd = redis::cmd("SCAN");
-        cmd.arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(BATCH);
-        cmd
-    };
-    Ok(pages(con, scan).await?.into_iter().flatten().collect())
-}
-
-/// The non-empty pages of a cursor command (`SCAN`, `SSCAN`): `page(cursor)` builds
-/// the command for a cursor.
-async fn pages(
-    con: &mut redis::aio::MultiplexedConnection,
-    page: impl Fn(u64) -> redis::Cmd,
-) -> Result<Vec<Vec<String>>, RemoteError> {
-    let mut cursor: u64 = 0;
-    let mut out = Vec::new();
-    loop {
-        let (next, items): (u64, Vec<String>) = page(cursor)
-            .query_async(con)
-            .await
-            .map_err(|e| RemoteError(e.to_string()))?;
-        if !items.is_empty() {
-            out.push(items);
+    /// The non-empty pages of a cursor command (`SCAN`, `SSCAN`): `page(cursor)`
+    /// builds the command for a cursor; `on_graph` routes it to the master of the
+    /// graph's slot on a cluster (a command without a key).
+    async fn pages(
+        &self,
+        page: impl Fn(u64) -> redis::Cmd,
+        on_graph: bool,
+    ) -> Result<Vec<Vec<String>>, RemoteError> {
+        let slot = crate::endpoint::slot_of(format!("{}epoch", self.keys.g()).as_bytes());
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let cmd = page(cursor);
+            let reply: Result<(u64, Vec<String>), RemoteError> = match self.link.conn() {
+                Some(Conn::Cluster(mut con)) if on_graph => {
+                    let route =
+                        SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                    match con.route_command(cmd, RoutingInfo::SingleNode(route)).await {
+                        Ok(v) => redis::from_redis_value(v).map_err(|e| RemoteError(e.to_string())),
+                        Err(e) => Err(RemoteError(e.to_string())),
+                    }
+                }
+                _ => self.link.query(&cmd).await,
+            };
+            let (next, items) = reply?;
+            if !items.is_empty() {
+                out.push(items);
+            }
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
         }
-        if next == 0 {
-            return Ok(out);
-        }
-        cursor = next;
     }
 }

@@ -41,27 +41,52 @@ pub(crate) use crate::script::{Hashed, ScriptCall};
 /// refused there, and an invalidation would leave its entries in Redis).
 const ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
 
-/// A script's text: its flags line if it has one, then the common part, then
-/// `prelude` (the variables that tell one node from a cluster), then its own.
-fn script_text(script: &str, prelude: &str) -> String {
+/// A script's text: its flags line if it has one, the variables that tell one node
+/// from a cluster, the common part, the layout's own functions, then its own.
+fn script_text(script: &str, prelude: &Prelude) -> String {
+    let Prelude { vars, after } = prelude;
     match script.strip_prefix(ALLOW_OOM) {
-        Some(own) => format!("{ALLOW_OOM}{UNLINK}{prelude}{own}"),
-        None => format!("{UNLINK}{prelude}{script}"),
+        Some(own) => format!("{ALLOW_OOM}{vars}{UNLINK}{after}{own}"),
+        None => format!("{vars}{UNLINK}{after}{script}"),
     }
 }
 
+/// What the scripts of one layout start with: variables, before the common part;
+/// functions, after it.
+#[derive(PartialEq, Eq)]
+struct Prelude {
+    vars: &'static str,
+    after: &'static str,
+}
+
 /// The variables of the scripts on one node.
-const ON_NODE: &str = "local CLUSTER, SETV = false, true\n";
+const ON_NODE: Prelude = Prelude {
+    vars: "local CLUSTER, SETV = false, true\n",
+    after: "",
+};
+
+/// How long after a write's links are recorded its value may still be written, in
+/// milliseconds: the value's step is refused after that.
+pub(crate) const PUT_WINDOW_MS: u64 = 5_000;
+
+/// How long after an entry's links were recorded the collector may remove them for
+/// want of a value, in milliseconds: past the window of the value's step, with 5 s to
+/// spare for the masters' clocks (the link time is the graph master's, the value's
+/// deadline is judged by the value's master).
+pub(crate) const COLLECT_GRACE_MS: u64 = 10_000;
+
 /// On a cluster: the graph's scripts do not touch values (they are on other slots);
 /// an invalidation's count is reserved for `RESERVE` ms at most; the count instances
-/// read is the highest one below every reserved count (see `PUBLISH_EPOCH`).
-const ON_CLUSTER: &str = concat!(
-    "local CLUSTER, SETV, RESERVE = true, false, 10000\n",
-    include_str!("lua/publish_epoch.lua")
-);
+/// read is the highest one below every reserved count (see `PUBLISH_EPOCH`); a
+/// linked write returns when its links were recorded (its value's step must come
+/// within [`PUT_WINDOW_MS`] of it).
+const ON_CLUSTER: Prelude = Prelude {
+    vars: "local CLUSTER, SETV, RESERVE = true, false, 10000\n",
+    after: include_str!("lua/publish_epoch.lua"),
+};
 
 /// One of the graph's scripts, with the common part and `prelude`.
-fn hashed(name: &'static str, script: &str, prelude: &str) -> Arc<Hashed> {
+fn hashed(name: &'static str, script: &str, prelude: &Prelude) -> Arc<Hashed> {
     Hashed::plain(name, script_text(script, prelude))
 }
 
@@ -73,8 +98,11 @@ const UNLINK: &str = include_str!("lua/unlink.lua");
 
 /// ARGV: G, P, key, value, ttl ms, remote epoch, n, n links, then per cascade: dependency,
 /// count, keys. Writes the value with its links, replacing the old ones, unless a
-/// marker of the entry or of a link is newer than the remote epoch, or that epoch is above the
-/// server's count (it restarted and lost its markers). Returns 1 if written.
+/// marker of the entry or of a link is newer than the remote epoch, or that epoch is
+/// above the server's count (it restarted and lost its markers). Returns 1 if written.
+/// On a cluster, records the links only (the value follows on its own slot, and may
+/// not land: the old links stay with the new ones, since the old value stays), and
+/// returns when, in unix ms.
 const WRITE: &str = include_str!("lua/write.lua");
 
 /// ARGV: G, P, marker ttl ms, kept key ('' for none), '1' to return the keys,
@@ -94,6 +122,11 @@ const INVALIDATE: &str = include_str!("lua/invalidate.lua");
 /// evicted: nothing if it was set again or its links are gone already; else removes
 /// its links.
 const COLLECT: &str = include_str!("lua/collect.lua");
+
+/// On a cluster, ARGV: G, P, value keys. For each, when its links were recorded
+/// ('' without links, '0' if unknown), then the time: the collector's first step (see
+/// [`GraphKeys::linked`]).
+const LINKED: &str = include_str!("lua/linked.lua");
 
 /// ARGV: G, P, value keys. Repairs forward links: without its value, an entry's
 /// links go (counted first); if a node's reverse set lacks the entry (an invalidation
@@ -115,8 +148,9 @@ const REPAIR_PARENTS: &str = include_str!("lua/repair_parents.lua");
 const GET_TOUCH_EPOCH: &str = include_str!("lua/get_touch_epoch.lua");
 
 /// On a cluster, a value's write after the graph accepted its links (KEYS: the value
-/// key; ARGV: the value, its expiry in ms, the count it was computed at): written
-/// unless an invalidation with a higher count left a tombstone there.
+/// key; ARGV: the value, its expiry in ms, the count it was computed at, a deadline in
+/// unix ms): written unless an invalidation with a higher count left a tombstone
+/// there, or the deadline is past.
 const PUT: &str = include_str!("lua/put.lua");
 
 /// On a cluster, what an invalidation leaves in place of a value (KEYS: the value key;
@@ -144,6 +178,7 @@ struct Layout {
     write: Arc<Hashed>,
     invalidate: Arc<Hashed>,
     collect: Arc<Hashed>,
+    linked: Arc<Hashed>,
     repair_links: Arc<Hashed>,
     repair_rev: Arc<Hashed>,
     repair_cascade: Arc<Hashed>,
@@ -151,16 +186,17 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(graph: String, prelude: &str) -> Arc<Layout> {
+    fn new(graph: String, prelude: &Prelude) -> Arc<Layout> {
         let new = |name, script| hashed(name, script, prelude);
         Arc::new(Layout {
             graph,
             write: new("the graph's write script", WRITE),
-            invalidate: match prelude == ON_CLUSTER {
+            invalidate: match *prelude == ON_CLUSTER {
                 true => new("the graph's invalidation script", INVALIDATE).removing(),
                 false => new("the graph's invalidation script", INVALIDATE),
             },
             collect: new("the collector's script", COLLECT),
+            linked: new("the collector's script", LINKED),
             repair_links: new("a repair script", REPAIR_LINKS),
             repair_rev: new("a repair script", REPAIR_REV),
             repair_cascade: new("a repair script", REPAIR_CASCADE),
@@ -201,8 +237,8 @@ impl GraphKeys {
     /// without one).
     pub(crate) fn new(prefix: &str, marker_ttl: Duration, endpoint: Option<Arc<Endpoint>>) -> Self {
         GraphKeys {
-            node: Layout::new(format!("{prefix}:g:"), ON_NODE),
-            cluster: Layout::new(format!("{prefix}:g:{{{prefix}}}:"), ON_CLUSTER),
+            node: Layout::new(format!("{prefix}:g:"), &ON_NODE),
+            cluster: Layout::new(format!("{prefix}:g:{{{prefix}}}:"), &ON_CLUSTER),
             endpoint,
             values: format!("{prefix}:{}:", cache_runtime::FORMAT_VERSION),
             marker_ttl: u64::try_from(marker_ttl.as_millis())
@@ -212,7 +248,7 @@ impl GraphKeys {
             touch_value: Hashed::plain("the sliding read", TOUCH_VALUE.to_owned()),
             put: Hashed::plain("the value's write", PUT.to_owned()),
             bury: Hashed::plain("the tombstone's write", BURY.to_owned()).removing(),
-            release: hashed("the end of an invalidation", RELEASE, ON_CLUSTER).removing(),
+            release: hashed("the end of an invalidation", RELEASE, &ON_CLUSTER).removing(),
         }
     }
 
@@ -279,7 +315,8 @@ impl GraphKeys {
         }
     }
 
-    /// On a cluster, the value's write after its links were accepted (see `PUT`).
+    /// On a cluster, the value's write after its links were accepted (see `PUT`),
+    /// without its deadline: the caller adds it once the links are recorded.
     pub(crate) fn put(&self, w: &cache_runtime::LinkedWrite) -> ScriptCall {
         let mut call = Self::on_value(&self.put, Prefixed(&self.values, &w.key));
         call.arg(&w.value)
@@ -366,6 +403,39 @@ impl GraphKeys {
     pub(crate) fn collect(&self, key: &str) -> ScriptCall {
         let mut cmd = self.call(|l| &l.collect);
         cmd.arg(key);
+        cmd
+    }
+
+    /// On a cluster, the collector's first step for the value keys `keys`: when
+    /// their links were recorded, and the graph master's time. Values are on other
+    /// slots, so the collector then looks at each value, and removes the links of
+    /// those it found without one ([`GraphKeys::collect_found`]), unless written
+    /// again since. It only looks at links recorded [`COLLECT_GRACE_MS`] ago at least:
+    /// by then a value's step is past its deadline ([`PUT_WINDOW_MS`]), so a value
+    /// not there is not on its way.
+    pub(crate) fn linked(&self, keys: &[String]) -> ScriptCall {
+        let mut cmd = self.call(|l| &l.linked);
+        cmd.arg(keys);
+        cmd
+    }
+
+    /// On a cluster, the collector's step for entries found without a value: their
+    /// value keys, with when their links were recorded (as [`GraphKeys::linked`] said).
+    pub(crate) fn collect_found(&self, found: &[(String, String)]) -> ScriptCall {
+        let mut cmd = self.call(|l| &l.collect);
+        for (key, at) in found {
+            cmd.arg(key).arg(at);
+        }
+        cmd
+    }
+
+    /// On a cluster, the repair of forward links: value keys, with when their links
+    /// were recorded and whether their value was there after that.
+    pub(crate) fn repair_found(&self, found: &[(String, String, bool)]) -> ScriptCall {
+        let mut cmd = self.call(|l| &l.repair_links);
+        for (key, at, live) in found {
+            cmd.arg(key).arg(at).arg(if *live { "1" } else { "0" });
+        }
         cmd
     }
 

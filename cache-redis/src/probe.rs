@@ -160,7 +160,9 @@ pub(crate) async fn probe(
         if cluster {
             // the steps of an invalidation on a cluster (see `crate::tombstones`);
             // reservations it takes over are buried and released with its own
-            script(con, graph.put(&linked), feature, &scripts).await?;
+            let mut put = graph.put(&linked);
+            put.arg(u64::MAX);
+            script(con, put, feature, &scripts).await?;
             let walk = graph.walk(start, None, "probe", "");
             let (count, keys, adopted): (u64, Vec<String>, Vec<u64>) = match walk.run(con).await {
                 Ok(reply) => reply,

@@ -208,7 +208,12 @@ pub(crate) async fn writer(
             match op {
                 Op::Linked { graph, put } => {
                     match next(&|| format!("EVALSHA ({})", graph.name())) {
-                        Ok(redis::Value::Int(1)) => puts.push(*put),
+                        // when the links were recorded: the value's deadline follows
+                        Ok(redis::Value::Int(at)) if at > 0 => {
+                            let mut put = *put;
+                            put.arg(at.unsigned_abs() + crate::graph::PUT_WINDOW_MS);
+                            puts.push(put);
+                        }
                         // refused by a marker: nothing to write
                         Ok(_) => {
                             metrics.0.written.fetch_add(1, Ordering::Relaxed);

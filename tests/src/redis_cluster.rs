@@ -195,7 +195,7 @@ impl RedisCluster {
     }
 
     /// The keys starting with `prefix` on node `i` (`SCAN`), and a connection to it.
-    fn scan_on(&self, i: usize, prefix: &str) -> (Vec<String>, redis::Connection) {
+    pub fn scan_on(&self, i: usize, prefix: &str) -> (Vec<String>, redis::Connection) {
         let client = redis::Client::open(self.nodes[i].url()).expect("url");
         let mut con = client.get_connection().expect("connect");
         let keys = redis::cmd("SCAN")

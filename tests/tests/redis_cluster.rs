@@ -116,29 +116,203 @@ async fn any_node_or_a_seed_will_do() {
     assert!(sync.is_ok(), "{:?}", sync.err());
 }
 
-/// Fails unless `err` says the cluster does not support it yet.
-fn says_not_yet(err: &RedisBackendError) {
-    assert!(
-        err.to_string()
-            .contains("not supported on a Redis Cluster yet"),
-        "{err}"
-    );
+/// A row kept for 1 s, depending on one of ten groups.
+#[cached(name = "gc.row", ttl = "1s")]
+async fn gc_row(id: u64) -> u64 {
+    cache_runtime::add_dependency(format!("gc:{}", id % 10));
+    id
 }
 
-/// What the cluster does not support yet is refused with a message that says so,
-/// rather than failing on every call.
+/// The value key of row `id` under `prefix`.
+fn gc_key(prefix: &str, id: u64) -> String {
+    format!("{prefix}:2:gc.row:v1({id})")
+}
+
+/// The graph's keys of `prefix` that hold links, on every master: the forward links
+/// and their times, the reverse sets, the parents, the cascades.
+fn links_left(cluster: &RedisCluster, prefix: &str) -> Vec<String> {
+    let graph = format!("{prefix}:g:{{{prefix}}}:");
+    (0..cluster.masters().len())
+        .flat_map(|i| cluster.scan_on(i, &graph).0)
+        .filter(|k| {
+            let kind = &k[graph.len()..];
+            ["links", "linked", "rev:", "parents", "cascade:"]
+                .iter()
+                .any(|p| kind.starts_with(p))
+        })
+        .collect()
+}
+
+/// Waits up to `within` for `done`; returns how long it took.
+fn wait_for(within: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < within, "not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+/// A collector pointed at one node hears the values expire on every master and
+/// removes their links from the graph's master, once they are old enough that no
+/// value is on its way: no link is left anywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_collector_is_refused_on_a_cluster() {
+async fn the_collector_leaves_no_link_of_an_expired_value_on_any_master() {
     let cluster = RedisCluster::start(3, 0);
-    let err = cache_redis::DependencyCollector::builder(cluster.url())
+    let collector = cache_redis::DependencyCollector::builder(cluster.url())
+        .key_prefix("gc")
         .start()
         .await
-        .unwrap_err();
-    says_not_yet(&err);
-    let err = cache_redis::full_collection(&cluster.url(), "cache")
+        .unwrap();
+    let svc = tests::redis_service(&cluster.url(), "gc", true).await;
+    svc.scope(async {
+        for id in 0..120 {
+            assert_eq!(gc_row(id).await, id);
+        }
+    })
+    .await;
+    assert!(!svc.shutdown().await.timed_out);
+    assert_eq!(svc.stats().remote.write_errors, 0);
+    let per_master: Vec<usize> = (0..3).map(|i| cluster.keys_on(i, "gc:2:")).collect();
+    eprintln!("values per master: {per_master:?}");
+    assert!(per_master.iter().all(|&n| n > 0), "{per_master:?}");
+    assert!(!links_left(&cluster, "gc").is_empty());
+    let took = tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(40), || {
+            links_left(&cluster, "gc").is_empty()
+        })
+    });
+    eprintln!("links gone {took:?} after the writes");
+    assert_eq!(collector.collected(), 120);
+    collector.stop().await;
+}
+
+/// The first id whose value key (`key(id)`) is not on the master of the graph of
+/// `prefix`.
+fn off_graph(cluster: &RedisCluster, prefix: &str, key: impl Fn(u64) -> String) -> u64 {
+    let graph = cluster.master_of(&format!("{prefix}:g:{{{prefix}}}:epoch"));
+    (0..)
+        .find(|&id| cluster.master_of(&key(id)) != graph)
+        .unwrap()
+}
+
+/// A service with the graph under `prefix` whose writer waits 20 s for a reply: it
+/// waits for a value's step through a pause (a client that gives up closes its
+/// connection, and the paused write with it).
+async fn patient_service(cluster: &RedisCluster, prefix: &str) -> CachingService {
+    CachingService::builder()
+        .backend(
+            RedisBackend::builder(cluster.url())
+                .key_prefix(prefix)
+                .dependencies(true)
+                .operation_timeout(Duration::from_secs(20))
+                .build()
+                .await
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
+}
+
+/// With no collector running, the full collection (given one node) repairs the
+/// links of values that expired on every master, once they are old enough: before
+/// that it leaves them, counted as recent (a value may be on its way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_full_collection_repairs_what_no_collector_heard() {
+    let cluster = RedisCluster::start(3, 0);
+    let svc = tests::redis_service(&cluster.url(), "fc", true).await;
+    svc.scope(async {
+        for id in 0..60 {
+            assert_eq!(gc_row(id).await, id);
+        }
+    })
+    .await;
+    assert!(!svc.shutdown().await.timed_out);
+    let written = Instant::now();
+    let report = cache_redis::full_collection(&cluster.url(), "fc")
         .await
-        .unwrap_err();
-    says_not_yet(&err);
+        .unwrap();
+    assert_eq!((report.recent, report.removed()), (60, 0), "{report:?}");
+    // the values expire after 1 s; the links are left alone for 10 s
+    tokio::time::sleep(Duration::from_secs(11).saturating_sub(written.elapsed())).await;
+    let report = cache_redis::full_collection(&cluster.url(), "fc")
+        .await
+        .unwrap();
+    eprintln!("{report:?}");
+    assert_eq!((report.forward_sets, report.recent), (60, 0), "{report:?}");
+    assert_eq!(links_left(&cluster, "fc"), Vec::<String>::new());
+    let report = cache_redis::full_collection(&cluster.url(), "fc")
+        .await
+        .unwrap();
+    assert_eq!(report.removed(), 0, "{report:?}");
+}
+
+/// A value's write held up (its master refuses writes for 13 s) after its links were
+/// recorded: the full collection 11 s later finds no value and removes the links, so
+/// the value must not land when its master resumes, where no invalidation would
+/// find it. It is refused: it came past its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_held_up_past_its_deadline_is_not_written_once_its_links_are_collected() {
+    let cluster = RedisCluster::start(3, 0);
+    let id = off_graph(&cluster, "late", |id| gc_key("late", id));
+    let key = gc_key("late", id);
+    let svc = patient_service(&cluster, "late").await;
+    cluster.masters()[cluster.master_of(&key)].pause_writes(Duration::from_secs(13));
+    let paused = Instant::now();
+    svc.scope(async { assert_eq!(gc_row(id).await, id) }).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let report = cache_redis::full_collection(&cluster.url(), "late")
+        .await
+        .unwrap();
+    assert_eq!(report.forward_sets, 1, "{report:?}");
+    tokio::time::sleep(Duration::from_secs(14).saturating_sub(paused.elapsed())).await;
+    let (keys, mut con) = cluster.scan_on(cluster.master_of(&key), "late:2:");
+    let value: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(&mut con).unwrap();
+    assert_eq!((keys, value), (Vec::new(), None), "the late value landed");
+    assert_eq!(links_left(&cluster, "late"), Vec::<String>::new());
+}
+
+/// What [`moving_row`] depends on: `move:a` until it is switched to `move:b`.
+static MOVED_DEPENDENCY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A row whose dependency changes between two of its computations.
+#[cached(name = "move.row")]
+async fn moving_row(id: u64) -> u64 {
+    let b = MOVED_DEPENDENCY.load(std::sync::atomic::Ordering::SeqCst);
+    cache_runtime::add_dependency(if b { "move:b" } else { "move:a" });
+    id + u64::from(b)
+}
+
+/// A value linked to `move:a`, computed again linked to `move:b`, whose new value
+/// never lands (its master refuses writes past the value's deadline): the old value
+/// stays in Redis, so it must stay linked to `move:a`, and an invalidation of
+/// `move:a` removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_whose_successor_never_landed_keeps_its_links() {
+    let cluster = RedisCluster::start(3, 0);
+    let key = |id| format!("move:2:move.row:v1({id})");
+    let id = off_graph(&cluster, "move", key);
+    let master = cluster.master_of(&key(id));
+    let svc = patient_service(&cluster, "move").await;
+    svc.scope(async {
+        assert_eq!(moving_row(id).await, id);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(cluster.live_on(master, &key(id)), 1);
+        MOVED_DEPENDENCY.store(true, std::sync::atomic::Ordering::SeqCst);
+        // the new value's step waits for 6 s: past its deadline
+        cluster.masters()[master].pause_writes(Duration::from_secs(6));
+        cache_runtime::refresh!(moving_row(id)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // the old value is still there
+        assert_eq!(cluster.live_on(master, &key(id)), 1);
+        cache_runtime::invalidate_dependency("move:a").await;
+    })
+    .await;
+    assert_eq!(
+        cluster.live_on(master, &key(id)),
+        0,
+        "the old value outlived an invalidation of what it depends on"
+    );
 }
 
 /// Entries whose values sit on every master, linked to one dependency directly and

@@ -11,14 +11,16 @@ USAGE:
     cache-redis-gc --url <URL> --prefix <PREFIX> [--full]
 
 OPTIONS:
-    --url <URL>        the Redis server, as given to RedisBackend (redis://host:port/db)
+    --url <URL>        the Redis server, or any node of a Redis Cluster, as given to
+                       RedisBackend (redis://host:port/db)
     --prefix <PREFIX>  the key prefix, as given to RedisBackend::key_prefix
     --full             run one full collection, print its report, and exit
     -h, --help         print this help
 
 Without --full it runs a collector until SIGINT or SIGTERM: it removes the links of
 values that expire or are evicted (from keyspace notifications), and runs a full
-collection at start and after a lost subscription. Several may run at once.
+collection at start and after a lost subscription (on a cluster: on every master,
+and again when the masters change). Several may run at once.
 The server needs `maxmemory-policy volatile-lru` and `notify-keyspace-events Exe`.
 Logs go to stderr; RUST_LOG sets the level (default: info).";
 
@@ -67,8 +69,8 @@ async fn main() -> ExitCode {
         return match full_collection(&args.url, &args.prefix).await {
             Ok(report) => {
                 println!(
-                    "scanned {} graph keys; removed the links of {} entries without a value, {} entries with incomplete links, {} reverse-set members, {} cascades, {} parents",
-                    report.scanned, report.forward_sets, report.broken_entries, report.reverse_members, report.cascades, report.parents
+                    "scanned {} graph keys; removed the links of {} entries without a value, {} entries with incomplete links, {} reverse-set members, {} cascades, {} parents; left {} entries linked too recently to judge (a cluster's)",
+                    report.scanned, report.forward_sets, report.broken_entries, report.reverse_members, report.cascades, report.parents, report.recent
                 );
                 ExitCode::SUCCESS
             }

@@ -105,6 +105,7 @@ chunks(removed, function(...)
     end
   end
   redis.call('HDEL', LINKS, ...)
+  if CLUSTER then redis.call('HDEL', G .. 'linked', ...) end
 end)
 for node, vs in pairs(others) do
   for _, v in ipairs(vs) do forget(node, v) end

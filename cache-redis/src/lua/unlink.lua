@@ -17,5 +17,6 @@ local function unlink(v)
   if links then
     for node in string.gmatch(links, '[^%z]+') do forget(node, v) end
     redis.call('HDEL', LINKS, v)
+    if CLUSTER then redis.call('HDEL', G .. 'linked', v) end
   end
 end
