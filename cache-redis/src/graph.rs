@@ -190,7 +190,12 @@ impl Layout {
         let new = |name, script| hashed(name, script, prelude);
         Arc::new(Layout {
             graph,
-            write: new("the graph's write script", WRITE),
+            // on a cluster the value follows on its own slot once its links are
+            // recorded: a failover must not lose links whose value is written
+            write: match *prelude == ON_CLUSTER {
+                true => new("the graph's write script", WRITE).removing(),
+                false => new("the graph's write script", WRITE),
+            },
             invalidate: match *prelude == ON_CLUSTER {
                 true => new("the graph's invalidation script", INVALIDATE).removing(),
                 false => new("the graph's invalidation script", INVALIDATE),

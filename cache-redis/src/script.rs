@@ -24,7 +24,9 @@ impl Hashed {
         Arc::new(Hashed { name, text, sha })
     }
 
-    /// Marks it as a script that removes values (see [`removes`]).
+    /// Marks it as a script that removes values, or one whose effects a failover must
+    /// not lose for another reason (the links of a value written next): see
+    /// [`removes`].
     pub(crate) fn removing(self: Arc<Self>) -> Arc<Self> {
         REMOVING
             .write()

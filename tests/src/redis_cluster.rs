@@ -61,7 +61,34 @@ impl RedisCluster {
         );
         let cluster = RedisCluster { nodes, masters };
         cluster.wait_ok(Duration::from_secs(20));
+        cluster.wait_replicas(replicas, Duration::from_secs(20));
         cluster
+    }
+
+    /// Waits until `CLUSTER SLOTS` on every master lists `replicas` replicas for each
+    /// of its slot ranges: a replica is listed once it has synced, and until then
+    /// clients do not know it is there (no `WAIT` for it).
+    fn wait_replicas(&self, replicas: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        for master in self.masters() {
+            let mut con = redis::Client::open(master.url())
+                .and_then(|c| c.get_connection())
+                .expect("connect");
+            loop {
+                let ranges: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query(&mut con)
+                    .expect("CLUSTER SLOTS");
+                if ranges.iter().all(|r| r.len() >= 3 + replicas) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the replicas are not listed after {within:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     /// Waits until every node running says `cluster_state:ok`.

@@ -315,6 +315,53 @@ async fn a_value_whose_successor_never_landed_keeps_its_links() {
     );
 }
 
+/// A row kept for a minute, depending on `kept:{id}`.
+#[cached(name = "kept.row", ttl = "60s")]
+async fn kept_row(id: u64) -> u64 {
+    cache_runtime::add_dependency(format!("kept:{id}"));
+    id
+}
+
+/// The graph's master acknowledges a value's links but never passes them to its
+/// replica (frozen, cut), then is killed, and the replica takes over without them.
+/// A value written on its own master by then would stay there, linked to nothing an
+/// invalidation could reach: so the value is written only once a replica has its
+/// links (none did here), and after the takeover an invalidation of its dependency
+/// leaves no value behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_is_not_written_before_a_replica_has_its_links() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let graph = cluster.master_of("wl:g:{wl}:epoch");
+    let key = |id| format!("wl:2:kept.row:v1({id})");
+    let id = off_graph(&cluster, "wl", key);
+    let master = cluster.master_of(&key(id));
+    let svc = tests::redis_service(&cluster.url(), "wl", true).await;
+    let replica = cluster.replica_of(graph);
+    cluster.nodes()[replica].suspend();
+    let killed = cluster.nodes()[graph].command(&["CLIENT", "KILL", "TYPE", "replica"]);
+    assert_eq!(killed.as_deref(), Some(":1"));
+    svc.scope(async { assert_eq!(kept_row(id).await, id) })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let written = cluster.live_on(master, &key(id));
+    cluster.node_mut(graph).stop();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    cluster.nodes()[replica].resume();
+    let reply = cluster.nodes()[replica].command(&["CLUSTER", "FAILOVER", "TAKEOVER"]);
+    assert_eq!(reply.as_deref(), Some("+OK"));
+    tokio::task::block_in_place(|| cluster.wait_ok(Duration::from_secs(20)));
+    svc.scope(cache_runtime::invalidate_dependency(format!("kept:{id}")))
+        .await;
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(20), || {
+            svc.stats().remote.removals_waiting == 0
+        })
+    });
+    let left = cluster.live_on(master, &key(id));
+    eprintln!("written before the takeover: {written}; left after the invalidation: {left}");
+    assert_eq!(left, 0, "a value outlived its links");
+}
+
 /// Entries whose values sit on every master, linked to one dependency directly and
 /// through a nested cached call, are all removed from every master by an
 /// invalidation in another process; the graph's keys are on one master; the

@@ -266,6 +266,14 @@ async fn soak(seconds: Duration, seed: u64) -> String {
         };
         if u < before {
             wrong += 1;
+            if std::env::var_os("CACHE_INSTANCE_DEBUG").is_some() {
+                eprintln!(
+                    "wrong: {} of {id}: {u} < {before} at {} ms; {:?}",
+                    if (r >> 4) % 3 == 0 { "view" } else { "row" },
+                    now_ms() % 100_000,
+                    cache_runtime::stats().remote
+                );
+            }
         }
         if (r >> 12) % 4 == 0 {
             let latest: Option<u64> = redis::cmd("GET")

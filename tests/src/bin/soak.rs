@@ -25,10 +25,10 @@ USAGE:
 OPTIONS:
     --seconds <S>      how long the load runs (default 60)
     --instances <N>    instance processes (default 3)
-    --mode <MODE>      l1-deps (RedisBackend with an L1 and dependencies, default),
-                       l1 (with an L1, rows without dependencies, so stored in
-                       Redis; the default with --cluster), redis (RedisBackend
-                       alone), sync (memory caches with RedisSync)
+    --mode <MODE>      l1-deps (RedisBackend with an L1 and dependencies, and a
+                       dependency collector; default), l1 (with an L1, rows
+                       without dependencies, so stored in Redis), redis
+                       (RedisBackend alone), sync (memory caches with RedisSync)
     --cluster          a Redis Cluster of 3 masters and 3 replicas for the cache
     --no-faults        no faults
     --fault <NAME>     only this fault (repeatable): redis-restart, pause,
@@ -36,7 +36,7 @@ OPTIONS:
                        with --cluster: master-kill (a failover, then the old
                        master back as a replica), takeover (CLUSTER FAILOVER
                        TAKEOVER on a replica), reshard (1,000 slots moved), pause,
-                       kill-pubsub, evictions, instance-restart
+                       kill-pubsub, evictions, instance-restart, collector-stop
     --seed <N>         the load's seed (default 1)
     --json             print the result as one JSON object, on the last line
     -h, --help         print this help
@@ -46,7 +46,7 @@ read outside fault periods, with how long after each fault it came. The instance
 views of a database (about 90%) and write them, then invalidate by key or by
 dependency (about 10%), over 400 rows (their L1 holds 100).";
 
-const CLUSTER_FAULTS: [&str; 7] = [
+const CLUSTER_FAULTS: [&str; 8] = [
     "master-kill",
     "pause",
     "takeover",
@@ -54,6 +54,7 @@ const CLUSTER_FAULTS: [&str; 7] = [
     "reshard",
     "evictions",
     "instance-restart",
+    "collector-stop",
 ];
 
 const FAULTS: [&str; 6] = [
@@ -112,15 +113,9 @@ fn parse() -> Result<Option<Args>, String> {
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
-    a.mode = mode.unwrap_or_else(|| if a.cluster { "l1" } else { "l1-deps" }.into());
+    a.mode = mode.unwrap_or_else(|| "l1-deps".into());
     if !["l1-deps", "l1", "redis", "sync"].contains(&a.mode.as_str()) {
         return Err(format!("unknown mode `{}`", a.mode));
-    }
-    if a.cluster && a.mode == "l1-deps" {
-        return Err(
-            "--mode l1-deps runs a dependency collector, which is not supported on a cluster yet"
-                .into(),
-        );
     }
     let faults: &[&str] = if a.cluster { &CLUSTER_FAULTS } else { &FAULTS };
     if let Some(bad) = chosen.iter().find(|f| !faults.contains(&f.as_str())) {
@@ -466,15 +461,17 @@ fn main() {
         let _ = writeln!(inst.stdin, "flush");
         let _ = writeln!(inst.stdin, "quit");
     }
-    // every value expires (views live 5 s) and the collector hears of it
-    std::thread::sleep(Duration::from_secs(7));
+    // every value expires (views live 5 s) and the collector hears of it; on a
+    // cluster, their links are old enough to judge (10 s)
+    std::thread::sleep(Duration::from_secs(if args.cluster { 12 } else { 7 }));
     let (repaired, orphans) = if deps {
         rt.block_on(async {
             let first = cache_redis::full_collection(&cache.url(), "inst").await;
             let second = cache_redis::full_collection(&cache.url(), "inst").await;
             (
                 first.map(|r| r.removed()).unwrap_or(u64::MAX),
-                second.map(|r| r.removed()).unwrap_or(u64::MAX),
+                // (links too recent to judge would be left: none, this long after)
+                second.map(|r| r.removed() + r.recent).unwrap_or(u64::MAX),
             )
         })
     } else {
