@@ -390,6 +390,21 @@ impl RedisBackendBuilder {
             {
                 return Err(RedisBackendError::Config(CLUSTER_GRAPH_PREFIX));
             }
+            if let (Some(graph), Conn::Cluster(cluster)) = (&store.graph, &con) {
+                // the graph's identity, which its scripts then check
+                let known = async {
+                    let masters = crate::topology::topology(cluster).await?.masters;
+                    let replicas = |slot| endpoint.replicas_of(slot);
+                    crate::cluster::know_graph(&store.link, cluster, graph, &masters, &replicas)
+                        .await
+                };
+                known.await.map_err(|e| {
+                    RedisBackendError::Command(format!(
+                        "reading the dependency graph's identity: {}",
+                        crate::probe::words(&e)
+                    ))
+                })?;
+            }
             probe.run(&mut con).await?;
             crate::settings::check(&mut con, self.dependencies)
                 .await

@@ -65,6 +65,8 @@ pub(crate) struct Recent {
     /// With the dependency graph: the highest invalidation count read from the
     /// cluster (see [`crate::tombstones`]), which reads report as theirs.
     pub(crate) epoch: AtomicU64,
+    /// With the dependency graph: times it found the graph lost or cleared.
+    pub(crate) graphs_lost: AtomicU64,
     /// With the dependency graph: this instance's walks.
     pub(crate) walks: crate::tombstones::Walks,
 }
@@ -88,6 +90,7 @@ impl Recent {
             topology_changes: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            graphs_lost: AtomicU64::new(0),
             walks: crate::tombstones::Walks::new(),
         }
     }
@@ -282,17 +285,32 @@ pub(crate) async fn watch(
             return;
         };
         if let Some(graph) = &replay.graph {
-            // the count reads report (see `crate::tombstones`)
-            let epoch = format!("{}epoch", graph.g());
-            // stored, not raised: a count that went down (a clear, a failover
-            // that lost invalidations) must go down here too
-            if let Ok(Ok(n)) = tokio::time::timeout(
-                timeout,
-                link.query::<Option<u64>>(redis::cmd("GET").arg(&epoch)),
-            )
-            .await
+            // the count reads report (see `crate::tombstones`), and the graph's
+            // identity (see `know_graph`)
+            let mut get = redis::cmd("MGET");
+            get.arg(format!("{}epoch", graph.g()))
+                .arg(format!("{}gen", graph.g()));
+            if let Ok(Ok((n, gen))) =
+                tokio::time::timeout(timeout, link.query::<(Option<u64>, Option<String>)>(&get))
+                    .await
             {
+                // stored, not raised: a count that went down (a clear, a failover
+                // that lost invalidations) must go down here too
                 recent.epoch.store(n.unwrap_or(0), Ordering::Release);
+                if gen.as_deref() != Some(graph.gen().as_str()) {
+                    let replicas = |slot| replay.endpoint.replicas_of(slot);
+                    match know_graph(&link, &con, graph, &seen.masters, &replicas).await {
+                        Ok(true) => {
+                            replay.receivers.stale();
+                            recent.graphs_lost.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(target: "cache_redis", "the dependency graph was lost (its master restarted or failed over without it) or cleared: the values under the prefix were removed, in-process tier cleared");
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::debug!(target: "cache_redis", error = %e, "catching up with the dependency graph failed; trying again");
+                        }
+                    }
+                }
             }
         }
         if recent.unsure.load(Ordering::Acquire) {
@@ -315,6 +333,55 @@ pub(crate) async fn watch(
         }
         stable = Some(seen);
     }
+}
+
+/// On a cluster with the dependency graph: reads the graph's identity (`gen`) and
+/// makes it the one `graph` knows. A graph without one is new, or was lost (its
+/// master restarted or failed over without it) or cleared; one other than the one
+/// known was lost and made again by another instance. Either way values under the
+/// prefix may be on the masters with links the graph does not have, where no
+/// invalidation would reach them: they are removed from every master first, then the
+/// graph gets an identity if it has none, and that is adopted (until then, the
+/// instance's graph scripts are refused: see `publish_epoch.lua`). A graph found
+/// with an identity by an instance that knew none yet is adopted as it is. Returns
+/// whether values were removed.
+pub(crate) async fn know_graph(
+    link: &Arc<Link>,
+    con: &ClusterConnection,
+    graph: &crate::graph::GraphKeys,
+    masters: &[Node],
+    replicas: &(dyn Fn(u16) -> usize + Sync),
+) -> RedisResult<bool> {
+    let failed = |e: cache_runtime::RemoteError| {
+        redis::RedisError::from((redis::ErrorKind::Io, "the graph's identity", e.0))
+    };
+    let key = format!("{}gen", graph.g());
+    let gen: Option<String> = link
+        .query(redis::cmd("GET").arg(&key))
+        .await
+        .map_err(failed)?;
+    let known = graph.gen();
+    if let Some(gen) = &gen {
+        if known.is_empty() || **known == *gen {
+            graph.set_gen(gen.clone());
+            return Ok(false);
+        }
+    }
+    let pattern = format!("{}*", crate::graph::glob_escape(&graph.values));
+    unlink_matching(con, masters, &pattern, replicas).await?;
+    if gen.is_none() {
+        let fresh = format!("{:x}", cache_runtime::new_instance_id());
+        let _: Option<String> = link
+            .query(redis::cmd("SET").arg(&key).arg(fresh).arg("NX"))
+            .await
+            .map_err(failed)?;
+    }
+    let gen: Option<String> = link
+        .query(redis::cmd("GET").arg(&key))
+        .await
+        .map_err(failed)?;
+    graph.set_gen(gen.unwrap_or_default());
+    Ok(true)
 }
 
 /// Removes every key matching `pattern` on every master: `SCAN` on each, `UNLINK`

@@ -226,6 +226,9 @@ pub(crate) struct GraphKeys {
     put: Arc<Hashed>,
     bury: Arc<Hashed>,
     release: Arc<Hashed>,
+    /// On a cluster, the graph's identity (`{graph}gen`) as known, shared by the
+    /// clones (see [`crate::cluster::know_graph`]).
+    gen: Arc<arc_swap::ArcSwap<String>>,
 }
 
 impl std::fmt::Debug for GraphKeys {
@@ -254,6 +257,7 @@ impl GraphKeys {
             put: Hashed::plain("the value's write", PUT.to_owned()),
             bury: Hashed::plain("the tombstone's write", BURY.to_owned()).removing(),
             release: hashed("the end of an invalidation", RELEASE, &ON_CLUSTER).removing(),
+            gen: Arc::default(),
         }
     }
 
@@ -295,11 +299,26 @@ impl GraphKeys {
             script: script(layout).clone(),
             args: redis::Cmd::new(),
         };
-        call.arg(1)
-            .arg(Prefixed(&layout.graph, "epoch"))
-            .arg(&layout.graph)
-            .arg(&self.values);
+        call.arg(1).arg(Prefixed(&layout.graph, "epoch"));
+        // on a cluster, the graph's identity as known: the scripts change nothing in
+        // another graph (see `unlink.lua`)
+        let gen = self.gen.load();
+        match self.on_cluster() && !gen.is_empty() {
+            true => call.arg(format!("{}\0{gen}", layout.graph)),
+            false => call.arg(&layout.graph),
+        };
+        call.arg(&self.values);
         call
+    }
+
+    /// On a cluster, the graph's identity as this instance knows it ('' before it
+    /// knows one: its scripts then change whatever graph is there).
+    pub(crate) fn gen(&self) -> Arc<String> {
+        self.gen.load_full()
+    }
+
+    pub(crate) fn set_gen(&self, gen: String) {
+        self.gen.store(Arc::new(gen));
     }
 
     /// A call of a script on one value key.

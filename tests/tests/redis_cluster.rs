@@ -362,6 +362,66 @@ async fn a_value_is_not_written_before_a_replica_has_its_links() {
     assert_eq!(left, 0, "a value outlived its links");
 }
 
+/// The source of [`source_row`].
+static SOURCE: std::sync::Mutex<u64> = std::sync::Mutex::new(1);
+
+/// A row kept for a minute, depending on `source:{id}`, read from [`SOURCE`].
+#[cached(name = "source.row", ttl = "60s")]
+async fn source_row(id: u64) -> u64 {
+    cache_runtime::add_dependency(format!("source:{id}"));
+    *SOURCE.lock().unwrap()
+}
+
+/// The graph's master restarts empty (no replica, nothing on disk): the graph is
+/// gone, the values on the other masters are not, and no invalidation could reach
+/// them any more. The instance notices (its scripts are refused by a graph it does
+/// not know, and its watcher reads the graph's identity): it removes the prefix's
+/// values before it writes to the new graph. Its invalidation after the restart is
+/// held until then, so it never reads an old value; neither does a new process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graph_lost_with_its_master_takes_the_values_it_linked_with_it() {
+    let mut cluster = RedisCluster::start(3, 0);
+    let graph = cluster.master_of("gl:g:{gl}:epoch");
+    let key = |id| format!("gl:2:source.row:v1({id})");
+    let ids: Vec<u64> = (0..200)
+        .filter(|&id| cluster.master_of(&key(id)) != graph)
+        .take(20)
+        .collect();
+    let svc = tests::redis_service(&cluster.url(), "gl", true).await;
+    svc.scope(async {
+        for &id in &ids {
+            assert_eq!(source_row(id).await, 1);
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let live = || -> usize { (0..3).map(|i| cluster.live_on(i, "gl:2:")).sum() };
+    assert_eq!(live(), ids.len());
+    cluster.node_mut(graph).restart();
+    tokio::task::block_in_place(|| cluster.wait_ok(Duration::from_secs(20)));
+    *SOURCE.lock().unwrap() = 2;
+    let mut old = 0;
+    svc.scope(async {
+        for &id in &ids {
+            cache_runtime::invalidate_dependency(format!("source:{id}")).await;
+            if source_row(id).await != 2 {
+                old += 1;
+            }
+        }
+    })
+    .await;
+    let fresh = tests::redis_service(&cluster.url(), "gl", true).await;
+    fresh
+        .scope(async {
+            for &id in &ids {
+                assert_eq!(source_row(id).await, 2, "a new process read an old value");
+            }
+        })
+        .await;
+    eprintln!("{:?}", svc.stats().remote);
+    assert_eq!(old, 0, "old values read after the invalidations");
+}
+
 /// Entries whose values sit on every master, linked to one dependency directly and
 /// through a nested cached call, are all removed from every master by an
 /// invalidation in another process; the graph's keys are on one master; the

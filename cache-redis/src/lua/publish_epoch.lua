@@ -1,3 +1,9 @@
+-- a graph other than the one the caller knows (it was lost: its master restarted
+-- or failed over without it; or it was cleared): values may be in Redis that it no
+-- longer links, so nothing is changed until the caller has caught up
+if GEN ~= '' and redis.call('GET', G .. 'gen') ~= GEN then
+  return redis.error_reply('GRAPHGEN the dependency graph is not the one this instance knows (it was lost or cleared)')
+end
 local function publish_epoch()
   local first = redis.call('ZRANGE', G .. 'inflight', 0, 0)
   local p

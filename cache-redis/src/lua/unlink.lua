@@ -1,5 +1,11 @@
 
-local G, P = ARGV[1], ARGV[2]
+-- ARGV[1] is the graph's prefix, followed on a cluster by a zero byte and the
+-- graph's identity as the caller knows it (see `crate::graph::GraphKeys::call`)
+local G, P, GEN = ARGV[1], ARGV[2], ''
+do
+  local cut = string.find(G, '\0', 1, true)
+  if cut then G, GEN = string.sub(G, 1, cut - 1), string.sub(G, cut + 1) end
+end
 local LINKS, PARENTS = G .. 'links', G .. 'parents'
 local function forget(node, v)
   local rev = G .. 'rev:' .. node
