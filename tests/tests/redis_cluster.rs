@@ -422,6 +422,49 @@ async fn a_graph_lost_with_its_master_takes_the_values_it_linked_with_it() {
     assert_eq!(old, 0, "old values read after the invalidations");
 }
 
+/// The source of [`flight_row`].
+static FLIGHT: std::sync::Mutex<u64> = std::sync::Mutex::new(1);
+
+/// A row kept for a minute, depending on `flight:{id}`, read from [`FLIGHT`].
+#[cached(name = "flight.row", ttl = "60s")]
+async fn flight_row(id: u64) -> u64 {
+    cache_runtime::add_dependency(format!("flight:{id}"));
+    *FLIGHT.lock().unwrap()
+}
+
+/// Another instance's invalidation has unlinked a value but not buried it yet (the
+/// value's master refuses writes for 3 s); this instance then invalidates the same
+/// dependency: its own walk finds the links gone, so it buries what the other walk
+/// has not, and until that lands it holds the key: it never reads the old value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_buries_what_another_walk_in_flight_unlinked() {
+    let cluster = RedisCluster::start(3, 0);
+    let key = |id| format!("fl:2:flight.row:v1({id})");
+    let id = off_graph(&cluster, "fl", key);
+    let master = cluster.master_of(&key(id));
+    let a = tests::redis_service(&cluster.url(), "fl", true).await;
+    let b = tests::redis_service(&cluster.url(), "fl", true).await;
+    *FLIGHT.lock().unwrap() = 1;
+    a.scope(async { assert_eq!(flight_row(id).await, 1) }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(cluster.live_on(master, &key(id)), 1);
+    cluster.masters()[master].pause_writes(Duration::from_secs(3));
+    let other = tokio::spawn(b.scope(cache_runtime::invalidate_dependency(format!("flight:{id}"))));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    *FLIGHT.lock().unwrap() = 2;
+    let read = a
+        .scope(async {
+            cache_runtime::invalidate_dependency(format!("flight:{id}")).await;
+            flight_row(id).await
+        })
+        .await;
+    other.await.unwrap();
+    assert_eq!(
+        read, 2,
+        "the instance read the value another walk had unlinked"
+    );
+}
+
 /// Entries whose values sit on every master, linked to one dependency directly and
 /// through a nested cached call, are all removed from every master by an
 /// invalidation in another process; the graph's keys are on one master; the

@@ -148,6 +148,17 @@ if CLUSTER then
       adopt(c)
     end
   end
+  -- Keys other walks unlinked and have not buried yet: this walk buries them too, so
+  -- that its caller, once done, reads none of them (its own walk finds their links
+  -- gone, and would leave them to a walk in flight, or to a stopped instance's
+  -- deadline).
+  for _, c in ipairs(redis.call('ZRANGE', INFLIGHT, 0, -1)) do
+    if not taken[c] and tonumber(c) ~= epoch then
+      for _, v in ipairs(redis.call('LRANGE', G .. 'burying:' .. c, 0, -1)) do
+        removed[#removed + 1] = v
+      end
+    end
+  end
   -- which counts this walk holds, for a later walk of its caller if the reply is lost
   if #counts > 0 then
     redis.call('SET', G .. 'walk:' .. ARGV[6], table.concat(counts, ' '), 'PX', 2 * RESERVE)
