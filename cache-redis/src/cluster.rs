@@ -412,7 +412,7 @@ pub(crate) async fn unlink_matching(
                 for k in keys {
                     pipe.cmd("UNLINK").arg(k);
                 }
-                refused(crate::endpoint::cluster_pipeline(con, &pipe, replicas, &|_| None).await?)?;
+                refused(crate::endpoint::cluster_pipeline(con, &pipe, replicas).await?)?;
             }
             if next == 0 {
                 break;
@@ -435,7 +435,7 @@ pub(crate) async fn remove_keys(
         for k in chunk {
             pipe.cmd("DEL").arg(crate::writer::Prefixed(prefix, k));
         }
-        refused(crate::endpoint::cluster_pipeline(con, &pipe, replicas, &|_| None).await?)?;
+        refused(crate::endpoint::cluster_pipeline(con, &pipe, replicas).await?)?;
     }
     Ok(())
 }

@@ -646,10 +646,7 @@ impl Graph {
             let (lonely, broken, count, bury): (u64, u64, u64, Vec<String>) =
                 self.script(keys.repair_found(&look.ready)).await?;
             // a value whose links were incomplete: a tombstone in its place
-            let calls: Vec<ScriptCall> = bury
-                .iter()
-                .map(|v| keys.bury(std::slice::from_ref(v), count))
-                .collect();
+            let calls: Vec<ScriptCall> = bury.iter().map(|v| keys.bury(v, count)).collect();
             if !calls.is_empty() {
                 run_scripts(&self.link, &calls).await?;
             }

@@ -44,7 +44,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Node(c) => c.req_packed_commands(pipe, offset, count),
             Conn::Cluster(c) => Box::pin(async move {
-                let replies = cluster_pipeline(c, pipe, &|_| 0, &|_| None).await?;
+                let replies = cluster_pipeline(c, pipe, &|_| 0).await?;
                 Ok(replies.into_iter().skip(offset).take(count).collect())
             }),
         }
@@ -125,17 +125,6 @@ impl Endpoint {
             .collect();
         clients.extend(self.seeds.iter().cloned());
         *self.nodes.lock().unwrap_or_else(PoisonError::into_inner) = clients;
-    }
-
-    /// The master of `slot` when last seen, as an index among the masters.
-    pub(crate) fn master_of(&self, slot: u16) -> Option<usize> {
-        let topology = self.topology.lock().unwrap_or_else(PoisonError::into_inner);
-        let t = topology.as_ref()?;
-        let (_, _, id) = t
-            .ranges
-            .iter()
-            .find(|(a, b, _)| (*a..=*b).contains(&slot))?;
-        t.masters.iter().position(|m| m.id == *id)
     }
 
     /// How many replicas the master of `slot` had when last seen.
@@ -374,19 +363,9 @@ fn part_of(cmd: &Cmd) -> Part {
 /// How long a removal waits for a replica to acknowledge it (`WAIT`).
 const REPLICA_WAIT_MS: u64 = 100;
 
-/// Where a group of commands goes: the master of its slots as last seen (an index
-/// among the masters), or, where none was seen, its one slot.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum At {
-    Node(usize),
-    Slot(u16),
-}
-
-/// One node's pipeline (or one slot's): its commands, where each reply goes (the
-/// pipeline's index, and whether it adds to a split removal's sum), and whether it
-/// removes keys. `slot` is its first command's, which routes it.
+/// One slot's pipeline: its commands, where each reply goes (the pipeline's index,
+/// and whether it adds to a split removal's sum), and whether it removes keys.
 struct Group {
-    at: At,
     slot: u16,
     cmds: Vec<Cmd>,
     to: Vec<usize>,
@@ -394,10 +373,8 @@ struct Group {
 }
 
 /// Runs a pipeline on a cluster, where Redis runs a pipeline on one node only: the
-/// commands of one node (by `master`, the slots' masters as last seen; of one slot
-/// where unknown) go together as one pipeline, in their order, the nodes' in
-/// parallel. A command whose slot moved since is answered `MOVED` and fails, as it
-/// would alone; the caller sends it again. A removal of keys of several slots is split by slot (its reply is the
+/// commands of one slot go together as one pipeline, in their order, the slots' in
+/// parallel. A removal of keys of several slots is split by slot (its reply is the
 /// sum). A command without a key, or with keys of several slots that is not a
 /// removal, waits for those before it and is routed alone.
 ///
@@ -412,7 +389,6 @@ pub(crate) async fn cluster_pipeline(
     con: &ClusterConnection,
     pipe: &redis::Pipeline,
     replicas: &(dyn Fn(u16) -> usize + Sync),
-    master: &(dyn Fn(u16) -> Option<usize> + Sync),
 ) -> RedisResult<Vec<Value>> {
     let cmds: Vec<&Cmd> = pipe.cmd_iter().collect();
     let mut replies = vec![Value::Nil; cmds.len()];
@@ -420,15 +396,13 @@ pub(crate) async fn cluster_pipeline(
     let mut summed = vec![false; cmds.len()];
     let mut i = 0;
     while i < cmds.len() {
-        // the commands of each node, up to the next command sent alone
+        // the commands of each slot, up to the next command sent alone
         let mut groups: Vec<Group> = Vec::new();
         let add = |groups: &mut Vec<Group>, slot: u16, cmd: Cmd, to: usize, removes: bool| {
-            let place = master(slot).map_or(At::Slot(slot), At::Node);
-            let at = match groups.iter().position(|g| g.at == place) {
+            let at = match groups.iter().position(|g| g.slot == slot) {
                 Some(at) => at,
                 None => {
                     groups.push(Group {
-                        at: place,
                         slot,
                         cmds: Vec::new(),
                         to: Vec::new(),

@@ -153,10 +153,9 @@ const GET_TOUCH_EPOCH: &str = include_str!("lua/get_touch_epoch.lua");
 /// there, or the deadline is past.
 const PUT: &str = include_str!("lua/put.lua");
 
-/// On a cluster, what an invalidation leaves in place of values (KEYS: a value key;
-/// ARGV: the invalidation's count, the tombstone's lifetime in ms, more value keys
-/// of the same node): a zero byte and the count, unless a tombstone with a count as
-/// high is there already.
+/// On a cluster, what an invalidation leaves in place of a value (KEYS: the value key;
+/// ARGV: the invalidation's count, the tombstone's lifetime in ms): a zero byte and
+/// the count, unless a tombstone with a count as high is there already.
 const BURY: &str = include_str!("lua/bury.lua");
 
 /// On a cluster, a sliding entry's read: the value, its expiry moved unless it is a
@@ -350,18 +349,10 @@ impl GraphKeys {
         call
     }
 
-    /// On a cluster, tombstones of count `count` in place of the value keys `keys`
-    /// (at least one), which must be on one node (see `BURY`).
-    pub(crate) fn bury(&self, keys: &[String], count: u64) -> ScriptCall {
-        let mut call = ScriptCall {
-            script: self.bury.clone(),
-            args: redis::Cmd::new(),
-        };
-        call.arg(1)
-            .arg(&keys[0])
-            .arg(count)
-            .arg(self.marker_ttl)
-            .arg(&keys[1..]);
+    /// On a cluster, a tombstone of count `count` in place of the value key `key`.
+    pub(crate) fn bury(&self, key: &str, count: u64) -> ScriptCall {
+        let mut call = Self::on_value(&self.bury, key);
+        call.arg(count).arg(self.marker_ttl);
         call
     }
 

@@ -169,13 +169,7 @@ pub(crate) async fn probe(
                 Err(e) => return judge(Err(e), "EVALSHA", feature, scripts.clone()),
             };
             for key in &keys {
-                script(
-                    con,
-                    graph.bury(std::slice::from_ref(key), count),
-                    feature,
-                    &scripts,
-                )
-                .await?;
+                script(con, graph.bury(key, count), feature, &scripts).await?;
             }
             let counts: Vec<u64> = std::iter::once(count).chain(adopted).collect();
             script(con, graph.release(&counts), feature, &scripts).await?;

@@ -29,9 +29,6 @@ use crate::graph::{GraphKeys, ScriptCall};
 use crate::link::Link;
 use crate::writer::run_scripts;
 
-/// How many tombstones one script leaves at most.
-const BURY_BATCH: usize = 500;
-
 /// How long a reservation lasts before another walk takes it over (`RESERVE` in
 /// the scripts' prelude on a cluster, `graph::ON_CLUSTER`): a lost walk is named by this instance's walks for that long.
 const RESERVE: Duration = Duration::from_secs(10);
@@ -137,27 +134,9 @@ pub(crate) async fn bury(
     keys: &[String],
     counts: &[u64],
 ) -> Result<u64, RemoteError> {
-    // one script per node (its keys on several of the node's slots), where the
-    // node of a key's slot is known; one per key elsewhere
-    let mut by_node: Vec<(Option<usize>, Vec<String>)> = Vec::new();
-    for key in keys {
-        let node = link
-            .endpoint()
-            .master_of(crate::endpoint::slot_of(key.as_bytes()));
-        match by_node
-            .iter_mut()
-            .find(|(n, _)| node.is_some() && *n == node)
-        {
-            Some((_, group)) => group.push(key.clone()),
-            None => by_node.push((node, vec![key.clone()])),
-        }
-    }
-    let calls: Vec<ScriptCall> = by_node
-        .iter()
-        .flat_map(|(_, group)| group.chunks(BURY_BATCH).map(|c| graph.bury(c, count)))
-        .collect();
-    for calls in calls.chunks(1000) {
-        run_scripts(link, calls).await?;
+    for chunk in keys.chunks(1000) {
+        let calls: Vec<ScriptCall> = chunk.iter().map(|k| graph.bury(k, count)).collect();
+        run_scripts(link, &calls).await?;
     }
     let reply = run_scripts(link, &[graph.release(counts)]).await?;
     let reply = reply.into_iter().next().unwrap_or(redis::Value::Nil);
