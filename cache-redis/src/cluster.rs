@@ -211,6 +211,7 @@ impl Replayer {
                     .map_err(failed)?;
                 let keys = &mut walked.keys;
                 keys.extend(w.keys.iter().map(|k| format!("{}{k}", self.prefix)));
+                keys.append(&mut walked.others);
                 let (count, counts) = (walked.count, &walked.counts);
                 let published = crate::tombstones::bury(link, graph, count, keys, counts)
                     .await

@@ -164,7 +164,9 @@ pub(crate) async fn probe(
             put.arg(u64::MAX);
             script(con, put, feature, &scripts).await?;
             let walk = graph.walk(start, None, "probe", "");
-            let (count, keys, adopted): (u64, Vec<String>, Vec<u64>) = match walk.run(con).await {
+            // (the keys of other walks in flight, last, are theirs to bury)
+            type Walked = (u64, Vec<String>, Vec<u64>, Vec<String>);
+            let (count, keys, adopted, _): Walked = match walk.run(con).await {
                 Ok(reply) => reply,
                 Err(e) => return judge(Err(e), "EVALSHA", feature, scripts.clone()),
             };

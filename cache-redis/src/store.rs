@@ -395,7 +395,7 @@ impl RedisStore {
         let (walk, id) = walks.walk(graph, &start, keep.as_deref());
         let reply = self.call(Some(Command::Script(walk)), None).await;
         let walked = walks.walked(id, reply.map(|(reply, _)| reply))?;
-        let (count, keys) = (walked.count, walked.keys);
+        let (count, keys, others) = (walked.count, walked.keys, walked.others);
         let readable: Vec<String> = keys
             .iter()
             .filter_map(|v| v.strip_prefix(graph.values.as_str()).map(str::to_owned))
@@ -408,9 +408,14 @@ impl RedisStore {
             .iter()
             .flat_map(|(c, _)| c.iter().copied())
             .collect();
+        // each key once: walks in flight name theirs to every walk
+        let mut seen = std::collections::HashSet::new();
         let all: Vec<String> = pending
             .iter()
-            .flat_map(|(_, k)| k.iter().cloned())
+            .flat_map(|(_, k)| k.iter())
+            .chain(&others)
+            .filter(|k| seen.insert(k.as_str()))
+            .cloned()
             .collect();
         // the highest count: a tombstone's count only refuses more
         let top = counts.iter().copied().max().unwrap_or(count);

@@ -41,11 +41,14 @@ pub(crate) struct Walks {
 }
 
 /// Step 1's outcome: its count, the value keys to bury (its own and those of the
-/// reservations it took over), and the counts to release (its own first).
+/// reservations it took over), the counts to release (its own first), and the keys
+/// other walks in flight have not buried yet, which it buries too (they stay with
+/// those walks' reservations if it fails).
 pub(crate) struct Walked {
     pub(crate) count: u64,
     pub(crate) keys: Vec<String>,
     pub(crate) counts: Vec<u64>,
+    pub(crate) others: Vec<String>,
 }
 
 impl Walks {
@@ -98,7 +101,7 @@ impl Walks {
                 return Err(e);
             }
         };
-        let (count, keys, adopted): (u64, Vec<String>, Vec<u64>) =
+        let (count, keys, adopted, others): (u64, Vec<String>, Vec<u64>, Vec<String>) =
             redis::from_redis_value(reply).map_err(|e| RemoteError(e.to_string()))?;
         let mut counts = Vec::with_capacity(1 + adopted.len());
         counts.push(count);
@@ -107,6 +110,7 @@ impl Walks {
             count,
             keys,
             counts,
+            others,
         })
     }
 }

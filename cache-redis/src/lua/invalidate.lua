@@ -152,10 +152,12 @@ if CLUSTER then
   -- that its caller, once done, reads none of them (its own walk finds their links
   -- gone, and would leave them to a walk in flight, or to a stopped instance's
   -- deadline).
+  -- (Returned apart: they stay with their own reservations.)
+  local others = {}
   for _, c in ipairs(redis.call('ZRANGE', INFLIGHT, 0, -1)) do
     if not taken[c] and tonumber(c) ~= epoch then
       for _, v in ipairs(redis.call('LRANGE', G .. 'burying:' .. c, 0, -1)) do
-        removed[#removed + 1] = v
+        others[#others + 1] = v
       end
     end
   end
@@ -164,7 +166,7 @@ if CLUSTER then
     redis.call('SET', G .. 'walk:' .. ARGV[6], table.concat(counts, ' '), 'PX', 2 * RESERVE)
   end
   publish_epoch()
-  return {epoch, removed, adopted}
+  return {epoch, removed, adopted, others}
 end
 if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
 if want then return removed end
