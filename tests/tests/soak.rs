@@ -37,19 +37,23 @@ fn twenty_seconds_with_every_fault() {
 
 /// The same on a Redis Cluster of 3 masters and 3 replicas, with the cluster's faults
 /// (a master killed, a takeover, a resharding under load, a pause, a lost
-/// subscription, evictions, an instance restarted): no call fails, other instances'
-/// reads are stale for at most the bus latency outside faults, and the failover
-/// happened. Rows are stored without dependencies (`--mode l1`), so a value another
-/// instance computed before an invalidation can land after it (the documented window
-/// of `dependencies(false)`); the wrong values that window gives are printed, not
-/// asserted.
+/// subscription, evictions, an instance restarted, the collector stopped), rows
+/// depending on their dependency in the graph across slots: no call fails, no
+/// instance reads a value older than its own commit, other instances' reads are
+/// stale for at most the bus latency outside faults, the failover happened, and no
+/// orphan is left in the graph.
 #[test]
 fn twenty_seconds_on_a_cluster_with_every_cluster_fault() {
     let json = soak(&["--cluster", "--seconds", "20"]);
     let n = |k: &str| json[k].as_u64().unwrap_or_else(|| panic!("{k} in {json}"));
-    assert!(n("calls") > 10_000, "{json}");
+    // fewer than on one server: six servers and three instances share two cores
+    // (about 7,700 calls in the tests' debug build, 70,000 in a release build), and
+    // removals wait up to 100 ms for a replica while one resyncs after a failover
+    assert!(n("calls") > 4_000, "{json}");
     assert_eq!(n("failed_calls"), 0, "{json}");
+    assert_eq!(n("wrong_values"), 0, "{json}");
     assert!(n("stale_p99_ms") < 500, "{json}");
     assert!(n("failover_ms") < 20_000, "{json}");
     assert!(n("l1_clears") > 0, "{json}");
+    assert_eq!(n("orphan_keys"), 0, "{json}");
 }
