@@ -465,6 +465,85 @@ async fn an_invalidation_buries_what_another_walk_in_flight_unlinked() {
     );
 }
 
+/// The source of [`replicated_row`].
+static REPLICATED: std::sync::Mutex<u64> = std::sync::Mutex::new(1);
+
+/// A row kept for a minute (no dependencies), read from [`REPLICATED`].
+#[cached(name = "replicated.row", ttl = "60s")]
+async fn replicated_row(id: u64) -> u64 {
+    let _ = id;
+    *REPLICATED.lock().unwrap()
+}
+
+/// A removal no replica acknowledges (the master's only replica frozen and cut) is
+/// refused (`WAIT 1` answered 0), held and sent again: meanwhile the instance reads
+/// the new value (the body runs). Once the replica is back the removal goes through;
+/// the master killed then and the replica taking over, the instance reads the new
+/// value throughout and replays its removals, and a new process reads it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_no_replica_acknowledged_is_held_and_sent_again() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let key = |id| format!("nr:2:replicated.row:v1({id})");
+    let id = 7;
+    let master = cluster.master_of(&key(id));
+    let svc = tests::redis_service(&cluster.url(), "nr", false).await;
+    svc.scope(async { assert_eq!(replicated_row(id).await, 1) })
+        .await;
+    let replica = cluster.replica_of(master);
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(5), || {
+            cluster.nodes()[replica].command(&["DBSIZE"]).as_deref() == Some(":1")
+        })
+    });
+    cluster.nodes()[replica].suspend();
+    let killed = cluster.nodes()[master].command(&["CLIENT", "KILL", "TYPE", "replica"]);
+    assert_eq!(killed.as_deref(), Some(":1"));
+    *REPLICATED.lock().unwrap() = 2;
+    svc.scope(async {
+        cache_runtime::invalidate!(replicated_row(id)).await;
+        for _ in 0..20 {
+            assert_eq!(replicated_row(id).await, 2, "read the old value while held");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let remote = svc.stats().remote;
+    assert!(remote.removal_errors > 0, "{remote:?}");
+    assert!(remote.removals_waiting > 0, "{remote:?}");
+    cluster.nodes()[replica].resume();
+    let took = tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(30), || {
+            svc.stats().remote.removals_waiting == 0
+        })
+    });
+    eprintln!("the removal went through {took:?} after the replica resumed");
+    // The replica, failing when it was resent, was no longer listed by the cluster,
+    // so the removal went without `WAIT` and may not have reached it yet: promoted
+    // now, it may serve the old value, which the instance's replay removes. The
+    // instance reads the new value throughout, then a new process does too.
+    cluster.node_mut(master).stop();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let reply = cluster.nodes()[replica].command(&["CLUSTER", "FAILOVER", "TAKEOVER"]);
+    assert_eq!(reply.as_deref(), Some("+OK"));
+    let promoted = Instant::now();
+    svc.scope(async {
+        while svc.stats().remote.invalidations_replayed == 0 {
+            assert_eq!(
+                replicated_row(id).await,
+                2,
+                "read the old value after the takeover"
+            );
+            assert!(promoted.elapsed() < Duration::from_secs(30), "no replay");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let fresh = tests::redis_service(&cluster.nodes()[replica].url(), "nr", false).await;
+    fresh
+        .scope(async { assert_eq!(replicated_row(id).await, 2) })
+        .await;
+}
+
 /// Entries whose values sit on every master, linked to one dependency directly and
 /// through a nested cached call, are all removed from every master by an
 /// invalidation in another process; the graph's keys are on one master; the
