@@ -6,8 +6,9 @@
 //! by its key's slot and follows `MOVED` and `ASK`. A pipeline, which Redis runs on one
 //! node, is split by slot here: [`cluster_pipeline`].
 
+use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
@@ -78,7 +79,14 @@ pub(crate) struct Endpoint {
     nodes: Mutex<Vec<Client>>,
     /// The cluster's topology as last seen.
     topology: Mutex<Option<Topology>>,
+    /// By master id: the most replicas seen listed for it, and when last: a replica
+    /// the cluster stops listing while it fails (or a node's view that lags) still
+    /// counts for [`REPLICAS_REMEMBERED`], since it may come back and take over.
+    replicas_seen: Mutex<HashMap<String, (usize, Instant)>>,
 }
+
+/// How long a replica no longer listed still counts (see `Endpoint::replicas_of`).
+const REPLICAS_REMEMBERED: Duration = Duration::from_secs(30);
 
 impl Endpoint {
     pub(crate) fn new(seeds: Vec<Client>, root_certificate: Option<Vec<u8>>) -> Endpoint {
@@ -88,6 +96,7 @@ impl Endpoint {
             root_certificate,
             kind: OnceLock::new(),
             topology: Mutex::new(None),
+            replicas_seen: Mutex::default(),
         }
     }
 
@@ -117,6 +126,19 @@ impl Endpoint {
 
     /// Records a cluster's topology as seen, and its nodes.
     pub(crate) fn saw(&self, topology: &Topology) {
+        {
+            let mut seen = self
+                .replicas_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            for ((_, _, master), &n) in topology.ranges.iter().zip(&topology.replicas) {
+                let entry = seen.entry(master.clone()).or_insert((0, now));
+                if n >= entry.0 || entry.1.elapsed() > REPLICAS_REMEMBERED {
+                    *entry = (n, now);
+                }
+            }
+        }
         *self.topology.lock().unwrap_or_else(PoisonError::into_inner) = Some(topology.clone());
         let mut clients: Vec<Client> = topology
             .nodes
@@ -129,11 +151,24 @@ impl Endpoint {
 
     /// How many replicas the master of `slot` had when last seen.
     pub(crate) fn replicas_of(&self, slot: u16) -> usize {
-        self.topology
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map_or(0, |t| t.replicas_of(slot))
+        let topology = self.topology.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(t) = topology.as_ref() else { return 0 };
+        let listed = t.replicas_of(slot);
+        let master = t
+            .ranges
+            .iter()
+            .find(|(a, b, _)| (*a..=*b).contains(&slot))
+            .map(|(_, _, id)| id);
+        let remembered = master.and_then(|id| {
+            let seen = self
+                .replicas_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            seen.get(id)
+                .filter(|(_, at)| at.elapsed() <= REPLICAS_REMEMBERED)
+                .map(|(n, _)| *n)
+        });
+        listed.max(remembered.unwrap_or(0))
     }
 
     /// A client for the node at `host:port`, with the first URL's credentials and TLS.

@@ -517,10 +517,9 @@ async fn a_removal_no_replica_acknowledged_is_held_and_sent_again() {
         })
     });
     eprintln!("the removal went through {took:?} after the replica resumed");
-    // The replica, failing when it was resent, was no longer listed by the cluster,
-    // so the removal went without `WAIT` and may not have reached it yet: promoted
-    // now, it may serve the old value, which the instance's replay removes. The
-    // instance reads the new value throughout, then a new process does too.
+    // The replica may still hold the old value (it resyncs from the master when it
+    // resumes): promoted now, it may serve it, which the instance's replay removes.
+    // The instance reads the new value throughout, then a new process does too.
     cluster.node_mut(master).stop();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let reply = cluster.nodes()[replica].command(&["CLUSTER", "FAILOVER", "TAKEOVER"]);
