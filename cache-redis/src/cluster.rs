@@ -65,8 +65,6 @@ pub(crate) struct Recent {
     /// With the dependency graph: the highest invalidation count read from the
     /// cluster (see [`crate::tombstones`]), which reads report as theirs.
     pub(crate) epoch: AtomicU64,
-    /// With the dependency graph: times it found the graph lost or cleared.
-    pub(crate) graphs_lost: AtomicU64,
     /// With the dependency graph: this instance's walks.
     pub(crate) walks: crate::tombstones::Walks,
 }
@@ -90,7 +88,6 @@ impl Recent {
             topology_changes: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
-            graphs_lost: AtomicU64::new(0),
             walks: crate::tombstones::Walks::new(),
         }
     }
@@ -303,7 +300,6 @@ pub(crate) async fn watch(
                     match know_graph(&link, &con, graph, &seen.masters, &replicas).await {
                         Ok(true) => {
                             replay.receivers.stale();
-                            recent.graphs_lost.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(target: "cache_redis", "the dependency graph was lost (its master restarted or failed over without it) or cleared: the values under the prefix were removed, in-process tier cleared");
                         }
                         Ok(false) => {}
