@@ -140,14 +140,39 @@ impl Link {
         self: &Arc<Self>,
         build: impl FnOnce(&mut Cmd),
     ) -> Result<T, RemoteError> {
+        let mut handle = self.prepared(build).await?;
+        let result = send(&mut handle.conn, &handle.cmd).await;
+        self.done(handle, result)
+    }
+
+    /// [`Link::request`] on a cluster: the same, in a future that does not hold the
+    /// single server's send (about 1.1 KB, never used on a cluster), so that the read's
+    /// boxed future fits the allocator's per-thread cache (64 tasks of L2 hits on a
+    /// 3-master cluster: 0.85x a raw cluster `GET`'s throughput with it inline).
+    pub(crate) async fn request_routed<T: FromRedisValue>(
+        self: &Arc<Self>,
+        build: impl FnOnce(&mut Cmd),
+    ) -> Result<T, RemoteError> {
+        let mut handle = self.prepared(build).await?;
+        let reply =
+            redis::aio::ConnectionLike::req_packed_command(&mut handle.conn, &handle.cmd).await;
+        let result = reply.and_then(|r| Ok(redis::from_redis_value(r.extract_error()?)?));
+        self.done(handle, result)
+    }
+
+    /// A connection handle (a ready one if the thread holds one) with the command
+    /// `build` writes in its buffer.
+    async fn prepared(
+        self: &Arc<Self>,
+        build: impl FnOnce(&mut Cmd),
+    ) -> Result<Box<Handle>, RemoteError> {
         let mut handle = match self.ready() {
             Some(handle) => handle,
             None => Box::pin(self.connection()).await?,
         };
         handle.cmd.clear();
         build(&mut handle.cmd);
-        let result = send(&mut handle.conn, &handle.cmd).await;
-        self.done(handle, result)
+        Ok(handle)
     }
 
     /// Sends one command.

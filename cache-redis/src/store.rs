@@ -110,19 +110,23 @@ impl RemoteStore for RedisStore {
         }
         // bounded by the connection's response timeout (no second timer per read)
         let Some(graph) = &self.graph else {
+            let build = move |cmd: &mut redis::Cmd| {
+                key.with_text(|key| {
+                    let key = Prefixed(&self.prefix, key);
+                    match touch {
+                        Some(d) => cmd.arg("GETEX").arg(key).arg("PX").arg(millis(d)),
+                        None => cmd.arg("GET").arg(key),
+                    };
+                })
+            };
+            if self.on_cluster() {
+                return Box::pin(async move {
+                    let value: Option<Vec<u8>> = self.link.request_routed(build).await?;
+                    Ok(live(value).into())
+                });
+            }
             return Box::pin(async move {
-                let value: Option<Vec<u8>> = self
-                    .link
-                    .request(move |cmd| {
-                        key.with_text(|key| {
-                            let key = Prefixed(&self.prefix, key);
-                            match touch {
-                                Some(d) => cmd.arg("GETEX").arg(key).arg("PX").arg(millis(d)),
-                                None => cmd.arg("GET").arg(key),
-                            };
-                        })
-                    })
-                    .await?;
+                let value: Option<Vec<u8>> = self.link.request(build).await?;
                 Ok(live(value).into())
             });
         };
@@ -131,7 +135,7 @@ impl RemoteStore for RedisStore {
             // tombstone is a miss
             let epoch = self.recent.epoch.load(Ordering::Acquire);
             let read = move |by_hash: bool| {
-                self.link.request::<Option<Vec<u8>>>(move |cmd| {
+                self.link.request_routed::<Option<Vec<u8>>>(move |cmd| {
                     key.with_text(|key| {
                         let key = Prefixed(&self.prefix, key);
                         match touch {
