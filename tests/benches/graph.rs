@@ -42,6 +42,20 @@ async fn service(url: &str, dependencies: bool) -> CachingService {
 
 const DEPENDENTS: u64 = 1_000;
 
+/// The least any script keeping this graph does for the same invalidation: read the
+/// reverse set (the dependents' value keys), delete the values and their links;
+/// nothing else (no walk, no markers, no other links, no publication).
+fn floor_script() -> redis::Script {
+    redis::Script::new(
+        r"
+local m = redis.call('SMEMBERS', KEYS[1])
+redis.call('UNLINK', unpack(m))
+redis.call('HDEL', KEYS[2], unpack(m))
+redis.call('DEL', KEYS[1])
+",
+    )
+}
+
 fn graph(c: &mut Criterion) {
     let server = RedisServer::start();
     let url = server.url();
@@ -61,68 +75,45 @@ fn graph(c: &mut Criterion) {
     let mut g = c.benchmark_group("invalidate 1,000 dependents");
     g.measurement_time(Duration::from_secs(6)).sample_size(20);
     let round = AtomicU64::new(0);
+    let (floor_script, floor_con) = (floor_script(), con.clone());
+    // One invalidation of 1,000 fresh dependents, by the cache or by the floor script.
+    let invalidation = |floor: bool| {
+        let r = round.fetch_add(1, Ordering::Relaxed);
+        let (mut con, floor_script) = (floor_con.clone(), &floor_script);
+        rt.block_on(with.scope(async move {
+            for id in 0..DEPENDENTS {
+                dependent(id, r).await;
+            }
+            cache_runtime::shutdown().await;
+            if !floor {
+                let start = Instant::now();
+                cache_runtime::invalidate_dependency(format!("shared:{r}")).await;
+                return start.elapsed();
+            }
+            let mut call = floor_script.prepare_invoke();
+            call.key(format!("graph:g:rev:d:shared:{r}"))
+                .key("graph:g:links");
+            let start = Instant::now();
+            let () = call.invoke_async(&mut con).await.unwrap();
+            let took = start.elapsed();
+            let (links, values): (u64, Vec<String>) = redis::pipe()
+                .cmd("HLEN")
+                .arg("graph:g:links")
+                .cmd("KEYS")
+                .arg("graph:*:graph.dependent:*")
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            assert_eq!((links, values.len()), (0, 0), "the floor deleted all");
+            took
+        }))
+    };
     g.bench_function("invalidate_dependency (one script)", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(with.scope(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let r = round.fetch_add(1, Ordering::Relaxed);
-                    for id in 0..DEPENDENTS {
-                        dependent(id, r).await;
-                    }
-                    cache_runtime::shutdown().await;
-                    let start = Instant::now();
-                    cache_runtime::invalidate_dependency(format!("shared:{r}")).await;
-                    total += start.elapsed();
-                }
-                total
-            }))
-        })
+        b.iter_custom(|iters| (0..iters).map(|_| invalidation(false)).sum())
     });
-    // The least any script keeping this graph does for the same invalidation: read
-    // the reverse set (the dependents' value keys), delete the values and their
-    // links; nothing else (no walk, no markers, no other links, no publication).
-    let floor = redis::Script::new(
-        r"
-local m = redis.call('SMEMBERS', KEYS[1])
-redis.call('UNLINK', unpack(m))
-redis.call('HDEL', KEYS[2], unpack(m))
-redis.call('DEL', KEYS[1])
-",
-    );
     g.bench_function(
         "floor: a script that only reads the reverse set and deletes",
-        |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(with.scope(async {
-                    let mut total = Duration::ZERO;
-                    let mut con = con.clone();
-                    for _ in 0..iters {
-                        let r = round.fetch_add(1, Ordering::Relaxed);
-                        for id in 0..DEPENDENTS {
-                            dependent(id, r).await;
-                        }
-                        cache_runtime::shutdown().await;
-                        let mut call = floor.prepare_invoke();
-                        call.key(format!("graph:g:rev:d:shared:{r}"))
-                            .key("graph:g:links");
-                        let start = Instant::now();
-                        let () = call.invoke_async(&mut con).await.unwrap();
-                        total += start.elapsed();
-                        let (links, values): (u64, Vec<String>) = redis::pipe()
-                            .cmd("HLEN")
-                            .arg("graph:g:links")
-                            .cmd("KEYS")
-                            .arg("graph:*:graph.dependent:*")
-                            .query_async(&mut con)
-                            .await
-                            .unwrap();
-                        assert_eq!((links, values.len()), (0, 0), "the floor deleted all");
-                    }
-                    total
-                }))
-            })
-        },
+        |b| b.iter_custom(|iters| (0..iters).map(|_| invalidation(true)).sum()),
     );
     let value = vec![7u8; 100];
     g.bench_function("raw pipelined DEL of the 1,000 keys", |b| {
@@ -148,6 +139,24 @@ redis.call('DEL', KEYS[1])
         })
     });
     g.finish();
+    // The rows above run one after the other while this machine's speed drifts:
+    // alternating runs of the two (each first in turn) give a steadier ratio.
+    let (rounds, each) = (21, 5);
+    let mut ratios = Vec::new();
+    for r in 0..rounds {
+        let mut secs = [0.0; 2];
+        for i in 0..2 {
+            let floor = (r + i) % 2 == 1;
+            let took: Duration = (0..each).map(|_| invalidation(floor)).sum();
+            secs[usize::from(floor)] = took.as_secs_f64();
+        }
+        ratios.push(secs[0] / secs[1]);
+    }
+    println!(
+        "invalidate 1,000 dependents, alternating runs: median time of invalidate_dependency \
+         against the floor script: {:.2}x ({rounds} rounds of {each} each)",
+        median(&mut ratios)
+    );
 
     let mut g = c.benchmark_group("graph miss");
     g.measurement_time(Duration::from_secs(6)).sample_size(40);

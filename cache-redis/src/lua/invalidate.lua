@@ -18,7 +18,19 @@ end
 local RD, RE, skip = G .. 'rev:d:', G .. 'rev:e:', #P + 1
 -- without nested entries (nothing in the parents set), no entry is looked up further
 local nested = redis.call('SCARD', PARENTS) > 0
-local seen_d, seen_e, removed, dead, left, deps, entries = {}, {}, {}, {}, {}, {}, {}
+local seen_d, removed, dead, left, deps, entries = {}, {}, {}, {}, {}, {}
+-- The entries walked, as a set, built only once something may be walked twice: the
+-- entries of one level are one set's members (distinct), and the first level meets
+-- no earlier one (1,000 dependents: about 0.1 ms less).
+local seen_e, kept, distinct = nil, false, false
+local function walked_e()
+  if not seen_e then
+    seen_e = {}
+    for _, v in ipairs(removed) do seen_e[v] = true end
+    if kept then seen_e[keep] = true end
+  end
+  return seen_e
+end
 local function chunks(list, f)
   for i = 1, #list, 1000 do
     f(unpack(list, i, math.min(i + 999, #list)))
@@ -47,14 +59,18 @@ while #deps > 0 or #entries > 0 do
       revs[#revs + 1] = RD .. d
     end
   end
-  for _, v in ipairs(entries) do
-    if not seen_e[v] then
-      seen_e[v] = true
+  if distinct and not seen_e and #removed == 0 and not kept then
+    for _, v in ipairs(entries) do
       if nested then fresh[#fresh + 1] = v end
-      if v ~= keep then
-        removed[#removed + 1] = v
-        -- on a cluster, values are on other slots: the caller leaves tombstones
-        if not CLUSTER then dead[#dead + 1] = v end
+      if v ~= keep then removed[#removed + 1] = v else kept = true end
+    end
+  elseif #entries > 0 then
+    local seen = walked_e()
+    for _, v in ipairs(entries) do
+      if not seen[v] then
+        seen[v] = true
+        if nested then fresh[#fresh + 1] = v end
+        if v ~= keep then removed[#removed + 1] = v else kept = true end
       end
     end
   end
@@ -69,11 +85,18 @@ while #deps > 0 or #entries > 0 do
       end
     end)
   end
-  chunks(revs, function(...)
-    for _, v in ipairs(redis.call('SUNION', ...)) do
-      next_e[#next_e + 1] = v
-    end
-  end)
+  -- (one set, the usual case, is read as it is: SUNION would build a copy first,
+  -- about 0.2 ms for 1,000 members)
+  distinct = #revs <= 1000
+  if #revs == 1 then
+    next_e = redis.call('SMEMBERS', revs[1])
+  else
+    chunks(revs, function(...)
+      for _, v in ipairs(redis.call('SUNION', ...)) do
+        next_e[#next_e + 1] = v
+      end
+    end)
+  end
   for _, rev in ipairs(revs) do dead[#dead + 1] = rev end
   deps, entries = next_d, next_e
 end
@@ -83,7 +106,7 @@ local others = {}
 local function other(node, v)
   local walked
   if string.byte(node, 1) == 100 then walked = seen_d[node]
-  else walked = seen_e[P .. string.sub(node, 3)] end
+  else walked = walked_e()[P .. string.sub(node, 3)] end
   if not walked then
     local vs = others[node]
     if not vs then vs = {}; others[node] = vs end
@@ -110,6 +133,8 @@ end)
 for node, vs in pairs(others) do
   for _, v in ipairs(vs) do forget(node, v) end
 end
+-- on a cluster, values are on other slots: the caller leaves tombstones
+if not CLUSTER then chunks(removed, function(...) redis.call('UNLINK', ...) end) end
 chunks(dead, function(...) redis.call('UNLINK', ...) end)
 if CLUSTER then
   -- This count is reserved until the caller has left its tombstones (`release`):
