@@ -302,39 +302,52 @@ macro_rules! miss_loop {
 }
 
 /// The miss path of an `async fn`: runs the body under single flight and stores its
-/// result; with `path == None` (caching off) just runs the body.
+/// result; with `path == None` (caching off) just runs the body. `body` makes the
+/// body's future, only when it runs.
 #[doc(hidden)]
-pub async fn run_async<K, R, F>(
+pub async fn run_async<K, R, B, F>(
     path: Option<MissPath>,
     desc: &'static Descriptor,
     ops: &'static ValueOps<K::Stored>,
-    body: F,
+    body: B,
 ) -> R
 where
     K: ReturnKind<R>,
+    B: FnOnce() -> F,
     F: Future<Output = R>,
 {
     let Some(path) = path else {
-        return body.await;
+        return boxed(body).await;
     };
     let mut miss = Miss::<K, R>::new(&path, desc, ops);
     if path.refresh {
         // a refresh writes what it computes: with a remote graph, as of the count now
         miss.entry.read_epoch().await;
     }
-    // Waiting for another caller and completing a refresh are boxed: kept inline,
-    // their timers and state made every miss's boxed future larger than the
-    // allocator's per-thread cache takes (1,136 bytes, against 640), and each miss
-    // paid for a slower allocation (64 tasks of L2 hits: 0.80x the raw GET's
-    // throughput, 0.87-0.89x boxed).
+    // This future is boxed by the caller and allocated on every miss of the
+    // in-process tier, remote hits included: what only some misses do is boxed on
+    // its own, so that it stays small.
+    // - The body runs in a box of its own, made when it runs: the user's future (a
+    //   database query's can take kilobytes) is not part of a remote hit's.
+    // - Waiting for another caller and completing a refresh: kept inline, their
+    //   timers and state made this future larger than the allocator's per-thread
+    //   cache takes (1,136 bytes, against 640), and each miss paid for a slower
+    //   allocation (64 tasks of L2 hits: 0.80x the raw GET's throughput, 0.87-0.89x
+    //   boxed).
     miss_loop!(
         miss,
         path.refresh,
         miss.entry.read().await,
-        collect_async(body).await,
+        boxed(|| collect_async(body())).await,
         |flight| Box::pin(flight.wait(miss.lock_timeout)).await,
         |pending| Box::pin(path.service.inner.complete(pending)).await
     )
+}
+
+/// The future `make` makes, made and boxed outside the miss path's future: made
+/// inside it (even as an argument), the compiler keeps room for it there.
+fn boxed<F: Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::pin(make())
 }
 
 /// The miss path of a plain `fn`: concurrent callers of the same key block until the

@@ -14,14 +14,15 @@ pub(super) fn wrapper(f: &CachedFn, c: &Common) -> TokenStream {
     let stmts = &func.block.stmts;
     let block = &func.block;
     let run = if f.is_async {
-        // The miss path is boxed: it holds the body's future and the flight state, and
-        // would otherwise make every call's future (hits included) as large as both.
+        // The miss path is boxed: it holds the flight state and what makes the body's
+        // future, and would otherwise make every call's future (hits included) as
+        // large as both.
         quote! {
-            ::cache_runtime::__private::Box::pin(::cache_runtime::__private::run_async::<#kind_path, _, _>(
+            ::cache_runtime::__private::Box::pin(::cache_runtime::__private::run_async::<#kind_path, _, _, _>(
                 __cache_path,
                 #desc_expr,
                 __cache_ops,
-                async move {
+                move || async move {
                     // Tells type inference what the block returns, so `?` works inside it.
                     #[allow(unreachable_code, clippy::diverging_sub_expression, clippy::let_unit_value)]
                     if false {
