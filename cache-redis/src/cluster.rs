@@ -62,6 +62,8 @@ pub(crate) struct Recent {
     unsure: AtomicBool,
     pub(crate) topology_changes: AtomicU64,
     pub(crate) replayed: AtomicU64,
+    /// Times the watcher found the dependency graph lost (see [`know_graph`]).
+    pub(crate) graphs_lost: AtomicU64,
     /// With the dependency graph: the highest invalidation count read from the
     /// cluster (see [`crate::tombstones`]), which reads report as theirs.
     pub(crate) epoch: AtomicU64,
@@ -87,6 +89,7 @@ impl Recent {
             unsure: AtomicBool::new(false),
             topology_changes: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
+            graphs_lost: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             walks: crate::tombstones::Walks::new(),
         }
@@ -296,10 +299,15 @@ pub(crate) async fn watch(
                 // that lost invalidations) must go down here too
                 recent.epoch.store(n.unwrap_or(0), Ordering::Release);
                 if gen.as_deref() != Some(graph.gen().as_str()) {
+                    // (with none known yet, this is the first start under the prefix:
+                    // the tick came before the build's own look)
+                    let lost = !graph.gen().is_empty();
                     let replicas = |slot| replay.endpoint.replicas_of(slot);
                     match know_graph(&link, &con, graph, &seen.masters, &replicas).await {
+                        Ok(true) if !lost => {}
                         Ok(true) => {
                             replay.receivers.stale();
+                            recent.graphs_lost.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(target: "cache_redis", "the dependency graph was lost (its master restarted or failed over without it) or cleared: the values under the prefix were removed, in-process tier cleared");
                         }
                         Ok(false) => {}

@@ -328,6 +328,7 @@ impl RemoteStore for RedisStore {
         stats.writes_dropped += c.dropped.load(Ordering::Relaxed);
         stats.topology_changes += self.recent.topology_changes.load(Ordering::Relaxed);
         stats.invalidations_replayed += self.recent.replayed.load(Ordering::Relaxed);
+        stats.graphs_lost += self.recent.graphs_lost.load(Ordering::Relaxed);
     }
 }
 

@@ -144,6 +144,12 @@ pub struct RemoteStats {
     /// Removals applied again to the cluster after a topology change (a promoted
     /// replica may never have seen them).
     pub invalidations_replayed: u64,
+    /// On a Redis Cluster with the dependency graph: times this instance found the
+    /// graph lost or replaced (its master restarted empty, or failed over to a
+    /// replica that lacked it, or it was cleared), after which it removed the values
+    /// under the prefix, which no invalidation could reach any more, and cleared its
+    /// in-process tier.
+    pub graphs_lost: u64,
 }
 
 /// What is counted.

@@ -418,8 +418,15 @@ async fn a_graph_lost_with_its_master_takes_the_values_it_linked_with_it() {
             }
         })
         .await;
-    eprintln!("{:?}", svc.stats().remote);
+    let remote = svc.stats().remote;
+    eprintln!("{remote:?}");
     assert_eq!(old, 0, "old values read after the invalidations");
+    assert_eq!(remote.graphs_lost, 1, "the loss is counted once");
+    assert_eq!(
+        fresh.stats().remote.graphs_lost,
+        0,
+        "a new process lost nothing"
+    );
 }
 
 /// The source of [`flight_row`].
