@@ -429,6 +429,80 @@ async fn a_graph_lost_with_its_master_takes_the_values_it_linked_with_it() {
     );
 }
 
+/// The source of [`replaced_row`].
+static REPLACED: std::sync::Mutex<u64> = std::sync::Mutex::new(1);
+
+/// A row kept for a minute, depending on `replaced:{id}`, read from [`REPLACED`].
+#[cached(name = "replaced.row", ttl = "60s")]
+async fn replaced_row(id: u64) -> u64 {
+    cache_runtime::add_dependency(format!("replaced:{id}"));
+    *REPLACED.lock().unwrap()
+}
+
+/// The graph is replaced between two looks of the instance's watcher: its keys gone
+/// (as when its master restarts empty) and another identity in place (as when
+/// another instance has taken the empty graph over). The instance's invalidation
+/// comes first, against a graph that no longer links the value: the graph's scripts
+/// refuse an instance that does not know the graph, so the invalidation is held (the
+/// instance reads no value meanwhile) and sent again once the watcher has removed the
+/// prefix's values. Without the refusal the walk finds nothing and the old value is
+/// read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_graphs_scripts_refuse_an_instance_that_does_not_know_the_graph() {
+    let cluster = RedisCluster::start(3, 0);
+    let key = |id| format!("rg:2:replaced.row:v1({id})");
+    let graph = cluster.master_of("rg:g:{rg}:epoch");
+    let ids: Vec<u64> = (0..400)
+        .filter(|&id| cluster.master_of(&key(id)) != graph)
+        .take(10)
+        .collect();
+    let svc = tests::redis_service(&cluster.url(), "rg", true).await;
+    let (mut old, mut refused) = (0, 0);
+    for (round, &id) in ids.iter().enumerate() {
+        *REPLACED.lock().unwrap() = 1;
+        svc.scope(async { assert_eq!(replaced_row(id).await, 1) })
+            .await;
+        let master = cluster.master_of(&key(id));
+        tokio::task::block_in_place(|| {
+            wait_for(Duration::from_secs(5), || {
+                cluster.live_on(master, &key(id)) == 1
+            })
+        });
+        let before = svc.stats().remote;
+        let node = &cluster.nodes()[graph];
+        assert_eq!(node.command(&["FLUSHALL"]).as_deref(), Some("+OK"));
+        let other = format!("other-{round}");
+        assert_eq!(
+            node.command(&["SET", "rg:g:{rg}:gen", &other]).as_deref(),
+            Some("+OK")
+        );
+        *REPLACED.lock().unwrap() = 2;
+        svc.scope(async {
+            cache_runtime::invalidate_dependency(format!("replaced:{id}")).await;
+            if replaced_row(id).await != 2 {
+                old += 1;
+            }
+        })
+        .await;
+        let after = svc.stats().remote;
+        if after.removal_errors > before.removal_errors {
+            refused += 1;
+        }
+        // the watcher takes the new graph over, and the held removal goes through
+        tokio::task::block_in_place(|| {
+            wait_for(Duration::from_secs(20), || {
+                let r = svc.stats().remote;
+                r.removals_waiting == 0 && r.graphs_lost > before.graphs_lost
+            })
+        });
+    }
+    let remote = svc.stats().remote;
+    eprintln!("rounds {}, refused {refused}: {remote:?}", ids.len());
+    assert_eq!(old, 0, "old values read after the invalidations");
+    assert!(refused > 0, "no invalidation came before the watcher");
+    assert_eq!(remote.graphs_lost, ids.len() as u64);
+}
+
 /// The source of [`flight_row`].
 static FLIGHT: std::sync::Mutex<u64> = std::sync::Mutex::new(1);
 
