@@ -14,7 +14,6 @@
 //! insert and remove.
 
 use hashbrown::HashTable;
-use std::hash::BuildHasher;
 use std::pin::pin;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
@@ -26,6 +25,7 @@ use tokio::sync::Notify;
 use std::any::Any;
 
 use crate::deps::Node;
+use crate::keybuf::key_hash;
 
 /// What a flight's leader hands its waiters: the value, and what it depends on (so a
 /// waiter running inside another cached function links to it as the leader would).
@@ -105,9 +105,10 @@ struct Entry {
     flight: Option<Arc<Flight>>,
 }
 
+/// Keys are filed by [`key_hash`], the hash the in-process tier files them by: the
+/// lookup computed it, and a miss hands it on.
 #[derive(Default)]
 pub(crate) struct Flights {
-    hasher: quick_cache::DefaultHashBuilder,
     shards: [Mutex<HashTable<Entry>>; SHARDS],
 }
 
@@ -117,9 +118,10 @@ pub(crate) enum Join<'a> {
 }
 
 impl Flights {
-    /// Joins the flight for `key`, or starts one and leads it.
-    pub(crate) fn join(&self, key: &Arc<[u8]>) -> Join<'_> {
-        let hash = self.hasher.hash_one(&**key);
+    /// Joins the flight for `key` (whose [`key_hash`] is `hash`), or starts one and
+    /// leads it.
+    pub(crate) fn join(&self, key: &Arc<[u8]>, hash: u64) -> Join<'_> {
+        debug_assert_eq!(hash, key_hash(key));
         // the table uses the low bits of the hash: pick the shard with the high ones
         let shard = &self.shards[(hash >> 60) as usize % SHARDS];
         let mut table = lock(shard);
@@ -164,7 +166,7 @@ impl Flights {
     /// Ends the running flights of `keys` for new callers (see [`Flights::detach_all`]).
     pub(crate) fn detach<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
         for key in keys {
-            let hash = self.hasher.hash_one(key);
+            let hash = key_hash(key);
             let shard = &self.shards[(hash >> 60) as usize % SHARDS];
             let flight = {
                 let mut table = lock(shard);
@@ -270,10 +272,10 @@ mod tests {
     #[tokio::test]
     async fn waiters_get_the_leaders_value() {
         let flights = Flights::default();
-        let Join::Lead(leader) = flights.join(&key()) else {
+        let Join::Lead(leader) = flights.join(&key(), key_hash(b"k")) else {
             panic!("first caller leads")
         };
-        let Join::Wait(flight) = flights.join(&key()) else {
+        let Join::Wait(flight) = flights.join(&key(), key_hash(b"k")) else {
             panic!("second caller waits")
         };
         let waiter = flight.clone();
@@ -289,8 +291,8 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_leader_abandons_the_flight() {
         let flights = Flights::default();
-        let leader = flights.join(&key());
-        let Join::Wait(flight) = flights.join(&key()) else {
+        let leader = flights.join(&key(), key_hash(b"k"));
+        let Join::Wait(flight) = flights.join(&key(), key_hash(b"k")) else {
             panic!()
         };
         drop(leader);
@@ -299,7 +301,7 @@ mod tests {
             Waited::Abandoned
         ));
         assert!(
-            matches!(flights.join(&key()), Join::Lead(_)),
+            matches!(flights.join(&key(), key_hash(b"k")), Join::Lead(_)),
             "the key is free again"
         );
     }
@@ -307,16 +309,16 @@ mod tests {
     #[tokio::test]
     async fn detached_flights_take_no_new_waiters() {
         let flights = Flights::default();
-        let Join::Lead(old) = flights.join(&key()) else {
+        let Join::Lead(old) = flights.join(&key(), key_hash(b"k")) else {
             panic!()
         };
         flights.detach_all();
-        let Join::Lead(new) = flights.join(&key()) else {
+        let Join::Lead(new) = flights.join(&key(), key_hash(b"k")) else {
             panic!("a new caller leads a new flight")
         };
         old.complete(|| slot(1));
         assert!(
-            matches!(flights.join(&key()), Join::Wait(_)),
+            matches!(flights.join(&key(), key_hash(b"k")), Join::Wait(_)),
             "the old leader left the new flight in place"
         );
         drop(new);
@@ -325,8 +327,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiting_is_bounded() {
         let flights = Flights::default();
-        let _leader = flights.join(&key());
-        let Join::Wait(flight) = flights.join(&key()) else {
+        let _leader = flights.join(&key(), key_hash(b"k"));
+        let Join::Wait(flight) = flights.join(&key(), key_hash(b"k")) else {
             panic!()
         };
         assert!(matches!(
@@ -342,10 +344,10 @@ mod tests {
     #[test]
     fn blocking_waiters_are_woken() {
         let flights = Arc::new(Flights::default());
-        let Join::Lead(leader) = flights.join(&key()) else {
+        let Join::Lead(leader) = flights.join(&key(), key_hash(b"k")) else {
             panic!()
         };
-        let Join::Wait(flight) = flights.join(&key()) else {
+        let Join::Wait(flight) = flights.join(&key(), key_hash(b"k")) else {
             panic!()
         };
         let t = std::thread::spawn(move || value(flight.wait_blocking(Duration::from_secs(5))));

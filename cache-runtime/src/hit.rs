@@ -32,6 +32,8 @@ pub struct MissPath {
     pub(crate) service: CachingService,
     pub(crate) reg: &'static Registration,
     pub(crate) key: Key,
+    /// The key's hash (`keybuf::key_hash`), as the lookup computed it.
+    pub(crate) hash: u64,
     /// Run the body and store its result whatever the cache holds (`refresh!`).
     pub(crate) refresh: bool,
 }
@@ -136,7 +138,7 @@ fn probe<K: ReturnKind<R>, R>(
             return Lookup::Hit(K::from_stored(v));
         }
     }
-    miss_path(svc, state, reg, key, refresh)
+    miss_path(svc, state, reg, key, hash, refresh)
 }
 
 /// A function whose profile is disabled or missing: counted, run uncached.
@@ -159,6 +161,7 @@ fn miss_path<R>(
     state: &FnState,
     reg: &'static Registration,
     key: KeyRef<'_>,
+    hash: u64,
     refresh: bool,
 ) -> Lookup<R> {
     tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, refresh, "cache miss");
@@ -166,6 +169,7 @@ fn miss_path<R>(
         service: svc.clone(),
         reg,
         key: key.to_owned(),
+        hash,
         refresh,
     }))
 }

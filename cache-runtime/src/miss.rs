@@ -15,7 +15,6 @@ use crate::deps::{collect_async, collect_sync, with_frame, Frame, Node};
 use crate::flight::{Flight, Handoff, Join, Leader, Waited};
 use crate::hit::{read, MissPath};
 use crate::inner::CachingService;
-use crate::keybuf::key_hash;
 use crate::memory::slot_id;
 use crate::miss_remote::MissEntry;
 use crate::pending::Pending;
@@ -33,6 +32,8 @@ struct Miss<'a, K: ReturnKind<R>, R> {
     /// The entry, its function and what the remote tier said of it.
     entry: MissEntry<'a, K::Stored>,
     lock_timeout: Duration,
+    /// The key's hash, as the lookup computed it.
+    hash: u64,
     /// The invalidation count when the body started (see [`crate::inner::Inner::epoch`]).
     epoch: u64,
     _r: std::marker::PhantomData<fn() -> R>,
@@ -70,6 +71,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             desc,
             entry: MissEntry::new(inner, state, &path.key, ops, expiration),
             lock_timeout,
+            hash: path.hash,
             epoch: 0,
             _r: std::marker::PhantomData,
         }
@@ -86,12 +88,17 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
 
     /// Leads the key's flight, or joins it.
     fn join(&mut self) -> Next<'a, R> {
-        match self.entry.inner.flights.join(self.entry.key.shared()) {
+        match self
+            .entry
+            .inner
+            .flights
+            .join(self.entry.key.shared(), self.hash)
+        {
             Join::Lead(leader) => {
                 self.epoch = self.entry.inner.epoch.load(Ordering::SeqCst);
                 // A flight that ended between the first look and `join` stored its value.
                 let key = self.entry.key.as_bytes();
-                match read(self.entry.inner, key, key_hash(key), self.entry.ops) {
+                match read(self.entry.inner, key, self.hash, self.entry.ops) {
                     Some(v) => {
                         self.entry.state.counters.bump(Counter::L1Hit);
                         Next::Return(K::from_stored(v))
