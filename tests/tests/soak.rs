@@ -6,6 +6,10 @@ use std::process::Command;
 /// Runs the soak with `args` and returns its JSON line.
 fn soak(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_soak"))
+        .env(
+            "CACHE_INSTANCE_PROGRAM",
+            env!("CARGO_BIN_EXE_cache_instance"),
+        )
         .args(args)
         .arg("--json")
         .output()

@@ -151,6 +151,49 @@ struct Instance {
     stdin: ChildStdin,
 }
 
+/// The instance program, `cache_instance`, next to this binary. `cargo run --bin soak`
+/// builds only this binary: when the instance program is missing or older than this
+/// one, it is built first, with the same profile. `CACHE_INSTANCE_PROGRAM` names it
+/// instead (the test suite, which has built it).
+fn instance_program() -> std::path::PathBuf {
+    if let Some(exe) = std::env::var_os("CACHE_INSTANCE_PROGRAM") {
+        return exe.into();
+    }
+    let me = std::env::current_exe().expect("this binary's path");
+    let exe = me.with_file_name(format!("cache_instance{}", std::env::consts::EXE_SUFFIX));
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if modified(&exe).is_some() && modified(&exe) >= modified(&me) {
+        return exe;
+    }
+    let profile = if cfg!(debug_assertions) {
+        "dev"
+    } else {
+        "release"
+    };
+    eprintln!("building cache_instance ({profile} profile)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "-p",
+            "tests",
+            "--bin",
+            "cache_instance",
+            "--profile",
+            profile,
+        ])
+        .arg("--manifest-path")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
+        .status();
+    match status {
+        Ok(s) if s.success() => exe,
+        _ => panic!(
+            "cannot build {} (build it: cargo build --release -p tests --bins)",
+            exe.display()
+        ),
+    }
+}
+
 fn spawn(
     slot: usize,
     mode: &str,
@@ -158,9 +201,7 @@ fn spawn(
     db: &RedisServer,
     tx: &mpsc::Sender<Said>,
 ) -> Instance {
-    let exe = std::env::current_exe()
-        .expect("this binary's path")
-        .with_file_name(format!("cache_instance{}", std::env::consts::EXE_SUFFIX));
+    let exe = instance_program();
     let instance_mode = match mode {
         "l1-deps" => "deps",
         "l1" => "l1-plain",
