@@ -275,6 +275,14 @@ mod tests {
         assert_eq!(key_text(&u128::MAX), u128::MAX.to_string());
         assert_eq!(key_text(&'\''), r"'\''");
         assert_eq!(key_text(&"\n\t\u{1}é"), r#""\n\t\u{1}é""#);
+        // none to escape; C1 and DEL controls; a first byte (0xc2) that is no control
+        assert_eq!(key_text(&"plain ü €"), r#""plain ü €""#);
+        assert_eq!(key_text(&"a\u{85}b\u{7f}"), r#""a\u{85}b\u{7f}""#);
+        assert_eq!(key_text(&"¡q\"\\"), r#""¡q\"\\""#);
+        assert_eq!(
+            key_text(&(0u8, 9u8, 10u16, u64::MAX)),
+            format!("(0,9,10,{})", u64::MAX)
+        );
         assert_eq!(key_text(&1.5f64), "1.5");
         assert_eq!(key_text(&-0.0f64), "-0.0");
         assert!(key_text(&f64::NAN).starts_with("NaN:0x"));

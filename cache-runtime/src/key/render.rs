@@ -49,18 +49,18 @@ pub(super) fn render_key<W: fmt::Write + ?Sized>(bytes: &[u8], f: &mut W) -> fmt
         if let (Some(header), Some(tag::TUPLE)) = (reg.and_then(|r| r.header.as_deref()), r.byte())
         {
             f.write_str(header)?;
-            f.write_str("(")?;
-            render_items(&mut r, f, ",", false)?;
-            return f.write_str(")");
+            f.write_char('(')?;
+            render_items(&mut r, f, false)?;
+            return f.write_char(')');
         }
     }
     match parse_header(bytes) {
         Some((header, rest)) => {
             header.render(f)?;
-            f.write_str("(")?;
+            f.write_char('(')?;
             let mut r = Reader { bytes: rest };
-            render_items(&mut r, f, ",", false)?;
-            f.write_str(")")
+            render_items(&mut r, f, false)?;
+            f.write_char(')')
         }
         None => f.write_str(INVALID_KEY),
     }
@@ -96,33 +96,52 @@ impl Header<'_> {
             f.write_str("::<")?;
             for (i, t) in self.types.iter().enumerate() {
                 if i > 0 {
-                    f.write_str(",")?;
+                    f.write_char(',')?;
                 }
                 f.write_str(t)?;
             }
-            f.write_str(">")?;
+            f.write_char('>')?;
         }
         f.write_str(":v")?;
         write_u64(f, u64::from(self.version))
     }
 }
 
-/// Writes `n` in decimal (without the formatting machinery: keys are rendered on
-/// every read of a remote tier).
-fn write_u64<W: fmt::Write + ?Sized>(f: &mut W, mut n: u64) -> fmt::Result {
+/// Writes `n` in decimal (without the formatting machinery), in one write.
+fn write_u64<W: fmt::Write + ?Sized>(f: &mut W, n: u64) -> fmt::Result {
     let mut buf = [0u8; 20];
+    f.write_str(std::str::from_utf8(digits(n, &mut buf)).map_err(|_| bad())?)
+}
+
+/// A signed integer from its zigzag encoding (as `KeyWriter` writes it).
+#[inline(always)]
+fn unzigzag(z: u64) -> i64 {
+    (z >> 1) as i64 ^ -((z & 1) as i64)
+}
+
+/// The decimal digits of `n`, written at the end of `buf`.
+#[inline(always)]
+fn digits(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;
         buf[i] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
-            break;
+            return &buf[i..];
         }
     }
-    buf[i..]
-        .iter()
-        .try_for_each(|&d| f.write_char(char::from(d)))
+}
+
+/// Whether `bytes` are printable ASCII with no quote nor backslash: a string that is
+/// written as it is. (A loop, not an iterator adapter: this runs on every remote read.)
+#[inline(always)]
+fn plain(bytes: &[u8]) -> bool {
+    let mut ok = true;
+    for &b in bytes {
+        ok &= (0x20..0x7f).contains(&b) & (b != b'"') & (b != b'\\');
+    }
+    ok
 }
 
 /// Renders one value's key in the readable form, as it appears in a function key.
@@ -192,12 +211,11 @@ fn bad() -> fmt::Error {
     fmt::Error
 }
 
-/// Renders values until the closing `END` (consumed), separated by `sep`.
+/// Renders values until the closing `END` (consumed), separated by commas.
 /// With `fields`, each value is preceded by `FIELD name` and rendered `name:value`.
 fn render_items<W: fmt::Write + ?Sized>(
     r: &mut Reader<'_>,
     f: &mut W,
-    sep: &str,
     fields: bool,
 ) -> fmt::Result {
     let mut first = true;
@@ -207,7 +225,7 @@ fn render_items<W: fmt::Write + ?Sized>(
             return Ok(());
         }
         if !first {
-            f.write_str(sep)?;
+            f.write_char(',')?;
         }
         first = false;
         if fields {
@@ -215,7 +233,7 @@ fn render_items<W: fmt::Write + ?Sized>(
                 return Err(bad());
             }
             f.write_str(r.str().ok_or_else(bad)?)?;
-            f.write_str(":")?;
+            f.write_char(':')?;
         }
         render_value(r, f)?;
     }
@@ -226,10 +244,9 @@ fn render_value<W: fmt::Write + ?Sized>(r: &mut Reader<'_>, f: &mut W) -> fmt::R
     match t {
         tag::U64 => write_u64(f, r.varint().ok_or_else(bad)?),
         tag::I64 => {
-            let z = r.varint().ok_or_else(bad)?;
-            let v = (z >> 1) as i64 ^ -((z & 1) as i64);
+            let v = unzigzag(r.varint().ok_or_else(bad)?);
             if v < 0 {
-                f.write_str("-")?;
+                f.write_char('-')?;
             }
             write_u64(f, v.unsigned_abs())
         }
@@ -264,17 +281,9 @@ fn render_value<W: fmt::Write + ?Sized>(r: &mut Reader<'_>, f: &mut W) -> fmt::R
             let n = r.len().ok_or_else(bad)?;
             let bytes = r.take(n).ok_or_else(bad)?;
             f.write_char('"')?;
-            // Short printable ASCII without quotes or backslashes, the usual string
-            // argument: written a byte at a time, which for a few bytes costs less
-            // than validating and copying them as a whole.
-            if n <= 32
-                && bytes
-                    .iter()
-                    .all(|&b| matches!(b, b' ' | b'!' | b'#'..=b'[' | b']'..=b'~'))
-            {
-                for &b in bytes {
-                    f.write_char(char::from(b))?;
-                }
+            // The usual string argument needs no escape: written whole.
+            if plain(bytes) {
+                f.write_str(std::str::from_utf8(bytes).map_err(|_| bad())?)?;
                 return f.write_char('"');
             }
             let s = std::str::from_utf8(bytes).map_err(|_| bad())?;
@@ -295,26 +304,26 @@ fn render_value<W: fmt::Write + ?Sized>(r: &mut Reader<'_>, f: &mut W) -> fmt::R
         tag::SOME => {
             f.write_str("Some(")?;
             render_value(r, f)?;
-            f.write_str(")")
+            f.write_char(')')
         }
-        tag::SKIPPED => f.write_str("*"),
+        tag::SKIPPED => f.write_char('*'),
         tag::SEQ => {
-            f.write_str("[")?;
-            render_items(r, f, ",", false)?;
-            f.write_str("]")
+            f.write_char('[')?;
+            render_items(r, f, false)?;
+            f.write_char(']')
         }
         tag::TUPLE => {
-            f.write_str("(")?;
-            render_items(r, f, ",", false)?;
-            f.write_str(")")
+            f.write_char('(')?;
+            render_items(r, f, false)?;
+            f.write_char(')')
         }
         tag::SET => {
-            f.write_str("{")?;
-            render_items(r, f, ",", false)?;
-            f.write_str("}")
+            f.write_char('{')?;
+            render_items(r, f, false)?;
+            f.write_char('}')
         }
         tag::MAP => {
-            f.write_str("{")?;
+            f.write_char('{')?;
             let mut first = true;
             loop {
                 if r.peek().ok_or_else(bad)? == tag::END {
@@ -322,26 +331,26 @@ fn render_value<W: fmt::Write + ?Sized>(r: &mut Reader<'_>, f: &mut W) -> fmt::R
                     break;
                 }
                 if !first {
-                    f.write_str(",")?;
+                    f.write_char(',')?;
                 }
                 first = false;
                 render_value(r, f)?;
-                f.write_str(":")?;
+                f.write_char(':')?;
                 render_value(r, f)?;
             }
-            f.write_str("}")
+            f.write_char('}')
         }
         tag::STRUCT => {
             f.write_str(r.str().ok_or_else(bad)?)?;
-            f.write_str("{")?;
-            render_items(r, f, ",", true)?;
-            f.write_str("}")
+            f.write_char('{')?;
+            render_items(r, f, true)?;
+            f.write_char('}')
         }
         tag::TUPLE_STRUCT => {
             f.write_str(r.str().ok_or_else(bad)?)?;
-            f.write_str("(")?;
-            render_items(r, f, ",", false)?;
-            f.write_str(")")
+            f.write_char('(')?;
+            render_items(r, f, false)?;
+            f.write_char(')')
         }
         tag::UNIT_STRUCT => f.write_str(r.str().ok_or_else(bad)?),
         tag::VARIANT | tag::VARIANT_TUPLE | tag::VARIANT_STRUCT => {
@@ -350,14 +359,14 @@ fn render_value<W: fmt::Write + ?Sized>(r: &mut Reader<'_>, f: &mut W) -> fmt::R
             f.write_str(r.str().ok_or_else(bad)?)?;
             match t {
                 tag::VARIANT_TUPLE => {
-                    f.write_str("(")?;
-                    render_items(r, f, ",", false)?;
-                    f.write_str(")")
+                    f.write_char('(')?;
+                    render_items(r, f, false)?;
+                    f.write_char(')')
                 }
                 tag::VARIANT_STRUCT => {
-                    f.write_str("{")?;
-                    render_items(r, f, ",", true)?;
-                    f.write_str("}")
+                    f.write_char('{')?;
+                    render_items(r, f, true)?;
+                    f.write_char('}')
                 }
                 _ => Ok(()),
             }
