@@ -1,0 +1,342 @@
+//! The shop: a web service over a SQL database, with the cache in front of it.
+//!
+//! Run: `cargo run -p examples --example shop`, then for example
+//! `curl localhost:8080/products/7`. Settings, from the environment:
+//!
+//! - `DATABASE_URL`: `sqlite://shop.db?mode=rwc` by default (a file in the current
+//!   folder, created), or `postgres://user@host/db`;
+//! - `REDIS_URL`: unset, the cache is in memory in this process; set, it is Redis with
+//!   an in-process tier in front, dependencies in Redis and a dependency collector,
+//!   shared with every instance on the same Redis;
+//! - `LISTEN`: the address to listen on, `127.0.0.1:8080` by default (`:0` picks a
+//!   free port; the address is printed: `listening on http://...`);
+//! - `SHOP_CACHE=off`: the `shop` profile is disabled: every request reads the
+//!   database (to compare);
+//! - `RUST_LOG`: what to log (`info` by default; `cache_runtime=debug` shows every hit
+//!   and miss).
+//!
+//! The handlers are an application's: the cache is in `#[cached]` and
+//! `#[invalidate_cache]` on the functions that read and write the database.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use cache_redis::{DependencyCollector, RedisBackend};
+use cache_runtime::{cached, invalidate_cache, CachingService, MemoryBackend, Profile};
+use serde::{Deserialize, Serialize};
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Row};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Product {
+    pub id: u64,
+    pub name: String,
+    pub category: String,
+    pub price_cents: u64,
+}
+
+/// The body of `PUT /products/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductUpdate {
+    pub name: String,
+    pub price_cents: u64,
+}
+
+/// A database failure, answered with 503.
+#[derive(Debug)]
+pub struct DbError(String);
+
+impl From<sqlx::Error> for DbError {
+    fn from(e: sqlx::Error) -> Self {
+        DbError(e.to_string())
+    }
+}
+
+/// The connection pool.
+#[derive(Clone)]
+pub struct Db(AnyPool);
+
+const PRODUCTS: u64 = 1000;
+
+impl Db {
+    async fn connect(url: &str) -> Result<Db, sqlx::Error> {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        Ok(Db(pool))
+    }
+
+    /// Creates the table and the sample products if they are missing. Instances that
+    /// start together insert the same rows; the database keeps one of each.
+    async fn prepare(&self) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS products (
+                id BIGINT PRIMARY KEY,
+                name TEXT NOT NULL,
+                category TEXT NOT NULL,
+                price_cents BIGINT NOT NULL)",
+        )
+        .execute(&self.0)
+        .await?;
+        let count: i64 = sqlx::query("SELECT COUNT(*) FROM products")
+            .fetch_one(&self.0)
+            .await?
+            .try_get(0)?;
+        if count > 0 {
+            return Ok(());
+        }
+        let mut tx = self.0.begin().await?;
+        for id in 1..=PRODUCTS as i64 {
+            sqlx::query(
+                "INSERT INTO products (id, name, category, price_cents) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(format!("Product {id}"))
+            .bind(format!("c{}", id % 10))
+            .bind(100 * id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
+    }
+}
+
+fn product_of(row: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
+    let int = |i: usize| -> Result<u64, sqlx::Error> {
+        let v: i64 = row.try_get(i)?;
+        u64::try_from(v).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+    };
+    Ok(Product {
+        id: int(0)?,
+        name: row.try_get(1)?,
+        category: row.try_get(2)?,
+        price_cents: int(3)?,
+    })
+}
+
+/// A product, or `None` for an unknown id (cached too: a miss costs a query).
+#[cached(name = "shop.product", profile = "shop", skip(db))]
+pub async fn get_product(id: u64, db: &Db) -> Result<Option<Product>, DbError> {
+    let row = sqlx::query("SELECT id, name, category, price_cents FROM products WHERE id = $1")
+        .bind(id as i64)
+        .fetch_optional(&db.0)
+        .await?;
+    Ok(row.as_ref().map(product_of).transpose()?)
+}
+
+/// The products of a category, by id. Each one is read through `get_product`, so the
+/// list depends on each of them: changing one invalidates the list, in every instance.
+#[cached(name = "shop.category", profile = "shop", skip(db))]
+pub async fn category_products(name: &str, db: &Db) -> Result<Vec<Product>, DbError> {
+    let ids = sqlx::query("SELECT id FROM products WHERE category = $1 ORDER BY id")
+        .bind(name)
+        .fetch_all(&db.0)
+        .await?;
+    let mut products = Vec::with_capacity(ids.len());
+    for row in ids {
+        let id: i64 = row.try_get(0).map_err(DbError::from)?;
+        if let Some(p) = get_product(id as u64, db).await? {
+            products.push(p);
+        }
+    }
+    Ok(products)
+}
+
+/// Writes a product's name and price; `get_product(id)` is invalidated once the
+/// write succeeded (and with it every category list that holds the product).
+#[invalidate_cache(get_product)]
+pub async fn update_product(
+    id: u64,
+    update: &ProductUpdate,
+    db: &Db,
+) -> Result<Option<Product>, DbError> {
+    let row = sqlx::query(
+        "UPDATE products SET name = $1, price_cents = $2 WHERE id = $3
+         RETURNING id, name, category, price_cents",
+    )
+    .bind(&update.name)
+    .bind(i64::try_from(update.price_cents).unwrap_or(i64::MAX))
+    .bind(id as i64)
+    .fetch_optional(&db.0)
+    .await?;
+    Ok(row.as_ref().map(product_of).transpose()?)
+}
+
+/// An error answered as JSON: `{"error": "..."}`.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        tracing::warn!("database: {}", e.0);
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the database failed: {}", e.0),
+        )
+    }
+}
+
+fn parse_id(id: &str) -> Result<u64, ApiError> {
+    match id.parse::<u64>() {
+        Ok(id) if i64::try_from(id).is_ok() => Ok(id),
+        _ => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("`{id}` is not a product id (a positive integer)"),
+        )),
+    }
+}
+
+fn not_found(id: u64) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no product {id}"))
+}
+
+async fn show_product(
+    State(db): State<Db>,
+    Path(id): Path<String>,
+) -> Result<Json<Product>, ApiError> {
+    let id = parse_id(&id)?;
+    get_product(id, &db).await?.map(Json).ok_or(not_found(id))
+}
+
+async fn change_product(
+    State(db): State<Db>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Product>, ApiError> {
+    let id = parse_id(&id)?;
+    let update: ProductUpdate = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"name\": string, \"price_cents\": integer}}: {e}"),
+        )
+    })?;
+    update_product(id, &update, &db)
+        .await?
+        .map(Json)
+        .ok_or(not_found(id))
+}
+
+async fn list_category(
+    State(db): State<Db>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<Product>>, ApiError> {
+    Ok(Json(category_products(&name, &db).await?))
+}
+
+async fn metrics() -> String {
+    let s = cache_runtime::stats().total;
+    format!(
+        "cache_hits_total {}\ncache_misses_total {}\ncache_executions_total {}\n",
+        s.l1_hits + s.l2_hits,
+        s.misses,
+        s.executions
+    )
+}
+
+fn app(db: Db) -> Router {
+    Router::new()
+        .route("/products/{id}", get(show_product).put(change_product))
+        .route("/categories/{name}/products", get(list_category))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(db)
+}
+
+/// The cache: in memory, or Redis with an in-process tier when `REDIS_URL` is set
+/// (then also a dependency collector, returned to be stopped at the end).
+async fn install_cache() -> Result<Option<DependencyCollector>, Box<dyn std::error::Error>> {
+    let enabled = std::env::var("SHOP_CACHE").map_or(true, |v| v != "off");
+    let profile = Profile::new("shop")
+        .ttl(Duration::from_secs(600))
+        .enabled(enabled);
+    let builder = CachingService::builder().profile(profile);
+    let Ok(url) = std::env::var("REDIS_URL") else {
+        builder
+            .backend(MemoryBackend::new().max_entries(100_000))
+            .install()?;
+        return Ok(None);
+    };
+    let backend = RedisBackend::builder(&url)
+        .key_prefix("shop")
+        .l1(MemoryBackend::new().max_entries(100_000))
+        .dependencies(true)
+        .build()
+        .await?;
+    builder.backend(backend).install()?;
+    let collector = DependencyCollector::builder(&url)
+        .key_prefix("shop")
+        .start()
+        .await?;
+    Ok(Some(collector))
+}
+
+async fn stop_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()))
+        .init();
+    let database =
+        std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://shop.db?mode=rwc".into());
+    let listen: SocketAddr = std::env::var("LISTEN")
+        .unwrap_or_else(|_| "127.0.0.1:8080".into())
+        .parse()
+        .map_err(|e| format!("LISTEN: {e}"))?;
+
+    let db = Db::connect(&database)
+        .await
+        .map_err(|e| format!("cannot open the database {database}: {e}"))?;
+    // instances that start together on an empty PostgreSQL can collide creating the
+    // table (it reports a duplicate type): the one that lost tries again
+    let mut tries = 0;
+    while let Err(e) = db.prepare().await {
+        tries += 1;
+        if tries == 5 {
+            return Err(format!("cannot create the sample products: {e}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+    }
+    let collector = install_cache().await?;
+
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app(db))
+        .with_graceful_shutdown(stop_signal())
+        .await?;
+
+    if let Some(collector) = collector {
+        collector.stop().await;
+    }
+    cache_runtime::shutdown().await;
+    Ok(())
+}
