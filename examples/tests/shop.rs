@@ -241,6 +241,40 @@ async fn two_instances(database: &str, dir: &Path) {
         }
     }
 
+    // the database fails (its table is gone): a 503 with a JSON error, and the cache
+    // still answers what it holds; the service is back with the table
+    sqlx::any::install_default_drivers();
+    let failing = sqlx::AnyPool::connect(database)
+        .await
+        .expect("the database");
+    let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
+    sqlx::query(&rename("products", "products_away"))
+        .execute(&failing)
+        .await
+        .expect("rename the table");
+    for shop in [&a, &b] {
+        let (status, error) = get(&client, &format!("{}/products/999", shop.url)).await;
+        assert_eq!(status, 503, "{error}");
+        assert!(error["error"].is_string(), "{error}");
+        let body = r#"{"name":"x","price_cents":1}"#;
+        let (status, error) = put(&client, &format!("{}/products/998", shop.url), body).await;
+        assert_eq!(status, 503, "{error}");
+        let (status, _) = get(&client, &format!("{}/products/7", shop.url)).await;
+        assert_eq!(
+            status, 200,
+            "a cached product is served while the database fails"
+        );
+    }
+    sqlx::query(&rename("products_away", "products"))
+        .execute(&failing)
+        .await
+        .expect("rename the table back");
+    failing.close().await;
+    assert_eq!(
+        get(&client, &format!("{}/products/999", a.url)).await.0,
+        200
+    );
+
     // Redis stopped mid-run: every request still answers, with the database's value
     redis.stop();
     // an instance notices the lost subscription within about a second, and then
@@ -271,7 +305,8 @@ async fn two_instances(database: &str, dir: &Path) {
 async fn two_instances_on_sqlite() {
     let dir = TempDir::new("shop-sqlite");
     // both start at once on an empty file: the rows are created once
-    two_instances("sqlite://shop.db?mode=rwc", &dir.0).await;
+    let url = format!("sqlite://{}?mode=rwc", dir.0.join("shop.db").display());
+    two_instances(&url, &dir.0).await;
 }
 
 /// The same on the PostgreSQL this machine runs (127.0.0.1:5432, trust), in a
