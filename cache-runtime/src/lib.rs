@@ -38,7 +38,8 @@
 //! readable key; configuration errors are `error` events.
 
 #![warn(missing_docs)]
-// Unsafe code is confined to the two modules that allow it below.
+// Unsafe code is confined to the two modules that allow it below, and to one
+// function of key rendering (`key::render::ascii`).
 #![deny(unsafe_code)]
 
 // Grouped by layer: a module refers only to its own group and those before it
