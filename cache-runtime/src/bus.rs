@@ -267,6 +267,18 @@ impl SyncCounters {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a message this instance published.
+    pub(crate) fn published(&self) {
+        self.bump(&self.published);
+        crate::exported::sync_message("published");
+    }
+
+    /// Counts a message of another instance, received and applied.
+    pub(crate) fn received(&self) {
+        self.bump(&self.received);
+        crate::exported::sync_message("received");
+    }
+
     pub(crate) fn snapshot(&self) -> SyncStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         SyncStats {

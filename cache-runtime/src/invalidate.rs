@@ -140,7 +140,7 @@ impl Inner {
             return;
         };
         if published {
-            self.sync_stats.bump(&self.sync_stats.published);
+            self.sync_stats.published();
             return;
         }
         match (done, tokio::runtime::Handle::try_current()) {
@@ -228,7 +228,7 @@ impl Inner {
     /// anyway).
     async fn publish(self: &Arc<Self>, bus: &Arc<dyn InvalidationBus>, payload: Vec<u8>) {
         match bus.publish(payload.clone()).await {
-            Ok(()) => self.sync_stats.bump(&self.sync_stats.published),
+            Ok(()) => self.sync_stats.published(),
             Err(e) => {
                 self.sync_stats.bump(&self.sync_stats.publish_errors);
                 self.warn.warn(format_args!(
@@ -336,7 +336,7 @@ impl Inner {
                     self.remote_stats.bump(&self.remote_stats.removals_retried);
                     tracing::info!(target: "cache_runtime", "{}: went through when sent again", job.what());
                     match (published, &self.bus, payload) {
-                        (true, _, _) => self.sync_stats.bump(&self.sync_stats.published),
+                        (true, _, _) => self.sync_stats.published(),
                         (false, Some(bus), Some(payload)) => {
                             let bus = bus.clone();
                             self.publish(&bus, payload).await;
@@ -380,7 +380,7 @@ impl Inner {
             if bus.publish(payload).await.is_err() {
                 return false;
             }
-            self.sync_stats.bump(&self.sync_stats.published);
+            self.sync_stats.published();
             self.sync_stats.bump(&self.sync_stats.republished);
             let mut r = self.retries.lock();
             if r.publications

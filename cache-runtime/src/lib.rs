@@ -46,6 +46,8 @@
 // (`tests/tests/module_cycles.rs` checks that none refers back).
 // Settings, counters and buffers:
 mod backoff;
+// the counters' metrics, with the feature `metrics`
+mod exported;
 // the key buffer: short copies into its inline array, and reading it back
 #[allow(unsafe_code)]
 mod keybuf;

@@ -11,7 +11,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::{Instrument, Span};
+
 use crate::deps::{collect_async, collect_sync, with_frame, Frame, Node};
+use crate::exported::BodyTimer;
 use crate::flight::{Flight, Handoff, Join, Leader, Waited};
 use crate::hit::{read, MissPath};
 use crate::inner::CachingService;
@@ -36,6 +39,10 @@ struct Miss<'a, K: ReturnKind<R>, R> {
     hash: u64,
     /// The invalidation count when the body started (see [`crate::inner::Inner::epoch`]).
     epoch: u64,
+    /// The miss's span (disabled unless a subscriber takes `cache_runtime` at `debug`).
+    span: Span,
+    /// Whether the call waited for another caller's flight.
+    waited: bool,
     _r: std::marker::PhantomData<fn() -> R>,
 }
 
@@ -57,6 +64,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
         desc: &'static Descriptor,
         ops: &'static ValueOps<K::Stored>,
     ) -> Self {
+        let span = miss_span(path);
         let inner = &*path.service.inner;
         let state = inner.function(desc, path.reg);
         let (expiration, lock_timeout) = match state.mode {
@@ -73,6 +81,8 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             lock_timeout,
             hash: path.hash,
             epoch: 0,
+            span,
+            waited: false,
             _r: std::marker::PhantomData,
         }
     }
@@ -101,6 +111,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
                 match read(self.entry.inner, key, self.hash, self.entry.ops) {
                     Some(v) => {
                         self.entry.state.counters.bump(Counter::L1Hit);
+                        self.served("l1");
                         Next::Return(K::from_stored(v))
                     }
                     None => Next::Lead(leader),
@@ -112,10 +123,12 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
 
     /// What a waiter does with the leader's outcome.
     fn waited(&mut self, waited: Waited) -> Next<'a, R> {
+        self.waited = true;
         match waited {
             Waited::Done(handoff) => match (self.entry.ops.from_any)(&*handoff.value) {
                 Some(v) => {
                     self.entry.state.counters.bump(Counter::Miss);
+                    self.served("flight");
                     let read_epoch = self.entry.inner.epoch.load(Ordering::SeqCst);
                     with_frame(|f| {
                         f.add_entry(
@@ -229,9 +242,25 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     }
 
     /// Counts a call that runs the body.
-    fn running(&self) {
+    fn running(&self) -> BodyTimer {
         self.entry.state.counters.bump(Counter::Miss);
         self.entry.state.counters.bump(Counter::Execution);
+        self.served("body");
+        BodyTimer::start()
+    }
+
+    /// Records the body's run time (with the feature `metrics`).
+    fn ran(&self, timer: BodyTimer) {
+        timer.stop(self.entry.state.counters.exported());
+    }
+
+    /// Records in the miss's span where the value came from: `l1` (another caller
+    /// stored it meanwhile), `l2`, `flight` (another caller's body), `body`.
+    #[inline(always)]
+    fn served(&self, tier: &'static str) {
+        if !self.span.is_disabled() {
+            record_served(&self.span, tier, self.waited);
+        }
     }
 
     /// Serves a value read from the remote tier: fills the in-process tier until the
@@ -243,6 +272,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     /// The value's dependencies, as the remote graph names them, become the entry's:
     /// a cached function reading it links to them as to those of a value computed here.
     fn finish_remote(&self, (value, deadline, links): Decoded<K::Stored>, leader: Leader<'_>) -> R {
+        self.served("l2");
         let key = self.entry.key.as_bytes();
         let linked = (!links.is_empty())
             .then(|| Frame::of(links.iter().filter_map(|l| Node::from_remote_id(l))));
@@ -286,8 +316,9 @@ macro_rules! miss_loop {
                     if let Some(value) = $remote {
                         return $miss.finish_remote(value, leader);
                     }
-                    $miss.running();
+                    let timer = $miss.running();
                     let (result, frame) = $run;
+                    $miss.ran(timer);
                     let _ = $miss.finish(&result, frame, Some(leader), false);
                     return result;
                 }
@@ -296,8 +327,9 @@ macro_rules! miss_loop {
                     $miss.waited(waited)
                 }
                 Next::RunAlone => {
-                    $miss.running();
+                    let timer = $miss.running();
                     let (result, frame) = $run;
+                    $miss.ran(timer);
                     if let Some($pending) = $miss.finish(&result, frame, None, $refresh) {
                         $complete;
                     }
@@ -345,10 +377,31 @@ where
         miss,
         path.refresh,
         miss.entry.read().await,
-        boxed(|| collect_async(body())).await,
+        boxed(|| collect_async(body()).instrument(miss.span.clone())).await,
         |flight| Box::pin(flight.wait(miss.lock_timeout)).await,
         |pending| Box::pin(path.service.inner.complete(pending)).await
     )
+}
+
+/// The span of a miss: the function, the key, then where the value came from
+/// (`tier`) and whether the call waited for another caller's flight (`waited`).
+/// The body runs in it, so that its own spans (a query's) are inside.
+fn miss_span(path: &MissPath) -> Span {
+    tracing::debug_span!(
+        target: "cache_runtime",
+        "cache_miss",
+        function = %path.reg.name,
+        key = %path.key,
+        tier = tracing::field::Empty,
+        waited = tracing::field::Empty,
+    )
+}
+
+#[cold]
+#[inline(never)]
+fn record_served(span: &Span, tier: &'static str, waited: bool) {
+    span.record("tier", tier);
+    span.record("waited", waited);
 }
 
 /// The future `make` makes, made and boxed outside the miss path's future: made
@@ -374,6 +427,8 @@ where
         return body();
     };
     let mut miss = Miss::<K, R>::new(&path, desc, ops);
+    let span = miss.span.clone();
+    let _entered = span.enter();
     // plain functions use the in-process tier only
     miss_loop!(
         miss,

@@ -12,7 +12,7 @@ impl Inner {
         if message.sender == self.instance_id || message.items.is_empty() {
             return;
         }
-        self.sync_stats.bump(&self.sync_stats.received);
+        self.sync_stats.received();
         let mut nodes = Vec::new();
         let mut named = Vec::new();
         for item in message.items {

@@ -241,7 +241,7 @@ impl FnState {
         FnState {
             name: reg.name.clone(),
             mode,
-            counters: Counters::default(),
+            counters: Counters::new(&reg.name),
         }
     }
 }

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::exported::FnMetrics;
 use crate::lock::lock;
 
 /// Counters of one function, or of the whole service.
@@ -167,7 +168,10 @@ pub(crate) enum Counter {
     LocalOnly,
 }
 
-const COUNTERS: usize = 10;
+pub(crate) const COUNTERS: usize = 10;
+
+// every counter has its metric
+const _: () = assert!(COUNTERS == crate::exported::COUNTED);
 
 /// Number of threads that count without atomic read-modify-write at a time.
 pub(crate) const SLOTS: usize = 16;
@@ -181,6 +185,8 @@ struct CounterRow([AtomicU64; COUNTERS]);
 pub(crate) struct Counters {
     slots: [CounterRow; SLOTS],
     overflow: CounterRow,
+    /// The same counts, for the `metrics` facade (with the feature).
+    exported: FnMetrics,
 }
 
 /// Slots given back by threads that exited.
@@ -234,8 +240,22 @@ fn assign_slot() -> usize {
 }
 
 impl Counters {
+    /// The counters of the function `name`.
+    pub(crate) fn new(name: &str) -> Self {
+        Counters {
+            exported: FnMetrics::new(name),
+            ..Counters::default()
+        }
+    }
+
+    /// The function's handles of the `metrics` facade.
+    pub(crate) fn exported(&self) -> &FnMetrics {
+        &self.exported
+    }
+
     #[inline(always)]
     pub(crate) fn bump(&self, counter: Counter) {
+        self.exported.count(counter as usize);
         let slot = thread_slot();
         match self.slots.get(slot) {
             Some(CounterRow(c)) => {

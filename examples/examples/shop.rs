@@ -12,8 +12,12 @@
 //!   free port; the address is printed: `listening on http://...`);
 //! - `SHOP_CACHE=off`: the `shop` profile is disabled: every request reads the
 //!   database (to compare);
-//! - `RUST_LOG`: what to log (`info` by default; `cache_runtime=debug` shows every hit
-//!   and miss).
+//! - `RUST_LOG`: what to log (`info` by default); `RUST_LOG=info,cache_runtime=debug`
+//!   also shows every hit, and each miss as a span `cache_miss` (function, key, the
+//!   tier that served it, whether it waited for another caller) closed with its time,
+//!   the database's spans inside it.
+//!
+//! `GET /metrics` serves the cache's counters by function in Prometheus's format.
 //!
 //! The handlers are an application's: the cache is in `#[cached]` and
 //! `#[invalidate_cache]` on the functions that read and write the database.
@@ -29,6 +33,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use cache_redis::{DependencyCollector, RedisBackend};
 use cache_runtime::{cached, invalidate_cache, CachingService, MemoryBackend, Profile};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Row};
@@ -239,21 +244,13 @@ async fn list_category(
     Ok(Json(category_products(&name, &db).await?))
 }
 
-async fn metrics() -> String {
-    let s = cache_runtime::stats().total;
-    format!(
-        "cache_hits_total {}\ncache_misses_total {}\ncache_executions_total {}\n",
-        s.l1_hits + s.l2_hits,
-        s.misses,
-        s.executions
-    )
-}
-
-fn app(db: Db) -> Router {
+fn app(db: Db, metrics: PrometheusHandle) -> Router {
     Router::new()
         .route("/products/{id}", get(show_product).put(change_product))
         .route("/categories/{name}/products", get(list_category))
-        .route("/metrics", get(metrics))
+        // the cache's counters and the bodies' durations, by function (feature
+        // `metrics` of cache-runtime), in Prometheus's text format
+        .route("/metrics", get(move || async move { metrics.render() }))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(db)
 }
@@ -305,6 +302,7 @@ async fn stop_signal() {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()))
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .init();
     let database =
         std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://shop.db?mode=rwc".into());
@@ -313,6 +311,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .parse()
         .map_err(|e| format!("LISTEN: {e}"))?;
 
+    // before the first cached call: a function's metrics are registered with it
+    let metrics = PrometheusBuilder::new().install_recorder()?;
     let db = Db::connect(&database)
         .await
         .map_err(|e| format!("cannot open the database {database}: {e}"))?;
@@ -330,7 +330,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app(db))
+    axum::serve(listener, app(db, metrics))
         .with_graceful_shutdown(stop_signal())
         .await?;
 

@@ -275,6 +275,25 @@ async fn two_instances(database: &str, dir: &Path) {
         200
     );
 
+    // the cache's metrics, by function, in Prometheus's format
+    let metrics = client
+        .get(format!("{}/metrics", a.url))
+        .send()
+        .await
+        .expect("the shop answers")
+        .text()
+        .await
+        .expect("a body");
+    for line in [
+        r#"cache_hits_total{function="shop.product",tier="l1"} "#,
+        r#"cache_misses_total{function="shop.product"} "#,
+        r#"cache_executions_total{function="shop.product"} "#,
+        r#"cache_body_duration_seconds{function="shop.product",quantile="0.99"} "#,
+        r#"cache_sync_messages_total{direction="received"} "#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+
     // Redis stopped mid-run: every request still answers, with the database's value
     redis.stop();
     // an instance notices the lost subscription within about a second, and then

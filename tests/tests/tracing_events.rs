@@ -141,3 +141,116 @@ async fn refusals_are_logged_with_the_command_and_the_servers_words() {
         "{remote:?}"
     );
 }
+
+/// A span seen: its name, its parent's name, and its fields as recorded.
+struct SpanSeen {
+    id: tracing::span::Id,
+    name: &'static str,
+    parent: Option<&'static str>,
+    fields: String,
+}
+
+#[derive(Clone, Default)]
+struct Spans(Arc<Mutex<Vec<SpanSeen>>>);
+
+impl<S> Layer<S> for Spans
+where
+    S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: Context<'_, S>,
+    ) {
+        let mut f = Fields(String::new());
+        attrs.record(&mut f);
+        let parent = ctx.span(id).and_then(|s| s.parent()).map(|p| p.name());
+        self.0.lock().unwrap().push(SpanSeen {
+            id: id.clone(),
+            name: attrs.metadata().name(),
+            parent,
+            fields: f.0,
+        });
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        _: Context<'_, S>,
+    ) {
+        let mut spans = self.0.lock().unwrap();
+        if let Some(s) = spans.iter_mut().find(|s| s.id == *id) {
+            let mut f = Fields(std::mem::take(&mut s.fields));
+            values.record(&mut f);
+            s.fields = f.0;
+        }
+    }
+}
+
+#[cached(name = "traced.product")]
+async fn traced(id: u64) -> u64 {
+    // the body's own span (a query's, in an application)
+    tracing::info_span!("db_query").in_scope(|| ());
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    id
+}
+
+/// Each miss is a span with the function, the key, the tier that served it and
+/// whether it waited for another caller; the body's own spans are inside it.
+#[tokio::test]
+async fn a_span_per_miss() {
+    let spans = Spans::default();
+    let subscriber = tracing_subscriber::registry().with(spans.clone());
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let svc = CachingService::builder().build().unwrap();
+    svc.scope(async {
+        // two callers of one key: one runs the body, the other waits for it
+        let (a, b) = tokio::join!(traced(1), traced(1));
+        assert_eq!((a, b), (1, 1));
+        // a hit: no span
+        traced(1).await;
+    })
+    .await;
+
+    let spans = spans.0.lock().unwrap();
+    let misses: Vec<&SpanSeen> = spans.iter().filter(|s| s.name == "cache_miss").collect();
+    assert_eq!(misses.len(), 2, "one span per miss, none for the hit");
+    for m in &misses {
+        assert!(
+            m.fields.contains("function=traced.product "),
+            "{}",
+            m.fields
+        );
+        assert!(
+            m.fields.contains("key=traced.product:v1(1) "),
+            "{}",
+            m.fields
+        );
+    }
+    let ran: Vec<_> = misses
+        .iter()
+        .filter(|m| m.fields.contains("tier=body ") && m.fields.contains("waited=false"))
+        .collect();
+    let waited: Vec<_> = misses
+        .iter()
+        .filter(|m| m.fields.contains("tier=flight ") && m.fields.contains("waited=true"))
+        .collect();
+    assert_eq!(
+        (ran.len(), waited.len()),
+        (1, 1),
+        "{:?}",
+        misses.iter().map(|m| &m.fields).collect::<Vec<_>>()
+    );
+    let query = spans
+        .iter()
+        .find(|s| s.name == "db_query")
+        .expect("the body's span");
+    assert_eq!(
+        query.parent,
+        Some("cache_miss"),
+        "the body runs inside the miss's span"
+    );
+}
