@@ -19,6 +19,11 @@
 //!
 //! `GET /metrics` serves the cache's counters by function in Prometheus's format.
 //!
+//! `cargo run --release -p examples --example shop -- --load [seconds]` measures the
+//! service instead: it starts two instances of itself on one database, one with the
+//! cache and one with `SHOP_CACHE=off`, drives both with the same keep-alive clients
+//! (`examples::load`), alternating, and prints requests per second and latencies.
+//!
 //! The handlers are an application's: the cache is in `#[cached]` and
 //! `#[invalidate_cache]` on the functions that read and write the database.
 
@@ -298,8 +303,120 @@ async fn stop_signal() {
     let _ = ctrl_c.await;
 }
 
+/// An instance of this program started by `--load`, stopped when dropped.
+struct Instance(std::process::Child, String);
+
+impl Instance {
+    fn start(database: &str, cache: &str) -> Result<Instance, Box<dyn std::error::Error>> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .env("LISTEN", "127.0.0.1:0")
+            .env("DATABASE_URL", database)
+            .env("SHOP_CACHE", cache)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let out = child.stdout.take().ok_or("no output")?;
+        let mut lines = std::io::BufReader::new(out).lines();
+        let url = loop {
+            match lines.next() {
+                Some(line) => match line?.strip_prefix("listening on ") {
+                    Some(url) => break url.to_owned(),
+                    None => continue,
+                },
+                None => return Err("the instance stopped before it listened".into()),
+            }
+        };
+        Ok(Instance(child, url))
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `--load [seconds]`: the service with and without its cache, same run.
+async fn load(seconds: u64) -> Result<(), Box<dyn std::error::Error>> {
+    const CLIENTS: usize = 32;
+    const ROUNDS: usize = 4;
+    let dir = std::env::temp_dir().join(format!("shop-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let database = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| format!("sqlite://{}?mode=rwc", dir.join("shop.db").display()));
+    // one after the other: the first creates the rows
+    let cached = Instance::start(&database, "on")?;
+    let uncached = Instance::start(&database, "off")?;
+    let cache = match std::env::var("REDIS_URL") {
+        Ok(url) => format!("Redis at {url} with an in-process tier"),
+        Err(_) => "in memory".to_owned(),
+    };
+    println!(
+        "{CLIENTS} keep-alive clients reading GET /products/{{1..{PRODUCTS}}}, {ROUNDS} \
+         alternating rounds of {seconds} s each side; database {database}; cache {cache}"
+    );
+    // the cache filled, the database warm
+    let warm = Duration::from_secs(1);
+    for i in [&cached, &uncached] {
+        examples::load::drive(&i.1, CLIENTS, PRODUCTS, warm).await;
+    }
+    let mut runs: [Vec<examples::load::Figures>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        for side in [round % 2, 1 - round % 2] {
+            let url = if side == 0 { &cached.1 } else { &uncached.1 };
+            let f =
+                examples::load::drive(url, CLIENTS, PRODUCTS, Duration::from_secs(seconds)).await;
+            runs[side].push(f);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut summary = Vec::new();
+    for (name, side) in [("cache on", &runs[0]), ("SHOP_CACHE=off", &runs[1])] {
+        let mut rps: Vec<f64> = side.iter().map(|f| f.per_second()).collect();
+        let mut p50: Vec<f64> = side
+            .iter()
+            .map(|f| f.percentile(0.5).as_secs_f64())
+            .collect();
+        let mut p99: Vec<f64> = side
+            .iter()
+            .map(|f| f.percentile(0.99).as_secs_f64())
+            .collect();
+        let failed: u64 = side.iter().map(|f| f.failed).sum();
+        let (rps, p50, p99) = (median(&mut rps), median(&mut p50), median(&mut p99));
+        println!(
+            "{name:>15}: {rps:>8.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, {failed} failed",
+            p50 * 1e3,
+            p99 * 1e3
+        );
+        summary.push((rps, p99));
+    }
+    println!(
+        "with the cache: {:.2}x the requests per second, p99 {:.2}x (medians of {ROUNDS} rounds)",
+        summary[0].0 / summary[1].0,
+        summary[0].1 / summary[1].1
+    );
+    drop((cached, uncached));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--load") {
+        let seconds = match args.get(at + 1) {
+            Some(s) => s
+                .parse()
+                .map_err(|_| format!("--load {s}: a number of seconds"))?,
+            None => 5,
+        };
+        return load(seconds).await;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()))
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)

@@ -1,4 +1,5 @@
-//! Shared pieces of the examples: a deliberately slow data source.
+//! Shared pieces of the examples: a deliberately slow data source, and the load
+//! driver of the shop (`load`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -30,3 +31,5 @@ impl SlowDb {
         self.queries.load(Ordering::Relaxed)
     }
 }
+
+pub mod load;
