@@ -7,7 +7,8 @@
 //!   folder, created), or `postgres://user@host/db`;
 //! - `REDIS_URL`: unset, the cache is in memory in this process; set, it is Redis with
 //!   an in-process tier in front, dependencies in Redis and a dependency collector,
-//!   shared with every instance on the same Redis;
+//!   shared with every instance on the same Redis (with Redis down at start, the shop
+//!   starts anyway and reads the database until Redis answers);
 //! - `LISTEN`: the address to listen on, `127.0.0.1:8080` by default (`:0` picks a
 //!   free port; the address is printed: `listening on http://...`);
 //! - `SHOP_CACHE=off`: the `shop` profile is disabled: every request reads the
@@ -28,6 +29,7 @@
 //! `#[invalidate_cache]` on the functions that read and write the database.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -36,7 +38,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use cache_redis::{DependencyCollector, RedisBackend};
+use cache_redis::{DependencyCollector, RedisBackend, RedisBackendError};
 use cache_runtime::{cached, invalidate_cache, CachingService, MemoryBackend, Profile};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
@@ -260,32 +262,68 @@ fn app(db: Db, metrics: PrometheusHandle) -> Router {
         .with_state(db)
 }
 
+/// The dependency collector: started with the service, or, while Redis does not
+/// answer, by a task that tries again until it does.
+type Collector = Arc<Mutex<Option<DependencyCollector>>>;
+
 /// The cache: in memory, or Redis with an in-process tier when `REDIS_URL` is set
-/// (then also a dependency collector, returned to be stopped at the end).
-async fn install_cache() -> Result<Option<DependencyCollector>, Box<dyn std::error::Error>> {
+/// (then also a dependency collector, to be stopped at the end). With Redis down at
+/// start, the service starts anyway: calls read the database until Redis answers.
+async fn install_cache() -> Result<Collector, Box<dyn std::error::Error>> {
     let enabled = std::env::var("SHOP_CACHE").map_or(true, |v| v != "off");
     let profile = Profile::new("shop")
         .ttl(Duration::from_secs(600))
         .enabled(enabled);
     let builder = CachingService::builder().profile(profile);
+    let collector = Collector::default();
     let Ok(url) = std::env::var("REDIS_URL") else {
         builder
             .backend(MemoryBackend::new().max_entries(100_000))
             .install()?;
-        return Ok(None);
+        return Ok(collector);
     };
     let backend = RedisBackend::builder(&url)
         .key_prefix("shop")
         .l1(MemoryBackend::new().max_entries(100_000))
         .dependencies(true)
+        .connect_lazily(true)
         .build()
         .await?;
     builder.backend(backend).install()?;
-    let collector = DependencyCollector::builder(&url)
-        .key_prefix("shop")
-        .start()
-        .await?;
-    Ok(Some(collector))
+    let start = move || {
+        DependencyCollector::builder(&url)
+            .key_prefix("shop")
+            .start()
+    };
+    match start().await {
+        Ok(c) => *lock(&collector) = Some(c),
+        Err(RedisBackendError::Connect { addr, source }) => {
+            tracing::warn!("Redis at {addr} does not answer ({source}): the shop reads the database until it does");
+            let slot = collector.clone();
+            tokio::spawn(async move {
+                let mut delay = Duration::from_millis(250);
+                loop {
+                    tokio::time::sleep(delay).await;
+                    match start().await {
+                        Ok(c) => {
+                            tracing::info!("Redis answers: the dependency collector runs");
+                            *lock(&slot) = Some(c);
+                            return;
+                        }
+                        Err(e) => tracing::debug!("the dependency collector cannot start yet: {e}"),
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            });
+        }
+        // a server without the settings the collector needs: said at start
+        Err(e) => return Err(e.into()),
+    }
+    Ok(collector)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn stop_signal() {
@@ -451,7 +489,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_graceful_shutdown(stop_signal())
         .await?;
 
-    if let Some(collector) = collector {
+    let running = lock(&collector).take();
+    if let Some(collector) = running {
         collector.stop().await;
     }
     cache_runtime::shutdown().await;

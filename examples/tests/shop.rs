@@ -367,3 +367,98 @@ async fn two_instances_on_postgres() {
     two_instances(&format!("{base}/{name}"), &dir.0).await;
     let _ = admin(format!("DROP DATABASE {name} WITH (FORCE)"));
 }
+
+/// The port the late Redis of `starts_while_redis_is_down` listens on.
+static LATE_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+fn late_port() -> u16 {
+    LATE_PORT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Redis down when the instances start: they answer from the database, and form one
+/// cache on Redis once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_while_redis_is_down() {
+    let dir = TempDir::new("shop-late-redis");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    LATE_PORT.store(port, std::sync::atomic::Ordering::Relaxed);
+    let url = format!("redis://127.0.0.1:{port}");
+    let database = format!("sqlite://{}?mode=rwc", dir.0.join("shop.db").display());
+    let a = Shop::start(&dir.0, &database, Some(&url));
+    let b = Shop::start(&dir.0, &database, Some(&url));
+    let client = reqwest::Client::new();
+
+    // no Redis: every request answered, from the database
+    for round in 0..10u64 {
+        let name = format!("no redis {round}");
+        let body = json!({ "name": name, "price_cents": round }).to_string();
+        let (status, _) = put(&client, &format!("{}/products/5", a.url), &body).await;
+        assert_eq!(status, 200);
+        for shop in [&a, &b] {
+            let (status, p) = get(&client, &format!("{}/products/5", shop.url)).await;
+            assert_eq!((status, p["name"].as_str()), (200, Some(name.as_str())));
+        }
+    }
+
+    // Redis comes: the instances store what they read in it (a value read while
+    // Redis was unreachable may stay in the L1 only: fresh ids each round)
+    let redis = RedisServer::start_on(&[], late_port);
+    let stored = || {
+        redis
+            .command(&[
+                "EVAL",
+                "return #redis.call('KEYS', 'shop:*product:v1*')",
+                "0",
+            ])
+            .and_then(|n| n.trim_start_matches(':').parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let start = Instant::now();
+    let mut next = 100;
+    loop {
+        let before = stored();
+        for id in next..next + 20 {
+            get(&client, &format!("{}/products/{id}", a.url)).await;
+        }
+        next += 20;
+        // the writes are queued: give them a moment
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if stored() >= before + 20 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the shop did not use Redis once it answered"
+        );
+    }
+    println!("Redis started: entries in it {:?} later", start.elapsed());
+
+    // and they are one cache: what one changes, the other shows
+    let (mut writer_stale, mut seen_late) = (0, 0);
+    for round in 0..50u64 {
+        let (w, o) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        get(&client, &format!("{}/products/6", o.url)).await;
+        let name = format!("with redis {round}");
+        let body = json!({ "name": name, "price_cents": round }).to_string();
+        assert_eq!(
+            put(&client, &format!("{}/products/6", w.url), &body)
+                .await
+                .0,
+            200
+        );
+        if get(&client, &format!("{}/products/6", w.url)).await.1["name"] != name.as_str() {
+            writer_stale += 1;
+        }
+        if get(&client, &format!("{}/products/6", o.url)).await.1["name"] != name.as_str() {
+            seen_late += 1;
+            until_seen(&client, &format!("{}/products/6", o.url), &name)
+                .await
+                .expect("the other instance shows the change within 5 s");
+        }
+    }
+    println!("after Redis came: 50 PUTs, the other instance's GET old {seen_late} times");
+    assert_eq!(writer_stale, 0);
+}
