@@ -38,8 +38,8 @@
 //! readable key; configuration errors are `error` events.
 
 #![warn(missing_docs)]
-// Unsafe code is confined to the two modules that allow it below, and to one
-// function of key rendering (`key::render::ascii`).
+// Unsafe code is confined to the two modules that allow it below, and to two
+// functions of key rendering (`key::render::ascii`, `StackText::as_str`).
 #![deny(unsafe_code)]
 
 // Grouped by layer: a module refers only to its own group and those before it

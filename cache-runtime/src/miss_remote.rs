@@ -100,7 +100,7 @@ impl<'a, T: 'static> MissEntry<'a, T> {
         let Some(remote) = self.inner.remote.as_ref().filter(|r| r.graph().is_some()) else {
             return;
         };
-        let key = RemoteKey::new(self.text());
+        let key = RemoteKey::new(self.key, self.inner.max_key_length);
         if let Ok(f) = remote.get(key, None).await {
             self.remote_epoch.store(f.epoch, Ordering::Relaxed);
         }
@@ -118,7 +118,8 @@ impl<'a, T: 'static> MissEntry<'a, T> {
             _ => None,
         };
         let c = &self.state.counters;
-        let key = RemoteKey::new(self.text());
+        // the key is rendered on the stack for the read: a hit builds no string
+        let key = RemoteKey::new(self.key, self.inner.max_key_length);
         let mark = self.inner.held.mark();
         let fetched = remote.get(key, touch).await.map(|f| {
             self.remote_epoch.store(f.epoch, Ordering::Relaxed);
@@ -126,7 +127,10 @@ impl<'a, T: 'static> MissEntry<'a, T> {
         });
         match fetched {
             Ok(Some(bytes)) => match decode(&bytes) {
-                Ok(value) if self.inner.held.covers(mark, self.text(), &value.2) => {
+                Ok(value)
+                    if !self.inner.held.quiet(mark)
+                        && self.inner.held.covers(mark, self.text(), &value.2) =>
+                {
                     // an invalidation of this instance that covers it has not reached
                     // the remote tier: it may be the old value
                     let r = &self.inner.remote_stats;

@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::key::Key;
 use crate::memory::now_nanos;
 
 /// A boxed future, as the [`RemoteStore`] methods return.
@@ -26,22 +27,25 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[error("{0}")]
 pub struct RemoteError(pub String);
 
-/// The key of an entry being read from a [`RemoteStore`]: its readable key, rendered
-/// once for the whole miss (the read, the write, the in-process tier's index).
+/// The key of an entry being read from a [`RemoteStore`]. Its readable key is
+/// rendered on the stack when the store asks for it: a remote hit allocates no string
+/// for its key.
 #[derive(Clone, Copy)]
 pub struct RemoteKey<'a> {
-    text: &'a str,
+    key: &'a Key,
+    /// The longest readable key (`max_key_length`).
+    max_len: usize,
 }
 
 impl<'a> RemoteKey<'a> {
-    pub(crate) fn new(text: &'a str) -> Self {
-        RemoteKey { text }
+    pub(crate) fn new(key: &'a Key, max_len: usize) -> Self {
+        RemoteKey { key, max_len }
     }
 
     /// Runs `f` on the readable key, the same text [`RemoteStore::set`] receives for
     /// the entry.
     pub fn with_text<R>(&self, f: impl FnOnce(&str) -> R) -> R {
-        f(self.text)
+        self.key.with_text(self.max_len, f)
     }
 }
 

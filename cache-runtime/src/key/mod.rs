@@ -59,7 +59,7 @@ mod write;
 
 pub(crate) use render::function_id;
 pub use render::key_text;
-use render::{parse_header, render_key, Header, INVALID_KEY};
+use render::{parse_header, render_key, Header, StackText, INVALID_KEY};
 pub use write::KeyWriter;
 
 /// Writes one argument into the key. A separate function so that a type without
@@ -168,6 +168,18 @@ impl Key {
         out
     }
 
+    /// Runs `f` on the readable form ([`Key::to_text`]), rendered on the stack when
+    /// it fits (no allocation), else in a string.
+    pub(crate) fn with_text<R>(&self, max_len: usize, f: impl FnOnce(&str) -> R) -> R {
+        let mut text = StackText::new();
+        if render_key(&self.bytes, &mut text).is_ok() && text.len() <= max_len {
+            if let Some(s) = text.as_str() {
+                return f(s);
+            }
+        }
+        f(&self.to_text(max_len))
+    }
+
     /// Appends the readable form ([`Key::to_text`]) to `out`.
     fn write_text(&self, max_len: usize, out: &mut String) {
         let start = out.len();
@@ -247,6 +259,22 @@ mod tests {
         assert_eq!(Key::from_bytes(k.as_bytes()), Some(k.clone()));
         // the in-process form numbers the function instead of naming it
         assert_eq!(k.as_bytes().len(), 1 + 1 + 1 + 2 + 13 + 1 + 1);
+    }
+
+    /// The text a remote read renders on the stack is the text of `to_text`, for keys
+    /// that fit the stack buffer, that do not, and that are shortened.
+    #[test]
+    fn the_stack_text_is_the_text() {
+        let d = descriptor!("shop::stacked", false, 2);
+        for n in [0, 10, 200, 240, 300, 2000] {
+            let k = key(d, |w| {
+                7u64.write_key(w);
+                "é\"x".repeat(n).write_key(w);
+            });
+            for max in [64, 256, 4096] {
+                assert_eq!(k.with_text(max, str::to_owned), k.to_text(max), "{n} {max}");
+            }
+        }
     }
 
     #[test]

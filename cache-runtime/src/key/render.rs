@@ -145,6 +145,62 @@ fn digits(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
+/// Text written on the stack, up to [`StackText::CAPACITY`] bytes: a write that does
+/// not fit fails (and the text is then not used).
+pub(super) struct StackText {
+    buf: [u8; StackText::CAPACITY],
+    len: usize,
+    /// Whether a write did not fit.
+    overflow: bool,
+}
+
+impl StackText {
+    const CAPACITY: usize = 256;
+
+    pub(super) fn new() -> Self {
+        StackText {
+            buf: [0; Self::CAPACITY],
+            len: 0,
+            overflow: false,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The text, if every write fitted.
+    #[allow(unsafe_code)]
+    pub(super) fn as_str(&self) -> Option<&str> {
+        if self.overflow {
+            return None;
+        }
+        let bytes = &self.buf[..self.len];
+        debug_assert!(std::str::from_utf8(bytes).is_ok());
+        // SAFETY: the bytes are whole `str`s appended by `write_str` (a `char` is
+        // written as its UTF-8 encoding, by the default `write_char`), so UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(bytes) })
+    }
+}
+
+impl fmt::Write for StackText {
+    #[inline]
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        match self.buf.get_mut(self.len..end) {
+            Some(dst) if !self.overflow => {
+                dst.copy_from_slice(s.as_bytes());
+                self.len = end;
+                Ok(())
+            }
+            _ => {
+                self.overflow = true;
+                Err(fmt::Error)
+            }
+        }
+    }
+}
+
 /// Whether `bytes` are printable ASCII with no quote nor backslash: a string that is
 /// written as it is. (A loop, not an iterator adapter: this runs on every remote read.)
 #[inline(always)]
