@@ -113,9 +113,6 @@ impl Held {
         self.released.load(Ordering::SeqCst)
     }
 
-    /// Whether a value read since `mark` under the readable key `key` with the links
-    /// `links` may be one an invalidation of this instance removed: a hold in place
-    /// names it or a link, or one released since the mark did.
     /// Whether no invalidation of this instance was pending or released since `mark`:
     /// then [`Held::covers`] holds nothing back, whatever the key.
     #[inline]
@@ -123,6 +120,9 @@ impl Held {
         self.busy.load(Ordering::SeqCst) == 0 && self.released.load(Ordering::SeqCst) == mark
     }
 
+    /// Whether a value read since `mark` under the readable key `key` with the links
+    /// `links` may be one an invalidation of this instance removed: a hold in place
+    /// names it or a link, or one released since the mark did.
     pub(crate) fn covers(&self, mark: u64, key: &str, links: &[String]) -> bool {
         if self.quiet(mark) {
             return false;
