@@ -178,7 +178,7 @@ pub async fn update_product(
          RETURNING id, name, category, price_cents",
     )
     .bind(&update.name)
-    .bind(i64::try_from(update.price_cents).unwrap_or(i64::MAX))
+    .bind(i64::try_from(update.price_cents).map_err(|_| DbError("price out of range".into()))?)
     .bind(id as i64)
     .fetch_optional(&db.0)
     .await?;
@@ -223,7 +223,10 @@ async fn show_product(
     Path(id): Path<String>,
 ) -> Result<Json<Product>, ApiError> {
     let id = parse_id(&id)?;
-    get_product(id, &db).await?.map(Json).ok_or(not_found(id))
+    get_product(id, &db)
+        .await?
+        .map(Json)
+        .ok_or_else(|| not_found(id))
 }
 
 async fn change_product(
@@ -232,16 +235,24 @@ async fn change_product(
     body: Bytes,
 ) -> Result<Json<Product>, ApiError> {
     let id = parse_id(&id)?;
-    let update: ProductUpdate = serde_json::from_slice(&body).map_err(|e| {
+    let bad = |why: String| {
         ApiError(
             StatusCode::BAD_REQUEST,
-            format!("expected {{\"name\": string, \"price_cents\": integer}}: {e}"),
+            format!("expected {{\"name\": string, \"price_cents\": integer}}: {why}"),
         )
-    })?;
+    };
+    let update: ProductUpdate = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
+    // the column is a signed 64-bit integer
+    if i64::try_from(update.price_cents).is_err() {
+        return Err(bad(format!(
+            "price_cents {} is too large",
+            update.price_cents
+        )));
+    }
     update_product(id, &update, &db)
         .await?
         .map(Json)
-        .ok_or(not_found(id))
+        .ok_or_else(|| not_found(id))
 }
 
 async fn list_category(

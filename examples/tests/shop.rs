@@ -20,11 +20,17 @@ fn shop_program() -> PathBuf {
     let program = profile_dir
         .join("examples")
         .join(format!("shop{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        program.exists(),
-        "{} is missing: build it with `cargo build -p examples --example shop`",
-        program.display()
-    );
+    let built = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/shop.rs");
+    // `cargo test --workspace` builds it; `cargo test --test shop` alone does not
+    match (built(&program), built(&source)) {
+        (Some(program_time), Some(source_time)) if program_time >= source_time => {}
+        _ => panic!(
+            "{} is missing or older than its source: build it with \
+             `cargo build -p examples --example shop`",
+            program.display()
+        ),
+    }
     program
 }
 
@@ -242,6 +248,7 @@ async fn two_instances(database: &str, dir: &Path) {
             r#"{"name":"x","price_cents":-1}"#,
             r#"{"name":"x","price_cents":"1"}"#,
             r#"{"name":"x","price_cents":1,"extra":true}"#,
+            r#"{"name":"x","price_cents":18446744073709551615}"#,
         ] {
             let (status, error) = put(&client, &format!("{u}/products/1"), bad).await;
             assert_eq!(status, 400, "{bad}");
