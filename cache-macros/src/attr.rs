@@ -6,7 +6,7 @@ use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::{Ident, LitBool, LitInt, LitStr, Token};
 
-const OPTIONS: &str = "profile, ttl, sliding, skip, name, version, local, cache_none";
+const OPTIONS: &str = "profile, ttl, sliding, skip, name, version, local, cache_none, fail_safe, fail_safe_throttle, soft_timeout, eager_refresh";
 
 pub(crate) enum Expiry {
     Ttl(u64),
@@ -22,6 +22,11 @@ pub(crate) struct Options {
     pub version: Option<u32>,
     pub local: Option<Span>,
     pub cache_none: Option<(bool, Span)>,
+    /// `fail_safe`, `fail_safe_throttle`, `soft_timeout`, in nanoseconds.
+    pub fail_safe: Option<(u64, Span)>,
+    pub fail_safe_throttle: Option<(u64, Span)>,
+    pub soft_timeout: Option<(u64, Span)>,
+    pub eager_refresh: Option<(f64, Span)>,
 }
 
 /// Collects every problem instead of stopping at the first one.
@@ -89,6 +94,67 @@ impl Parse for Options {
                             lit.span(),
                             format!("invalid duration {:?}: {why}", lit.value()),
                         ),
+                    }
+                }
+                "fail_safe" | "fail_safe_throttle" | "soft_timeout" => {
+                    let example = match name.as_str() {
+                        "fail_safe" => "`fail_safe = \"1h\"`",
+                        "fail_safe_throttle" => "`fail_safe_throttle = \"30s\"`",
+                        _ => "`soft_timeout = \"100ms\"`",
+                    };
+                    let lit = value::<LitStr>(
+                        input,
+                        &key,
+                        &format!("a duration string, as in {example}"),
+                    )?;
+                    let slot = match name.as_str() {
+                        "fail_safe" => &mut opts.fail_safe,
+                        "fail_safe_throttle" => &mut opts.fail_safe_throttle,
+                        _ => &mut opts.soft_timeout,
+                    };
+                    match parse_nanos(&lit.value()) {
+                        Ok(0) => errors.add(
+                            lit.span(),
+                            match name.as_str() {
+                                "fail_safe" => "a zero `fail_safe` keeps no fallback; remove the option to turn fail-safe off",
+                                "fail_safe_throttle" => "a zero `fail_safe_throttle` would call a failing source on every call; give it at least a second",
+                                _ => "a zero `soft_timeout` would never wait for the body; remove the option, or give it the time a fast answer takes",
+                            },
+                        ),
+                        Ok(nanos) => *slot = Some((nanos, key.span())),
+                        Err(why) => errors.add(
+                            lit.span(),
+                            format!("invalid duration {:?} for `{name}`: {why}", lit.value()),
+                        ),
+                    }
+                }
+                "eager_refresh" => {
+                    const EXPECTED: &str =
+                        "a fraction of the ttl between 0 and 1, as in `eager_refresh = 0.8`";
+                    if !input.peek(Token![=]) {
+                        return Err(syn::Error::new(
+                            key.span(),
+                            format!("`eager_refresh` needs a value: {EXPECTED}"),
+                        ));
+                    }
+                    input.parse::<Token![=]>()?;
+                    let lit: syn::Lit = input.parse().map_err(|e| {
+                        syn::Error::new(e.span(), format!("`eager_refresh` expects {EXPECTED}"))
+                    })?;
+                    let fraction = match &lit {
+                        syn::Lit::Float(f) => f.base10_parse::<f64>().ok(),
+                        syn::Lit::Int(i) => i.base10_parse::<f64>().ok(),
+                        _ => None,
+                    };
+                    match fraction {
+                        Some(f) if f > 0.0 && f < 1.0 => {
+                            opts.eager_refresh = Some((f, key.span()))
+                        }
+                        Some(f) => errors.add(
+                            lit.span(),
+                            format!("`eager_refresh = {f}` is outside 0 to 1 (exclusive): it is the fraction of the ttl after which a hit refreshes the entry in the background, as in `eager_refresh = 0.8`"),
+                        ),
+                        None => errors.add(lit.span(), format!("`eager_refresh` expects {EXPECTED}")),
                     }
                 }
                 "skip" => {
@@ -169,6 +235,14 @@ impl Parse for Options {
             }
             input.parse::<Token![,]>()?;
         }
+        if let Some((Expiry::Sliding(_), _)) = opts.expiry {
+            if let Some((_, span)) = opts.fail_safe {
+                errors.add(span, "`fail_safe` cannot be combined with `sliding`: fail-safe keeps an entry past a fixed expiry; use `ttl`");
+            }
+            if let Some((_, span)) = opts.eager_refresh {
+                errors.add(span, "`eager_refresh` cannot be combined with `sliding`: it refreshes an entry before a fixed expiry; use `ttl`");
+            }
+        }
         errors.finish()?;
         Ok(opts)
     }
@@ -187,8 +261,17 @@ fn value<T: Parse>(input: ParseStream, key: &Ident, expected: &str) -> syn::Resu
         .map_err(|e| syn::Error::new(e.span(), format!("`{key}` expects {expected}")))
 }
 
-/// Parses `"10m"`, `"1h30m"`, `"250ms"` into nanoseconds.
+/// Parses `"10m"`, `"1h30m"`, `"250ms"` into nanoseconds; zero is refused (an
+/// expiration of zero would never serve a hit).
 pub(crate) fn parse_duration(s: &str) -> Result<u64, String> {
+    match parse_nanos(s)? {
+        0 => Err("a zero duration would never serve a hit; remove the option, or disable the profile to turn caching off".into()),
+        n => Ok(n),
+    }
+}
+
+/// Parses `"10m"`, `"1h30m"`, `"250ms"` into nanoseconds, zero included.
+fn parse_nanos(s: &str) -> Result<u64, String> {
     const HINT: &str =
         "expected a number followed by a unit (ms, s, m, h, d), for example \"10m\" or \"1h30m\"";
     let mut total: u64 = 0;
@@ -225,9 +308,6 @@ pub(crate) fn parse_duration(s: &str) -> Result<u64, String> {
             .and_then(|v| total.checked_add(v))
             .ok_or_else(|| "the duration is too long".to_string())?;
         rest = &rest[unit_len..];
-    }
-    if total == 0 {
-        return Err("a zero duration would never serve a hit; remove the option, or disable the profile to turn caching off".into());
     }
     Ok(total)
 }

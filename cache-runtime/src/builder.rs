@@ -181,6 +181,7 @@ impl CachingServiceBuilder {
             remote_stats: RemoteCounters::default(),
             functions: FnTable::default(),
             epoch: AtomicU64::new(0),
+            settled: AtomicU64::new(0),
             log: parking_lot::Mutex::default(),
         });
         if let Some(bus) = bus {

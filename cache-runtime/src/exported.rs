@@ -9,9 +9,12 @@
 //! | `cache_misses_total` | `function` | calls that found no value |
 //! | `cache_executions_total` | `function` | bodies run |
 //! | `cache_invalidations_total` | `function` | entries invalidated |
-//! | `cache_errors_total` | `function`, `kind` (`backend`, `config`, `decode`) | failures |
+//! | `cache_errors_total` | `function`, `kind` (`backend`, `config`, `decode`, `background`) | failures |
 //! | `cache_oversized_total` | `function` | values too large for the remote tier |
 //! | `cache_local_only_total` | `function` | values kept in process only (dependencies) |
+//! | `cache_fallbacks_total` | `function` | calls answered with a fail-safe fallback |
+//! | `cache_soft_timeouts_total` | `function` | fallbacks served because the body was slow |
+//! | `cache_eager_refreshes_total` | `function` | background refreshes started by a hit |
 //! | `cache_body_duration_seconds` | `function` | histogram of the bodies' run times |
 //! | `cache_sync_messages_total` | `direction` (`published`, `received`) | invalidation messages |
 //!
@@ -19,7 +22,7 @@
 //! the recorder (an exporter) before the first cached call.
 
 /// How many counters a function has (`stats::Counter`'s variants).
-pub(crate) const COUNTED: usize = 10;
+pub(crate) const COUNTED: usize = 14;
 
 #[cfg(feature = "metrics")]
 mod on {
@@ -40,6 +43,10 @@ mod on {
         ("cache_errors_total", Some(("kind", "decode"))),
         ("cache_oversized_total", None),
         ("cache_local_only_total", None),
+        ("cache_fallbacks_total", None),
+        ("cache_soft_timeouts_total", None),
+        ("cache_eager_refreshes_total", None),
+        ("cache_errors_total", Some(("kind", "background"))),
     ];
 
     /// One function's metrics handles.

@@ -34,6 +34,8 @@ pub(crate) struct Handoff {
     pub(crate) deps: Option<Arc<[Node]>>,
     /// The remote invalidation count as of which the value is current.
     pub(crate) remote_epoch: u64,
+    /// A fail-safe fallback (an expired value), not a fresh one.
+    pub(crate) fallback: bool,
 }
 
 #[derive(Clone)]
@@ -259,6 +261,7 @@ mod tests {
             value: Box::new(v),
             deps: None,
             remote_epoch: 0,
+            fallback: false,
         })
     }
 

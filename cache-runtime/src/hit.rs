@@ -188,7 +188,7 @@ pub(crate) fn read<T>(
             .memory
             .get_hashed(key, hash, |slot| (ops.from_any)(&slot.value));
     }
-    let read_epoch = inner.epoch.load(Ordering::SeqCst);
+    let read_epoch = inner.snapshot();
     inner.memory.get_hashed(key, hash, |slot| {
         let value = (ops.from_any)(&slot.value)?;
         with_frame(|f| f.add_entry(key, slot.deps.as_deref(), read_epoch, slot.remote_epoch));

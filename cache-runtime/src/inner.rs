@@ -65,8 +65,13 @@ pub(crate) struct Inner {
     pub(crate) max_key_length: usize,
     pub(crate) flights: Flights,
     pub(crate) functions: FnTable,
-    /// Counts invalidations (see [`InvalidationLog::is_stale`]).
+    /// Counts invalidations (see [`InvalidationLog::is_stale`]), bumped when one
+    /// begins, before it removes anything: a value stored while it has not moved is
+    /// found by every invalidation that begins later.
     pub(crate) epoch: AtomicU64,
+    /// The invalidations whose removals in this process are done: what a computation
+    /// takes as its starting point ([`Inner::snapshot`]).
+    pub(crate) settled: AtomicU64,
     pub(crate) log: parking_lot::Mutex<InvalidationLog>,
     /// Removals and publications that failed, sent again by one task.
     pub(crate) retries: parking_lot::Mutex<Retries>,
@@ -122,6 +127,16 @@ impl Inner {
         if let Some(state) = crate::key::function_id(key).and_then(|id| self.functions.get(id)) {
             state.counters.bump(crate::stats::Counter::Invalidation);
         }
+    }
+
+    /// The invalidation count a computation starts from (its `epoch`, a read's
+    /// `read_epoch`): the invalidations whose removals are done. An invalidation
+    /// counted in [`Inner::epoch`] but still removing comes after it, since what the
+    /// computation reads next may be what it is about to remove (an expired entry
+    /// kept as a fallback, an entry a body reads).
+    #[inline]
+    pub(crate) fn snapshot(&self) -> u64 {
+        self.settled.load(Ordering::SeqCst)
     }
 
     /// Runs `then` if a value for `key`, computed epoch `epoch` from what `frame`

@@ -150,6 +150,7 @@ impl Inner {
             Node::Entry(k) => Some(&**k),
             Node::Key(_) | Node::Remote(_) => None,
         }));
+        self.settled.store(epoch, Ordering::SeqCst);
         log.record(epoch, reached);
         let result = then(&removed);
         drop(log);
@@ -201,6 +202,7 @@ impl Inner {
         self.flights.detach_all();
         self.memory.clear();
         self.graph.clear();
+        self.settled.store(epoch, Ordering::SeqCst);
         log.entries.clear();
         log.floor = epoch;
     }

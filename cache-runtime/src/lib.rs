@@ -217,7 +217,7 @@ pub mod __private {
     };
     pub use crate::key::{write_arg, KeyWriter};
     pub use crate::miss::{run_async, run_sync};
-    pub use crate::profile::Expiration;
+    pub use crate::profile::{Expiration, Overrides};
     pub use crate::registry::{Descriptor, DescriptorRuntime};
     /// The remote tier's decoder, for benchmarks that compare against raw reads.
     pub use crate::remote::decode;

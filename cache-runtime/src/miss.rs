@@ -18,10 +18,10 @@ use crate::exported::BodyTimer;
 use crate::flight::{Flight, Handoff, Join, Leader, Waited};
 use crate::hit::{read, MissPath};
 use crate::inner::CachingService;
-use crate::memory::slot_id;
+use crate::memory::now_nanos;
 use crate::miss_remote::MissEntry;
 use crate::pending::Pending;
-use crate::profile::Expiration;
+use crate::profile::{Expiration, Resilience};
 use crate::registry::{Descriptor, Mode};
 use crate::remote::Decoded;
 use crate::stats::Counter;
@@ -43,7 +43,21 @@ struct Miss<'a, K: ReturnKind<R>, R> {
     span: Span,
     /// Whether the call waited for another caller's flight.
     waited: bool,
+    /// Fail-safe, soft timeout, eager refresh, as resolved for the function.
+    resilience: Resilience,
+    /// An expired value kept by fail-safe, found by the leader (boxed: most misses
+    /// have none, and this struct is part of every miss's future).
+    fallback: Option<Box<Fallback<K::Stored>>>,
     _r: std::marker::PhantomData<fn() -> R>,
+}
+
+/// An expired value kept by fail-safe, served if the body fails.
+struct Fallback<T> {
+    value: T,
+    deps: Option<Arc<[Node]>>,
+    remote_epoch: u64,
+    /// Until when it may be served (process nanoseconds, see `memory::now_nanos`).
+    kept_until: u64,
 }
 
 /// What to do after a step of the miss path.
@@ -67,22 +81,27 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
         let span = miss_span(path);
         let inner = &*path.service.inner;
         let state = inner.function(desc, path.reg);
-        let (expiration, lock_timeout) = match state.mode {
+        let (expiration, lock_timeout, resilience) = match state.mode {
             Mode::Cached {
                 expiration,
                 lock_timeout,
-            } => (expiration, lock_timeout),
-            _ => (Expiration::Never, Duration::ZERO),
+                resilience,
+            } => (expiration, lock_timeout, resilience),
+            _ => (Expiration::Never, Duration::ZERO, Resilience::default()),
         };
+        let mut entry = MissEntry::new(inner, state, &path.key, ops, expiration);
+        entry.fail_safe = resilience.fail_safe;
         Miss {
             service: &path.service,
             desc,
-            entry: MissEntry::new(inner, state, &path.key, ops, expiration),
+            entry,
             lock_timeout,
             hash: path.hash,
             epoch: 0,
             span,
             waited: false,
+            resilience,
+            fallback: None,
             _r: std::marker::PhantomData,
         }
     }
@@ -90,7 +109,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
     /// The first step: a refresh runs the body alone, anything else joins the flight.
     fn start(&mut self, refresh: bool) -> Next<'a, R> {
         if refresh {
-            self.epoch = self.entry.inner.epoch.load(Ordering::SeqCst);
+            self.epoch = self.entry.inner.snapshot();
             return Next::RunAlone;
         }
         self.join()
@@ -105,7 +124,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             .join(self.entry.key.shared(), self.hash)
         {
             Join::Lead(leader) => {
-                self.epoch = self.entry.inner.epoch.load(Ordering::SeqCst);
+                self.epoch = self.entry.inner.snapshot();
                 // A flight that ended between the first look and `join` stored its value.
                 let key = self.entry.key.as_bytes();
                 match read(self.entry.inner, key, self.hash, self.entry.ops) {
@@ -114,7 +133,12 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
                         self.served("l1");
                         Next::Return(K::from_stored(v))
                     }
-                    None => Next::Lead(leader),
+                    None => {
+                        if self.resilience.fail_safe.is_some() {
+                            self.fallback = self.local_fallback();
+                        }
+                        Next::Lead(leader)
+                    }
                 }
             }
             Join::Wait(flight) => Next::Wait(flight),
@@ -128,8 +152,11 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             Waited::Done(handoff) => match (self.entry.ops.from_any)(&*handoff.value) {
                 Some(v) => {
                     self.entry.state.counters.bump(Counter::Miss);
+                    if handoff.fallback {
+                        self.entry.state.counters.bump(Counter::FallbackServed);
+                    }
                     self.served("flight");
-                    let read_epoch = self.entry.inner.epoch.load(Ordering::SeqCst);
+                    let read_epoch = self.entry.inner.snapshot();
                     with_frame(|f| {
                         f.add_entry(
                             self.entry.key.as_bytes(),
@@ -145,7 +172,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
             Waited::Abandoned => self.join(),
             Waited::TimedOut => {
                 tracing::debug!(target: "cache_runtime", function = %self.entry.state.name, key = %self.entry.text(), "lock timeout: running the body without waiting");
-                self.epoch = self.entry.inner.epoch.load(Ordering::SeqCst);
+                self.epoch = self.entry.inner.snapshot();
                 Next::RunAlone
             }
         }
@@ -184,6 +211,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
                     value: (self.entry.ops.into_shared)((self.entry.ops.clone)(value)),
                     deps,
                     remote_epoch,
+                    fallback: false,
                 })
             });
         }
@@ -199,12 +227,20 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     /// comes after the insert; the remote write is queued under the same check, so an
     /// invalidation either sees it, or queues its removal after it.
     fn keep(&self, value: &K::Stored, frame: &Frame, remote_epoch: u64) -> bool {
-        self.keep_in_tiers(value, frame, self.entry.expiration, remote_epoch, true)
+        self.keep_in_tiers(
+            value,
+            frame,
+            self.entry.expiration,
+            remote_epoch,
+            true,
+            None,
+        )
     }
 
     /// Stores the value in the in-process tier with `expiration`, then, with `write`,
     /// queues its remote write if it is current (see [`Miss::keep`]); returns whether
-    /// it is.
+    /// it is. With fail-safe, the slot is kept as a fallback after it expires, until
+    /// `kept_until` if given (a fallback served again keeps its own bound).
     fn keep_in_tiers(
         &self,
         value: &K::Stored,
@@ -212,33 +248,43 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         expiration: Expiration,
         remote_epoch: u64,
         write: bool,
+        kept_until: Option<u64>,
     ) -> bool {
-        let key = self.entry.key.as_bytes();
-        let slot = self.entry.inner.memory.enabled().then(|| {
+        let (inner, key) = (self.entry.inner, self.entry.key.as_bytes());
+        let memory = &inner.memory;
+        let make_slot = || {
             let mut slot = (self.entry.ops.into_slot)((self.entry.ops.clone)(value), expiration);
             slot.remote_epoch = remote_epoch;
-            let id = slot_id(&slot);
-            self.entry
-                .inner
-                .memory
-                .insert(key, slot, Some(frame), || self.entry.text().to_owned());
-            id
-        });
-        let write = write && self.entry.inner.remote.is_some();
-        let current = if self.entry.inner.epoch.load(Ordering::SeqCst) == self.epoch && !write {
-            // Nothing to queue: an invalidation that starts now finds the entry.
-            true
-        } else {
-            self.entry.inner.if_current(key, self.epoch, frame, || {
-                if write {
-                    self.entry.write(value, frame, remote_epoch);
+            if let Some(grace) = self.resilience.fail_safe {
+                slot.keep_for(grace);
+                if let Some(until) = kept_until {
+                    slot.kept_until = until;
                 }
-            })
+            }
+            slot
         };
-        if let (false, Some(id)) = (current, slot) {
-            self.entry.inner.memory.remove_slot(key, id);
+        let text = || self.entry.text().to_owned();
+        let unchanged = || inner.epoch.load(Ordering::SeqCst) == self.epoch;
+        // No invalidation since the computation began: stored at once. The tier
+        // checks under the shard's lock, so an invalidation either began before (then
+        // it is not stored here) or finds it.
+        let stored =
+            memory.enabled() && memory.insert(key, make_slot(), Some(frame), text, unchanged);
+        let write = write && inner.remote.is_some();
+        if !write && (stored || (!memory.enabled() && unchanged())) {
+            return true;
         }
-        current
+        // Else under the invalidation log's lock: stored, and its write queued, only
+        // if no invalidation since reached it (an invalidation that starts after this
+        // queues its removal behind the write).
+        inner.if_current(key, self.epoch, frame, || {
+            if !stored {
+                memory.insert(key, make_slot(), Some(frame), text, || true);
+            }
+            if write {
+                self.entry.write(value, frame, remote_epoch);
+            }
+        })
     }
 
     /// Counts a call that runs the body.
@@ -272,6 +318,7 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
     /// The value's dependencies, as the remote graph names them, become the entry's:
     /// a cached function reading it links to them as to those of a value computed here.
     fn finish_remote(&self, (value, deadline, links): Decoded<K::Stored>, leader: Leader<'_>) -> R {
+        self.entry.state.counters.bump(Counter::L2Hit);
         self.served("l2");
         let key = self.entry.key.as_bytes();
         let linked = (!links.is_empty())
@@ -289,16 +336,110 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
                 None => return K::from_stored(value), // expired meanwhile
             },
         };
-        if self.keep_in_tiers(&value, frame, expiration, remote_epoch, false) {
+        if self.keep_in_tiers(&value, frame, expiration, remote_epoch, false, None) {
             leader.complete(|| {
                 Arc::new(Handoff {
                     value: (self.entry.ops.into_shared)((self.entry.ops.clone)(&value)),
                     deps,
                     remote_epoch,
+                    fallback: false,
                 })
             });
         }
         K::from_stored(value)
+    }
+}
+
+/// Fail-safe: the fallbacks a leader finds, and serving one when the body fails.
+impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
+    /// The in-process slot kept by fail-safe after it expired, if any.
+    fn local_fallback(&self) -> Option<Box<Fallback<K::Stored>>> {
+        let e = &self.entry;
+        e.inner
+            .memory
+            .get_fallback(e.key.as_bytes(), self.hash, |slot| {
+                Some(Box::new(Fallback {
+                    value: (e.ops.from_any)(&slot.value)?,
+                    deps: slot.deps.clone(),
+                    remote_epoch: slot.remote_epoch,
+                    kept_until: slot.kept_until,
+                }))
+            })
+    }
+
+    /// A value read from the remote tier, if it is fresh. With fail-safe, one past
+    /// its deadline is kept as the fallback instead, and the body runs.
+    fn fresh(&mut self, decoded: Decoded<K::Stored>) -> Option<Decoded<K::Stored>> {
+        let (Some(grace), deadline @ 1..) = (self.resilience.fail_safe, decoded.1) else {
+            return Some(decoded);
+        };
+        if crate::remote::until(deadline).is_some() {
+            return Some(decoded);
+        }
+        // served until `grace` past the deadline, on this process's clock
+        let kept_for = crate::remote::until(deadline.saturating_add(grace.as_millis() as u64))?;
+        let (value, _, links) = decoded;
+        let deps: Vec<Node> = links
+            .iter()
+            .filter_map(|l| Node::from_remote_id(l))
+            .collect();
+        self.fallback = Some(Box::new(Fallback {
+            value,
+            deps: (!deps.is_empty()).then(|| deps.into()),
+            remote_epoch: self.entry.remote_epoch(),
+            kept_until: now_nanos().saturating_add(kept_for.as_nanos() as u64),
+        }));
+        None
+    }
+
+    /// The leader's end after running the body: a failure (`Err`) is answered with
+    /// the fallback if there is one, still within `fail_safe`, that no invalidation
+    /// reached since the call began; anything else is [`Miss::finish`]ed.
+    fn finish_lead(&mut self, result: R, frame: Frame, leader: Leader<'_>) -> R {
+        if K::failed(&result) {
+            if let Some(fallback) = self.fallback.take() {
+                return self.serve_fallback(*fallback, leader).unwrap_or(result);
+            }
+        }
+        let _ = self.finish(&result, frame, Some(leader), false);
+        result
+    }
+
+    /// Serves a fallback: it counts as fresh in the in-process tier for the
+    /// throttle, so that a failing source is not called on every call, and is handed
+    /// to the waiters. `None` if it is past its bound or an invalidation reached it.
+    fn serve_fallback(&self, fb: Fallback<K::Stored>, leader: Leader<'_>) -> Option<R> {
+        if fb.kept_until != 0 && now_nanos() >= fb.kept_until {
+            return None;
+        }
+        let linked = fb.deps.as_deref().map(|d| Frame::of(d.iter().cloned()));
+        let frame = linked.as_ref().unwrap_or(Frame::EMPTY);
+        let throttle = Expiration::Absolute(self.resilience.fail_safe_throttle);
+        let kept_until = (fb.kept_until != 0).then_some(fb.kept_until);
+        if !self.keep_in_tiers(
+            &fb.value,
+            frame,
+            throttle,
+            fb.remote_epoch,
+            false,
+            kept_until,
+        ) {
+            return None;
+        }
+        self.entry.state.counters.bump(Counter::FallbackServed);
+        self.served("fallback");
+        tracing::debug!(target: "cache_runtime", function = %self.entry.state.name, key = %self.entry.text(), "the body failed: served the fail-safe fallback");
+        let key = self.entry.key.as_bytes();
+        with_frame(|f| f.add_entry(key, fb.deps.as_deref(), self.epoch, fb.remote_epoch));
+        leader.complete(|| {
+            Arc::new(Handoff {
+                value: (self.entry.ops.into_shared)((self.entry.ops.clone)(&fb.value)),
+                deps: fb.deps.clone(),
+                remote_epoch: fb.remote_epoch,
+                fallback: true,
+            })
+        });
+        Some(K::from_stored(fb.value))
     }
 }
 
@@ -313,14 +454,13 @@ macro_rules! miss_loop {
             next = match next {
                 Next::Return(r) => return r,
                 Next::Lead(leader) => {
-                    if let Some(value) = $remote {
+                    if let Some(value) = $remote.and_then(|v| $miss.fresh(v)) {
                         return $miss.finish_remote(value, leader);
                     }
                     let timer = $miss.running();
                     let (result, frame) = $run;
                     $miss.ran(timer);
-                    let _ = $miss.finish(&result, frame, Some(leader), false);
-                    return result;
+                    return $miss.finish_lead(result, frame, leader);
                 }
                 Next::Wait($flight) => {
                     let waited = $wait;

@@ -27,6 +27,8 @@ pub(crate) struct MissEntry<'a, T: 'static> {
     pub(crate) key: &'a Key,
     pub(crate) ops: &'static ValueOps<T>,
     pub(crate) expiration: Expiration,
+    /// With fail-safe, how long the remote entry is kept past its deadline.
+    pub(crate) fail_safe: Option<std::time::Duration>,
     text: OnceLock<String>,
     /// The remote store's invalidation count, read with the entry (see
     /// [`crate::Fetched::epoch`]); [`UNKNOWN`] until a read succeeds.
@@ -47,6 +49,7 @@ impl<'a, T: 'static> MissEntry<'a, T> {
             key,
             ops,
             expiration,
+            fail_safe: None,
             text: OnceLock::new(),
             remote_epoch: AtomicU64::new(UNKNOWN),
         }
@@ -139,8 +142,7 @@ impl<'a, T: 'static> MissEntry<'a, T> {
                     None
                 }
                 Ok(value) => {
-                    // (the value and its deadline)
-                    c.bump(Counter::L2Hit);
+                    // (the value and its deadline; counted as a hit if it is fresh)
                     tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.text(), "remote hit");
                     Some(value)
                 }
@@ -163,7 +165,8 @@ impl<'a, T: 'static> MissEntry<'a, T> {
 
     /// Queues the value's write to the remote tier (never waited for). The value
     /// carries its deadline, so that an instance filling its in-process tier from the
-    /// remote one expires it when the remote entry expires.
+    /// remote one expires it when the remote entry expires. With fail-safe, the
+    /// entry itself lives `fail_safe` longer, as a fallback past that deadline.
     ///
     /// A value with dependencies goes through the store's graph, with its links; a
     /// store without one does not get it (it could not remove it when a dependency
@@ -194,6 +197,8 @@ impl<'a, T: 'static> MissEntry<'a, T> {
                 (d, deadline_after(d))
             }
         };
+        // with fail-safe, the entry outlives its deadline as a fallback
+        let ttl = ttl.saturating_add(self.fail_safe.unwrap_or_default());
         let (links, cascades) = self.links(frame);
         match encode(value, deadline, &links) {
             Ok(bytes) if bytes.len() > remote.max_value_size() => {

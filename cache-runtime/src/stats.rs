@@ -45,6 +45,17 @@ pub struct FunctionStats {
     /// Values kept in the in-process tier only because they have dependencies and
     /// the remote store keeps no dependency graph (`dependencies(false)`).
     pub local_only: u64,
+    /// Calls answered with an expired value kept by fail-safe (the body failed, or
+    /// did not answer within the soft timeout), waiters of such a call included.
+    pub fallbacks_served: u64,
+    /// Calls answered with a fallback because the body was slower than the soft
+    /// timeout (the body went on in the background).
+    pub soft_timeouts: u64,
+    /// Background refreshes started by a hit on an entry past the eager-refresh point.
+    pub eager_refreshes: u64,
+    /// Bodies run in the background (eager refresh, past a soft timeout) that
+    /// returned an error, panicked or did not store: the entry was left as it was.
+    pub background_errors: u64,
 }
 
 impl FunctionStats {
@@ -60,6 +71,10 @@ impl FunctionStats {
         self.decode_errors += o.decode_errors;
         self.oversized += o.oversized;
         self.local_only += o.local_only;
+        self.fallbacks_served += o.fallbacks_served;
+        self.soft_timeouts += o.soft_timeouts;
+        self.eager_refreshes += o.eager_refreshes;
+        self.background_errors += o.background_errors;
     }
 }
 
@@ -166,9 +181,13 @@ pub(crate) enum Counter {
     DecodeError,
     Oversized,
     LocalOnly,
+    FallbackServed,
+    SoftTimeout,
+    EagerRefresh,
+    BackgroundError,
 }
 
-pub(crate) const COUNTERS: usize = 10;
+pub(crate) const COUNTERS: usize = 14;
 
 // every counter has its metric
 const _: () = assert!(COUNTERS == crate::exported::COUNTED);
@@ -289,6 +308,10 @@ impl Counters {
             decode_errors: get(Counter::DecodeError),
             oversized: get(Counter::Oversized),
             local_only: get(Counter::LocalOnly),
+            fallbacks_served: get(Counter::FallbackServed),
+            soft_timeouts: get(Counter::SoftTimeout),
+            eager_refreshes: get(Counter::EagerRefresh),
+            background_errors: get(Counter::BackgroundError),
         }
     }
 }

@@ -82,6 +82,11 @@ pub trait ReturnKind<R> {
     fn stored(r: &R, cache_none: bool) -> Option<&Self::Stored>;
     /// The return rebuilt from a stored value.
     fn from_stored(s: Self::Stored) -> R;
+    /// Whether the body failed (`Err`): then fail-safe may answer with a fallback.
+    #[inline]
+    fn failed(_: &R) -> bool {
+        false
+    }
 }
 
 /// Any return type: stored whole.
@@ -112,6 +117,10 @@ impl<T: 'static, E> ReturnKind<Result<T, E>> for ResultOk {
     #[inline]
     fn from_stored(s: T) -> Result<T, E> {
         Ok(s)
+    }
+    #[inline]
+    fn failed(r: &Result<T, E>) -> bool {
+        r.is_err()
     }
 }
 

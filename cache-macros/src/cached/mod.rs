@@ -7,7 +7,7 @@ mod companions;
 mod parse;
 mod wrapper;
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{GenericParam, Ident, Type};
@@ -77,6 +77,21 @@ impl Common {
             )),
         };
         let cache_none = opts.cache_none.is_none_or(|(v, _)| v);
+        let duration = |d: &Option<(u64, Span)>| match d {
+            None => quote!(::core::option::Option::None),
+            Some((n, _)) => quote!(::core::option::Option::Some(
+                ::cache_runtime::__private::Duration::from_nanos(#n)
+            )),
+        };
+        let (fail_safe, fail_safe_throttle, soft_timeout) = (
+            duration(&opts.fail_safe),
+            duration(&opts.fail_safe_throttle),
+            duration(&opts.soft_timeout),
+        );
+        let eager_refresh = match opts.eager_refresh {
+            None => quote!(::core::option::Option::None),
+            Some((f, _)) => quote!(::core::option::Option::Some(#f)),
+        };
         let method = f.method;
         let descriptor_static = quote! {
             static __CACHE_DESCRIPTOR: ::cache_runtime::__private::Descriptor = ::cache_runtime::__private::Descriptor {
@@ -86,6 +101,12 @@ impl Common {
                 profile: #profile,
                 expiration: #expiration,
                 cache_none: #cache_none,
+                overrides: ::cache_runtime::__private::Overrides {
+                    fail_safe: #fail_safe,
+                    fail_safe_throttle: #fail_safe_throttle,
+                    soft_timeout: #soft_timeout,
+                    eager_refresh: #eager_refresh,
+                },
                 runtime: ::cache_runtime::__private::DescriptorRuntime::new(),
             };
         };

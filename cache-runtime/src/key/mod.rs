@@ -227,6 +227,7 @@ mod tests {
                 profile: "default",
                 expiration: None,
                 cache_none: true,
+                overrides: crate::profile::Overrides::NONE,
                 runtime: crate::registry::DescriptorRuntime::new(),
             };
             &D

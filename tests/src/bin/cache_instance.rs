@@ -20,6 +20,8 @@
 //! | `wait_drop ID MS` | polls `peek` until the entry is gone: microseconds taken, or `timeout` |
 //! | `wait_value ID VALUE MS` | polls `get` every 5 ms until it returns VALUE: milliseconds, or `timeout` |
 //! | `flush` | waits for this instance's queued writes to Redis: `ok` |
+//! | `fget ID` | row ID through [`fs_row`] (fail-safe: while the database key `db:fail` exists its body fails): the value, or `err` |
+//! | `fset ID VALUE` | writes the row and invalidates `fs_row` (`#[invalidate_cache]`): `ok` |
 //! | `stats` | `runs=N received=N published=N l1_clears=N l1_bypassed=0/1`, and the remote tier's errors (`write_errors=N removal_errors=N reads_held=N ...`) and, on a cluster, `topology_changes=N invalidations_replayed=N` |
 //! | `random SECONDS SEED` | a random mix for SECONDS (see [`random`]): `ops=N reads=N stale=N` |
 //! | `soak SECONDS SEED` | the soak's load (see [`soak`]): a `progress ...` line a second, then `result {json}` |
@@ -82,6 +84,34 @@ async fn write_row(id: u64, value: String) {
         .query_async(&mut db)
         .await
         .expect("database write");
+}
+
+/// A row with fail-safe: expired after 1 s, kept 1 h as a fallback, which counts as
+/// fresh for 1 s after a failure. Its body fails while the database key `db:fail`
+/// exists (every instance sees the same database).
+#[cached(
+    name = "inst.fs_row",
+    ttl = "1s",
+    fail_safe = "1h",
+    fail_safe_throttle = "1s"
+)]
+async fn fs_row(id: u64) -> Result<String, String> {
+    RUNS.fetch_add(1, Ordering::SeqCst);
+    let mut db = DB.get().ok_or("no database")?.clone();
+    let failing: bool = redis::cmd("EXISTS")
+        .arg("db:fail")
+        .query_async(&mut db)
+        .await
+        .map_err(|e| e.to_string())?;
+    if failing {
+        return Err("database unavailable".into());
+    }
+    Ok(db_get(id).await.unwrap_or_else(|| "none".into()))
+}
+
+#[invalidate_cache(fs_row)]
+async fn write_fs_row(id: u64, value: String) {
+    write_row(id, value).await;
 }
 
 /// A small seeded random number generator (xorshift), so that a run can be repeated.
@@ -392,6 +422,11 @@ async fn main() {
                 write_row(num(1), words[2].to_owned()).await;
                 "ok".into()
             }
+            Some("fget") => fs_row(num(1)).await.unwrap_or_else(|_| "err".into()),
+            Some("fset") => {
+                write_fs_row(num(1), words[2].to_owned()).await;
+                "ok".into()
+            }
             Some("inv_range") => {
                 for id in num(1)..num(2) {
                     cache_runtime::invalidate!(row(id)).await;
@@ -445,8 +480,9 @@ async fn main() {
                 let stats = cache_runtime::stats();
                 let (s, r) = (stats.sync, stats.remote);
                 format!(
-                    "runs={} received={} published={} l1_clears={} l1_bypassed={} publish_errors={} write_errors={} linked_write_errors={} removal_errors={} removals_retried={} removals_waiting={} reads_held={} topology_changes={} invalidations_replayed={}",
+                    "runs={} fallbacks={} received={} published={} l1_clears={} l1_bypassed={} publish_errors={} write_errors={} linked_write_errors={} removal_errors={} removals_retried={} removals_waiting={} reads_held={} topology_changes={} invalidations_replayed={}",
                     RUNS.load(Ordering::SeqCst),
+                    stats.total.fallbacks_served,
                     s.received,
                     s.published,
                     s.l1_clears,

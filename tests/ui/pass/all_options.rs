@@ -20,6 +20,11 @@ pub async fn find(id: u64) -> Option<Product> {
     Some(Product { id, name: String::new() })
 }
 
+#[cached(ttl = "1m", fail_safe = "1h", fail_safe_throttle = "30s", soft_timeout = "100ms", eager_refresh = 0.8)]
+pub async fn resilient(id: u64) -> Result<Product, String> {
+    Ok(Product { id, name: String::new() })
+}
+
 #[derive(Clone)]
 pub struct NotSerde(pub std::sync::Arc<String>);
 
