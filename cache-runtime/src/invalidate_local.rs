@@ -150,9 +150,12 @@ impl Inner {
             Node::Entry(k) => Some(&**k),
             Node::Key(_) | Node::Remote(_) => None,
         }));
-        self.settled.store(epoch, Ordering::SeqCst);
         log.record(epoch, reached);
         let result = then(&removed);
+        // Only now may a computation start from this count: the entries are gone and
+        // the holds are in place (a read of the remote tier that starts from it is
+        // held back until the removal reaches the tier).
+        self.settled.store(epoch, Ordering::SeqCst);
         drop(log);
         removed.iter().for_each(|key| self.count_invalidation(key));
         result

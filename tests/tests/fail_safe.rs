@@ -384,23 +384,22 @@ async fn an_attribute_that_does_not_fit_the_profile_drops_fail_safe() {
 
 /// The invalidating caller never gets a fallback older than its invalidation, while
 /// calls, invalidations and the source's failures race: thousands of rounds on a
-/// multi-threaded runtime.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn race_invalidation_against_fallbacks() {
-    static DB: Source = Source::new();
-    #[cached(ttl = "1ms", fail_safe = "1h", fail_safe_throttle = "1h")]
-    async fn value(id: u64) -> Result<u64, String> {
+/// multi-threaded runtime. Returns the fallbacks served before the invalidation
+/// returned (they show that the race was exercised).
+async fn race_invalidation_against_fallbacks(svc: CachingService, rounds: u64) -> u64 {
+    #[cached(ttl = "1ms", fail_safe = "1h", fail_safe_throttle = "1h", skip(db))]
+    async fn value(id: u64, db: &'static Source) -> Result<u64, String> {
         tokio::task::yield_now().await;
-        DB.read().map(|v| v + id)
+        db.read().map(|v| v + id)
     }
-    let svc = service();
+    static DB: Source = Source::new();
     let (stale, served) = svc
         .scope(async {
             let stale = Arc::new(AtomicU64::new(0));
             let mut served = 0;
-            for round in 1..=3_000u64 {
+            for round in 1..=rounds {
                 DB.set(round * 10, false);
-                let Ok(fresh) = value(0).await else {
+                let Ok(fresh) = value(0, &DB).await else {
                     continue;
                 };
                 tokio::time::sleep(Duration::from_millis(2)).await; // expired
@@ -415,7 +414,7 @@ async fn race_invalidation_against_fallbacks() {
                             let mut fallbacks = 0;
                             for _ in 0..4 {
                                 let after = done.load(Ordering::SeqCst);
-                                if value(0).await == Ok(fresh) {
+                                if value(0, &DB).await == Ok(fresh) {
                                     fallbacks += 1;
                                     if after {
                                         stale.fetch_add(1, Ordering::SeqCst);
@@ -427,9 +426,15 @@ async fn race_invalidation_against_fallbacks() {
                         }))
                     })
                     .collect();
-                cache_runtime::invalidate!(value(0)).await;
+                // the invalidation lands anywhere in the readers' calls: at once, or
+                // up to 300 µs later (a remote read takes about 100)
+                let lag = std::time::Instant::now() + Duration::from_micros(round % 4 * 100);
+                while std::time::Instant::now() < lag {
+                    tokio::task::yield_now().await;
+                }
+                cache_runtime::invalidate!(value(0, &DB)).await;
                 done.store(true, Ordering::SeqCst);
-                if value(0).await == Ok(fresh) {
+                if value(0, &DB).await == Ok(fresh) {
                     stale.fetch_add(1, Ordering::SeqCst);
                 }
                 for r in readers {
@@ -445,4 +450,31 @@ async fn race_invalidation_against_fallbacks() {
         served > 0,
         "the race was exercised: some fallbacks were served"
     );
+    served
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn race_invalidation_against_fallbacks_in_memory() {
+    race_invalidation_against_fallbacks(service(), 3_000).await;
+}
+
+/// The same on Redis with an L1: the fallback is in both tiers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn race_invalidation_against_fallbacks_on_redis() {
+    let server = tests::redis_server::RedisServer::start();
+    for l1 in [true, false] {
+        let mut backend = cache_redis::RedisBackend::builder(server.url()).key_prefix(if l1 {
+            "l1"
+        } else {
+            "l2"
+        });
+        if l1 {
+            backend = backend.l1(cache_runtime::MemoryBackend::new());
+        }
+        let svc = CachingService::builder()
+            .backend(backend.build().await.unwrap())
+            .build()
+            .unwrap();
+        race_invalidation_against_fallbacks(svc, 1_500).await;
+    }
 }
