@@ -183,6 +183,7 @@ impl CachingServiceBuilder {
             epoch: AtomicU64::new(0),
             settled: AtomicU64::new(0),
             log: parking_lot::Mutex::default(),
+            background: parking_lot::Mutex::default(),
         });
         if let Some(bus) = bus {
             let receiver: std::sync::Weak<dyn Receive> =

@@ -40,6 +40,13 @@ pub(crate) fn with_scoped<R>(f: impl FnOnce(&CachingService) -> R) -> R {
     SCOPED.with(f)
 }
 
+/// Whether `service` is the global one.
+pub(crate) fn is_global(service: &CachingService) -> bool {
+    GLOBAL
+        .get()
+        .is_some_and(|g| std::sync::Arc::ptr_eq(&g.inner, &service.inner))
+}
+
 /// The global service, installed with defaults if none was.
 #[inline]
 pub(crate) fn global() -> &'static CachingService {

@@ -12,6 +12,7 @@ use crate::current::{global, in_scope, with_current, with_scoped};
 use crate::deps::{collecting, with_frame};
 use crate::inner::{CachingService, Inner};
 use crate::key::{with_function_key, write_function_key, Key, KeyRef, KeyWriter};
+use crate::memory::AnySlot;
 use crate::registry::{Descriptor, FnState, Mode, Registration};
 use crate::stats::Counter;
 use crate::value::{ReturnKind, ValueOps};
@@ -21,6 +22,9 @@ use crate::value::{ReturnKind, ValueOps};
 pub enum Lookup<R> {
     /// Served from the cache.
     Hit(R),
+    /// Served from the cache, and the entry is past its eager-refresh point: the
+    /// wrapper starts one refresh of it in the background (`refresh_in_background`).
+    Refresh(R, Box<MissPath>),
     /// Run the body: through the miss path (`run_async`, `run_sync` in `miss.rs`) if
     /// caching is on, else directly.
     Run(Option<MissPath>),
@@ -36,6 +40,24 @@ pub struct MissPath {
     pub(crate) hash: u64,
     /// Run the body and store its result whatever the cache holds (`refresh!`).
     pub(crate) refresh: bool,
+}
+
+impl MissPath {
+    fn new(
+        svc: &CachingService,
+        reg: &'static Registration,
+        key: KeyRef<'_>,
+        hash: u64,
+        refresh: bool,
+    ) -> Self {
+        MissPath {
+            service: svc.clone(),
+            reg,
+            key: key.to_owned(),
+            hash,
+            refresh,
+        }
+    }
 }
 
 thread_local! {
@@ -72,9 +94,12 @@ fn take_refresh() -> bool {
 /// built: write the key on the stack, resolve the function's state in the current
 /// service, look in the in-process tier, count. Straight-line code inlined into each
 /// wrapper; everything but a hit is out of line. Only a miss copies the key.
+/// `BACKGROUND`: the function's body can run in the background, so a hit past the
+/// entry's eager-refresh point may return [`Lookup::Refresh`]; without it, the hit
+/// path carries nothing of eager refresh.
 #[doc(hidden)]
 #[inline(always)]
-pub fn lookup<K: ReturnKind<R>, R>(
+pub fn lookup<K: ReturnKind<R>, R, const BACKGROUND: bool>(
     desc: &'static Descriptor,
     self_type: Option<&'static str>,
     ops: &'static ValueOps<K::Stored>,
@@ -89,11 +114,11 @@ pub fn lookup<K: ReturnKind<R>, R>(
     write_function_key(&mut w, reg, self_type, write_args);
     let (key, hash) = (KeyRef(w.as_bytes()), w.key_hash());
     if in_scope() {
-        return lookup_scoped::<K, R>(desc, reg, key, hash, ops, refresh);
+        return lookup_scoped::<K, R, BACKGROUND>(desc, reg, key, hash, ops, refresh);
     }
     let svc = global();
     let state = desc.global_state(&*svc.inner, reg);
-    probe::<K, R>(svc, state, reg, key, hash, ops, refresh)
+    probe::<K, R, BACKGROUND>(svc, state, reg, key, hash, ops, refresh)
 }
 
 /// [`lookup`] in the enclosing scope's service: out of line, so that the wrapper holds
@@ -102,7 +127,7 @@ pub fn lookup<K: ReturnKind<R>, R>(
 /// instructions a hit became 834.)
 #[cold]
 #[inline(never)]
-fn lookup_scoped<K: ReturnKind<R>, R>(
+fn lookup_scoped<K: ReturnKind<R>, R, const BACKGROUND: bool>(
     desc: &'static Descriptor,
     reg: &'static Registration,
     key: KeyRef<'_>,
@@ -112,14 +137,14 @@ fn lookup_scoped<K: ReturnKind<R>, R>(
 ) -> Lookup<R> {
     with_scoped(|svc| {
         let state = svc.inner.function(desc, reg);
-        probe::<K, R>(svc, state, reg, key, hash, ops, refresh)
+        probe::<K, R, BACKGROUND>(svc, state, reg, key, hash, ops, refresh)
     })
 }
 
 /// The hit path's look in the service's in-process tier, once the service and the
 /// function's state are known.
 #[inline(always)]
-fn probe<K: ReturnKind<R>, R>(
+fn probe<K: ReturnKind<R>, R, const BACKGROUND: bool>(
     svc: &CachingService,
     state: &FnState,
     reg: &'static Registration,
@@ -132,13 +157,47 @@ fn probe<K: ReturnKind<R>, R>(
         return not_cached(state);
     }
     if !refresh {
-        if let Some(v) = read(&svc.inner, key.as_bytes(), hash, ops) {
-            state.counters.bump(Counter::L1Hit);
-            tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache hit");
-            return Lookup::Hit(K::from_stored(v));
+        if BACKGROUND {
+            let due = Cell::new(false);
+            if let Some(v) = read(&svc.inner, key.as_bytes(), hash, ops, Some(&due)) {
+                return hit::<K, R>(state, key, v);
+            }
+            if due.get() {
+                return refresh_hit::<K, R>(svc, state, reg, key, hash, ops);
+            }
+        } else if let Some(v) = read(&svc.inner, key.as_bytes(), hash, ops, None) {
+            return hit::<K, R>(state, key, v);
         }
     }
     miss_path(svc, state, reg, key, hash, refresh)
+}
+
+/// A hit: counted, returned.
+#[inline(always)]
+fn hit<K: ReturnKind<R>, R>(state: &FnState, key: KeyRef<'_>, v: K::Stored) -> Lookup<R> {
+    state.counters.bump(Counter::L1Hit);
+    tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, "cache hit");
+    Lookup::Hit(K::from_stored(v))
+}
+
+/// A hit on an entry past its eager-refresh point, by the caller that refreshes it
+/// (the first to see it there, which made it live until its expiry).
+#[cold]
+#[inline(never)]
+fn refresh_hit<K: ReturnKind<R>, R>(
+    svc: &CachingService,
+    state: &FnState,
+    reg: &'static Registration,
+    key: KeyRef<'_>,
+    hash: u64,
+    ops: &'static ValueOps<K::Stored>,
+) -> Lookup<R> {
+    let Some(v) = read(&svc.inner, key.as_bytes(), hash, ops, None) else {
+        return miss_path(svc, state, reg, key, hash, false);
+    };
+    state.counters.bump(Counter::L1Hit);
+    let path = MissPath::new(svc, reg, key, hash, true);
+    Lookup::Refresh(K::from_stored(v), Box::new(path))
 }
 
 /// A function whose profile is disabled or missing: counted, run uncached.
@@ -165,35 +224,40 @@ fn miss_path<R>(
     refresh: bool,
 ) -> Lookup<R> {
     tracing::debug!(target: "cache_runtime", function = %state.name, key = %key, refresh, "cache miss");
-    Lookup::Run(Some(MissPath {
-        service: svc.clone(),
-        reg,
-        key: key.to_owned(),
-        hash,
-        refresh,
-    }))
+    Lookup::Run(Some(MissPath::new(svc, reg, key, hash, refresh)))
 }
 
 /// Reads an entry; inside another cached function's body, also links that function's
-/// entry to this one and to what this one depends on.
+/// entry to this one and to what this one depends on. With `due`, an entry past its
+/// eager-refresh point is not read if this caller is the one to refresh it: `due`
+/// is set (see [`crate::memory::MemoryTier::get_or_refresh`]); without, such an
+/// entry reads as a miss ([`crate::memory::MemoryTier::get_fast`]).
 #[inline(always)]
 pub(crate) fn read<T>(
     inner: &Inner,
     key: &[u8],
     hash: u64,
     ops: &'static ValueOps<T>,
+    due: Option<&Cell<bool>>,
 ) -> Option<T> {
+    let memory = &inner.memory;
     if !collecting() {
-        return inner
-            .memory
-            .get_hashed(key, hash, |slot| (ops.from_any)(&slot.value));
+        let read = |slot: &AnySlot| (ops.from_any)(&slot.value);
+        return match due {
+            None => memory.get_fast(key, hash, read),
+            Some(_) => memory.get_or_refresh(key, hash, read, due),
+        };
     }
     let read_epoch = inner.snapshot();
-    inner.memory.get_hashed(key, hash, |slot| {
+    let read = |slot: &AnySlot| {
         let value = (ops.from_any)(&slot.value)?;
         with_frame(|f| f.add_entry(key, slot.deps.as_deref(), read_epoch, slot.remote_epoch));
         Some(value)
-    })
+    };
+    match due {
+        None => memory.get_fast(key, hash, read),
+        Some(_) => memory.get_or_refresh(key, hash, read, due),
+    }
 }
 
 /// A function that cannot have keys (see [`Registration::unusable`]): counted, run

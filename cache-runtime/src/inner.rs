@@ -73,6 +73,9 @@ pub(crate) struct Inner {
     /// takes as its starting point ([`Inner::snapshot`]).
     pub(crate) settled: AtomicU64,
     pub(crate) log: parking_lot::Mutex<InvalidationLog>,
+    /// The keys whose body runs in the background now (an eager refresh, or a body
+    /// past its soft timeout): at most one each.
+    pub(crate) background: parking_lot::Mutex<HashSet<Arc<[u8]>>>,
     /// Removals and publications that failed, sent again by one task.
     pub(crate) retries: parking_lot::Mutex<Retries>,
     /// This instance's invalidations not confirmed by the remote tier yet.

@@ -24,7 +24,8 @@
 //! ```
 //!
 //! - [`cached`]: the attribute and its options (`profile`, `ttl`, `sliding`, `skip`,
-//!   `name`, `version`, `local`, `cache_none`).
+//!   `name`, `version`, `local`, `cache_none`, `fail_safe`, `fail_safe_throttle`,
+//!   `soft_timeout`, `eager_refresh`).
 //! - [`CacheKey`]: what arguments must implement, with `#[derive(CacheKey)]`.
 //! - [`CachingService`]: configured once in `main` (backend, profiles), or created with
 //!   defaults by the first cached call; [`CachingService::scope`] runs code against
@@ -120,6 +121,15 @@ pub use stats::{RemoteStats, SyncStats};
 /// | `version = 2` | bump when the value's shape changes; older entries are never read |
 /// | `local` | in-process tier only; the value need not implement serde |
 /// | `cache_none = false` | for `Option<T>` returns: do not store `None` |
+/// | `fail_safe = "1h"` | keep expired entries this long, as a fallback for a body that returns `Err` |
+/// | `fail_safe_throttle = "30s"` | after a failure, the fallback counts as fresh this long (default 30 s) |
+/// | `soft_timeout = "100ms"` | with a fallback, answer with it after this long; the body finishes in the background |
+/// | `eager_refresh = 0.8` | past this fraction of the ttl, a hit refreshes the entry in the background |
+///
+/// `soft_timeout` and `eager_refresh` (on the attribute or in the profile) run the body
+/// in a task of its own: they apply to an `async fn` without generics or `self` whose
+/// parameters are owned, and its future must be `Send`; such a function that names a
+/// profile or sets one of them is compiled for it.
 ///
 /// Return types: the value must be `Clone + Send + Sync + 'static` and, unless
 /// `local`, `Serialize + DeserializeOwned`. For `Result<T, E>` only `Ok` is stored. A
@@ -216,7 +226,7 @@ pub mod __private {
         call_key, invalidate_after, invalidate_after_sync, invalidate_calls, CallKey,
     };
     pub use crate::key::{write_arg, KeyWriter};
-    pub use crate::miss::{run_async, run_sync};
+    pub use crate::miss::{refresh_in_background, run_async, run_async_background, run_sync};
     pub use crate::profile::{Expiration, Overrides};
     pub use crate::registry::{Descriptor, DescriptorRuntime};
     /// The remote tier's decoder, for benchmarks that compare against raw reads.

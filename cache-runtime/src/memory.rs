@@ -51,6 +51,10 @@ pub(crate) struct Slot<V: ?Sized> {
     /// With fail-safe: until when an expired slot is kept as a fallback (process
     /// nanoseconds, as `expires_at`); 0 when it is not. A kept slot is never a hit.
     pub(crate) kept_until: u64,
+    /// With eager refresh: the slot's expiry, while `expires_at` is the point at which
+    /// a hit starts a refresh; 0 without. The first hit past that point moves
+    /// `expires_at` here and starts it; the hit path itself is unchanged.
+    lives_until: AtomicU64,
     /// The dependencies collected while the value was computed; a cached function that
     /// reads this entry from inside its own body links to them too.
     pub(crate) deps: Option<Arc<[crate::deps::Node]>>,
@@ -64,6 +68,18 @@ pub(crate) struct Slot<V: ?Sized> {
 }
 
 pub(crate) type AnySlot = Slot<dyn Any + Send + Sync>;
+
+/// A slot past its deadline (see [`Slot::past_deadline`]).
+enum PastDeadline {
+    /// Past its eager-refresh point, not expired: a hit.
+    Live,
+    /// The same, and this caller is to refresh it.
+    Due,
+    /// Expired, kept as a fallback (fail-safe): never a hit.
+    Kept,
+    /// Expired: removed by the reader.
+    Expired,
+}
 
 /// Identifies a stored slot (its address), to remove it only if it is still the one
 /// stored under its key.
@@ -85,6 +101,7 @@ impl<V> Slot<V> {
             expires_at: AtomicU64::new(expires_at),
             sliding,
             kept_until: 0,
+            lives_until: AtomicU64::new(0),
             deps: None,
             text: None,
             remote_epoch: 0,
@@ -99,6 +116,43 @@ impl<V: ?Sized> Slot<V> {
         let deadline = self.expires_at.load(Ordering::Relaxed);
         if deadline != NEVER {
             self.kept_until = deadline.saturating_add(nanos(grace));
+        }
+    }
+
+    /// Eager refresh: a hit `margin` before the slot expires starts a refresh of it.
+    pub(crate) fn refresh_before(&mut self, margin: Duration) {
+        let deadline = *self.expires_at.get_mut();
+        if deadline != NEVER {
+            *self.lives_until.get_mut() = deadline;
+            *self.expires_at.get_mut() = deadline.saturating_sub(nanos(margin));
+        }
+    }
+
+    /// What a slot past its deadline is (out of the hit path's line). With `claim`,
+    /// the first caller to see it past its eager-refresh point moves its deadline to
+    /// its expiry, and refreshes it.
+    #[cold]
+    #[inline(never)]
+    fn past_deadline(&self, claim: bool) -> PastDeadline {
+        let lives = self.lives_until.load(Ordering::Relaxed);
+        if lives != 0 && now_nanos() < lives {
+            let due = self.expires_at.load(Ordering::Relaxed);
+            let first = claim
+                && due != lives
+                && self
+                    .expires_at
+                    .compare_exchange(due, lives, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok();
+            return if first {
+                PastDeadline::Due
+            } else {
+                PastDeadline::Live
+            };
+        }
+        if self.kept() {
+            PastDeadline::Kept
+        } else {
+            PastDeadline::Expired
         }
     }
 
@@ -476,11 +530,25 @@ impl MemoryTier {
         self.get_hashed(key, key_hash(key), read)
     }
 
-    /// [`get`](Self::get) of a key whose [`key_hash`] is known. (Written out rather
-    /// than through [`MemoryTier::with_slot`]: the hit harness counted 6 more
-    /// instructions a hit that way.)
+    /// [`get`](Self::get) of a key whose [`key_hash`] is known. A slot past its
+    /// eager-refresh point is read as any live slot.
     #[inline(always)]
     pub(crate) fn get_hashed<X>(
+        &self,
+        key: &[u8],
+        hash: u64,
+        read: impl FnOnce(&AnySlot) -> Option<X>,
+    ) -> Option<X> {
+        self.get_or_refresh(key, hash, read, None)
+    }
+
+    /// The hit path of a function without eager refresh: [`get_hashed`](Self::get_hashed)
+    /// with one copy of `read` (a second one, for a slot past its eager-refresh
+    /// point, cost the hit harness 8 instructions a hit). Such a slot, which a
+    /// function whose body cannot run in the background never has, is taken for
+    /// expired.
+    #[inline(always)]
+    pub(crate) fn get_fast<X>(
         &self,
         key: &[u8],
         hash: u64,
@@ -501,6 +569,46 @@ impl MemoryTier {
                 return None;
             }
             slot_id(slot)
+        };
+        self.remove_slot(key, expired);
+        None
+    }
+
+    /// [`get_hashed`](Self::get_hashed); with `due`, a slot past its eager-refresh
+    /// point, seen first by this caller, is not read: `due` is set instead, and the
+    /// caller reads it again as it starts the refresh (the slot is then live until
+    /// its expiry). The hit path itself is unchanged: all of this is past the
+    /// deadline check. (Written out rather than through [`MemoryTier::with_slot`]:
+    /// the hit harness counted 6 more instructions a hit that way.)
+    #[inline(always)]
+    pub(crate) fn get_or_refresh<X>(
+        &self,
+        key: &[u8],
+        hash: u64,
+        read: impl FnOnce(&AnySlot) -> Option<X>,
+        due: Option<&std::cell::Cell<bool>>,
+    ) -> Option<X> {
+        if !self.enabled {
+            return None;
+        }
+        let (lookup, shard) = self.locate_hashed(key, hash);
+        let expired = {
+            let guard = shard.read();
+            let slot = guard.get(&lookup)?;
+            if slot.touch() {
+                return read(slot);
+            }
+            match slot.past_deadline(due.is_some()) {
+                PastDeadline::Live => return read(slot),
+                PastDeadline::Due => {
+                    if let Some(due) = due {
+                        due.set(true);
+                    }
+                    return None;
+                }
+                PastDeadline::Kept => return None,
+                PastDeadline::Expired => slot_id(slot),
+            }
         };
         self.remove_slot(key, expired);
         None

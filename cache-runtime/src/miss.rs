@@ -127,7 +127,7 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
                 self.epoch = self.entry.inner.snapshot();
                 // A flight that ended between the first look and `join` stored its value.
                 let key = self.entry.key.as_bytes();
-                match read(self.entry.inner, key, self.hash, self.entry.ops) {
+                match read(self.entry.inner, key, self.hash, self.entry.ops, None) {
                     Some(v) => {
                         self.entry.state.counters.bump(Counter::L1Hit);
                         self.served("l1");
@@ -260,6 +260,15 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
                 if let Some(until) = kept_until {
                     slot.kept_until = until;
                 }
+            }
+            // after the fail-safe bound, which counts from the expiry
+            if let (Some(f), Expiration::Absolute(ttl), None) = (
+                self.resilience.eager_refresh,
+                self.entry.expiration,
+                kept_until,
+            ) {
+                // (not a fallback served again: its throttle holds)
+                slot.refresh_before(ttl.mul_f64(1.0 - f));
             }
             slot
         };
@@ -407,10 +416,15 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
 
     /// Serves a fallback: it counts as fresh in the in-process tier for the
     /// throttle, so that a failing source is not called on every call, and is handed
-    /// to the waiters. `None` if it is past its bound or an invalidation reached it.
-    fn serve_fallback(&self, fb: Fallback<K::Stored>, leader: Leader<'_>) -> Option<R> {
+    /// to the waiters. The leader back if it is past its bound or an invalidation
+    /// reached it.
+    fn serve_fallback<'l>(
+        &self,
+        fb: Fallback<K::Stored>,
+        leader: Leader<'l>,
+    ) -> Result<R, Leader<'l>> {
         if fb.kept_until != 0 && now_nanos() >= fb.kept_until {
-            return None;
+            return Err(leader);
         }
         let linked = fb.deps.as_deref().map(|d| Frame::of(d.iter().cloned()));
         let frame = linked.as_ref().unwrap_or(Frame::EMPTY);
@@ -424,11 +438,11 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
             false,
             kept_until,
         ) {
-            return None;
+            return Err(leader);
         }
         self.entry.state.counters.bump(Counter::FallbackServed);
         self.served("fallback");
-        tracing::debug!(target: "cache_runtime", function = %self.entry.state.name, key = %self.entry.text(), "the body failed: served the fail-safe fallback");
+        tracing::debug!(target: "cache_runtime", function = %self.entry.state.name, key = %self.entry.text(), "served the fail-safe fallback");
         let key = self.entry.key.as_bytes();
         with_frame(|f| f.add_entry(key, fb.deps.as_deref(), self.epoch, fb.remote_epoch));
         leader.complete(|| {
@@ -439,28 +453,44 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
                 fallback: true,
             })
         });
-        Some(K::from_stored(fb.value))
+        Ok(K::from_stored(fb.value))
     }
 }
 
 /// The steps of the miss path, written once for the async and the blocking forms:
 /// `$run` runs the body in a dependency frame (it appears in two arms, each of which
 /// returns), `$wait` waits for another caller's flight, `$complete` completes a
-/// refresh in the shared tiers.
+/// refresh in the shared tiers. `$run_lead`, if given, runs the body as the leader
+/// (`$leader`), and returns the leader with the result, or returns from the call
+/// (a soft timeout).
 macro_rules! miss_loop {
-    ($miss:ident, $refresh:expr, $remote:expr, $run:expr, |$flight:ident| $wait:expr, |$pending:ident| $complete:expr) => {{
+    ($miss:ident, $refresh:expr, $remote:expr, $run:expr, |$flight:ident| $wait:expr, |$pending:ident| $complete:expr) => {
+        miss_loop!(
+            $miss,
+            $refresh,
+            $remote,
+            |leader| {
+                let (r, f) = $run;
+                (r, f, leader)
+            },
+            $run,
+            |$flight| $wait,
+            |$pending| $complete
+        )
+    };
+    ($miss:ident, $refresh:expr, $remote:expr, |$leader:ident| $run_lead:expr, $run:expr, |$flight:ident| $wait:expr, |$pending:ident| $complete:expr) => {{
         let mut next = $miss.start($refresh);
         loop {
             next = match next {
                 Next::Return(r) => return r,
-                Next::Lead(leader) => {
+                Next::Lead($leader) => {
                     if let Some(value) = $remote.and_then(|v| $miss.fresh(v)) {
-                        return $miss.finish_remote(value, leader);
+                        return $miss.finish_remote(value, $leader);
                     }
                     let timer = $miss.running();
-                    let (result, frame) = $run;
+                    let (result, frame, $leader) = $run_lead;
                     $miss.ran(timer);
-                    return $miss.finish_lead(result, frame, leader);
+                    return $miss.finish_lead(result, frame, $leader);
                 }
                 Next::Wait($flight) => {
                     let waited = $wait;
@@ -521,6 +551,203 @@ where
         |flight| Box::pin(flight.wait(miss.lock_timeout)).await,
         |pending| Box::pin(path.service.inner.complete(pending)).await
     )
+}
+
+/// [`run_async`] of a function whose body can go on in the background (an `async
+/// fn` with owned parameters, whose future is `Send`): with a soft timeout and a
+/// fallback, a body slower than the timeout lets the caller return the fallback, and
+/// finishes in the background.
+#[doc(hidden)]
+pub async fn run_async_background<K, R, B, F>(
+    path: Option<MissPath>,
+    desc: &'static Descriptor,
+    ops: &'static ValueOps<K::Stored>,
+    body: B,
+) -> R
+where
+    K: ReturnKind<R> + 'static,
+    K::Stored: Send + Sync,
+    R: 'static,
+    B: FnOnce() -> F,
+    F: Future<Output = R> + Send + 'static,
+{
+    let Some(path) = path else {
+        return boxed(body).await;
+    };
+    let mut miss = Miss::<K, R>::new(&path, desc, ops);
+    if path.refresh {
+        miss.entry.read_epoch().await;
+    }
+    miss_loop!(
+        miss,
+        path.refresh,
+        miss.entry.read().await,
+        |leader| {
+            let mut running = boxed(|| collect_async(body()).instrument(miss.span.clone()));
+            match miss.soft_timeout() {
+                None => {
+                    let (r, f) = running.await;
+                    (r, f, leader)
+                }
+                Some(d) => match Box::pin(tokio::time::timeout(d, &mut running)).await {
+                    Ok((r, f)) => (r, f, leader),
+                    Err(_) => match miss.timed_out(leader) {
+                        Ok(fallback) => {
+                            miss.finish_in_background(running, &path);
+                            return fallback;
+                        }
+                        Err(leader) => {
+                            let (r, f) = running.await;
+                            (r, f, leader)
+                        }
+                    },
+                },
+            }
+        },
+        boxed(|| collect_async(body()).instrument(miss.span.clone())).await,
+        |flight| Box::pin(flight.wait(miss.lock_timeout)).await,
+        |pending| Box::pin(path.service.inner.complete(pending)).await
+    )
+}
+
+/// Starts one refresh of the entry in the background, for a hit past its
+/// eager-refresh point (`Lookup::Refresh`): the body runs and its value replaces the
+/// entry, unless an invalidation reached it meanwhile. One at a time per key; a body
+/// that fails leaves the entry as it was (counted).
+#[doc(hidden)]
+pub fn refresh_in_background<K, R, B, F>(
+    path: Option<MissPath>,
+    desc: &'static Descriptor,
+    ops: &'static ValueOps<K::Stored>,
+    body: B,
+) where
+    K: ReturnKind<R> + 'static,
+    K::Stored: Send + Sync,
+    R: 'static,
+    B: FnOnce() -> F,
+    F: Future<Output = R> + Send + 'static,
+{
+    let Some(path) = path else { return };
+    let Some(slot) = Background::claim(&path) else {
+        return;
+    };
+    let counters = &path.service.inner.function(desc, path.reg).counters;
+    counters.bump(Counter::EagerRefresh);
+    counters.bump(Counter::Execution);
+    let running = boxed(|| collect_async(body()));
+    Background::spawn(path.service.clone(), async move {
+        let _slot = slot;
+        let mut miss = Miss::<K, R>::new(&path, desc, ops);
+        miss.epoch = miss.entry.inner.snapshot();
+        miss.entry.read_epoch().await;
+        let (result, frame) = running.await;
+        miss.finish_background(&result, frame);
+    });
+}
+
+/// A key's body running in the background: at most one per key and service.
+struct Background {
+    inner: Arc<crate::inner::Inner>,
+    key: Arc<[u8]>,
+}
+
+impl Background {
+    /// The key's place in the background, unless a body of it runs there already.
+    fn claim(path: &MissPath) -> Option<Background> {
+        let inner = &path.service.inner;
+        let key = path.key.shared().clone();
+        inner
+            .background
+            .lock()
+            .insert(key.clone())
+            .then(|| Background {
+                inner: inner.clone(),
+                key,
+            })
+    }
+
+    /// Runs `task` on the tokio runtime, in `service` (the current service of the
+    /// call that started it). Outside a runtime it is dropped.
+    fn spawn(service: CachingService, task: impl Future<Output = ()> + Send + 'static) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if crate::current::is_global(&service) {
+            runtime.spawn(task);
+        } else {
+            runtime.spawn(service.scope(task));
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.inner.background.lock().remove(&self.key);
+    }
+}
+
+/// Soft timeout: the caller answers with the fallback, the body goes on.
+impl<K: ReturnKind<R> + 'static, R: 'static> Miss<'_, K, R>
+where
+    K::Stored: Send + Sync,
+{
+    /// The soft timeout, if there is one and a fallback to answer with.
+    fn soft_timeout(&self) -> Option<Duration> {
+        self.resilience
+            .soft_timeout
+            .filter(|_| self.fallback.is_some())
+    }
+
+    /// The body is slower than the soft timeout: the caller gets the fallback (see
+    /// [`Miss::serve_fallback`]), or the leader back if there is none to serve.
+    fn timed_out<'l>(&mut self, leader: Leader<'l>) -> Result<R, Leader<'l>> {
+        let Some(fallback) = self.fallback.take() else {
+            return Err(leader);
+        };
+        let served = self.serve_fallback(*fallback, leader)?;
+        self.entry.state.counters.bump(Counter::SoftTimeout);
+        Ok(served)
+    }
+
+    /// Lets the body past its soft timeout finish in the background, and keeps its
+    /// value as a leader would have, unless an invalidation reached it meanwhile. If
+    /// a body of the key already runs there, this one is dropped.
+    fn finish_in_background<Fut>(&self, running: std::pin::Pin<Box<Fut>>, path: &MissPath)
+    where
+        Fut: Future<Output = (R, Frame)> + Send + 'static,
+    {
+        let path = MissPath {
+            service: path.service.clone(),
+            reg: path.reg,
+            key: path.key.clone(),
+            hash: path.hash,
+            refresh: false,
+        };
+        let Some(slot) = Background::claim(&path) else {
+            return;
+        };
+        let (desc, ops, epoch) = (self.desc, self.entry.ops, self.epoch);
+        let remote_epoch = self.entry.remote_epoch_read();
+        Background::spawn(path.service.clone(), async move {
+            let _slot = slot;
+            let (result, frame) = running.await;
+            let mut miss = Miss::<K, R>::new(&path, desc, ops);
+            miss.epoch = epoch;
+            miss.entry.set_remote_epoch(remote_epoch);
+            miss.finish_background(&result, frame);
+        });
+    }
+
+    /// Keeps what a body run in the background returned; a failure is counted and
+    /// leaves the entry as it was.
+    fn finish_background(&self, result: &R, frame: Frame) {
+        if K::failed(result) {
+            self.entry.state.counters.bump(Counter::BackgroundError);
+            tracing::debug!(target: "cache_runtime", function = %self.entry.state.name, key = %self.entry.text(), "a body run in the background failed: the entry is left as it was");
+            return;
+        }
+        let _ = self.finish(result, frame, None, false);
+    }
 }
 
 /// The span of a miss: the function, the key, then where the value came from

@@ -70,6 +70,17 @@ impl<'a, T: 'static> MissEntry<'a, T> {
         }
     }
 
+    /// The remote invalidation count as read (unknown included), to carry to the
+    /// end of a body that finishes in the background.
+    pub(crate) fn remote_epoch_read(&self) -> u64 {
+        self.remote_epoch.load(Ordering::Relaxed)
+    }
+
+    /// Sets the remote invalidation count read by the miss this one continues.
+    pub(crate) fn set_remote_epoch(&self, epoch: u64) {
+        self.remote_epoch.store(epoch, Ordering::Relaxed);
+    }
+
     /// The remote invalidation count as of which a value computed from what `frame`
     /// read is current: the count read with the entry, or older if an entry the body
     /// read was older (an in-process copy another instance's invalidation has not

@@ -33,6 +33,9 @@ pub struct Descriptor {
     pub cache_none: bool,
     /// The attribute's fail-safe, soft timeout and eager refresh.
     pub overrides: Overrides,
+    /// Whether its body can go on in the background (an `async fn` with owned
+    /// parameters): needed by soft timeouts and eager refresh.
+    pub background: bool,
     pub runtime: DescriptorRuntime,
 }
 
@@ -216,7 +219,18 @@ fn resolve_resilience(
     reg: &Registration,
     expiration: Expiration,
 ) -> Resilience {
-    let resolved = p.resilience().with(&desc.overrides);
+    let mut resolved = p.resilience().with(&desc.overrides);
+    if !desc.background && (resolved.soft_timeout.is_some() || resolved.eager_refresh.is_some()) {
+        tracing::error!(
+            target: "cache_runtime",
+            function = %reg.name,
+            profile = desc.profile,
+            "cached function `{}` is in profile `{}`, whose soft timeout or eager refresh runs the body in the background, which this function's cannot: it must be an `async fn` without generics whose parameters are owned (`String` rather than `&str`, `Arc<Db>` or a pool handle rather than `&Db`); it is cached without them",
+            reg.name, desc.profile
+        );
+        resolved.soft_timeout = None;
+        resolved.eager_refresh = None;
+    }
     match resolved.problem(expiration) {
         None => resolved,
         Some(problem) => {
@@ -370,6 +384,7 @@ pub(crate) fn test_key(arg: &str) -> crate::key::Key {
         expiration: None,
         cache_none: true,
         overrides: Overrides::NONE,
+        background: false,
         runtime: DescriptorRuntime::new(),
     };
     let reg = DESC.registration(None);

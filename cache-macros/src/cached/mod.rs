@@ -93,6 +93,7 @@ impl Common {
             Some((f, _)) => quote!(::core::option::Option::Some(#f)),
         };
         let method = f.method;
+        let background = f.background;
         let descriptor_static = quote! {
             static __CACHE_DESCRIPTOR: ::cache_runtime::__private::Descriptor = ::cache_runtime::__private::Descriptor {
                 key_name: #name_expr,
@@ -107,6 +108,7 @@ impl Common {
                     soft_timeout: #soft_timeout,
                     eager_refresh: #eager_refresh,
                 },
+                background: #background,
                 runtime: ::cache_runtime::__private::DescriptorRuntime::new(),
             };
         };

@@ -18,6 +18,11 @@ pub(super) struct CachedFn {
     pub(super) ret_ty: Type,
     pub(super) is_async: bool,
     pub(super) has_receiver: bool,
+    /// Its body can go on in the background (soft timeout, eager refresh): an `async
+    /// fn` without generics or receiver whose parameters are owned, which names a
+    /// profile or sets `soft_timeout` or `eager_refresh` (the future must then be
+    /// `Send`).
+    pub(super) background: bool,
     /// Keyed by the receiver's type (a method without a `name`).
     pub(super) method: bool,
     pub(super) companions: Companions,
@@ -150,6 +155,18 @@ pub(super) fn parse(args: TokenStream, item: TokenStream) -> syn::Result<CachedF
             );
         }
     }
+    let background = why_not_background(sig, &params);
+    if let Some(why) = &background {
+        let background_options = [
+            ("soft_timeout", opts.soft_timeout.map(|(_, s)| s)),
+            ("eager_refresh", opts.eager_refresh.map(|(_, s)| s)),
+        ];
+        for (option, span) in background_options {
+            if let Some(span) = span {
+                errors.add(span, format!("`{option}` runs the body in the background, which `{fn_name}`'s cannot: {why}"));
+            }
+        }
+    }
     errors.finish()?;
     let ret_ty = ret_ty.expect("checked above").clone();
     let has_receiver = params.iter().any(|p| p.ident.is_none());
@@ -160,7 +177,12 @@ pub(super) fn parse(args: TokenStream, item: TokenStream) -> syn::Result<CachedF
     } else {
         Companions::None
     };
+    // Only where it may be used: the body's future must then be `Send`, which a
+    // recursive function's cannot be shown to be.
+    let wanted =
+        opts.profile.is_some() || opts.soft_timeout.is_some() || opts.eager_refresh.is_some();
     Ok(CachedFn {
+        background: background.is_none() && wanted,
         method: has_receiver && opts.name.is_none(),
         is_async: sig.asyncness.is_some(),
         opts,
@@ -171,6 +193,41 @@ pub(super) fn parse(args: TokenStream, item: TokenStream) -> syn::Result<CachedF
         companions,
         func,
     })
+}
+
+/// Why the body of the function cannot go on in the background, where a soft
+/// timeout or an eager refresh runs it (a task of its own, which outlives the call):
+/// it must be an `async fn` without generics or receiver, whose parameters own what
+/// they hold. `None` if it can.
+fn why_not_background(sig: &syn::Signature, params: &[Param]) -> Option<String> {
+    if sig.asyncness.is_none() {
+        return Some("it must be an `async fn`".into());
+    }
+    if !sig.generics.params.is_empty() {
+        return Some("it must not be generic".into());
+    }
+    if params.iter().any(|p| p.ident.is_none()) {
+        return Some(
+            "it must not take `self` (make it a function taking what it needs, owned)".into(),
+        );
+    }
+    params.iter().find(|p| p.ty.as_ref().is_some_and(borrows)).map(|p| {
+        let name = p.ident.as_ref().map_or_else(String::new, Ident::to_string);
+        format!("its parameters must be owned, and `{name}` borrows; take `String` rather than `&str`, `Arc<Db>` or a pool handle rather than `&Db`")
+    })
+}
+
+/// Whether a type borrows: a reference, a lifetime or `impl Trait` anywhere in it.
+fn borrows(ty: &Type) -> bool {
+    fn walk(tokens: TokenStream) -> bool {
+        tokens.into_iter().any(|t| match t {
+            proc_macro2::TokenTree::Punct(p) => p.as_char() == '&' || p.as_char() == '\'',
+            proc_macro2::TokenTree::Ident(i) => i == "impl",
+            proc_macro2::TokenTree::Group(g) => walk(g.stream()),
+            proc_macro2::TokenTree::Literal(_) => false,
+        })
+    }
+    walk(ty.to_token_stream())
 }
 
 /// Which companion items a cached function gets. The attribute sees the function

@@ -228,6 +228,7 @@ mod tests {
                 expiration: None,
                 cache_none: true,
                 overrides: crate::profile::Overrides::NONE,
+                background: false,
                 runtime: crate::registry::DescriptorRuntime::new(),
             };
             &D
