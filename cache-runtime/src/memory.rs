@@ -31,7 +31,19 @@ pub use crate::profile::Expiration;
 /// Deadline meaning "never expires".
 pub(crate) const NEVER: u64 = u64::MAX;
 
-static CLOCK_BASE: LazyLock<tokio::time::Instant> = LazyLock::new(tokio::time::Instant::now);
+/// The origin of [`now_nanos`]: a day before the first reading (or as far back as the
+/// machine's monotonic clock goes), so that a clock read later is never before it.
+/// Runtimes with a paused clock (tests) each have a clock of their own, which starts
+/// at the real time they were built; with the first reading as the origin, a runtime
+/// whose clock was behind another's read 0 until it caught up.
+static CLOCK_BASE: LazyLock<tokio::time::Instant> = LazyLock::new(|| {
+    let now = std::time::Instant::now();
+    let base = [86_400, 3_600, 60]
+        .into_iter()
+        .find_map(|s| now.checked_sub(Duration::from_secs(s)))
+        .unwrap_or(now);
+    tokio::time::Instant::from_std(base)
+});
 
 /// Nanoseconds since the process clock started. Uses tokio's clock, so tests that pause
 /// time see entries expire as time is advanced.

@@ -62,25 +62,25 @@ async fn pass(d: Duration) {
 async fn a_slow_body_answers_with_the_fallback_and_its_value_lands_later() {
     static DB: Source = Source::new();
     #[cached(ttl = "10s", fail_safe = "1h", soft_timeout = "100ms")]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_1(id: u64) -> Result<u64, String> {
         DB.read().await.map(|v| v + id)
     }
     let svc = service();
     svc.scope(async {
-        assert_eq!(price(0).await, Ok(1));
+        assert_eq!(price_1(0).await, Ok(1));
         pass(11 * SEC).await;
         DB.set(2, 1_000);
         let started = tokio::time::Instant::now();
-        assert_eq!(price(0).await, Ok(1), "the fallback");
+        assert_eq!(price_1(0).await, Ok(1), "the fallback");
         let waited = started.elapsed();
         assert!(
             waited >= Duration::from_millis(100) && waited < Duration::from_millis(200),
             "answered at the soft timeout: {waited:?}"
         );
-        assert_eq!(price(0).await, Ok(1), "fresh for the throttle meanwhile");
+        assert_eq!(price_1(0).await, Ok(1), "fresh for the throttle meanwhile");
         pass(SEC).await;
         assert_eq!(DB.finished.get(), 2, "the body finished in the background");
-        assert_eq!(price(0).await, Ok(2), "its value landed");
+        assert_eq!(price_1(0).await, Ok(2), "its value landed");
     })
     .await;
     let s = svc.stats().total;
@@ -92,14 +92,14 @@ async fn a_slow_body_answers_with_the_fallback_and_its_value_lands_later() {
 async fn without_a_fallback_the_caller_waits_for_the_slow_body() {
     static DB: Source = Source::new();
     #[cached(ttl = "10s", fail_safe = "1h", soft_timeout = "100ms")]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_2(id: u64) -> Result<u64, String> {
         DB.read().await.map(|v| v + id)
     }
     service()
         .scope(async {
             DB.set(7, 1_000);
             let started = tokio::time::Instant::now();
-            assert_eq!(price(0).await, Ok(7));
+            assert_eq!(price_2(0).await, Ok(7));
             assert!(started.elapsed() >= SEC);
         })
         .await;
@@ -114,26 +114,26 @@ async fn at_most_one_body_per_key_goes_on_in_the_background() {
         fail_safe_throttle = "1s",
         soft_timeout = "100ms"
     )]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_3(id: u64) -> Result<u64, String> {
         DB.read().await.map(|v| v + id)
     }
     service()
         .scope(async {
-            assert_eq!(price(0).await, Ok(1));
+            assert_eq!(price_3(0).await, Ok(1));
             pass(11 * SEC).await;
             DB.set(2, 5_000);
-            assert_eq!(price(0).await, Ok(1));
+            assert_eq!(price_3(0).await, Ok(1));
             // the throttle ends while the first body still runs: the next call's
             // body is slow too, and is dropped rather than run alongside
             pass(2 * SEC).await;
-            assert_eq!(price(0).await, Ok(1));
+            assert_eq!(price_3(0).await, Ok(1));
             pass(10 * SEC).await;
             assert_eq!(
                 DB.finished.get(),
                 2,
                 "one body in the background, the other dropped"
             );
-            assert_eq!(price(0).await, Ok(2));
+            assert_eq!(price_3(0).await, Ok(2));
         })
         .await;
 }
@@ -142,20 +142,20 @@ async fn at_most_one_body_per_key_goes_on_in_the_background() {
 async fn an_invalidation_keeps_the_background_value_out() {
     static DB: Source = Source::new();
     #[cached(ttl = "10s", fail_safe = "1h", soft_timeout = "100ms")]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_4(id: u64) -> Result<u64, String> {
         DB.read().await.map(|v| v + id)
     }
     let svc = service();
     svc.scope(async {
-        assert_eq!(price(0).await, Ok(1));
+        assert_eq!(price_4(0).await, Ok(1));
         pass(11 * SEC).await;
         DB.set(2, 1_000);
-        assert_eq!(price(0).await, Ok(1));
+        assert_eq!(price_4(0).await, Ok(1));
         // the data changes again while the body (which read 2) runs
         DB.set(3, 0);
-        cache_runtime::invalidate!(price(0)).await;
+        cache_runtime::invalidate!(price_4(0)).await;
         pass(2 * SEC).await;
-        assert_eq!(price(0).await, Ok(3), "the body's value was not kept");
+        assert_eq!(price_4(0).await, Ok(3), "the body's value was not kept");
     })
     .await;
     assert_eq!(svc.stats().total.executions, 3);
@@ -170,18 +170,18 @@ async fn a_background_body_that_fails_leaves_the_entry() {
         fail_safe_throttle = "30s",
         soft_timeout = "100ms"
     )]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_5(id: u64) -> Result<u64, String> {
         DB.read().await.map(|v| v + id)
     }
     let svc = service();
     svc.scope(async {
-        assert_eq!(price(0).await, Ok(1));
+        assert_eq!(price_5(0).await, Ok(1));
         pass(11 * SEC).await;
         DB.set(2, 1_000);
         DB.failing.store(true, Ordering::SeqCst);
-        assert_eq!(price(0).await, Ok(1));
+        assert_eq!(price_5(0).await, Ok(1));
         pass(2 * SEC).await;
-        assert_eq!(price(0).await, Ok(1), "the fallback, for the throttle");
+        assert_eq!(price_5(0).await, Ok(1), "the fallback, for the throttle");
     })
     .await;
     let s = svc.stats().total;
@@ -192,23 +192,23 @@ async fn a_background_body_that_fails_leaves_the_entry() {
 async fn a_hit_past_the_refresh_point_refreshes_once_in_the_background() {
     static DB: Source = Source::new();
     #[cached(ttl = "10s", eager_refresh = 0.5)]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_6(id: u64) -> Result<u64, String> {
         DB.read().await.map(|v| v + id)
     }
     let svc = service();
     svc.scope(async {
-        assert_eq!(price(0).await, Ok(1));
+        assert_eq!(price_6(0).await, Ok(1));
         pass(4 * SEC).await;
         DB.set(2, 500);
-        assert_eq!(price(0).await, Ok(1), "before the refresh point: a hit");
+        assert_eq!(price_6(0).await, Ok(1), "before the refresh point: a hit");
         pass(2 * SEC).await;
         let started = tokio::time::Instant::now();
         for _ in 0..20 {
-            assert_eq!(price(0).await, Ok(1), "answered at once");
+            assert_eq!(price_6(0).await, Ok(1), "answered at once");
         }
         assert_eq!(started.elapsed(), Duration::ZERO);
         pass(SEC).await;
-        assert_eq!(price(0).await, Ok(2), "refreshed");
+        assert_eq!(price_6(0).await, Ok(2), "refreshed");
         assert_eq!(DB.finished.get(), 2, "one refresh for the twenty hits");
     })
     .await;
@@ -224,7 +224,7 @@ async fn a_hit_past_the_refresh_point_refreshes_once_in_the_background() {
 async fn under_steady_load_an_eagerly_refreshed_entry_never_expires() {
     static DB: Source = Source::new();
     #[cached(ttl = "1s", eager_refresh = 0.8)]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_7(id: u64) -> Result<u64, String> {
         DB.read().await.map(|v| v + id)
     }
     let svc = service();
@@ -232,7 +232,7 @@ async fn under_steady_load_an_eagerly_refreshed_entry_never_expires() {
         DB.set(1, 50);
         for i in 0..200u64 {
             DB.value.store(i, Ordering::SeqCst);
-            let v = price(0).await.unwrap();
+            let v = price_7(0).await.unwrap();
             assert!(v + 20 >= i, "at most a second old: {v} at {i}");
             pass(Duration::from_millis(50)).await;
         }
@@ -250,20 +250,20 @@ async fn under_steady_load_an_eagerly_refreshed_entry_never_expires() {
 async fn a_failed_refresh_leaves_the_entry_until_it_expires() {
     static DB: Source = Source::new();
     #[cached(ttl = "10s", eager_refresh = 0.5)]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_8(id: u64) -> Result<u64, String> {
         DB.read().await.map(|v| v + id)
     }
     let svc = service();
     svc.scope(async {
-        assert_eq!(price(0).await, Ok(1));
+        assert_eq!(price_8(0).await, Ok(1));
         pass(6 * SEC).await;
         DB.failing.store(true, Ordering::SeqCst);
-        assert_eq!(price(0).await, Ok(1));
+        assert_eq!(price_8(0).await, Ok(1));
         pass(SEC).await;
-        assert_eq!(price(0).await, Ok(1), "the entry as it was");
+        assert_eq!(price_8(0).await, Ok(1), "the entry as it was");
         pass(4 * SEC).await;
         assert_eq!(
-            price(0).await,
+            price_8(0).await,
             Err("database unavailable".into()),
             "expired"
         );
@@ -277,13 +277,13 @@ async fn a_failed_refresh_leaves_the_entry_until_it_expires() {
 async fn a_profile_sets_them_for_the_functions_that_name_it() {
     static DB: Source = Source::new();
     #[cached(profile = "catalog")]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_9(id: u64) -> Result<u64, String> {
         DB.read().await.map(|v| v + id)
     }
     // borrows its parameter: cached without them (an error event says why)
     static RUNS: Runs = Runs::new();
     #[cached(profile = "catalog")]
-    async fn by_name(name: &str) -> Result<u64, String> {
+    async fn by_name_9(name: &str) -> Result<u64, String> {
         RUNS.hit();
         Ok(name.len() as u64)
     }
@@ -298,22 +298,22 @@ async fn a_profile_sets_them_for_the_functions_that_name_it() {
         .build()
         .unwrap();
     svc.scope(async {
-        assert_eq!(price(0).await, Ok(1));
-        assert_eq!(by_name("ab").await, Ok(2));
+        assert_eq!(price_9(0).await, Ok(1));
+        assert_eq!(by_name_9("ab").await, Ok(2));
         pass(6 * SEC).await;
         DB.set(2, 1_000);
-        assert_eq!(price(0).await, Ok(1), "an eager refresh starts");
-        assert_eq!(by_name("ab").await, Ok(2));
+        assert_eq!(price_9(0).await, Ok(1), "an eager refresh starts");
+        assert_eq!(by_name_9("ab").await, Ok(2));
         pass(2 * SEC).await;
-        assert_eq!(price(0).await, Ok(2));
+        assert_eq!(price_9(0).await, Ok(2));
         pass(11 * SEC).await;
         DB.set(3, 1_000);
-        assert_eq!(price(0).await, Ok(2), "the soft timeout's fallback");
+        assert_eq!(price_9(0).await, Ok(2), "the soft timeout's fallback");
         pass(11 * SEC).await;
-        assert_eq!(by_name("ab").await, Ok(2));
+        assert_eq!(by_name_9("ab").await, Ok(2));
     })
     .await;
     assert_eq!(RUNS.get(), 2, "by_name: cached, expired once");
-    let s = svc.stats().function(concat!(module_path!(), "::price"));
+    let s = svc.stats().function(concat!(module_path!(), "::price_9"));
     assert_eq!((s.eager_refreshes, s.soft_timeouts), (1, 1), "{s:?}");
 }

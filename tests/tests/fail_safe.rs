@@ -46,35 +46,35 @@ async fn a_failing_body_gets_the_expired_value_then_the_throttle_holds_it() {
     static DB: Source = Source::new();
     static RUNS: Runs = Runs::new();
     #[cached(ttl = "10s", fail_safe = "1h", fail_safe_throttle = "30s")]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_1(id: u64) -> Result<u64, String> {
         RUNS.hit();
         DB.read().map(|v| v * 100 + id)
     }
     let svc = service();
     svc.scope(async {
-        assert_eq!(price(1).await, Ok(101));
+        assert_eq!(price_1(1).await, Ok(101));
         tokio::time::advance(11 * SEC).await;
         DB.set(2, true);
         // expired: the body runs, fails, and the expired value answers
-        assert_eq!(price(1).await, Ok(101));
+        assert_eq!(price_1(1).await, Ok(101));
         assert_eq!(RUNS.get(), 2);
         // fresh for the throttle: no call to the failing source
         tokio::time::advance(29 * SEC).await;
-        assert_eq!(price(1).await, Ok(101));
+        assert_eq!(price_1(1).await, Ok(101));
         assert_eq!(RUNS.get(), 2);
         // after it, the source is tried again
         tokio::time::advance(2 * SEC).await;
-        assert_eq!(price(1).await, Ok(101));
+        assert_eq!(price_1(1).await, Ok(101));
         assert_eq!(RUNS.get(), 3);
         // a key without a fallback gets the error
-        assert_eq!(price(2).await, Err("database unavailable".into()));
+        assert_eq!(price_1(2).await, Err("database unavailable".into()));
         // the source is back: the next call after the throttle stores the new value
         DB.set(2, false);
         tokio::time::advance(31 * SEC).await;
-        assert_eq!(price(1).await, Ok(201));
+        assert_eq!(price_1(1).await, Ok(201));
         tokio::time::advance(11 * SEC).await;
         DB.set(3, true);
-        assert_eq!(price(1).await, Ok(201), "the newer value is the fallback");
+        assert_eq!(price_1(1).await, Ok(201), "the newer value is the fallback");
     })
     .await;
     let s = svc.stats().total;
@@ -86,22 +86,22 @@ async fn a_failing_body_gets_the_expired_value_then_the_throttle_holds_it() {
 async fn a_fallback_is_kept_no_longer_than_fail_safe() {
     static DB: Source = Source::new();
     #[cached(ttl = "10s", fail_safe = "1m", fail_safe_throttle = "20s")]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_2(id: u64) -> Result<u64, String> {
         DB.read().map(|v| v + id)
     }
     service()
         .scope(async {
-            assert_eq!(price(0).await, Ok(1));
+            assert_eq!(price_2(0).await, Ok(1));
             DB.set(2, true);
             tokio::time::advance(11 * SEC).await;
-            assert_eq!(price(0).await, Ok(1));
+            assert_eq!(price_2(0).await, Ok(1));
             // throttled again and again, but never past expiry + 1 min
             tokio::time::advance(21 * SEC).await;
-            assert_eq!(price(0).await, Ok(1));
+            assert_eq!(price_2(0).await, Ok(1));
             tokio::time::advance(21 * SEC).await;
-            assert_eq!(price(0).await, Ok(1));
+            assert_eq!(price_2(0).await, Ok(1));
             tokio::time::advance(21 * SEC).await;
-            assert_eq!(price(0).await, Err("database unavailable".into()));
+            assert_eq!(price_2(0).await, Err("database unavailable".into()));
         })
         .await;
 }
@@ -110,15 +110,15 @@ async fn a_fallback_is_kept_no_longer_than_fail_safe() {
 async fn without_fail_safe_the_error_is_returned() {
     static DB: Source = Source::new();
     #[cached(ttl = "10s")]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_3(id: u64) -> Result<u64, String> {
         DB.read().map(|v| v + id)
     }
     service()
         .scope(async {
-            assert_eq!(price(0).await, Ok(1));
+            assert_eq!(price_3(0).await, Ok(1));
             DB.set(2, true);
             tokio::time::advance(11 * SEC).await;
-            assert_eq!(price(0).await, Err("database unavailable".into()));
+            assert_eq!(price_3(0).await, Err("database unavailable".into()));
         })
         .await;
 }
@@ -127,20 +127,20 @@ async fn without_fail_safe_the_error_is_returned() {
 async fn a_fresh_value_is_never_replaced_by_the_fallback() {
     static DB: Source = Source::new();
     #[cached(ttl = "10s", fail_safe = "1h")]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_4(id: u64) -> Result<u64, String> {
         DB.read().map(|v| v + id)
     }
     service()
         .scope(async {
-            assert_eq!(price(0).await, Ok(1));
+            assert_eq!(price_4(0).await, Ok(1));
             DB.set(5, false);
             tokio::time::advance(11 * SEC).await;
             assert_eq!(
-                price(0).await,
+                price_4(0).await,
                 Ok(5),
                 "expired: the body's value, not the old one"
             );
-            assert_eq!(price(0).await, Ok(5));
+            assert_eq!(price_4(0).await, Ok(5));
         })
         .await;
 }
@@ -149,22 +149,22 @@ async fn a_fresh_value_is_never_replaced_by_the_fallback() {
 async fn an_invalidated_entry_is_never_a_fallback() {
     static DB: Source = Source::new();
     #[cached(ttl = "10s", fail_safe = "1h")]
-    async fn price(id: u64) -> Result<u64, String> {
+    async fn price_5(id: u64) -> Result<u64, String> {
         DB.read().map(|v| v + id)
     }
     service()
         .scope(async {
-            assert_eq!(price(0).await, Ok(1));
+            assert_eq!(price_5(0).await, Ok(1));
             tokio::time::advance(11 * SEC).await;
             DB.set(2, true);
-            cache_runtime::invalidate!(price(0)).await;
-            assert_eq!(price(0).await, Err("database unavailable".into()));
+            cache_runtime::invalidate!(price_5(0)).await;
+            assert_eq!(price_5(0).await, Err("database unavailable".into()));
             // and while it is fresh
             DB.set(3, false);
-            assert_eq!(price(0).await, Ok(3));
+            assert_eq!(price_5(0).await, Ok(3));
             DB.set(4, true);
-            cache_runtime::invalidate!(price(0)).await;
-            assert_eq!(price(0).await, Err("database unavailable".into()));
+            cache_runtime::invalidate!(price_5(0)).await;
+            assert_eq!(price_5(0).await, Err("database unavailable".into()));
         })
         .await;
 }
@@ -173,25 +173,25 @@ async fn an_invalidated_entry_is_never_a_fallback() {
 async fn a_fallback_stays_linked_to_its_dependencies() {
     static DB: Source = Source::new();
     #[cached(ttl = "1h")]
-    async fn stock(id: u64) -> u64 {
+    async fn stock_6(id: u64) -> u64 {
         add_dependency(format!("stock:{id}"));
         id * 10
     }
     #[cached(ttl = "10s", fail_safe = "1h")]
-    async fn page(id: u64) -> Result<u64, String> {
-        let s = stock(id).await;
+    async fn page_6(id: u64) -> Result<u64, String> {
+        let s = stock_6(id).await;
         DB.read().map(|v| v + s)
     }
     service()
         .scope(async {
-            assert_eq!(page(1).await, Ok(11));
-            assert_eq!(page(2).await, Ok(21));
+            assert_eq!(page_6(1).await, Ok(11));
+            assert_eq!(page_6(2).await, Ok(21));
             tokio::time::advance(11 * SEC).await;
             DB.set(2, true);
             // a dependency of the expired entry, invalidated: its fallback goes too
             invalidate_dependency("stock:1").await;
-            assert_eq!(page(1).await, Err("database unavailable".into()));
-            assert_eq!(page(2).await, Ok(21), "the other entry kept its fallback");
+            assert_eq!(page_6(1).await, Err("database unavailable".into()));
+            assert_eq!(page_6(2).await, Ok(21), "the other entry kept its fallback");
         })
         .await;
 }
@@ -201,16 +201,18 @@ async fn the_waiters_of_a_failing_body_get_the_fallback() {
     static DB: Source = Source::new();
     static RUNS: Runs = Runs::new();
     #[cached(ttl = "10s", fail_safe = "1h")]
-    async fn slow(id: u64) -> Result<u64, String> {
+    async fn slow_7(id: u64) -> Result<u64, String> {
         RUNS.hit();
         tokio::time::sleep(Duration::from_millis(100)).await;
         DB.read().map(|v| v + id)
     }
     let svc = service();
-    assert_eq!(svc.scope(slow(0)).await, Ok(1));
+    assert_eq!(svc.scope(slow_7(0)).await, Ok(1));
     tokio::time::advance(11 * SEC).await;
     DB.set(2, true);
-    let calls: Vec<_> = (0..20).map(|_| tokio::spawn(svc.scope(slow(0)))).collect();
+    let calls: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(svc.scope(slow_7(0))))
+        .collect();
     for c in calls {
         assert_eq!(c.await.unwrap(), Ok(1));
     }
@@ -223,16 +225,16 @@ async fn the_waiters_of_a_failing_body_get_the_fallback() {
 async fn the_profile_sets_fail_safe_and_the_attribute_wins() {
     static DB: Source = Source::new();
     #[cached(profile = "catalog")]
-    async fn by_profile(id: u64) -> Result<u64, String> {
+    async fn by_profile_8(id: u64) -> Result<u64, String> {
         DB.read().map(|v| v + id)
     }
     #[cached(profile = "catalog", fail_safe_throttle = "1s")]
-    async fn short_throttle(id: u64) -> Result<u64, String> {
+    async fn short_throttle_8(id: u64) -> Result<u64, String> {
         DB.read().map(|v| v + id)
     }
     static RUNS: Runs = Runs::new();
     #[cached(profile = "plain", ttl = "10s", fail_safe = "1h")]
-    async fn by_attribute(id: u64) -> Result<u64, String> {
+    async fn by_attribute_8(id: u64) -> Result<u64, String> {
         RUNS.hit();
         DB.read().map(|v| v + id)
     }
@@ -247,19 +249,19 @@ async fn the_profile_sets_fail_safe_and_the_attribute_wins() {
         .build()
         .unwrap();
     svc.scope(async {
-        assert_eq!(by_profile(0).await, Ok(1));
-        assert_eq!(short_throttle(0).await, Ok(1));
-        assert_eq!(by_attribute(0).await, Ok(1));
+        assert_eq!(by_profile_8(0).await, Ok(1));
+        assert_eq!(short_throttle_8(0).await, Ok(1));
+        assert_eq!(by_attribute_8(0).await, Ok(1));
         tokio::time::advance(11 * SEC).await;
         DB.set(2, true);
-        assert_eq!(by_profile(0).await, Ok(1));
-        assert_eq!(short_throttle(0).await, Ok(1));
-        assert_eq!(by_attribute(0).await, Ok(1));
+        assert_eq!(by_profile_8(0).await, Ok(1));
+        assert_eq!(short_throttle_8(0).await, Ok(1));
+        assert_eq!(by_attribute_8(0).await, Ok(1));
         DB.set(3, false);
         tokio::time::advance(2 * SEC).await;
-        assert_eq!(by_profile(0).await, Ok(1), "the profile's 60 s throttle");
+        assert_eq!(by_profile_8(0).await, Ok(1), "the profile's 60 s throttle");
         assert_eq!(
-            short_throttle(0).await,
+            short_throttle_8(0).await,
             Ok(3),
             "the attribute's 1 s throttle"
         );
@@ -272,15 +274,15 @@ async fn the_profile_sets_fail_safe_and_the_attribute_wins() {
 async fn a_plain_value_has_nothing_to_fall_back_from() {
     static RUNS: Runs = Runs::new();
     #[cached(ttl = "10s", fail_safe = "1h")]
-    async fn plain(id: u64) -> u64 {
+    async fn plain_9(id: u64) -> u64 {
         RUNS.hit();
         id + RUNS.get() as u64
     }
     service()
         .scope(async {
-            assert_eq!(plain(0).await, 1);
+            assert_eq!(plain_9(0).await, 1);
             tokio::time::advance(11 * SEC).await;
-            assert_eq!(plain(0).await, 2, "expired: the new value");
+            assert_eq!(plain_9(0).await, 2, "expired: the new value");
         })
         .await;
 }
@@ -289,15 +291,15 @@ async fn a_plain_value_has_nothing_to_fall_back_from() {
 fn a_plain_fn_falls_back_too() {
     static DB: Source = Source::new();
     #[cached(ttl = "50ms", fail_safe = "1h")]
-    fn blocking(id: u64) -> Result<u64, String> {
+    fn blocking_10(id: u64) -> Result<u64, String> {
         DB.read().map(|v| v + id)
     }
     let svc = service();
     svc.scope_sync(|| {
-        assert_eq!(blocking(0), Ok(1));
+        assert_eq!(blocking_10(0), Ok(1));
         std::thread::sleep(Duration::from_millis(80));
         DB.set(2, true);
-        assert_eq!(blocking(0), Ok(1));
+        assert_eq!(blocking_10(0), Ok(1));
     });
     assert_eq!(svc.stats().total.fallbacks_served, 1);
 }
@@ -362,7 +364,7 @@ async fn an_attribute_that_does_not_fit_the_profile_drops_fail_safe() {
     static DB: Source = Source::new();
     static RUNS: Runs = Runs::new();
     #[cached(profile = "fs", sliding = "10s")]
-    async fn sliding(id: u64) -> Result<u64, String> {
+    async fn sliding_11(id: u64) -> Result<u64, String> {
         RUNS.hit();
         DB.read().map(|v| v + id)
     }
@@ -371,12 +373,12 @@ async fn an_attribute_that_does_not_fit_the_profile_drops_fail_safe() {
         .build()
         .unwrap();
     svc.scope(async {
-        assert_eq!(sliding(0).await, Ok(1));
-        assert_eq!(sliding(0).await, Ok(1));
+        assert_eq!(sliding_11(0).await, Ok(1));
+        assert_eq!(sliding_11(0).await, Ok(1));
         assert_eq!(RUNS.get(), 1, "cached");
         tokio::time::advance(11 * SEC).await;
         DB.set(2, true);
-        assert_eq!(sliding(0).await, Err("database unavailable".into()));
+        assert_eq!(sliding_11(0).await, Err("database unavailable".into()));
     })
     .await;
     assert_eq!(svc.stats().total.config_errors, 0);
