@@ -3,7 +3,10 @@
 //! - a raw `quick_cache::sync::Cache::get` of a pre-built `(u64, String)` key, and of a
 //!   pre-built `String` key (the readable key, as `benches/hit.rs` has it);
 //! - `#[cached]` on an async function, and on a plain `fn`;
-//! - the `cached` crate's async `#[cached]` hit, and `moka::future::Cache::get`.
+//! - the `cached` crate's async `#[cached]` hit, and `moka::future::Cache::get`;
+//! - `#[cached]` on an async function with owned parameters `(u64, String)`, plain
+//!   (`ours_owned`) and with `fail_safe` and `eager_refresh` set (`ours_resilient`,
+//!   whose wrapper has the background path): the cost of those options on a hit.
 //!
 //! Every function takes `(u64, &str)` and returns a ~100-byte value, as in
 //! `benches/hit.rs`. Each is timed in a loop of awaited calls inside one `block_on` on
@@ -26,9 +29,30 @@ mod hit_fns;
 use hit_fns::{ours, ours_plain, theirs};
 
 /// Bodies of ours run by `Peers::new` (one per function): every later call hits.
-const OURS_WARMED: u64 = 2;
+const OURS_WARMED: u64 = 4;
 
-const NAMES: [&str; 6] = ["raw", "raw_string", "ours", "ours_plain", "cached", "moka"];
+const NAMES: [&str; 8] = [
+    "raw",
+    "raw_string",
+    "ours",
+    "ours_plain",
+    "cached",
+    "moka",
+    "ours_owned",
+    "ours_resilient",
+];
+
+#[cache_runtime::cached(ttl = "1h")]
+async fn ours_owned(id: u64, region: String) -> Result<Product, String> {
+    let _ = region;
+    Ok(product(id))
+}
+
+#[cache_runtime::cached(ttl = "1h", fail_safe = "1h", eager_refresh = 0.8)]
+async fn ours_resilient(id: u64, region: String) -> Result<Product, String> {
+    let _ = region;
+    Ok(product(id))
+}
 
 struct Peers {
     rt: tokio::runtime::Runtime,
@@ -58,6 +82,8 @@ impl Peers {
         rt.block_on(ours(42, &region));
         rt.block_on(theirs(42, &region));
         ours_plain(42, &region);
+        rt.block_on(ours_owned(42, region.clone())).unwrap();
+        rt.block_on(ours_resilient(42, region.clone())).unwrap();
         Peers {
             rt,
             region,
@@ -103,6 +129,18 @@ impl Peers {
                 "moka" => {
                     for _ in 0..calls {
                         black_box(self.moka.get(black_box(key)).await);
+                    }
+                }
+                "ours_owned" => {
+                    for _ in 0..calls {
+                        let region = black_box(region).to_owned();
+                        black_box(ours_owned(black_box(42), region).await).ok();
+                    }
+                }
+                "ours_resilient" => {
+                    for _ in 0..calls {
+                        let region = black_box(region).to_owned();
+                        black_box(ours_resilient(black_box(42), region).await).ok();
                     }
                 }
                 other => panic!("unknown function {other}"),
