@@ -51,6 +51,25 @@ async fn large(id: u64, region: &str) -> Product {
     product(id)
 }
 
+/// Owned parameters, plain and with `fail_safe` and `eager_refresh` set: the cost of
+/// those options on an L2 hit.
+#[cache_runtime::cached(name = "bench.owned", ttl = "1h")]
+async fn owned(id: u64, region: String) -> Result<Product, String> {
+    let _ = region;
+    Ok(product(id))
+}
+
+#[cache_runtime::cached(
+    name = "bench.resilient",
+    ttl = "1h",
+    fail_safe = "1h",
+    eager_refresh = 0.8
+)]
+async fn resilient(id: u64, region: String) -> Result<Product, String> {
+    let _ = region;
+    Ok(product(id))
+}
+
 #[cache_runtime::cached(name = "bench.fresh")]
 async fn fresh(id: u64) -> u64 {
     id
@@ -122,6 +141,8 @@ fn redis(c: &mut Criterion) {
             svc.scope(ours(id, region)).await;
             svc.scope(large(id, region)).await;
         }
+        svc.scope(owned(42, region.to_owned())).await.unwrap();
+        svc.scope(resilient(42, region.to_owned())).await.unwrap();
         svc.shutdown().await;
         theirs(42, region).await.unwrap();
         let client = redis::Client::open(server.url()).unwrap();
@@ -149,6 +170,19 @@ fn redis(c: &mut Criterion) {
     g.bench_function("cached crate Redis hit, sequential", |b| {
         b.iter_custom(|iters| rt.block_on(time_loop(iters, || theirs(42, region))))
     });
+    g.bench_function("#[cached] L2 hit, owned parameters, sequential", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(svc.scope(time_loop(iters, || owned(42, region.to_owned()))))
+        })
+    });
+    g.bench_function(
+        "#[cached] L2 hit, owned parameters, fail_safe and eager_refresh, sequential",
+        |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(svc.scope(time_loop(iters, || resilient(42, region.to_owned()))))
+            })
+        },
+    );
     g.finish();
 
     // Throughput: 64 tasks on a multi-threaded runtime, each reading its own key (so
