@@ -43,6 +43,22 @@ pub struct MissPath {
 }
 
 impl MissPath {
+    /// A copy for a body run in the background (`refresh`: an eager refresh).
+    pub(crate) fn for_background(&self, refresh: bool) -> MissPath {
+        MissPath {
+            service: self.service.clone(),
+            reg: self.reg,
+            key: self.key.clone(),
+            hash: self.hash,
+            refresh,
+        }
+    }
+
+    /// A copy for an eager refresh.
+    pub(crate) fn for_refresh(&self) -> MissPath {
+        self.for_background(true)
+    }
+
     fn new(
         svc: &CachingService,
         reg: &'static Registration,

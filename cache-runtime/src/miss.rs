@@ -469,6 +469,7 @@ macro_rules! miss_loop {
             $miss,
             $refresh,
             $remote,
+            |value| $miss.finish_remote(value, leader),
             |leader| {
                 let (r, f) = $run;
                 (r, f, leader)
@@ -478,14 +479,14 @@ macro_rules! miss_loop {
             |$pending| $complete
         )
     };
-    ($miss:ident, $refresh:expr, $remote:expr, |$leader:ident| $run_lead:expr, $run:expr, |$flight:ident| $wait:expr, |$pending:ident| $complete:expr) => {{
+    ($miss:ident, $refresh:expr, $remote:expr, |$value:ident| $on_remote:expr, |$leader:ident| $run_lead:expr, $run:expr, |$flight:ident| $wait:expr, |$pending:ident| $complete:expr) => {{
         let mut next = $miss.start($refresh);
         loop {
             next = match next {
                 Next::Return(r) => return r,
                 Next::Lead($leader) => {
-                    if let Some(value) = $remote.and_then(|v| $miss.fresh(v)) {
-                        return $miss.finish_remote(value, $leader);
+                    if let Some($value) = $remote.and_then(|v| $miss.fresh(v)) {
+                        return $on_remote;
                     }
                     let timer = $miss.running();
                     let (result, frame, $leader) = $run_lead;
@@ -582,6 +583,16 @@ where
         miss,
         path.refresh,
         miss.entry.read().await,
+        |value| {
+            // Without an in-process tier, whose hits start eager refreshes, the
+            // remote hit does.
+            let due = miss.remote_refresh_due(&value);
+            let served = miss.finish_remote(value, leader);
+            if due {
+                refresh_in_background::<K, R, B, F>(Some(path.for_refresh()), desc, ops, body);
+            }
+            served
+        },
         |leader| {
             let mut running = boxed(|| collect_async(body()).instrument(miss.span.clone()));
             match miss.soft_timeout() {
@@ -691,6 +702,19 @@ impl<K: ReturnKind<R> + 'static, R: 'static> Miss<'_, K, R>
 where
     K::Stored: Send + Sync,
 {
+    /// Whether a remote hit is past its eager-refresh point, in a service without an
+    /// in-process tier (with one, the in-process slot's hits start the refresh).
+    fn remote_refresh_due(&self, (_, deadline, _): &Decoded<K::Stored>) -> bool {
+        let (Some(f), Expiration::Absolute(ttl)) =
+            (self.resilience.eager_refresh, self.entry.expiration)
+        else {
+            return false;
+        };
+        !self.entry.inner.memory.enabled()
+            && *deadline != 0
+            && crate::remote::until(*deadline).is_some_and(|left| left < ttl.mul_f64(1.0 - f))
+    }
+
     /// The soft timeout, if there is one and a fallback to answer with.
     fn soft_timeout(&self) -> Option<Duration> {
         self.resilience
@@ -716,13 +740,7 @@ where
     where
         Fut: Future<Output = (R, Frame)> + Send + 'static,
     {
-        let path = MissPath {
-            service: path.service.clone(),
-            reg: path.reg,
-            key: path.key.clone(),
-            hash: path.hash,
-            refresh: false,
-        };
+        let path = path.for_background(false);
         let Some(slot) = Background::claim(&path) else {
             return;
         };

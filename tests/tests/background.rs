@@ -317,3 +317,44 @@ async fn a_profile_sets_them_for_the_functions_that_name_it() {
     let s = svc.stats().function(concat!(module_path!(), "::price_9"));
     assert_eq!((s.eager_refreshes, s.soft_timeouts), (1, 1), "{s:?}");
 }
+
+/// Without an in-process tier, a remote hit past the refresh point starts the
+/// refresh (real time: Redis deadlines are wall-clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_hit_past_the_refresh_point_refreshes_without_an_l1() {
+    static DB: Source = Source::new();
+    #[cached(ttl = "2s", eager_refresh = 0.5)]
+    async fn price_10(id: u64) -> Result<u64, String> {
+        DB.read().await.map(|v| v + id)
+    }
+    let server = tests::redis_server::RedisServer::start();
+    let backend = cache_redis::RedisBackend::builder(server.url())
+        .key_prefix("eager")
+        .build()
+        .await
+        .unwrap();
+    let svc = CachingService::builder().backend(backend).build().unwrap();
+    svc.scope(async {
+        assert_eq!(price_10(0).await, Ok(1));
+        assert_eq!(price_10(0).await, Ok(1), "a remote hit");
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        DB.set(2, 0);
+        assert_eq!(
+            price_10(0).await,
+            Ok(1),
+            "past the refresh point: answered at once"
+        );
+        let start = std::time::Instant::now();
+        while price_10(0).await != Ok(2) {
+            assert!(start.elapsed() < Duration::from_secs(1), "refreshed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let s = svc.stats().total;
+    assert_eq!(
+        (s.eager_refreshes, s.executions, s.misses),
+        (1, 2, 1),
+        "{s:?}"
+    );
+}
