@@ -336,6 +336,7 @@ async fn a_remote_hit_past_the_refresh_point_refreshes_without_an_l1() {
     let svc = CachingService::builder().backend(backend).build().unwrap();
     svc.scope(async {
         assert_eq!(price_10(0).await, Ok(1));
+        CachingService::current().shutdown().await; // the write has landed
         assert_eq!(price_10(0).await, Ok(1), "a remote hit");
         tokio::time::sleep(Duration::from_millis(1_200)).await;
         DB.set(2, 0);
@@ -351,10 +352,13 @@ async fn a_remote_hit_past_the_refresh_point_refreshes_without_an_l1() {
         }
     })
     .await;
+    // one at a time; until the refreshed value's write lands in Redis, a later hit
+    // may read the old one and start another
     let s = svc.stats().total;
+    assert!(s.eager_refreshes >= 1, "{s:?}");
     assert_eq!(
-        (s.eager_refreshes, s.executions, s.misses),
-        (1, 2, 1),
+        (s.executions, s.misses),
+        (1 + s.eager_refreshes, 1),
         "{s:?}"
     );
 }
