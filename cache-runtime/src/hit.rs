@@ -54,11 +54,6 @@ impl MissPath {
         }
     }
 
-    /// A copy for an eager refresh.
-    pub(crate) fn for_refresh(&self) -> MissPath {
-        self.for_background(true)
-    }
-
     fn new(
         svc: &CachingService,
         reg: &'static Registration,

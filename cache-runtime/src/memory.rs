@@ -590,8 +590,9 @@ impl MemoryTier {
     /// point, seen first by this caller, is not read: `due` is set instead, and the
     /// caller reads it again as it starts the refresh (the slot is then live until
     /// its expiry). The hit path itself is unchanged: all of this is past the
-    /// deadline check. (Written out rather than through [`MemoryTier::with_slot`]:
-    /// the hit harness counted 6 more instructions a hit that way.)
+    /// deadline check. (Written out rather than through a helper shared with
+    /// [`MemoryTier::get_fallback`]: the hit harness counted 6 more instructions a
+    /// hit that way.)
     #[inline(always)]
     pub(crate) fn get_or_refresh<X>(
         &self,
@@ -634,23 +635,16 @@ impl MemoryTier {
         hash: u64,
         read: impl FnOnce(&AnySlot) -> Option<X>,
     ) -> Option<X> {
-        self.with_slot(key, hash, |slot| {
-            let deadline = slot.expires_at.load(Ordering::Relaxed);
-            (deadline == NEVER || now_nanos() < deadline || slot.kept())
-                .then(|| read(slot))
-                .flatten()
-        })?
-    }
-
-    /// Runs `f` on the slot stored under `key`, under its shard's read lock.
-    #[inline(always)]
-    fn with_slot<R>(&self, key: &[u8], hash: u64, f: impl FnOnce(&AnySlot) -> R) -> Option<R> {
         if !self.enabled {
             return None;
         }
         let (lookup, shard) = self.locate_hashed(key, hash);
         let guard = shard.read();
-        guard.get(&lookup).map(|slot| f(slot))
+        let slot = guard.get(&lookup)?;
+        let deadline = slot.expires_at.load(Ordering::Relaxed);
+        (deadline == NEVER || now_nanos() < deadline || slot.kept())
+            .then(|| read(slot))
+            .flatten()
     }
 
     /// Stores `slot` under `key`, with the dependencies `frame` collected, replacing

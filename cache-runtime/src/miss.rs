@@ -589,7 +589,12 @@ where
             let due = miss.remote_refresh_due(&value);
             let served = miss.finish_remote(value, leader);
             if due {
-                refresh_in_background::<K, R, B, F>(Some(path.for_refresh()), desc, ops, body);
+                refresh_in_background::<K, R, B, F>(
+                    Some(path.for_background(true)),
+                    desc,
+                    ops,
+                    body,
+                );
             }
             served
         },
