@@ -13,6 +13,7 @@ use crate::cluster::{Recent, Replayer};
 use crate::endpoint::{Conn, Endpoint};
 use crate::graph::GraphKeys;
 use crate::link::Link;
+use crate::single_flight::Locks;
 use crate::store::RedisStore;
 use crate::writer::{writer, Backlog, Op, RedisMetrics};
 
@@ -103,18 +104,27 @@ impl RedisBackendError {
         addr: &str,
         user: &str,
         channel: &str,
+        l1: bool,
         source: redis::RedisError,
     ) -> Self {
         if source.code() == Some("NOPERM") {
+            let (feature, without) = match l1 {
+                true => (
+                    format!("the in-process tier, which hears the other instances' invalidations on `{channel}`,"),
+                    "an in-process tier",
+                ),
+                false => (
+                    format!("distributed single flight, whose waiters hear the locks' releases on `{channel}`,"),
+                    "distributed_single_flight",
+                ),
+            };
             RedisBackendError::Refused {
                 addr: addr.to_owned(),
                 command: "SUBSCRIBE".to_owned(),
-                feature: format!(
-                    "the in-process tier, which hears the other instances' invalidations on `{channel}`,"
-                ),
+                feature,
                 words: crate::probe::words(&source),
                 fix: format!(
-                    "grant it: `ACL SETUSER {user} +subscribe +ping &{channel}`, or build without an in-process tier"
+                    "grant it: `ACL SETUSER {user} +subscribe +ping &{channel}`, or build without {without}"
                 ),
             }
         } else {
@@ -152,6 +162,7 @@ pub struct RedisBackendBuilder {
     marker_ttl: Duration,
     seed_nodes: Vec<String>,
     replay_window: Duration,
+    single_flight: bool,
 }
 
 impl fmt::Debug for RedisBackendBuilder {
@@ -226,6 +237,22 @@ impl RedisBackendBuilder {
     /// seen them). Longer than the cluster takes to promote a replica. Default: 30 s.
     pub fn replay_window(mut self, window: Duration) -> Self {
         self.replay_window = window;
+        self
+    }
+
+    /// With `true`, concurrent misses of one key on any number of instances run its
+    /// body once. The miss's read takes the key's lock in Redis in the same round
+    /// trip (a script instead of `GET`); the other instances wait for the holder's
+    /// value, told by a message on the prefix's channel (and reading again every
+    /// 200 ms, since pub/sub may lose one), at most the function's `lock_timeout`,
+    /// then run the body themselves. A lock whose holder died expires after
+    /// `lock_timeout`; a body that fails releases it at once, and the waiters run the
+    /// body themselves (or serve a fail-safe fallback). With a `soft_timeout` and a
+    /// fallback, a waiter answers with the fallback after the soft timeout. Lock keys
+    /// are `{prefix}:lock:...`; `shutdown()` releases those still held. Needs
+    /// `EVALSHA` and `SUBSCRIBE` on the channel (checked by `build`). Default: `false`.
+    pub fn distributed_single_flight(mut self, enabled: bool) -> Self {
+        self.single_flight = enabled;
         self
     }
 
@@ -324,17 +351,23 @@ impl RedisBackendBuilder {
         let channel = channel_name(&self.key_prefix);
         // Every instance publishes its invalidations; one with an in-process tier also
         // listens to the others'.
-        let bus = match self.l1 {
-            Some(_) => RedisBus::start(
+        let locks = self
+            .single_flight
+            .then(|| Arc::new(Locks::new(&self.key_prefix, &prefix, &channel)));
+        let bus = match self.l1.is_some() || locks.is_some() {
+            true => RedisBus::start(
                 endpoint.clone(),
                 reads.clone(),
                 channel.clone(),
                 self.lazy,
                 self.operation_timeout,
+                locks.clone(),
             )
             .await
-            .map_err(|source| RedisBackendError::subscribing(&addr, &user, &channel, source))?,
-            None => RedisBus::publish_only(reads.clone(), channel.clone(), self.operation_timeout),
+            .map_err(|source| {
+                RedisBackendError::subscribing(&addr, &user, &channel, self.l1.is_some(), source)
+            })?,
+            false => RedisBus::publish_only(reads.clone(), channel.clone(), self.operation_timeout),
         };
         let recent = Arc::new(Recent::new(self.replay_window));
         let replayer = Arc::new(Replayer {
@@ -364,6 +397,7 @@ impl RedisBackendBuilder {
             operation_timeout: self.operation_timeout,
             channel,
             graph,
+            locks,
         };
         let probe = Probe {
             endpoint: endpoint.clone(),
@@ -372,7 +406,8 @@ impl RedisBackendBuilder {
             key_prefix: self.key_prefix.clone(),
             values: store.prefix.clone(),
             channel: store.channel.clone(),
-            subscriber: self.l1.is_some(),
+            subscriber: self.l1.is_some() || self.single_flight,
+            single_flight: self.single_flight,
             graph: store.graph.clone(),
             timeout: self.operation_timeout.max(Duration::from_secs(1)),
         };
@@ -434,6 +469,7 @@ struct Probe {
     values: String,
     channel: String,
     subscriber: bool,
+    single_flight: bool,
     graph: Option<GraphKeys>,
     timeout: Duration,
 }
@@ -457,6 +493,7 @@ impl Probe {
             key_prefix: &self.key_prefix,
             channel: &self.channel,
             subscriber: self.subscriber,
+            single_flight: self.single_flight,
             graph: self.graph.as_ref(),
         };
         crate::probe::probe(con, &needs)
@@ -552,6 +589,7 @@ impl RedisBackend {
             marker_ttl: Duration::from_secs(600),
             seed_nodes: Vec::new(),
             replay_window: Duration::from_secs(30),
+            single_flight: false,
         }
     }
 

@@ -18,6 +18,7 @@ use tokio::task::AbortHandle;
 
 use crate::endpoint::Endpoint;
 use crate::link::Link;
+use crate::single_flight::{Locks, UNLOCK_MAGIC};
 
 /// How often the subscriber checks its connection.
 pub(crate) const PING_EVERY: Duration = Duration::from_millis(300);
@@ -121,6 +122,7 @@ impl RedisBus {
         channel: String,
         lazy: bool,
         wait: Duration,
+        locks: Option<Arc<Locks>>,
     ) -> Result<RedisBus, redis::RedisError> {
         let receivers = Arc::new(Receivers::default());
         let (tx, mut subscribed) = watch::channel(false);
@@ -132,6 +134,7 @@ impl RedisBus {
             tx,
             first_error_tx,
             lazy,
+            locks,
         ))
         .abort_handle();
         let bus = RedisBus {
@@ -222,6 +225,7 @@ async fn subscriber(
     subscribed: watch::Sender<bool>,
     first_error: watch::Sender<Option<redis::RedisError>>,
     lazy: bool,
+    locks: Option<Arc<Locks>>,
 ) {
     let mut backoff = Backoff::RECONNECT;
     let mut first = true;
@@ -244,6 +248,9 @@ async fn subscriber(
                 backoff.reset();
                 first = false;
                 subscribed.send_replace(true);
+                if let Some(locks) = &locks {
+                    locks.set_subscribed(true);
+                }
                 if warned.take().is_some() {
                     tracing::info!(target: "cache_redis", channel, "subscribed: the in-process tier is served again");
                 }
@@ -257,7 +264,13 @@ async fn subscriber(
                     tokio::select! {
                         msg = stream.next() => match msg {
                             Some(msg) => {
-                                if !receivers.deliver(msg.get_payload_bytes()) {
+                                let payload = msg.get_payload_bytes();
+                                // a key's lock released (see `crate::single_flight`)
+                                if let Some(unlock) = payload.strip_prefix(UNLOCK_MAGIC) {
+                                    if let Some(locks) = &locks {
+                                        locks.released(unlock);
+                                    }
+                                } else if !receivers.deliver(payload) {
                                     return;
                                 }
                             }
@@ -273,6 +286,9 @@ async fn subscriber(
                     }
                 };
                 subscribed.send_replace(false);
+                if let Some(locks) = &locks {
+                    locks.set_subscribed(false);
+                }
                 tracing::warn!(target: "cache_redis", channel, "invalidation subscription lost ({why}): the in-process tier is cleared and bypassed until resubscribed");
                 warned = Some(tokio::time::Instant::now());
                 if !receivers.missed() {

@@ -32,6 +32,7 @@ mod link;
 mod probe;
 mod script;
 mod settings;
+mod single_flight;
 mod store;
 mod sync;
 mod tombstones;

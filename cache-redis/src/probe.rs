@@ -44,6 +44,8 @@ pub(crate) struct Needs<'a> {
     /// An L1 subscribes to the channel (checked by the subscriber itself; the probe
     /// checks the `PING` it sends on that connection).
     pub(crate) subscriber: bool,
+    /// `distributed_single_flight(true)`: the read with the key's lock, the release.
+    pub(crate) single_flight: bool,
     pub(crate) graph: Option<&'a GraphKeys>,
 }
 
@@ -95,6 +97,33 @@ pub(crate) async fn probe(
             grant("+del"),
         )
         .await?;
+    }
+    if let (true, Some(values)) = (needs.single_flight, needs.values) {
+        let feature = "distributed single flight (`.distributed_single_flight(true)`): a miss's read takes the key's lock, as a script";
+        let fix = format!(
+            "grant the scripts and the commands they run: `ACL SETUSER {user} +eval +evalsha +get +set +append +del +pexpire +publish {keys} &{}`",
+            needs.channel
+        );
+        let locks = crate::single_flight::Locks::new(needs.key_prefix, values, needs.channel);
+        // (with the value's slot, as on a cluster)
+        let lock_key = locks.key_of(&id, true);
+        let token = locks.token();
+        let mut read = ScriptCall {
+            script: crate::single_flight::READ.clone(),
+            args: redis::Cmd::new(),
+        };
+        read.arg(2)
+            .arg(&key)
+            .arg(&lock_key)
+            .arg(&token)
+            .arg(10_000)
+            .arg(0)
+            .arg(0);
+        script(con, read, feature, &fix).await?;
+        let lock = locks.hold(lock_key, token, &id);
+        if let Some(unlock) = locks.release(lock, true) {
+            script(con, unlock, feature, &fix).await?;
+        }
     }
     let channel = needs.channel;
     run(

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cache_runtime::{
-    BoxFuture, Fetched, LinkedWrite, RemoteError, RemoteGraph, RemoteKey, RemoteStats, RemoteStore,
-    Removed, ShutdownReport,
+    BoxFuture, Fetched, LinkedWrite, LockId, RemoteError, RemoteGraph, RemoteKey, RemoteStats,
+    RemoteStore, Removed, ShutdownReport, SingleFlight,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -15,6 +15,7 @@ use crate::cluster::{Recent, Replayer};
 use crate::endpoint::{Conn, Kind};
 use crate::graph::{glob_escape, GraphKeys};
 use crate::link::Link;
+use crate::single_flight::{Locks, Woken, READ};
 use crate::writer::{millis, Backlog, CallReply, Command, Op, Prefixed, RedisMetrics};
 
 pub(crate) struct RedisStore {
@@ -39,6 +40,8 @@ pub(crate) struct RedisStore {
     /// with the counts they release, buried with the next one (the walk found their keys and unlinked
     /// them: a walk again would not).
     pub(crate) unburied: Mutex<Vec<(Vec<u64>, Vec<String>)>>,
+    /// With `distributed_single_flight(true)`.
+    pub(crate) locks: Option<Arc<Locks>>,
 }
 
 /// The value, or nothing for a tombstone (see [`crate::tombstones`]).
@@ -93,6 +96,122 @@ impl RedisStore {
                 "not confirmed within {:?}; it stays queued behind earlier writes",
                 self.operation_timeout
             ))),
+        }
+    }
+}
+
+/// Distributed single flight (see [`crate::single_flight`]).
+impl RedisStore {
+    /// The read of a miss with the key's lock: the value (a tombstone is none), what
+    /// the script said of the lock (0 fresh, 1 taken, 2 held elsewhere) and, with the
+    /// graph on one server, its invalidation count.
+    async fn read_locking(
+        &self,
+        key: &str,
+        lock_key: &str,
+        token: &str,
+        lock_timeout: Duration,
+        touch: Option<Duration>,
+    ) -> Result<(Option<Vec<u8>>, i64, Option<u64>), RemoteError> {
+        let count = self.graph.as_ref().filter(|g| !g.on_cluster());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let build = |by_hash: bool| {
+            move |cmd: &mut redis::Cmd| {
+                let (command, script) = READ.head(by_hash);
+                cmd.arg(command)
+                    .arg(script)
+                    .arg(2 + usize::from(count.is_some()));
+                cmd.arg(Prefixed(&self.prefix, key)).arg(lock_key);
+                if let Some(graph) = count {
+                    cmd.arg(Prefixed(graph.g(), "epoch"));
+                }
+                cmd.arg(token)
+                    .arg(millis(lock_timeout))
+                    .arg(now)
+                    .arg(touch.map_or(0, millis));
+            }
+        };
+        let send = |by_hash: bool| async move {
+            match self.on_cluster() {
+                true => self.link.request_routed(build(by_hash)).await,
+                false => self.link.request(build(by_hash)).await,
+            }
+        };
+        let (value, state, count): (Option<Vec<u8>>, i64, Option<u64>) = match send(true).await {
+            Err(e) if e.0.starts_with("NOSCRIPT") => send(false).await?,
+            reply => reply?,
+        };
+        Ok((live(value), state, count))
+    }
+
+    /// [`RemoteStore::get_single_flight`].
+    async fn get_locked(
+        &self,
+        locks: &Arc<Locks>,
+        key: RemoteKey<'_>,
+        touch: Option<Duration>,
+        lock_timeout: Duration,
+        fallback_after: Option<Duration>,
+    ) -> Result<(Fetched, SingleFlight), RemoteError> {
+        if self.recent.unsure() && key.with_text(|k| self.recent.holds(k)) {
+            return Ok((Fetched::default(), SingleFlight::Free));
+        }
+        let text = key.with_text(str::to_owned);
+        let lock_key = locks.key_of(&text, self.on_cluster());
+        let token = locks.token();
+        let mut watching = locks.watch(&text);
+        let start = tokio::time::Instant::now();
+        loop {
+            let epoch = self.recent.epoch.load(Ordering::Acquire);
+            let (value, state, count) = self
+                .read_locking(&text, &lock_key, &token, lock_timeout, touch)
+                .await?;
+            let found = value.is_some();
+            let fetched = Fetched {
+                value,
+                epoch: match &self.graph {
+                    Some(g) if g.on_cluster() => epoch,
+                    Some(_) => count.unwrap_or(0),
+                    None => 0,
+                },
+            };
+            match state {
+                1 => {
+                    let id = locks.hold(lock_key, token, &text);
+                    return Ok((fetched, SingleFlight::Taken(id)));
+                }
+                2 => {}
+                _ => return Ok((fetched, SingleFlight::Free)),
+            }
+            // held elsewhere: wait for its release (a fallback, at most `fallback_after`)
+            let bound = match fallback_after.filter(|_| found) {
+                Some(f) if f < lock_timeout => f,
+                _ => lock_timeout,
+            };
+            let Some(left) = bound.checked_sub(start.elapsed()).filter(|l| !l.is_zero()) else {
+                let why = match bound < lock_timeout {
+                    true => SingleFlight::Slow,
+                    false => SingleFlight::TimedOut,
+                };
+                return Ok((fetched, why));
+            };
+            if watching.wait(left).await == Woken::Failed {
+                return Ok((fetched, SingleFlight::Failed));
+            }
+        }
+    }
+
+    /// Queues a lock's release behind the writes queued before it.
+    fn queue_unlock(&self, call: crate::script::ScriptCall) {
+        if let Err(op) = self.queue(Op::Unlock(call)) {
+            // never dropped: waiters would wait for the lock's expiry
+            let queue = self.queue.clone();
+            self.backlog.pending.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = queue.send(op).await;
+            });
         }
     }
 }
@@ -286,6 +405,10 @@ impl RemoteStore for RedisStore {
 
     fn flush(&self, timeout: Duration) -> BoxFuture<'_, ShutdownReport> {
         Box::pin(async move {
+            // the locks still held (bodies still running) are released
+            for call in self.locks.iter().flat_map(|l| l.release_all()) {
+                self.queue_unlock(call);
+            }
             let before = self.metrics.written();
             let drained = tokio::time::timeout(timeout, async {
                 loop {
@@ -319,6 +442,56 @@ impl RemoteStore for RedisStore {
 
     fn graph(&self) -> Option<&dyn RemoteGraph> {
         self.graph.as_ref().map(|_| self as &dyn RemoteGraph)
+    }
+
+    fn single_flight(&self) -> bool {
+        self.locks.is_some()
+    }
+
+    fn get_single_flight<'a>(
+        &'a self,
+        key: RemoteKey<'a>,
+        touch: Option<Duration>,
+        lock_timeout: Duration,
+        fallback_after: Option<Duration>,
+    ) -> BoxFuture<'a, Result<(Fetched, SingleFlight), RemoteError>> {
+        let Some(locks) = &self.locks else {
+            return Box::pin(async move { Ok((self.get(key, touch).await?, SingleFlight::Free)) });
+        };
+        Box::pin(self.get_locked(locks, key, touch, lock_timeout, fallback_after))
+    }
+
+    fn try_lock<'a>(
+        &'a self,
+        key: &'a str,
+        lock_timeout: Duration,
+    ) -> BoxFuture<'a, Result<Option<LockId>, RemoteError>> {
+        Box::pin(async move {
+            let Some(locks) = &self.locks else {
+                return Ok(None);
+            };
+            let lock_key = locks.key_of(key, self.on_cluster());
+            let token = locks.token();
+            let build = |cmd: &mut redis::Cmd| {
+                cmd.arg("SET")
+                    .arg(&lock_key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(lock_timeout));
+            };
+            let taken: Option<String> = match self.on_cluster() {
+                true => self.link.request_routed(build).await?,
+                false => self.link.request(build).await?,
+            };
+            Ok(taken.map(|_| locks.hold(lock_key, token, key)))
+        })
+    }
+
+    fn unlock(&self, lock: LockId, failed: bool) {
+        if let Some(call) = self.locks.as_ref().and_then(|l| l.release(lock, failed)) {
+            self.queue_unlock(call);
+        }
     }
 
     fn report(&self, stats: &mut RemoteStats) {

@@ -97,9 +97,10 @@ impl RedisSyncBuilder {
             channel.clone(),
             self.lazy,
             self.operation_timeout,
+            None,
         )
         .await
-        .map_err(|source| RedisBackendError::subscribing(&addr, &user, &channel, source))?;
+        .map_err(|source| RedisBackendError::subscribing(&addr, &user, &channel, true, source))?;
         if !self.lazy {
             // what the bus needs besides SUBSCRIBE: PUBLISH on the channel, PING
             let timeout = self
@@ -117,6 +118,7 @@ impl RedisSyncBuilder {
                 key_prefix: &self.channel_prefix,
                 channel: &channel,
                 subscriber: true,
+                single_flight: false,
                 graph: None,
             };
             crate::probe::probe(&mut con, &needs)

@@ -65,6 +65,10 @@ pub(crate) enum Op {
         graph: ScriptCall,
         put: Box<ScriptCall>,
     },
+    /// A key's lock released (see [`crate::single_flight`]): sent after the batch's
+    /// writes, on a cluster after their values too, so that the instances it wakes
+    /// read the value.
+    Unlock(ScriptCall),
     /// A command whose reply the sender waits for; without one, the sender only waits
     /// for the operations queued before. `then` is sent right after it, in the same
     /// pipeline (its reply is not looked at).
@@ -139,6 +143,7 @@ pub(crate) async fn writer(
                     pipe.add_command(call.cmd(true));
                     scripts.push(Some(call));
                 }
+                Op::Unlock(_) => {}
                 Op::Call { cmd, then, .. } => {
                     match cmd {
                         Some(Command::Plain(cmd)) => {
@@ -204,8 +209,10 @@ pub(crate) async fn writer(
         // the replies to calls, given once the values of the writes queued before
         // them are written (a `refresh!` reads its value right after)
         let mut answers = Vec::new();
+        let mut unlocks = Vec::new();
         for op in batch.drain(..) {
             match op {
+                Op::Unlock(call) => unlocks.push(call),
                 Op::Linked { graph, put } => {
                     match next(&|| format!("EVALSHA ({})", graph.name())) {
                         // when the links were recorded: the value's deadline follows
@@ -258,6 +265,12 @@ pub(crate) async fn writer(
                 }
             };
             counter.fetch_add(puts.len() as u64, Ordering::Relaxed);
+        }
+        if !unlocks.is_empty() {
+            if let Err(e) = run_scripts(&link, &unlocks).await {
+                // the locks expire after their lock timeout
+                warn.warn("a lock's release", &e);
+            }
         }
         for (done, answer) in answers {
             let _ = done.send(answer);

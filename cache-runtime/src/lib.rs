@@ -91,8 +91,8 @@ pub use key::{key_text, CacheKey, KeyWriter};
 pub use memory::{MemoryBackend, WeighFn};
 pub use profile::Expiration;
 pub use remote::{
-    BoxFuture, Fetched, LinkedWrite, RemoteError, RemoteGraph, RemoteKey, RemoteStore, Removed,
-    FORMAT_VERSION,
+    BoxFuture, Fetched, LinkedWrite, LockId, RemoteError, RemoteGraph, RemoteKey, RemoteStore,
+    Removed, SingleFlight, FORMAT_VERSION,
 };
 pub use service::{
     shutdown, stats, CachingService, ConfigError, FunctionStats, Profile, ShutdownReport, Stats,

@@ -91,6 +91,10 @@ impl<'a, K: ReturnKind<R>, R> Miss<'a, K, R> {
         };
         let mut entry = MissEntry::new(inner, state, &path.key, ops, expiration);
         entry.fail_safe = resilience.fail_safe;
+        entry.lock_timeout = lock_timeout;
+        entry.fallback_after = resilience
+            .soft_timeout
+            .filter(|_| resilience.fail_safe.is_some());
         Miss {
             service: &path.service,
             desc,
@@ -414,6 +418,43 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         result
     }
 
+    /// With distributed single flight, when another instance's body of the key is
+    /// slower than the soft timeout: the fallback read answers this caller and its
+    /// waiters, and is not stored (the other instance's value is read once it
+    /// lands). The leader back otherwise.
+    fn slow_elsewhere<'l>(&mut self, leader: Leader<'l>) -> Result<R, Leader<'l>> {
+        // (not after an invalidation of this instance: the body runs then)
+        let unchanged = self.entry.inner.epoch.load(Ordering::SeqCst) == self.epoch;
+        if !self.entry.holder_slow() || !unchanged {
+            return Err(leader);
+        }
+        let Some(fb) = self.fallback.take() else {
+            return Err(leader);
+        };
+        self.entry.state.counters.bump(Counter::Miss);
+        self.entry.state.counters.bump(Counter::SoftTimeout);
+        tracing::debug!(target: "cache_runtime", function = %self.entry.state.name, key = %self.entry.text(), "another instance's body is slower than the soft timeout: serving the fallback");
+        Ok(self.hand_fallback(*fb, leader))
+    }
+
+    /// Counts a fallback served, links the calling function's entry to it, hands it
+    /// to the waiters, and returns it.
+    fn hand_fallback(&self, fb: Fallback<K::Stored>, leader: Leader<'_>) -> R {
+        self.entry.state.counters.bump(Counter::FallbackServed);
+        self.served("fallback");
+        let key = self.entry.key.as_bytes();
+        with_frame(|f| f.add_entry(key, fb.deps.as_deref(), self.epoch, fb.remote_epoch));
+        leader.complete(|| {
+            Arc::new(Handoff {
+                value: (self.entry.ops.into_shared)((self.entry.ops.clone)(&fb.value)),
+                deps: fb.deps.clone(),
+                remote_epoch: fb.remote_epoch,
+                fallback: true,
+            })
+        });
+        K::from_stored(fb.value)
+    }
+
     /// Serves a fallback: it counts as fresh in the in-process tier for the
     /// throttle, so that a failing source is not called on every call, and is handed
     /// to the waiters. The leader back if it is past its bound or an invalidation
@@ -440,20 +481,8 @@ impl<K: ReturnKind<R>, R> Miss<'_, K, R> {
         ) {
             return Err(leader);
         }
-        self.entry.state.counters.bump(Counter::FallbackServed);
-        self.served("fallback");
         tracing::debug!(target: "cache_runtime", function = %self.entry.state.name, key = %self.entry.text(), "served the fail-safe fallback");
-        let key = self.entry.key.as_bytes();
-        with_frame(|f| f.add_entry(key, fb.deps.as_deref(), self.epoch, fb.remote_epoch));
-        leader.complete(|| {
-            Arc::new(Handoff {
-                value: (self.entry.ops.into_shared)((self.entry.ops.clone)(&fb.value)),
-                deps: fb.deps.clone(),
-                remote_epoch: fb.remote_epoch,
-                fallback: true,
-            })
-        });
-        Ok(K::from_stored(fb.value))
+        Ok(self.hand_fallback(fb, leader))
     }
 }
 
@@ -488,6 +517,11 @@ macro_rules! miss_loop {
                     if let Some($value) = $remote.and_then(|v| $miss.fresh(v)) {
                         return $on_remote;
                     }
+                    // another instance runs the body, slower than the soft timeout
+                    let $leader = match $miss.slow_elsewhere($leader) {
+                        Ok(fallback) => return fallback,
+                        Err(leader) => leader,
+                    };
                     let timer = $miss.running();
                     let (result, frame, $leader) = $run_lead;
                     $miss.ran(timer);
@@ -647,13 +681,17 @@ pub fn refresh_in_background<K, R, B, F>(
     let Some(slot) = Background::claim(&path) else {
         return;
     };
-    let counters = &path.service.inner.function(desc, path.reg).counters;
-    counters.bump(Counter::EagerRefresh);
-    counters.bump(Counter::Execution);
     let running = boxed(|| collect_async(body()));
     Background::spawn(path.service.clone(), async move {
         let _slot = slot;
         let mut miss = Miss::<K, R>::new(&path, desc, ops);
+        // with distributed single flight, one instance refreshes the key
+        if !miss.entry.lock_for_refresh().await {
+            return;
+        }
+        let counters = &miss.entry.state.counters;
+        counters.bump(Counter::EagerRefresh);
+        counters.bump(Counter::Execution);
         miss.epoch = miss.entry.inner.snapshot();
         miss.entry.read_epoch().await;
         let (result, frame) = running.await;
@@ -751,12 +789,15 @@ where
         };
         let (desc, ops, epoch) = (self.desc, self.entry.ops, self.epoch);
         let remote_epoch = self.entry.remote_epoch_read();
+        // the key's remote lock, released once the value is written
+        let lock = self.entry.take_lock();
         Background::spawn(path.service.clone(), async move {
             let _slot = slot;
             let (result, frame) = running.await;
             let mut miss = Miss::<K, R>::new(&path, desc, ops);
             miss.epoch = epoch;
             miss.entry.set_remote_epoch(remote_epoch);
+            miss.entry.hold(lock);
             miss.finish_background(&result, frame);
         });
     }

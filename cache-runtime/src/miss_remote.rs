@@ -2,15 +2,17 @@
 //! count), held back while an invalidation of this instance has not reached the tier,
 //! decoded; the computed value encoded and queued for writing, with its links.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use crate::deps::Frame;
 use crate::inner::Inner;
 use crate::key::Key;
 use crate::profile::Expiration;
 use crate::registry::FnState;
-use crate::remote::{deadline_after, Decoded, RemoteKey};
+use crate::remote::{deadline_after, Decoded, LockId, RemoteKey, SingleFlight};
 use crate::stats::Counter;
 use crate::value::ValueOps;
 
@@ -33,6 +35,18 @@ pub(crate) struct MissEntry<'a, T: 'static> {
     /// The remote store's invalidation count, read with the entry (see
     /// [`crate::Fetched::epoch`]); [`UNKNOWN`] until a read succeeds.
     remote_epoch: AtomicU64,
+    /// With distributed single flight: how long another instance's lock is waited
+    /// for, and how long before a fallback answers instead (the soft timeout).
+    pub(crate) lock_timeout: Duration,
+    pub(crate) fallback_after: Option<Duration>,
+    /// The key's remote lock, if this call holds it (0: none); released when the
+    /// entry is dropped, after its write.
+    lock: AtomicU64,
+    /// Whether the value was queued for the remote tier (else the lock's release
+    /// tells the waiting instances to run the body themselves).
+    written: AtomicBool,
+    /// The read found another instance's body slower than `fallback_after`.
+    slow_holder: AtomicBool,
 }
 
 impl<'a, T: 'static> MissEntry<'a, T> {
@@ -52,6 +66,46 @@ impl<'a, T: 'static> MissEntry<'a, T> {
             fail_safe: None,
             text: OnceLock::new(),
             remote_epoch: AtomicU64::new(UNKNOWN),
+            lock_timeout: Duration::ZERO,
+            fallback_after: None,
+            lock: AtomicU64::new(0),
+            written: AtomicBool::new(false),
+            slow_holder: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes the remote lock this call holds, to hand it to the call that goes on in
+    /// the background (see [`MissEntry::hold`]).
+    pub(crate) fn take_lock(&self) -> u64 {
+        self.lock.swap(0, Ordering::Relaxed)
+    }
+
+    /// Holds the remote lock `lock` (from [`MissEntry::take_lock`]), released when
+    /// this entry is dropped.
+    pub(crate) fn hold(&self, lock: u64) {
+        self.lock.store(lock, Ordering::Relaxed);
+    }
+
+    /// Whether the read found another instance's body slower than the soft timeout:
+    /// the fallback answers, and the body does not run here.
+    pub(crate) fn holder_slow(&self) -> bool {
+        self.slow_holder.load(Ordering::Relaxed)
+    }
+
+    /// For a refresh with distributed single flight: takes the key's remote lock;
+    /// `false` if another instance holds it (it refreshes the entry). A store that
+    /// fails does not stop the refresh.
+    pub(crate) async fn lock_for_refresh(&self) -> bool {
+        let Some(remote) = self.inner.remote.as_ref().filter(|r| r.single_flight()) else {
+            return true;
+        };
+        match remote.try_lock(self.text(), self.lock_timeout).await {
+            Ok(Some(id)) => {
+                self.hold(id.0.get());
+                true
+            }
+            Ok(None) => false,
+            Err(_) => true,
         }
     }
 
@@ -135,7 +189,11 @@ impl<'a, T: 'static> MissEntry<'a, T> {
         // the key is rendered on the stack for the read: a hit builds no string
         let key = RemoteKey::new(self.key, self.inner.max_key_length);
         let mark = self.inner.held.mark();
-        let fetched = remote.get(key, touch).await.map(|f| {
+        let fetched = match remote.single_flight() {
+            false => remote.get(key, touch).await,
+            true => self.read_single_flight(key, touch).await,
+        };
+        let fetched = fetched.map(|f| {
             self.remote_epoch.store(f.epoch, Ordering::Relaxed);
             f.value
         });
@@ -172,6 +230,30 @@ impl<'a, T: 'static> MissEntry<'a, T> {
                 None
             }
         }
+    }
+
+    /// [`MissEntry::read`] with distributed single flight: the read takes the key's
+    /// lock if the entry is missing or past its deadline, or waits for the instance
+    /// that holds it.
+    #[inline(never)]
+    async fn read_single_flight(
+        &self,
+        key: RemoteKey<'_>,
+        touch: Option<Duration>,
+    ) -> Result<crate::remote::Fetched, crate::remote::RemoteError> {
+        let remote = self.inner.remote.as_ref().expect("a remote tier");
+        let (fetched, flight) = remote
+            .get_single_flight(key, touch, self.lock_timeout, self.fallback_after)
+            .await?;
+        match flight {
+            SingleFlight::Taken(id) => self.hold(id.0.get()),
+            SingleFlight::Slow => self.slow_holder.store(true, Ordering::Relaxed),
+            SingleFlight::TimedOut => {
+                tracing::debug!(target: "cache_runtime", function = %self.state.name, key = %self.text(), "another instance held the key's lock until the lock timeout: running the body here too");
+            }
+            SingleFlight::Failed | SingleFlight::Free => {}
+        }
+        Ok(fetched)
     }
 
     /// Queues the value's write to the remote tier (never waited for). The value
@@ -218,6 +300,7 @@ impl<'a, T: 'static> MissEntry<'a, T> {
             }
             Ok(bytes) => {
                 let key = self.text().to_owned();
+                self.written.store(true, Ordering::Relaxed);
                 match graph {
                     Some(graph) => {
                         graph.set_linked(crate::remote::LinkedWrite {
@@ -239,6 +322,20 @@ impl<'a, T: 'static> MissEntry<'a, T> {
                     self.state.name
                 ));
             }
+        }
+    }
+}
+
+impl<T: 'static> Drop for MissEntry<'_, T> {
+    /// Releases the key's remote lock if this call holds it, after its write: the
+    /// instances waiting for it then read the value, or, if none was written, run
+    /// the body themselves.
+    fn drop(&mut self) {
+        let Some(lock) = NonZeroU64::new(*self.lock.get_mut()) else {
+            return;
+        };
+        if let Some(remote) = &self.inner.remote {
+            remote.unlock(LockId(lock), !*self.written.get_mut());
         }
     }
 }

@@ -108,6 +108,69 @@ pub trait RemoteStore: Send + Sync + 'static {
     fn report(&self, stats: &mut crate::stats::RemoteStats) {
         let _ = stats;
     }
+
+    /// Whether concurrent misses of one key on every instance run its body once (see
+    /// [`RemoteStore::get_single_flight`]).
+    fn single_flight(&self) -> bool {
+        false
+    }
+
+    /// With [`RemoteStore::single_flight`]: reads `key` as [`RemoteStore::get`] does
+    /// and, if the entry is missing or past its deadline, takes the key's lock in the
+    /// same round trip. If another instance holds it, waits until it is released
+    /// (notified, or polling), at most `lock_timeout`, and reads again. With
+    /// `fallback_after`, a wait that found a value past its deadline (a fail-safe
+    /// fallback) ends after that long ([`SingleFlight::Slow`]).
+    fn get_single_flight<'a>(
+        &'a self,
+        key: RemoteKey<'a>,
+        touch: Option<Duration>,
+        lock_timeout: Duration,
+        fallback_after: Option<Duration>,
+    ) -> BoxFuture<'a, Result<(Fetched, SingleFlight), RemoteError>> {
+        let _ = (lock_timeout, fallback_after);
+        Box::pin(async move { Ok((self.get(key, touch).await?, SingleFlight::Free)) })
+    }
+
+    /// Takes the key's lock without reading (a refresh); `Ok(None)` if another
+    /// instance holds it.
+    fn try_lock<'a>(
+        &'a self,
+        key: &'a str,
+        lock_timeout: Duration,
+    ) -> BoxFuture<'a, Result<Option<LockId>, RemoteError>> {
+        let _ = (key, lock_timeout);
+        Box::pin(async { Err(RemoteError("no distributed single flight".into())) })
+    }
+
+    /// Releases a lock taken by [`RemoteStore::get_single_flight`] or
+    /// [`RemoteStore::try_lock`], after the writes queued before (so that the
+    /// instances waiting for it read the value). With `failed`, no value was written:
+    /// they run the body themselves.
+    fn unlock(&self, lock: LockId, failed: bool) {
+        let _ = (lock, failed);
+    }
+}
+
+/// A key's lock held by this instance (see [`RemoteStore::get_single_flight`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockId(pub std::num::NonZeroU64);
+
+/// What a read with distributed single flight says about running the body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SingleFlight {
+    /// No lock is needed (a fresh value, or the store did not look), or none was
+    /// taken: the body runs if there is no value.
+    Free,
+    /// This call holds the key's lock: it runs the body, then releases it.
+    Taken(LockId),
+    /// Another instance held the lock until the wait's bound: the body runs here too.
+    TimedOut,
+    /// The holder's body failed: the body runs here.
+    Failed,
+    /// Another instance's body is slower than `fallback_after`: the fallback read
+    /// answers, and the body does not run here.
+    Slow,
 }
 
 /// What a removal that reached the store did.

@@ -53,6 +53,12 @@ impl Instance {
         instance
     }
 
+    /// Kills the process at once (`SIGKILL`): nothing it holds is released.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The next line it prints.
     pub fn line(&mut self) -> String {
         let mut line = String::new();

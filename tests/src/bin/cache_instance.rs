@@ -20,6 +20,8 @@
 //! | `wait_drop ID MS` | polls `peek` until the entry is gone: microseconds taken, or `timeout` |
 //! | `wait_value ID VALUE MS` | polls `get` every 5 ms until it returns VALUE: milliseconds, or `timeout` |
 //! | `flush` | waits for this instance's queued writes to Redis: `ok` |
+//! | `sf ROUND ID` | [`sf_row`]: the value, or `err` |
+//! | `stampede ROUND KEYS TASKS` | [`stampede`]: `ok`, or the first wrong answer |
 //! | `fget ID` | row ID through [`fs_row`] (fail-safe: while the database key `db:fail` exists its body fails): the value, or `err` |
 //! | `fset ID VALUE` | writes the row and invalidates `fs_row` (`#[invalidate_cache]`): `ok` |
 //! | `stats` | `runs=N received=N published=N l1_clears=N l1_bypassed=0/1`, and the remote tier's errors (`write_errors=N removal_errors=N reads_held=N ...`) and, on a cluster, `topology_changes=N invalidations_replayed=N` |
@@ -112,6 +114,62 @@ async fn fs_row(id: u64) -> Result<String, String> {
 #[invalidate_cache(fs_row)]
 async fn write_fs_row(id: u64, value: String) {
     write_row(id, value).await;
+}
+
+/// A slow row for the stampede tests (profile `sf`: `lock_timeout` from
+/// `CACHE_INSTANCE_LOCK_TIMEOUT_MS`, default 30 s). Each run counts itself in the
+/// database (`sf:runs:{round}:{id}`, so every instance's runs add up), sleeps for the
+/// database key `sf:ms` (milliseconds, default 200), then fails if `sf:fail` exists.
+#[cached(name = "inst.sf_row", profile = "sf")]
+async fn sf_row(round: u64, id: u64) -> Result<String, String> {
+    RUNS.fetch_add(1, Ordering::SeqCst);
+    let mut db = DB.get().ok_or("no database")?.clone();
+    let (ms, failing): (Option<u64>, bool) = redis::pipe()
+        .cmd("INCR")
+        .arg(format!("sf:runs:{round}:{id}"))
+        .ignore()
+        .cmd("GET")
+        .arg("sf:ms")
+        .cmd("EXISTS")
+        .arg("sf:fail")
+        .query_async(&mut db)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::sleep(Duration::from_millis(ms.unwrap_or(200))).await;
+    if failing {
+        return Err("database unavailable".into());
+    }
+    Ok(format!("v{round}.{id}"))
+}
+
+/// `TASKS` tasks, each calling [`sf_row`] on every id of `0..KEYS` of `round`, in an
+/// order of its own: `ok`, or the first wrong answer.
+async fn stampede(round: u64, keys: u64, tasks: u64) -> String {
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            tokio::spawn(async move {
+                let mut next = xorshift(t + 1);
+                let mut ids: Vec<u64> = (0..keys).collect();
+                for i in (1..ids.len()).rev() {
+                    ids.swap(i, (next() % (i as u64 + 1)) as usize);
+                }
+                for id in ids {
+                    let v = sf_row(round, id).await;
+                    if v.as_deref() != Ok(format!("v{round}.{id}").as_str()) {
+                        return format!("wrong {round}.{id}: {v:?}");
+                    }
+                }
+                "ok".to_owned()
+            })
+        })
+        .collect();
+    for h in handles {
+        let answer = h.await.expect("a task");
+        if answer != "ok" {
+            return answer;
+        }
+    }
+    "ok".into()
 }
 
 /// A small seeded random number generator (xorshift), so that a run can be repeated.
@@ -387,6 +445,10 @@ async fn main() {
             if mode != "redis" {
                 backend = backend.l1(MemoryBackend::new().max_entries(100_000));
             }
+            // `CACHE_INSTANCE_SINGLE_FLIGHT=1`: one body per key across instances
+            if std::env::var_os("CACHE_INSTANCE_SINGLE_FLIGHT").is_some() {
+                backend = backend.distributed_single_flight(true);
+            }
             if let Some(n) = std::env::var("CACHE_INSTANCE_L1_ENTRIES")
                 .ok()
                 .and_then(|n| n.parse().ok())
@@ -408,6 +470,11 @@ async fn main() {
         ),
         other => panic!("unknown mode {other}"),
     };
+    let lock_timeout = std::env::var("CACHE_INSTANCE_LOCK_TIMEOUT_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(Duration::from_secs(30), Duration::from_millis);
+    let builder = builder.profile(cache_runtime::Profile::new("sf").lock_timeout(lock_timeout));
     builder.install().expect("install");
     println!("ready");
 
@@ -422,6 +489,11 @@ async fn main() {
                 write_row(num(1), words[2].to_owned()).await;
                 "ok".into()
             }
+            Some("sf") => {
+                let v = sf_row(num(1), num(2)).await;
+                v.unwrap_or_else(|_| "err".into())
+            }
+            Some("stampede") => stampede(num(1), num(2), num(3)).await,
             Some("fget") => fs_row(num(1)).await.unwrap_or_else(|_| "err".into()),
             Some("fset") => {
                 write_fs_row(num(1), words[2].to_owned()).await;
