@@ -52,6 +52,11 @@ pub(crate) static UNLOCK: LazyLock<Arc<Hashed>> = LazyLock::new(|| {
     )
 });
 
+/// Whether `script` is one of these.
+pub(crate) fn owns(script: &Arc<Hashed>) -> bool {
+    Arc::ptr_eq(script, &READ) || Arc::ptr_eq(script, &UNLOCK)
+}
+
 /// The length of the header before a value's deadline (see `cache_runtime::remote`).
 const VALUE_HEADER: usize = 2;
 

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use tests::instance::Instance;
+use tests::redis_cluster::RedisCluster;
 use tests::redis_server::RedisServer;
 
 fn instance(mode: &str, cache: &RedisServer, db: &RedisServer, env: &[(&str, &str)]) -> Instance {
@@ -40,12 +41,22 @@ fn locks(cache: &RedisServer) -> Vec<String> {
     redis::cmd("KEYS").arg("*:lock:*").query(&mut con).unwrap()
 }
 
-/// `rounds` rounds of 4 processes × 16 tasks on 20 cold keys (a round's own): the
-/// runs of each key's body, summed over the instances.
-fn stampedes(mode: &str, env: &[(&str, &str)], rounds: u64) -> Vec<u64> {
-    let (cache, db) = (RedisServer::start(), RedisServer::start());
+/// `rounds` rounds of 4 processes × 16 tasks on 20 cold keys (a round's own) against
+/// the cache at `url`: the runs of each key's body, summed over the instances. After
+/// the instances' shutdown, `locks_left` must say none is left.
+fn stampedes_at(
+    mode: &str,
+    url: &str,
+    env: &[(&str, &str)],
+    rounds: u64,
+    locks_left: impl Fn() -> usize,
+) -> Vec<u64> {
+    let db = RedisServer::start();
     db.command(&["SET", "sf:ms", "100"]);
-    let mut instances: Vec<Instance> = (0..4).map(|_| instance(mode, &cache, &db, env)).collect();
+    let exe = env!("CARGO_BIN_EXE_cache_instance");
+    let mut instances: Vec<Instance> = (0..4)
+        .map(|_| Instance::start_with(exe, mode, url, &db, env))
+        .collect();
     let mut per_key = Vec::new();
     for round in 1..=rounds {
         for inst in &mut instances {
@@ -59,21 +70,50 @@ fn stampedes(mode: &str, env: &[(&str, &str)], rounds: u64) -> Vec<u64> {
     for inst in &mut instances {
         assert_eq!(inst.cmd("flush"), "ok");
     }
-    assert_eq!(locks(&cache), Vec::<String>::new(), "{mode}: no lock left");
+    assert_eq!(locks_left(), 0, "{mode}: no lock left");
     per_key
 }
 
-fn each_body_once(mode: &str) {
-    let per_key = stampedes(mode, &[SINGLE_FLIGHT], 10);
+fn stampedes(mode: &str, env: &[(&str, &str)], rounds: u64) -> Vec<u64> {
+    let cache = RedisServer::start();
+    stampedes_at(mode, &cache.url(), env, rounds, || locks(&cache).len())
+}
+
+fn assert_once(what: &str, per_key: &[u64]) {
     let extra: u64 = per_key.iter().map(|n| n - 1).sum();
     eprintln!(
-        "{mode}: 10 rounds of 4 processes x 16 tasks on 20 cold keys: {} keys, {extra} extra runs",
+        "{what}: 10 rounds of 4 processes x 16 tasks on 20 cold keys: {} keys, {extra} extra runs",
         per_key.len()
     );
     assert!(
         per_key.iter().all(|&n| n == 1),
-        "{mode}: each body ran once: {per_key:?}"
+        "{what}: each body ran once: {per_key:?}"
     );
+}
+
+fn each_body_once(mode: &str) {
+    assert_once(mode, &stampedes(mode, &[SINGLE_FLIGHT], 10));
+}
+
+/// The same on a 3-master Redis Cluster: each lock has its value's slot.
+fn each_body_once_on_a_cluster(mode: &str) {
+    let cluster = RedisCluster::start(3, 0);
+    let env = [SINGLE_FLIGHT, ("CACHE_INSTANCE_EAGER", "1")];
+    let left = || (0..3).map(|i| cluster.keys_on(i, "inst:lock:")).sum();
+    let per_key = stampedes_at(mode, &cluster.url(), &env, 10, left);
+    assert_once(&format!("{mode} on a cluster"), &per_key);
+    let values: Vec<usize> = (0..3).map(|i| cluster.keys_on(i, "inst:2:")).collect();
+    assert!(values.iter().all(|&n| n > 0), "spread: {values:?}");
+}
+
+#[test]
+fn on_a_cluster_each_body_runs_once() {
+    each_body_once_on_a_cluster("l1");
+}
+
+#[test]
+fn on_a_cluster_with_dependencies_each_body_runs_once() {
+    each_body_once_on_a_cluster("deps");
 }
 
 #[test]
@@ -167,4 +207,119 @@ fn a_failing_body_releases_the_lock_at_once() {
     assert_eq!(b.cmd("sf 1 0"), "v1.0");
     assert_eq!(runs(&db, 1, 0), 3);
     assert_eq!(locks(&cache), Vec::<String>::new());
+}
+
+/// With fail-safe and a soft timeout, an instance that finds another's body of the
+/// key running, slower than the soft timeout, answers with the fallback from Redis
+/// without running the body, then reads the other's value once it lands.
+#[test]
+fn a_waiter_answers_with_the_fallback_after_the_soft_timeout() {
+    let (cache, db) = (RedisServer::start(), RedisServer::start());
+    db.command(&["SET", "sf:ms", "10"]);
+    let mut a = instance("l1", &cache, &db, &[SINGLE_FLIGHT]);
+    let mut b = instance("l1", &cache, &db, &[SINGLE_FLIGHT]);
+    assert_eq!(a.cmd("sft 1 0"), "v1.0");
+    a.cmd("flush");
+    std::thread::sleep(Duration::from_millis(1_200)); // expired, kept as a fallback
+    db.command(&["SET", "sf:gen", "2"]);
+    db.command(&["SET", "sf:ms", "3000"]);
+    writeln!(a.stdin, "sft 1 0").unwrap();
+    let start = Instant::now();
+    while runs(&db, 1, 0) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(5), "A ran the body");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let start = Instant::now();
+    assert_eq!(b.cmd("sft 1 0"), "v1.0", "B: the fallback");
+    let waited = start.elapsed();
+    assert_eq!(a.line(), "v1.0", "A: its soft timeout's fallback");
+    eprintln!("B answered with the fallback after {waited:?} (soft timeout 300 ms, A's body 3 s)");
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    assert_eq!(b.stat("runs"), 0, "B did not run the body");
+    // A's body lands; B then reads its value
+    let start = Instant::now();
+    while b.cmd("sft 1 0") != "v1.0.2" {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "A's value reached B"
+        );
+    }
+    eprintln!(
+        "B read A's value {:?} after its first call",
+        start.elapsed() + waited
+    );
+    assert_eq!(b.stat("runs"), 0);
+    assert_eq!(runs(&db, 1, 0), 2);
+    assert_eq!(b.cmd("flush"), "ok");
+    assert_eq!(a.cmd("flush"), "ok");
+    assert_eq!(locks(&cache), Vec::<String>::new());
+}
+
+/// What `build()` says for a user with `rules` taken away, with the option and
+/// without an in-process tier.
+async fn build_as(server: &RedisServer, rules: &[&str]) -> String {
+    server.acl_user("u", rules);
+    let built = cache_redis::RedisBackend::builder(server.url_as("u", RedisServer::PASSWORD))
+        .key_prefix("acl")
+        .distributed_single_flight(true)
+        .build()
+        .await;
+    match built {
+        Err(e @ cache_redis::RedisBackendError::Refused { .. }) => e.to_string(),
+        Err(e) => panic!("{rules:?}: expected a refusal, got {e}"),
+        Ok(_) => "built".into(),
+    }
+}
+
+#[tokio::test]
+async fn build_names_what_single_flight_needs() {
+    let server = RedisServer::start();
+    for (rules, says) in [
+        (&["-evalsha", "-eval"][..], "EVALSHA"),
+        (&["-append"], "a command the single flight's scripts run"),
+        (&["-subscribe"], "SUBSCRIBE"),
+    ] {
+        let text = build_as(&server, rules).await;
+        eprintln!("{rules:?}: {text}");
+        assert!(text.contains(says), "{rules:?}: {text}");
+        assert!(
+            text.contains("single flight") || text.contains("single_flight"),
+            "{text}"
+        );
+        assert!(text.contains("ACL SETUSER u"), "{text}");
+    }
+    assert_eq!(build_as(&server, &[]).await, "built");
+    // the probe leaves no lock behind
+    assert_eq!(locks(&server), Vec::<String>::new());
+}
+
+/// `shutdown()` releases the locks of bodies still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_the_locks_still_held() {
+    use cache_runtime::{cached, CachingService};
+    #[cached(name = "dsf.slow_at_shutdown")]
+    async fn slow_at_shutdown(id: u64) -> u64 {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        id
+    }
+    let server = RedisServer::start();
+    let backend = cache_redis::RedisBackend::builder(server.url())
+        .key_prefix("down")
+        .distributed_single_flight(true)
+        .build()
+        .await
+        .unwrap();
+    let svc = CachingService::builder().backend(backend).build().unwrap();
+    let call = tokio::spawn(svc.scope(slow_at_shutdown(1)));
+    let start = Instant::now();
+    while locks(&server).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the call took the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    svc.shutdown().await;
+    assert_eq!(locks(&server), Vec::<String>::new());
+    call.abort();
 }

@@ -21,6 +21,7 @@
 //! | `wait_value ID VALUE MS` | polls `get` every 5 ms until it returns VALUE: milliseconds, or `timeout` |
 //! | `flush` | waits for this instance's queued writes to Redis: `ok` |
 //! | `sf ROUND ID` | [`sf_row`]: the value, or `err` |
+//! | `sft ROUND ID` | [`sft_row`]: the value, or `err` |
 //! | `stampede ROUND KEYS TASKS` | [`stampede`]: `ok`, or the first wrong answer |
 //! | `fget ID` | row ID through [`fs_row`] (fail-safe: while the database key `db:fail` exists its body fails): the value, or `err` |
 //! | `fset ID VALUE` | writes the row and invalidates `fs_row` (`#[invalidate_cache]`): `ok` |
@@ -117,14 +118,34 @@ async fn write_fs_row(id: u64, value: String) {
 }
 
 /// A slow row for the stampede tests (profile `sf`: `lock_timeout` from
-/// `CACHE_INSTANCE_LOCK_TIMEOUT_MS`, default 30 s). Each run counts itself in the
-/// database (`sf:runs:{round}:{id}`, so every instance's runs add up), sleeps for the
-/// database key `sf:ms` (milliseconds, default 200), then fails if `sf:fail` exists.
+/// `CACHE_INSTANCE_LOCK_TIMEOUT_MS`, default 30 s). See [`sf_body`].
 #[cached(name = "inst.sf_row", profile = "sf")]
 async fn sf_row(round: u64, id: u64) -> Result<String, String> {
+    sf_body(round, id).await
+}
+
+/// [`sf_row`] with fail-safe and a soft timeout: expired after 1 s, kept 1 h as a
+/// fallback, which answers a call whose body (here or on another instance) takes
+/// longer than 300 ms.
+#[cached(
+    name = "inst.sft_row",
+    profile = "sf",
+    ttl = "1s",
+    fail_safe = "1h",
+    soft_timeout = "300ms"
+)]
+async fn sft_row(round: u64, id: u64) -> Result<String, String> {
+    sf_body(round, id).await
+}
+
+/// Each run counts itself in the database (`sf:runs:{round}:{id}`, so every
+/// instance's runs add up), sleeps for the database key `sf:ms` (milliseconds,
+/// default 200), then fails if `sf:fail` exists; else `v{round}.{id}`, followed by
+/// `.{sf:gen}` if that key exists.
+async fn sf_body(round: u64, id: u64) -> Result<String, String> {
     RUNS.fetch_add(1, Ordering::SeqCst);
     let mut db = DB.get().ok_or("no database")?.clone();
-    let (ms, failing): (Option<u64>, bool) = redis::pipe()
+    let (ms, failing, generation): (Option<u64>, bool, Option<u64>) = redis::pipe()
         .cmd("INCR")
         .arg(format!("sf:runs:{round}:{id}"))
         .ignore()
@@ -132,6 +153,8 @@ async fn sf_row(round: u64, id: u64) -> Result<String, String> {
         .arg("sf:ms")
         .cmd("EXISTS")
         .arg("sf:fail")
+        .cmd("GET")
+        .arg("sf:gen")
         .query_async(&mut db)
         .await
         .map_err(|e| e.to_string())?;
@@ -139,7 +162,10 @@ async fn sf_row(round: u64, id: u64) -> Result<String, String> {
     if failing {
         return Err("database unavailable".into());
     }
-    Ok(format!("v{round}.{id}"))
+    Ok(match generation {
+        Some(g) => format!("v{round}.{id}.{g}"),
+        None => format!("v{round}.{id}"),
+    })
 }
 
 /// `TASKS` tasks, each calling [`sf_row`] on every id of `0..KEYS` of `round`, in an
@@ -491,6 +517,10 @@ async fn main() {
             }
             Some("sf") => {
                 let v = sf_row(num(1), num(2)).await;
+                v.unwrap_or_else(|_| "err".into())
+            }
+            Some("sft") => {
+                let v = sft_row(num(1), num(2)).await;
                 v.unwrap_or_else(|_| "err".into())
             }
             Some("stampede") => stampede(num(1), num(2), num(3)).await,
