@@ -323,3 +323,51 @@ async fn shutdown_releases_the_locks_still_held() {
     assert_eq!(locks(&server), Vec::<String>::new());
     call.abort();
 }
+
+/// An eager refresh takes the key's lock: two instances whose hits pass the refresh
+/// point while one of them refreshes leave it to that one, and both then read its
+/// value.
+#[test]
+fn one_instance_refreshes_a_key_early() {
+    let (cache, db) = (RedisServer::start(), RedisServer::start());
+    db.command(&["SET", "sf:ms", "10"]);
+    let mut a = instance("l1", &cache, &db, &[SINGLE_FLIGHT]);
+    let mut b = instance("l1", &cache, &db, &[SINGLE_FLIGHT]);
+    assert_eq!(a.cmd("sfe 1 0"), "v1.0");
+    a.cmd("flush");
+    assert_eq!(b.cmd("sfe 1 0"), "v1.0", "B reads A's value from Redis");
+    assert_eq!(b.stat("runs"), 0);
+    std::thread::sleep(Duration::from_millis(1_100)); // past the refresh point
+    db.command(&["SET", "sf:gen", "2"]);
+    db.command(&["SET", "sf:ms", "1000"]);
+    assert_eq!(
+        a.cmd("sfe 1 0"),
+        "v1.0",
+        "A: a hit, which starts the refresh"
+    );
+    let start = Instant::now();
+    while runs(&db, 1, 0) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(5), "A's refresh ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        b.cmd("sfe 1 0"),
+        "v1.0",
+        "B: a hit; A holds the refresh's lock"
+    );
+    // B reads A's refreshed value once its own copy expires, without a body of its own
+    let start = Instant::now();
+    while b.cmd("sfe 1 0") != "v1.0.2" {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "A's value reached B"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(a.cmd("sfe 1 0"), "v1.0.2");
+    assert_eq!(b.stat("runs"), 0, "B never ran the body");
+    assert_eq!(runs(&db, 1, 0), 2, "the first value and one refresh");
+    assert_eq!(a.cmd("flush"), "ok");
+    assert_eq!(b.cmd("flush"), "ok");
+    assert_eq!(locks(&cache), Vec::<String>::new());
+}

@@ -63,3 +63,26 @@ fn twenty_seconds_on_a_cluster_with_every_cluster_fault() {
     assert!(n("l1_clears") > 0, "{json}");
     assert_eq!(n("orphan_keys"), 0, "{json}");
 }
+
+/// With the database's faults (it fails, then stalls, every 10 s) and no cache fault,
+/// distributed single flight on: reads get fallbacks while the database is down or
+/// slow, never one an invalidation of the reading instance had removed, and no call
+/// fails for the cache's sake.
+#[test]
+fn twenty_seconds_with_source_faults() {
+    let json = soak(&[
+        "--seconds",
+        "20",
+        "--no-faults",
+        "--source-faults",
+        "--single-flight",
+    ]);
+    let n = |k: &str| json[k].as_u64().unwrap_or_else(|| panic!("{k} in {json}"));
+    assert!(n("calls") > 5_000, "{json}");
+    assert_eq!(n("failed_calls"), 0, "{json}");
+    assert_eq!(n("wrong_values"), 0, "{json}");
+    assert_eq!(n("fallbacks_after_invalidation"), 0, "{json}");
+    assert!(n("fallbacks_served") > 0, "{json}");
+    assert!(n("source_calls") > 0, "{json}");
+    assert_eq!(n("orphan_keys"), 0, "{json}");
+}

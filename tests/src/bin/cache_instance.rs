@@ -22,12 +22,17 @@
 //! | `flush` | waits for this instance's queued writes to Redis: `ok` |
 //! | `sf ROUND ID` | [`sf_row`]: the value, or `err` |
 //! | `sft ROUND ID` | [`sft_row`]: the value, or `err` |
+//! | `sfe ROUND ID` | [`sfe_row`]: the value, or `err` |
 //! | `stampede ROUND KEYS TASKS` | [`stampede`]: `ok`, or the first wrong answer |
 //! | `fget ID` | row ID through [`fs_row`] (fail-safe: while the database key `db:fail` exists its body fails): the value, or `err` |
 //! | `fset ID VALUE` | writes the row and invalidates `fs_row` (`#[invalidate_cache]`): `ok` |
 //! | `stats` | `runs=N received=N published=N l1_clears=N l1_bypassed=0/1`, and the remote tier's errors (`write_errors=N removal_errors=N reads_held=N ...`) and, on a cluster, `topology_changes=N invalidations_replayed=N` |
 //! | `random SECONDS SEED` | a random mix for SECONDS (see [`random`]): `ops=N reads=N stale=N` |
 //! | `soak SECONDS SEED` | the soak's load (see [`soak`]): a `progress ...` line a second, then `result {json}` |
+//!
+//! `CACHE_INSTANCE_SOURCE_FAULTS=1` makes the soak read [`soak_row_fs`] and
+//! [`soak_view_fs`] (fail-safe, soft timeout) from a database that fails or stalls
+//! on the soak's schedule.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -135,6 +140,13 @@ async fn sf_row(round: u64, id: u64) -> Result<String, String> {
     soft_timeout = "300ms"
 )]
 async fn sft_row(round: u64, id: u64) -> Result<String, String> {
+    sf_body(round, id).await
+}
+
+/// [`sf_row`] refreshed early: expired after 2 s, refreshed in the background by the
+/// first hit past 1 s.
+#[cached(name = "inst.sfe_row", profile = "sf", ttl = "2s", eager_refresh = 0.5)]
+async fn sfe_row(round: u64, id: u64) -> Result<String, String> {
     sf_body(round, id).await
 }
 
@@ -305,6 +317,76 @@ async fn soak_view(id: u64) -> Result<u64, String> {
     soak_row(id).await
 }
 
+/// With source faults (`CACHE_INSTANCE_SOURCE_FAULTS=1`): the soak reads these, with
+/// fail-safe and a soft timeout, from a database that fails while `db:fail` exists
+/// and answers in 400 ms while `db:stall` does.
+static SOURCE_FAULTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The bodies run (the database's reads).
+static SOURCE_CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// What a failing database answers.
+const SOURCE_DOWN: &str = "source down";
+
+#[cached(
+    name = "inst.soak_row_fs",
+    ttl = "2s",
+    fail_safe = "1h",
+    fail_safe_throttle = "1s",
+    soft_timeout = "100ms"
+)]
+async fn soak_row_fs(id: u64) -> Result<u64, String> {
+    SOURCE_CALLS.fetch_add(1, Ordering::Relaxed);
+    if ROW_DEPENDENCY.load(Ordering::Relaxed) {
+        add_dependency(format!("soak:{id}"));
+    }
+    let mut db = DB.get().ok_or("no database")?.clone();
+    let (v, failing, stalling): (Option<u64>, bool, bool) = redis::pipe()
+        .cmd("GET")
+        .arg(format!("db:s:{id}"))
+        .cmd("EXISTS")
+        .arg("db:fail")
+        .cmd("EXISTS")
+        .arg("db:stall")
+        .query_async(&mut db)
+        .await
+        .map_err(|e| e.to_string())?;
+    if stalling {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    if failing {
+        return Err(SOURCE_DOWN.into());
+    }
+    Ok(v.unwrap_or(0))
+}
+
+#[cached(
+    name = "inst.soak_view_fs",
+    ttl = "5s",
+    fail_safe = "1h",
+    fail_safe_throttle = "1s"
+)]
+async fn soak_view_fs(id: u64) -> Result<u64, String> {
+    soak_row_fs(id).await
+}
+
+/// A read of the soak's load: a row, or a view of it (`view`).
+async fn soak_read(id: u64, view: bool) -> Result<u64, String> {
+    match (SOURCE_FAULTS.load(Ordering::Relaxed), view) {
+        (false, false) => soak_row(id).await,
+        (false, true) => soak_view(id).await,
+        (true, false) => soak_row_fs(id).await,
+        (true, true) => soak_view_fs(id).await,
+    }
+}
+
+/// Invalidates a row by key.
+async fn soak_invalidate(id: u64) {
+    match SOURCE_FAULTS.load(Ordering::Relaxed) {
+        false => cache_runtime::invalidate!(soak_row(id)).await,
+        true => cache_runtime::invalidate!(soak_row_fs(id)).await,
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -327,6 +409,8 @@ async fn soak(seconds: Duration, seed: u64) -> String {
     let mut latencies: Vec<u32> = Vec::new();
     let mut stale: Vec<(u64, u64)> = Vec::new();
     let mut db = DB.get().expect("database").clone();
+    let source_faults = SOURCE_FAULTS.load(Ordering::Relaxed);
+    let (mut source_errors, mut fallbacks_after_invalidation) = (0u64, 0u64);
     let end = Instant::now() + seconds;
     let mut progress = Instant::now() + Duration::from_secs(1);
     while Instant::now() < end {
@@ -348,7 +432,7 @@ async fn soak(seconds: Duration, seed: u64) -> String {
             let start = Instant::now();
             // (by key only when rows depend on nothing: the `-plain` modes)
             if (r >> 4) % 2 == 0 || !ROW_DEPENDENCY.load(Ordering::Relaxed) {
-                cache_runtime::invalidate!(soak_row(id)).await;
+                soak_invalidate(id).await;
             } else {
                 cache_runtime::invalidate_dependency(format!("soak:{id}")).await;
             }
@@ -367,19 +451,31 @@ async fn soak(seconds: Duration, seed: u64) -> String {
         let before = committed[id as usize];
         let began = now_ms();
         let start = Instant::now();
-        let read = if (r >> 4) % 3 == 0 {
-            soak_view(id).await
-        } else {
-            soak_row(id).await
+        let fallbacks = match source_faults {
+            true => cache_runtime::stats().total.fallbacks_served,
+            false => 0,
         };
+        let read = soak_read(id, (r >> 4) % 3 == 0).await;
         latencies.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
         calls += 1;
-        let Ok(u) = read else {
-            failed += 1;
-            continue;
+        let u = match read {
+            Ok(u) => u,
+            // the database is down and there is no fallback: its answer
+            Err(e) if e == SOURCE_DOWN => {
+                source_errors += 1;
+                continue;
+            }
+            Err(_) => {
+                failed += 1;
+                continue;
+            }
         };
         if u < before {
             wrong += 1;
+            if source_faults && cache_runtime::stats().total.fallbacks_served > fallbacks {
+                // a fallback this instance had invalidated
+                fallbacks_after_invalidation += 1;
+            }
             if std::env::var_os("CACHE_INSTANCE_DEBUG").is_some() {
                 eprintln!(
                     "wrong: {} of {id}: {u} < {before} at {} ms; {:?}",
@@ -426,6 +522,10 @@ async fn soak(seconds: Duration, seed: u64) -> String {
         "l1_clears": stats.sync.l1_clears,
         "l2_hits": stats.total.l2_hits,
         "writes_dropped": METRICS.get().map_or(0, |m| m.dropped()),
+        "fallbacks_served": stats.total.fallbacks_served,
+        "fallbacks_after_invalidation": fallbacks_after_invalidation,
+        "source_calls": SOURCE_CALLS.load(Ordering::Relaxed),
+        "source_errors": source_errors,
         "stale": stale,
     });
     format!("result {result}")
@@ -451,6 +551,10 @@ async fn main() {
             .expect("database"),
     )
     .ok();
+    SOURCE_FAULTS.store(
+        std::env::var_os("CACHE_INSTANCE_SOURCE_FAULTS").is_some(),
+        Ordering::Relaxed,
+    );
     let builder = CachingService::builder();
     // `l1-plain`: `l1` with rows that depend on nothing, so that they are stored in
     // Redis without the graph
@@ -521,6 +625,10 @@ async fn main() {
             }
             Some("sft") => {
                 let v = sft_row(num(1), num(2)).await;
+                v.unwrap_or_else(|_| "err".into())
+            }
+            Some("sfe") => {
+                let v = sfe_row(num(1), num(2)).await;
                 v.unwrap_or_else(|_| "err".into())
             }
             Some("stampede") => stampede(num(1), num(2), num(3)).await,

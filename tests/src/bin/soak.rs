@@ -37,6 +37,12 @@ OPTIONS:
                        master back as a replica), takeover (CLUSTER FAILOVER
                        TAKEOVER on a replica), reshard (1,000 slots moved), pause,
                        kill-pubsub, evictions, instance-restart, collector-stop
+    --source-faults    the database fails (2 s) and stalls (400 ms a read, 2 s)
+                       every 10 s; rows are read with fail-safe and a soft
+                       timeout, and the result counts the fallbacks served, those
+                       served after their invalidation (must be 0) and the
+                       database's reads
+    --single-flight    the instances' RedisBackend with distributed_single_flight
     --seed <N>         the load's seed (default 1)
     --json             print the result as one JSON object, on the last line
     -h, --help         print this help
@@ -74,6 +80,8 @@ struct Args {
     seed: u64,
     json: bool,
     cluster: bool,
+    source_faults: bool,
+    single_flight: bool,
 }
 
 fn parse() -> Result<Option<Args>, String> {
@@ -85,6 +93,8 @@ fn parse() -> Result<Option<Args>, String> {
         seed: 1,
         json: false,
         cluster: false,
+        source_faults: false,
+        single_flight: false,
     };
     let mut mode: Option<String> = None;
     let mut chosen: Vec<String> = Vec::new();
@@ -110,6 +120,8 @@ fn parse() -> Result<Option<Args>, String> {
             "--fault" => chosen.push(value("--fault")?),
             "--no-faults" => no_faults = true,
             "--json" => a.json = true,
+            "--source-faults" => a.source_faults = true,
+            "--single-flight" => a.single_flight = true,
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
@@ -200,6 +212,7 @@ fn spawn(
     cache: &str,
     db: &RedisServer,
     tx: &mpsc::Sender<Said>,
+    env: &[(&str, &str)],
 ) -> Instance {
     let exe = instance_program();
     let instance_mode = match mode {
@@ -210,6 +223,7 @@ fn spawn(
     let mut child = Command::new(&exe)
         .args([instance_mode, cache, &db.url()])
         .env("CACHE_INSTANCE_L1_ENTRIES", "100")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -331,9 +345,18 @@ fn main() {
     };
     let mut collector = deps.then(|| start_collector(cache.url()));
 
+    let mut env = Vec::new();
+    if args.source_faults {
+        env.push(("CACHE_INSTANCE_SOURCE_FAULTS", "1"));
+    }
+    if args.single_flight {
+        env.push(("CACHE_INSTANCE_SINGLE_FLIGHT", "1"));
+    }
+    // the database's faults: every 10 s, it fails from 5 s to 7 s, stalls to 9 s
+    let mut source_state = "";
     let (tx, rx) = mpsc::channel();
     let mut instances: Vec<Instance> = (0..args.instances)
-        .map(|i| spawn(i, &args.mode, &cache.url(), &db, &tx))
+        .map(|i| spawn(i, &args.mode, &cache.url(), &db, &tx, &env))
         .collect();
     // each instance says "ready" first; give them a moment to connect
     std::thread::sleep(Duration::from_millis(500));
@@ -436,7 +459,7 @@ fn main() {
                         *l += p;
                     }
                     progress[victim] = [0; 3];
-                    instances[victim] = spawn(victim, &args.mode, &cache.url(), &db, &tx);
+                    instances[victim] = spawn(victim, &args.mode, &cache.url(), &db, &tx, &env);
                     std::thread::sleep(Duration::from_millis(300));
                     let left = total.saturating_sub(began.elapsed()).as_secs().max(1);
                     start_load(&mut instances[victim], left, args.seed + 100);
@@ -457,6 +480,33 @@ fn main() {
                 // the bounds are measured afterwards: a second more counts as inside
                 to: from + duration.as_millis() as u64 + 1_000,
             });
+        }
+        if args.source_faults {
+            let state = match began.elapsed().as_secs() % 10 {
+                5 | 6 => "db:fail",
+                7 | 8 => "db:stall",
+                _ => "",
+            };
+            if state != source_state {
+                if !source_state.is_empty() {
+                    db.command(&["DEL", source_state]);
+                }
+                if !state.is_empty() {
+                    db.command(&["SET", state, "1"]);
+                    let name = if state == "db:fail" {
+                        "source-fail"
+                    } else {
+                        "source-stall"
+                    };
+                    let from = now_ms();
+                    periods.push(Period {
+                        fault: name.into(),
+                        from,
+                        to: from + 3_000,
+                    });
+                }
+                source_state = state;
+            }
         }
         undo.retain(|(at, what)| {
             if now < *at {
@@ -488,6 +538,9 @@ fn main() {
             eprintln!("soak: instances did not finish");
             break;
         }
+    }
+    if !source_state.is_empty() {
+        db.command(&["DEL", source_state]);
     }
     // faults the load outlived: put the server back as it was
     for (_, what) in undo {
@@ -572,6 +625,9 @@ fn main() {
         .max()
         .unwrap_or(0);
     let l1_clears = sum("l1_clears");
+    let (fallbacks, fallbacks_late) =
+        (sum("fallbacks_served"), sum("fallbacks_after_invalidation"));
+    let (source_calls, source_errors) = (sum("source_calls"), sum("source_errors"));
     let dropped = sum("writes_dropped");
     println!(
         "soak: {}mode {}, {} instances, {} s, faults: {}",
@@ -586,11 +642,13 @@ fn main() {
         if periods.is_empty() {
             "none".to_owned()
         } else {
-            periods
-                .iter()
-                .map(|p| p.fault.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            let mut names: Vec<&str> = Vec::new();
+            for p in &periods {
+                if !names.contains(&p.fault.as_str()) {
+                    names.push(&p.fault);
+                }
+            }
+            names.join(", ")
         }
     );
     println!("  {:<44} {}", "calls", calls);
@@ -619,6 +677,18 @@ fn main() {
             "  {:<44} {}",
             "a replica master after a master kill (ms)",
             failover_ms.map_or("-".into(), |m| m.to_string())
+        );
+    }
+    if args.source_faults {
+        println!("  {:<44} {}", "fallbacks served", fallbacks);
+        println!(
+            "  {:<44} {}",
+            "fallbacks served after their invalidation", fallbacks_late
+        );
+        println!("  {:<44} {}", "database reads (bodies run)", source_calls);
+        println!(
+            "  {:<44} {}",
+            "database errors returned (no fallback)", source_errors
         );
     }
     println!("  {:<44} {}", "L1 clears", l1_clears);
@@ -650,6 +720,10 @@ fn main() {
             "orphans_repaired": repaired,
             "latency_p50_us": lat50,
             "latency_p99_us": lat99,
+            "fallbacks_served": fallbacks,
+            "fallbacks_after_invalidation": fallbacks_late,
+            "source_calls": source_calls,
+            "source_errors": source_errors,
         });
         println!("{json}");
     }
