@@ -191,6 +191,18 @@ impl Locks {
             .collect()
     }
 
+    /// The release of a lock a read or a `SET NX` whose reply never came may have
+    /// taken (the server may run it after the client gave up: a `CLIENT PAUSE`, a
+    /// slow server), so that it does not hold the key back for its lock timeout.
+    pub(crate) fn release_unknown(&self, lock_key: String, token: String, key: &str) -> ScriptCall {
+        let held = Held {
+            lock_key,
+            token,
+            key: key.to_owned(),
+        };
+        self.unlock_call(held, true)
+    }
+
     fn unlock_call(&self, held: Held, failed: bool) -> ScriptCall {
         let mut message = UNLOCK_MAGIC.to_vec();
         message.extend_from_slice(if failed { b"f " } else { b"d " });

@@ -165,9 +165,16 @@ impl RedisStore {
         let start = tokio::time::Instant::now();
         loop {
             let epoch = self.recent.epoch.load(Ordering::Acquire);
-            let (value, state, count) = self
+            let read = self
                 .read_locking(&text, &lock_key, &token, lock_timeout, touch)
-                .await?;
+                .await;
+            let (value, state, count) = match read {
+                Ok(read) => read,
+                Err(e) => {
+                    self.release_unknown(locks.release_unknown(lock_key, token, &text));
+                    return Err(e);
+                }
+            };
             let found = value.is_some();
             let fetched = Fetched {
                 value,
@@ -201,6 +208,26 @@ impl RedisStore {
                 return Ok((fetched, SingleFlight::Failed));
             }
         }
+    }
+
+    /// Releases, in the background, a lock that a command whose reply never came may
+    /// have taken: sent again with back-off until it finds the lock (and removes it)
+    /// or for a minute, since the server may run the command late.
+    fn release_unknown(&self, call: crate::script::ScriptCall) {
+        let link = self.link.clone();
+        tokio::spawn(async move {
+            let mut backoff =
+                cache_runtime::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+            let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+            while tokio::time::Instant::now() < give_up {
+                backoff.wait().await;
+                let released = crate::writer::run_scripts(&link, std::slice::from_ref(&call)).await;
+                // (1 or 2: it was there, and is gone)
+                if matches!(released.as_deref(), Ok([redis::Value::Int(1..)])) {
+                    return;
+                }
+            }
+        });
     }
 
     /// Queues a lock's release behind the writes queued before it.
@@ -480,11 +507,17 @@ impl RemoteStore for RedisStore {
                     .arg("PX")
                     .arg(millis(lock_timeout));
             };
-            let taken: Option<String> = match self.on_cluster() {
-                true => self.link.request_routed(build).await?,
-                false => self.link.request(build).await?,
+            let taken: Result<Option<String>, RemoteError> = match self.on_cluster() {
+                true => self.link.request_routed(build).await,
+                false => self.link.request(build).await,
             };
-            Ok(taken.map(|_| locks.hold(lock_key, token, key)))
+            match taken {
+                Ok(taken) => Ok(taken.map(|_| locks.hold(lock_key, token, key))),
+                Err(e) => {
+                    self.release_unknown(locks.release_unknown(lock_key, token, key));
+                    Err(e)
+                }
+            }
         })
     }
 

@@ -268,8 +268,10 @@ pub(crate) async fn writer(
         }
         if !unlocks.is_empty() {
             if let Err(e) = run_scripts(&link, &unlocks).await {
-                // the locks expire after their lock timeout
                 warn.warn("a lock's release", &e);
+                // sent again until it goes through: a lock left in place holds the
+                // other instances' misses of its key back for its whole lock timeout
+                tokio::spawn(unlock_again(link.clone(), unlocks));
             }
         }
         for (done, answer) in answers {
@@ -277,6 +279,20 @@ pub(crate) async fn writer(
         }
         if backlog.pending.fetch_sub(n, Ordering::SeqCst) == n {
             backlog.drained.notify_waiters();
+        }
+    }
+}
+
+/// Sends lock releases that failed again, with back-off, for as long as a lock can
+/// live (the releases check their token: sending one twice does no harm).
+async fn unlock_again(link: Arc<Link>, unlocks: Vec<ScriptCall>) {
+    let mut backoff =
+        cache_runtime::Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(600);
+    while tokio::time::Instant::now() < give_up {
+        backoff.wait().await;
+        if run_scripts(&link, &unlocks).await.is_ok() {
+            return;
         }
     }
 }

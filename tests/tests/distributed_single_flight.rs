@@ -371,3 +371,41 @@ fn one_instance_refreshes_a_key_early() {
     assert_eq!(b.cmd("flush"), "ok");
     assert_eq!(locks(&cache), Vec::<String>::new());
 }
+
+/// A read whose reply never came (Redis paused past the operation timeout) may have
+/// taken the lock once the server ran it: the instance releases it in the background,
+/// so that the key is not held back for the lock timeout (30 s here).
+#[test]
+fn a_read_that_timed_out_leaves_no_lock() {
+    let (cache, db) = (RedisServer::start(), RedisServer::start());
+    db.command(&["SET", "sf:ms", "10"]);
+    db.command(&["SET", "sf:fail", "1"]); // nothing is written
+    let mut a = instance("redis", &cache, &db, &[SINGLE_FLIGHT]);
+    let mut b = instance("redis", &cache, &db, &[SINGLE_FLIGHT]);
+    cache.pause(Duration::from_millis(1_000));
+    assert_eq!(a.cmd("sf 1 0"), "err", "the read timed out; the body ran");
+    let start = Instant::now();
+    loop {
+        let left = locks(&cache);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the late read's lock was released: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "the late read's lock was gone {:?} after A's call",
+        start.elapsed()
+    );
+    let start = Instant::now();
+    assert_eq!(b.cmd("sf 1 0"), "err");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(runs(&db, 1, 0), 2);
+}
