@@ -319,6 +319,8 @@ async fn shutdown_releases_the_locks_still_held() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // (the read's reply reaches the call: it holds the lock)
+    tokio::time::sleep(Duration::from_millis(200)).await;
     svc.shutdown().await;
     assert_eq!(locks(&server), Vec::<String>::new());
     call.abort();
