@@ -244,7 +244,7 @@ impl RedisBackendBuilder {
     /// body once. The miss's read takes the key's lock in Redis in the same round
     /// trip (a script instead of `GET`); the other instances wait for the holder's
     /// value, told by a message on the prefix's channel (and reading again every
-    /// 200 ms, since pub/sub may lose one), at most the function's `lock_timeout`,
+    /// second, since pub/sub may lose one), at most the function's `lock_timeout`,
     /// then run the body themselves. A lock whose holder died expires after
     /// `lock_timeout`; a body that fails releases it at once, and the waiters run the
     /// body themselves (or serve a fail-safe fallback). With a `soft_timeout` and a

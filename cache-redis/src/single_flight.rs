@@ -29,7 +29,10 @@ use crate::endpoint::slot_of;
 use crate::script::{Hashed, ScriptCall};
 
 /// How often a waiter reads again while the subscriber is subscribed (a lost message).
-pub(crate) const POLL_SUBSCRIBED: Duration = Duration::from_millis(200);
+/// (A message lost while the subscriber stays subscribed is rare: a lost connection
+/// is noticed by the subscriber's `PING` within a second, and then waiters poll every
+/// [`POLL_UNSUBSCRIBED`].)
+pub(crate) const POLL_SUBSCRIBED: Duration = Duration::from_secs(1);
 /// How often a waiter reads again while it is not.
 pub(crate) const POLL_UNSUBSCRIBED: Duration = Duration::from_millis(25);
 

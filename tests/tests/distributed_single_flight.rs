@@ -415,3 +415,37 @@ fn a_read_that_timed_out_leaves_no_lock() {
     );
     assert_eq!(runs(&db, 1, 0), 2);
 }
+
+/// A waiter is told when the holder's value lands, not only by reading again (every
+/// second while subscribed): with a 300 ms body, it answers well before its first
+/// poll would.
+#[test]
+fn a_waiter_is_told_when_the_value_lands() {
+    let (cache, db) = (RedisServer::start(), RedisServer::start());
+    db.command(&["SET", "sf:ms", "300"]);
+    let env = [SINGLE_FLIGHT, ("CACHE_INSTANCE_EAGER", "1")];
+    let mut a = instance("l1", &cache, &db, &env);
+    let mut b = instance("l1", &cache, &db, &env);
+    let scripts = || cache.calls("evalsha") + cache.calls("eval");
+    let before = scripts();
+    writeln!(a.stdin, "sf 1 0").unwrap();
+    let start = Instant::now();
+    while runs(&db, 1, 0) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "A ran the body");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let start = Instant::now();
+    assert_eq!(b.cmd("sf 1 0"), "v1.0");
+    let waited = start.elapsed();
+    assert_eq!(a.line(), "v1.0");
+    a.cmd("flush");
+    let reads = scripts() - before;
+    eprintln!("B answered {waited:?} after A's body began (300 ms); scripts run: {reads}");
+    assert_eq!(b.stat("runs"), 0);
+    assert!(
+        waited < Duration::from_millis(900),
+        "told, not polled: {waited:?}"
+    );
+    // A's read and release, B's read that found the lock and the one after the message
+    assert!(reads <= 4, "{reads}");
+}
