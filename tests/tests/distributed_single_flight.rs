@@ -449,3 +449,50 @@ fn a_waiter_is_told_when_the_value_lands() {
     // A's read and release, B's read that found the lock and the one after the message
     assert!(reads <= 4, "{reads}");
 }
+
+/// B invalidates a key while A holds its lock and computes it from the old data: B
+/// waits for A's lock, and must still read the new value (A's is out of date: not
+/// written, or refused by the graph's marker), and so must A's next call.
+fn the_invalidating_instance_waits_and_reads_the_new_value(mode: &str) {
+    let (cache, db) = (RedisServer::start(), RedisServer::start());
+    db.command(&["SET", "sf:ms", "1000"]);
+    let env = [SINGLE_FLIGHT, ("CACHE_INSTANCE_EAGER", "1")];
+    let mut a = instance(mode, &cache, &db, &env);
+    let mut b = instance(mode, &cache, &db, &env);
+    writeln!(a.stdin, "sf 1 0").unwrap();
+    let start = Instant::now();
+    while runs(&db, 1, 0) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "A ran the body");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // A's body read the old data; B changes it and invalidates
+    db.command(&["SET", "sf:gen", "2"]);
+    assert_eq!(b.cmd("sfinv 1 0"), "ok");
+    assert_eq!(
+        b.cmd("sf 1 0"),
+        "v1.0.2",
+        "{mode}: B never reads the old value"
+    );
+    assert_eq!(
+        a.line(),
+        "v1.0",
+        "{mode}: A's caller began before the change"
+    );
+    a.cmd("flush");
+    assert_eq!(
+        a.cmd("sf 1 0"),
+        "v1.0.2",
+        "{mode}: A did not keep its old value"
+    );
+    assert_eq!(locks(&cache), Vec::<String>::new());
+}
+
+#[test]
+fn the_invalidating_instance_reads_the_new_value_with_l1() {
+    the_invalidating_instance_waits_and_reads_the_new_value("l1");
+}
+
+#[test]
+fn the_invalidating_instance_reads_the_new_value_with_dependencies() {
+    the_invalidating_instance_waits_and_reads_the_new_value("deps");
+}

@@ -21,6 +21,7 @@
 //! | `wait_value ID VALUE MS` | polls `get` every 5 ms until it returns VALUE: milliseconds, or `timeout` |
 //! | `flush` | waits for this instance's queued writes to Redis: `ok` |
 //! | `sf ROUND ID` | [`sf_row`]: the value, or `err` |
+//! | `sfinv ROUND ID` | invalidates [`sf_row`]`(ROUND, ID)`: `ok` |
 //! | `sft ROUND ID` | [`sft_row`]: the value, or `err` |
 //! | `sfe ROUND ID` | [`sfe_row`]: the value, or `err` |
 //! | `stampede ROUND KEYS TASKS` | [`stampede`]: `ok`, or the first wrong answer |
@@ -626,6 +627,10 @@ async fn main() {
             Some("sft") => {
                 let v = sft_row(num(1), num(2)).await;
                 v.unwrap_or_else(|_| "err".into())
+            }
+            Some("sfinv") => {
+                cache_runtime::invalidate!(sf_row(num(1), num(2))).await;
+                "ok".into()
             }
             Some("sfe") => {
                 let v = sfe_row(num(1), num(2)).await;
