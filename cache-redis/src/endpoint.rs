@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::node_con::ClusterConnection;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
-use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 
 use crate::topology::Topology;
@@ -220,7 +220,7 @@ impl Endpoint {
             }
             Kind::Cluster => {
                 let cluster = self.cluster(connect_timeout, response_timeout)?;
-                Ok(Conn::Cluster(cluster.get_async_connection().await?))
+                Ok(Conn::Cluster(cluster.get_async_generic_connection().await?))
             }
         }
     }

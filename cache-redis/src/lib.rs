@@ -29,6 +29,7 @@ mod collector;
 mod endpoint;
 mod graph;
 mod link;
+mod node_con;
 mod probe;
 mod script;
 mod settings;

@@ -535,6 +535,10 @@ impl RemoteStore for RedisStore {
         stats.topology_changes += self.recent.topology_changes.load(Ordering::Relaxed);
         stats.invalidations_replayed += self.recent.replayed.load(Ordering::Relaxed);
         stats.graphs_lost += self.recent.graphs_lost.load(Ordering::Relaxed);
+        if self.on_cluster() {
+            // the process's count, the same for every cluster backend
+            stats.redirections = stats.redirections.max(crate::node_con::redirections());
+        }
     }
 }
 

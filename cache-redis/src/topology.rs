@@ -1,7 +1,7 @@
 //! A Redis Cluster's topology: which master serves which slots, and its nodes, from
 //! `CLUSTER SLOTS`.
 
-use redis::cluster_async::ClusterConnection;
+use crate::node_con::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{RedisResult, Value};
 

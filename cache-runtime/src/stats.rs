@@ -157,6 +157,11 @@ pub struct RemoteStats {
     /// resharding) after which this instance replayed its recent invalidations and
     /// cleared its in-process tier.
     pub topology_changes: u64,
+    /// On a Redis Cluster: redirections (`MOVED` after a slot moved, `ASK` while it
+    /// moves) that the cluster connection met and followed, sending the command to the
+    /// node named. The count is the process's: every cluster backend of a process
+    /// reports the same one.
+    pub redirections: u64,
     /// Removals applied again to the cluster after a topology change (a promoted
     /// replica may never have seen them).
     pub invalidations_replayed: u64,

@@ -909,6 +909,51 @@ async fn a_master_killed_under_load_fails_no_call_and_hits_resume() {
     );
 }
 
+/// Slots move from one master to another (`redis-cli --cluster reshard`, keys and
+/// all) while an instance process reads them: the cluster connection follows the
+/// `ASK` and `MOVED` answers, the values are still read from Redis (no body runs
+/// again), and `stats().remote.redirections` counts what was followed. (The count is
+/// the process's, so it is read from a process of its own.)
+#[test]
+fn redirections_are_followed_and_counted_while_slots_move() {
+    let cluster = RedisCluster::start(3, 0);
+    let db = RedisServer::start();
+    let keys = 300u64;
+    for id in 0..keys {
+        db_set(&db, id, &format!("v{id}"));
+    }
+    let mut a = instance("redis-plain", &cluster, &db);
+    let read_all = |a: &mut Instance| {
+        for id in 0..keys {
+            assert_eq!(a.cmd(&format!("get {id}")), format!("v{id}"));
+        }
+    };
+    read_all(&mut a);
+    assert_eq!(a.cmd("flush"), "ok");
+    let on_first = cluster.keys_on(0, "inst:");
+    assert_eq!(a.stat("runs"), keys);
+    assert_eq!(a.stat("redirections"), 0, "no slot moved yet");
+    // reads while 3,000 of the first master's slots move, then after
+    let mut reshard = cluster.reshard(0, 1, 3_000);
+    let mut rounds = 0;
+    while reshard.try_wait().unwrap().is_none() {
+        read_all(&mut a);
+        rounds += 1;
+    }
+    assert!(reshard.wait().unwrap().success(), "the resharding failed");
+    let while_moving = a.stat("redirections");
+    read_all(&mut a);
+    let redirections = a.stat("redirections");
+    let left = cluster.keys_on(0, "inst:");
+    eprintln!(
+        "{on_first} of {keys} keys on the first master, {left} after; {rounds} rounds of reads while the slots moved; {while_moving} redirections counted then, {redirections} in all"
+    );
+    assert!(left < on_first, "keys moved off the first master");
+    assert_eq!(a.stat("runs"), keys, "every read after the move was a hit");
+    assert!(redirections >= 1, "redirections were counted");
+    assert_eq!(a.stat("write_errors"), 0);
+}
+
 /// Two processes with the dependency graph on a cluster (3 masters, a replica each):
 /// random reads, writes invalidating by key and by dependency, nested entries and
 /// expiries for 20 s; the master holding the graph's keys is killed in the middle and

@@ -27,7 +27,7 @@
 //! | `stampede ROUND KEYS TASKS` | [`stampede`]: `ok`, or the first wrong answer |
 //! | `fget ID` | row ID through [`fs_row`] (fail-safe: while the database key `db:fail` exists its body fails): the value, or `err` |
 //! | `fset ID VALUE` | writes the row and invalidates `fs_row` (`#[invalidate_cache]`): `ok` |
-//! | `stats` | `runs=N received=N published=N l1_clears=N l1_bypassed=0/1`, and the remote tier's errors (`write_errors=N removal_errors=N reads_held=N ...`) and, on a cluster, `topology_changes=N invalidations_replayed=N` |
+//! | `stats` | `runs=N received=N published=N l1_clears=N l1_bypassed=0/1`, and the remote tier's errors (`write_errors=N removal_errors=N reads_held=N ...`) and, on a cluster, `topology_changes=N invalidations_replayed=N redirections=N` |
 //! | `random SECONDS SEED` | a random mix for SECONDS (see [`random`]): `ops=N reads=N stale=N` |
 //! | `soak SECONDS SEED` | the soak's load (see [`soak`]): a `progress ...` line a second, then `result {json}` |
 //!
@@ -695,7 +695,7 @@ async fn main() {
                 let stats = cache_runtime::stats();
                 let (s, r) = (stats.sync, stats.remote);
                 format!(
-                    "runs={} fallbacks={} received={} published={} l1_clears={} l1_bypassed={} publish_errors={} write_errors={} linked_write_errors={} removal_errors={} removals_retried={} removals_waiting={} reads_held={} topology_changes={} invalidations_replayed={}",
+                    "runs={} fallbacks={} received={} published={} l1_clears={} l1_bypassed={} publish_errors={} write_errors={} linked_write_errors={} removal_errors={} removals_retried={} removals_waiting={} reads_held={} topology_changes={} invalidations_replayed={} redirections={}",
                     RUNS.load(Ordering::SeqCst),
                     stats.total.fallbacks_served,
                     s.received,
@@ -711,6 +711,7 @@ async fn main() {
                     r.reads_held,
                     r.topology_changes,
                     r.invalidations_replayed,
+                    r.redirections,
                 )
             }
             Some("quit") | None => break,
