@@ -556,6 +556,14 @@ async fn replicated_row(id: u64) -> u64 {
     *REPLICATED.lock().unwrap()
 }
 
+/// The bytes node `i` holds at `key` (`READONLY` first, so a replica answers too).
+fn read_on(cluster: &RedisCluster, i: usize, key: &str) -> Option<Vec<u8>> {
+    let client = redis::Client::open(cluster.nodes()[i].url()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    redis::cmd("READONLY").query::<()>(&mut con).unwrap();
+    redis::cmd("GET").arg(key).query(&mut con).unwrap()
+}
+
 /// A removal no replica acknowledges (the master's only replica frozen and cut) is
 /// refused (`WAIT 1` answered 0), held and sent again: meanwhile the instance reads
 /// the new value (the body runs). Once the replica is back the removal goes through;
@@ -576,6 +584,8 @@ async fn a_removal_no_replica_acknowledged_is_held_and_sent_again() {
             cluster.nodes()[replica].command(&["DBSIZE"]).as_deref() == Some(":1")
         })
     });
+    let old = read_on(&cluster, replica, &key(id));
+    assert!(old.is_some());
     cluster.nodes()[replica].suspend();
     let killed = cluster.nodes()[master].command(&["CLIENT", "KILL", "TYPE", "replica"]);
     assert_eq!(killed.as_deref(), Some(":1"));
@@ -598,9 +608,18 @@ async fn a_removal_no_replica_acknowledged_is_held_and_sent_again() {
         })
     });
     eprintln!("the removal went through {took:?} after the replica resumed");
-    // The replica may still hold the old value (it resyncs from the master when it
-    // resumes): promoted now, it may serve it, which the instance's replay removes.
-    // The instance reads the new value throughout, then a new process does too.
+    // the replica never holds the old value again, and soon holds what the master
+    // holds: the new value, which the calls meanwhile computed and wrote once the
+    // removal went through
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(5), || {
+            let on_replica = read_on(&cluster, replica, &key(id));
+            assert_ne!(on_replica, old, "the replica kept the old value");
+            on_replica == read_on(&cluster, master, &key(id))
+        })
+    });
+    // Promoted now, the replica serves what it holds; the instance reads the new
+    // value throughout and replays its removals, then a new process reads it too.
     cluster.node_mut(master).stop();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let reply = cluster.nodes()[replica].command(&["CLUSTER", "FAILOVER", "TAKEOVER"]);
