@@ -22,7 +22,7 @@ use crate::node_con::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::RedisResult;
 
-use crate::endpoint::Conn;
+use crate::endpoint::{Conn, SlotNow, Trouble};
 use crate::link::Link;
 use crate::topology::{topology, Node, Topology};
 
@@ -31,25 +31,111 @@ pub(crate) const WATCH_EVERY: Duration = Duration::from_millis(250);
 /// How long the topology may go unread before the cluster connection is made again.
 const REDIAL_AFTER: Duration = Duration::from_secs(2);
 
-/// Whether every master answers a `PING` within `timeout`.
-async fn masters_answer(con: &ClusterConnection, t: &Topology, timeout: Duration) -> bool {
-    let pings = t.masters.iter().map(|m| {
+/// What a master answered the watcher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// `INFO replication`, with how many of its replicas are online.
+    Online(usize),
+    /// An error at once (connection refused, reset): it is gone.
+    Gone,
+    /// Nothing within the timeout: gone, or only slow.
+    Silent,
+}
+
+/// What each master (by its index in `t.masters`) answered `INFO replication` with
+/// within `timeout`.
+async fn masters_answer(con: &ClusterConnection, t: &Topology, timeout: Duration) -> Vec<Answer> {
+    let asks = t.masters.iter().map(|m| {
         let mut con = con.clone();
         let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
             host: m.host.clone(),
             port: m.port,
         });
+        let info = redis::cmd("INFO").arg("replication").clone();
         async move {
-            matches!(
-                tokio::time::timeout(timeout, con.route_command(redis::cmd("PING"), route)).await,
-                Ok(Ok(_))
-            )
+            match tokio::time::timeout(timeout, con.route_command(info, route)).await {
+                Ok(Ok(reply)) => match redis::from_redis_value::<String>(reply) {
+                    Ok(text) => Answer::Online(online_replicas(&text)),
+                    Err(_) => Answer::Gone,
+                },
+                Ok(Err(_)) => Answer::Gone,
+                Err(_) => Answer::Silent,
+            }
         }
     });
-    futures_util::future::join_all(pings)
-        .await
-        .into_iter()
-        .all(|ok| ok)
+    futures_util::future::join_all(asks).await
+}
+
+/// A master silent this many looks in a row is taken for down: one silent look
+/// may be a master only slow (a loaded machine), whose commands would still be
+/// answered within the operation timeout.
+const SILENT_LOOKS: u32 = 2;
+
+/// Which masters (by id) were silent in the last looks, and how many in a row.
+#[derive(Default)]
+struct Silences(HashMap<String, u32>);
+
+impl Silences {
+    /// What to make of `answers` (by index in `t.masters`): a master is down if it
+    /// is gone, or silent [`SILENT_LOOKS`] in a row; `None` where it is not known.
+    fn judge(&mut self, t: &Topology, answers: &[Answer]) -> Vec<Option<Option<usize>>> {
+        let mut seen = HashMap::new();
+        let judged = t
+            .masters
+            .iter()
+            .zip(answers)
+            .map(|(m, a)| match a {
+                Answer::Online(n) => Some(Some(*n)),
+                Answer::Gone => Some(None),
+                Answer::Silent => {
+                    let looks = self.0.get(&m.id).copied().unwrap_or(0) + 1;
+                    seen.insert(m.id.clone(), looks);
+                    (looks >= SILENT_LOOKS).then_some(None)
+                }
+            })
+            .collect();
+        self.0 = seen;
+        judged
+    }
+}
+
+/// How many replicas `INFO replication` lists online (`slaveN:...,state=online,...`).
+fn online_replicas(info: &str) -> usize {
+    info.lines()
+        .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+        .count()
+}
+
+/// What is wrong with the slots of `t`, given what was made of each master's
+/// answer (by its index in `t.masters`: `None` unknown, `Some(None)` down,
+/// `Some(Some(n))` with `n` replicas online): slots no master serves or whose
+/// master is down are down; those whose master has no replica online cannot have a
+/// removal acknowledged.
+fn trouble(t: &Topology, judged: &[Option<Option<usize>>]) -> Trouble {
+    let mut trouble = Trouble::default();
+    let mut next = 0u32;
+    for (start, end, id) in &t.ranges {
+        if u32::from(*start) > next {
+            trouble.down.push((next as u16, start - 1));
+        }
+        next = next.max(u32::from(*end) + 1);
+        let judged = t
+            .masters
+            .iter()
+            .position(|m| &m.id == id)
+            .map_or(Some(None), |m| judged.get(m).copied().flatten());
+        match judged {
+            Some(None) => trouble.down.push((*start, *end)),
+            // (whether a removal there waits for a replica is the pipeline's call:
+            // one the cluster no longer lists may still count)
+            Some(Some(0)) => trouble.unacked.push((*start, *end)),
+            Some(Some(_)) | None => {}
+        }
+    }
+    if next < 16_384 {
+        trouble.down.push((next as u16, 16_383));
+    }
+    trouble
 }
 
 /// This instance's removals of the last `window`, and whether they must be applied
@@ -236,6 +322,7 @@ pub(crate) async fn watch(
     timeout: Duration,
 ) {
     let mut stable: Option<Topology> = None;
+    let mut silences = Silences::default();
     // since when the topology could not be read
     let mut blind: Option<Instant> = None;
     let mut ticks = tokio::time::interval(WATCH_EVERY);
@@ -272,7 +359,11 @@ pub(crate) async fn watch(
         };
         blind = None;
         link.endpoint().saw(&seen);
-        if !seen.covers_all() || !masters_answer(&con, &seen, timeout).await {
+        let answers = masters_answer(&con, &seen, timeout).await;
+        let found = trouble(&seen, &silences.judge(&seen, &answers));
+        let whole = found.down.is_empty() && answers.iter().all(|a| matches!(a, Answer::Online(_)));
+        link.endpoint().set_trouble(found);
+        if !whole {
             recent.suspect();
             continue;
         }
@@ -417,7 +508,10 @@ pub(crate) async fn unlink_matching(
                 for k in keys {
                     pipe.cmd("UNLINK").arg(k);
                 }
-                refused(crate::endpoint::cluster_pipeline(con, &pipe, replicas).await?)?;
+                refused(
+                    crate::endpoint::cluster_pipeline(con, &pipe, replicas, &|_| SlotNow::Up)
+                        .await?,
+                )?;
             }
             if next == 0 {
                 break;
@@ -440,7 +534,7 @@ pub(crate) async fn remove_keys(
         for k in chunk {
             pipe.cmd("DEL").arg(crate::writer::Prefixed(prefix, k));
         }
-        refused(crate::endpoint::cluster_pipeline(con, &pipe, replicas).await?)?;
+        refused(crate::endpoint::cluster_pipeline(con, &pipe, replicas, &|_| SlotNow::Up).await?)?;
     }
     Ok(())
 }
@@ -457,6 +551,79 @@ fn refused(replies: Vec<redis::Value>) -> RedisResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(id: &str) -> Node {
+        Node {
+            host: "127.0.0.1".into(),
+            port: 7000,
+            id: id.into(),
+        }
+    }
+
+    #[test]
+    fn slots_in_trouble_are_those_of_silent_masters_of_none_and_of_lone_masters() {
+        let t = Topology {
+            ranges: vec![
+                (0, 5460, "a".into()),
+                (5461, 10922, "b".into()),
+                (10923, 16383, "c".into()),
+            ],
+            masters: vec![node("a"), node("b"), node("c")],
+            replicas: vec![1, 1, 0],
+            ..Topology::default()
+        };
+        let up = |n: usize| Some(Some(n));
+        assert!(trouble(&t, &[up(1), up(1), up(1)]).is_empty());
+        assert_eq!(
+            trouble(&t, &[up(1), Some(None), up(1)]).down,
+            vec![(5461, 10922)]
+        );
+        // not known (silent once): nothing said of its slots
+        assert!(trouble(&t, &[up(1), None, up(1)]).is_empty());
+        // a master whose replica is syncing (or that has none)
+        let syncing = trouble(&t, &[up(0), up(1), up(1)]);
+        assert_eq!((syncing.down, syncing.unacked), (vec![], vec![(0, 5460)]));
+        let gaps = Topology {
+            ranges: vec![(100, 200, "a".into()), (300, 16_000, "b".into())],
+            masters: vec![node("a"), node("b")],
+            replicas: vec![0, 0],
+            ..Topology::default()
+        };
+        assert_eq!(
+            trouble(&gaps, &[up(0), up(0)]).down,
+            vec![(0, 99), (201, 299), (16_001, 16_383)]
+        );
+        assert_eq!(trouble(&Topology::default(), &[]).down, vec![(0, 16_383)]);
+    }
+
+    #[test]
+    fn a_master_is_down_when_gone_or_silent_twice_in_a_row() {
+        let t = Topology {
+            masters: vec![node("a"), node("b")],
+            ..Topology::default()
+        };
+        let mut s = Silences::default();
+        use Answer::*;
+        assert_eq!(
+            s.judge(&t, &[Online(1), Gone]),
+            vec![Some(Some(1)), Some(None)]
+        );
+        assert_eq!(s.judge(&t, &[Silent, Online(0)]), vec![None, Some(Some(0))]);
+        assert_eq!(
+            s.judge(&t, &[Silent, Online(0)]),
+            vec![Some(None), Some(Some(0))]
+        );
+        // an answer ends the silence
+        assert_eq!(s.judge(&t, &[Online(1), Online(0)])[0], Some(Some(1)));
+        assert_eq!(s.judge(&t, &[Silent, Online(0)])[0], None);
+    }
+
+    #[test]
+    fn online_replicas_are_counted_from_info() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\nslave0:ip=127.0.0.1,port=7003,state=online,offset=2339,lag=0\r\nslave1:ip=127.0.0.1,port=7004,state=wait_bgsave,offset=0,lag=0\r\nmaster_repl_offset:2339\r\n";
+        assert_eq!(online_replicas(info), 1);
+        assert_eq!(online_replicas("role:master\r\nconnected_slaves:0\r\n"), 0);
+    }
 
     #[test]
     fn recent_removals_hold_reads_only_while_unsure() {

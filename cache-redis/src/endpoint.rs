@@ -7,6 +7,7 @@
 //! node, is split by slot here: [`cluster_pipeline`].
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -45,7 +46,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Node(c) => c.req_packed_commands(pipe, offset, count),
             Conn::Cluster(c) => Box::pin(async move {
-                let replies = cluster_pipeline(c, pipe, &|_| 0).await?;
+                let replies = cluster_pipeline(c, pipe, &|_| 0, &|_| SlotNow::Up).await?;
                 Ok(replies.into_iter().skip(offset).take(count).collect())
             }),
         }
@@ -83,7 +84,41 @@ pub(crate) struct Endpoint {
     /// the cluster stops listing while it fails (or a node's view that lags) still
     /// counts for [`REPLICAS_REMEMBERED`], since it may come back and take over.
     replicas_seen: Mutex<HashMap<String, (usize, Instant)>>,
+    /// What the watcher's last look found wrong with some slots (see
+    /// [`Endpoint::set_trouble`]), and whether anything is.
+    trouble: Mutex<Trouble>,
+    any_trouble: AtomicBool,
 }
+
+/// Slot ranges (inclusive) the watcher found in trouble.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Trouble {
+    /// Served by no master, or by one that did not answer.
+    pub(crate) down: Vec<(u16, u16)>,
+    /// Served by a master none of whose replicas is online (one syncing, one that
+    /// dropped out): a `WAIT 1` there cannot be acknowledged.
+    pub(crate) unacked: Vec<(u16, u16)>,
+}
+
+impl Trouble {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.down.is_empty() && self.unacked.is_empty()
+    }
+}
+
+/// A slot as the watcher last saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SlotNow {
+    Up,
+    /// See [`Trouble::down`].
+    Down,
+    /// See [`Trouble::unacked`].
+    Unacked,
+}
+
+/// The error a command for a slot without an answering master gets, unsent.
+pub(crate) const SLOT_DOWN: &str =
+    "MASTERDOWN the slot's master did not answer the last ping (a failover?); not sent";
 
 /// How long a replica no longer listed still counts (see `Endpoint::replicas_of`).
 const REPLICAS_REMEMBERED: Duration = Duration::from_secs(30);
@@ -97,6 +132,39 @@ impl Endpoint {
             kind: OnceLock::new(),
             topology: Mutex::new(None),
             replicas_seen: Mutex::default(),
+            trouble: Mutex::default(),
+            any_trouble: AtomicBool::new(false),
+        }
+    }
+
+    /// Records what the watcher found wrong (nothing once every master answers and has
+    /// a replica online). Until its next look, a read or a write of a key of a slot
+    /// without an answering master fails at once, where it would wait the operation
+    /// timeout for a master that is gone (the call runs its body, a removal is held
+    /// and sent again): the other slots keep their throughput through a failover. A
+    /// removal on a slot whose master has no replica online is sent without `WAIT`
+    /// and answered `NOREPLICAS` at once (held and sent again, as after a `WAIT`
+    /// that timed out), where each would hold up the writer for the `WAIT`'s 100 ms:
+    /// a replica that rejoins syncs in full, which takes seconds (a diskless sync
+    /// waits 5 s for more replicas by default).
+    pub(crate) fn set_trouble(&self, trouble: Trouble) {
+        let mut t = self.trouble.lock().unwrap_or_else(PoisonError::into_inner);
+        self.any_trouble
+            .store(!trouble.is_empty(), Ordering::Release);
+        *t = trouble;
+    }
+
+    /// `slot` as the watcher last saw it.
+    pub(crate) fn slot_now(&self, slot: u16) -> SlotNow {
+        if !self.any_trouble.load(Ordering::Acquire) {
+            return SlotNow::Up;
+        }
+        let t = self.trouble.lock().unwrap_or_else(PoisonError::into_inner);
+        let within = |ranges: &[(u16, u16)]| ranges.iter().any(|(a, b)| (*a..=*b).contains(&slot));
+        match () {
+            _ if within(&t.down) => SlotNow::Down,
+            _ if within(&t.unacked) => SlotNow::Unacked,
+            _ => SlotNow::Up,
         }
     }
 
@@ -395,6 +463,16 @@ fn part_of(cmd: &Cmd) -> Part {
     Part::Split(split)
 }
 
+/// A server's error reply carrying `text` (its first word the code).
+fn failed(text: &str) -> Value {
+    let text = text.replace(['\r', '\n'], " ");
+    let code = match text.split_whitespace().next() {
+        Some(c) if c.bytes().all(|b| b.is_ascii_uppercase()) => "",
+        _ => "ERR ",
+    };
+    redis::parse_redis_value(format!("-{code}{text}\r\n").as_bytes()).unwrap_or_else(|_| Value::Nil)
+}
+
 /// How long a removal waits for a replica to acknowledge it (`WAIT`).
 const REPLICA_WAIT_MS: u64 = 100;
 
@@ -418,12 +496,19 @@ struct Group {
 /// before it saw a removal would serve the old value again. If no replica
 /// acknowledges within [`REPLICA_WAIT_MS`], the pipeline's removals are answered
 /// with a `NOREPLICAS` error, so that the caller holds their keys and sends them
-/// again, as for any removal that failed. Replies come back in the pipeline's order;
-/// a connection failure of any part fails the whole.
+/// again, as for any removal that failed. Replies come back in the pipeline's order.
+///
+/// A slot's pipeline that fails (its master gone, the operation timeout) answers each
+/// of its commands with the error: the other slots' commands stand. As `now` says
+/// of a slot (see [`Endpoint::set_trouble`]): without an answering master, its
+/// pipeline is not sent and its commands get [`SLOT_DOWN`]; without a replica
+/// online, a removal's pipeline is sent without `WAIT` and answered `NOREPLICAS`.
+/// A command routed alone that fails fails the whole.
 pub(crate) async fn cluster_pipeline(
     con: &ClusterConnection,
     pipe: &redis::Pipeline,
     replicas: &(dyn Fn(u16) -> usize + Sync),
+    now: &(dyn Fn(u16) -> SlotNow + Sync),
 ) -> RedisResult<Vec<Value>> {
     let cmds: Vec<&Cmd> = pipe.cmd_iter().collect();
     let mut replies = vec![Value::Nil; cmds.len()];
@@ -476,7 +561,9 @@ pub(crate) async fn cluster_pipeline(
             for cmd in &g.cmds {
                 part.add_command(cmd.clone());
             }
-            let wait = g.removes && replicas(g.slot) > 0;
+            let slot = now(g.slot);
+            let must_wait = g.removes && replicas(g.slot) > 0;
+            let wait = must_wait && slot != SlotNow::Unacked;
             if wait {
                 part.cmd("WAIT").arg(1).arg(REPLICA_WAIT_MS);
             }
@@ -484,16 +571,18 @@ pub(crate) async fn cluster_pipeline(
             let mut con = con.clone();
             let route = SingleNodeRoutingInfo::SpecificNode(Route::new(g.slot, SlotAddr::Master));
             async move {
+                if slot == SlotNow::Down {
+                    return Ok(vec![failed(SLOT_DOWN); g.cmds.len()]);
+                }
                 let mut values = con.route_pipeline(part, 0, n, route).await?;
-                if wait {
-                    let acked = matches!(values.pop(), Some(Value::Int(n)) if n >= 1);
-                    if !acked {
-                        let refused = redis::parse_redis_value(
-                            b"-NOREPLICAS no replica acknowledged the removal\r\n",
-                        )?;
-                        for v in &mut values {
-                            *v = refused.clone();
-                        }
+                let acked = match wait {
+                    true => matches!(values.pop(), Some(Value::Int(n)) if n >= 1),
+                    false => !must_wait,
+                };
+                if !acked {
+                    let refused = failed("NOREPLICAS no replica acknowledged the removal");
+                    for v in &mut values {
+                        *v = refused.clone();
                     }
                 }
                 Ok::<_, RedisError>(values)
@@ -501,7 +590,11 @@ pub(crate) async fn cluster_pipeline(
         });
         let results = futures_util::future::join_all(sent).await;
         for (g, result) in groups.iter().zip(results) {
-            for (&j, v) in g.to.iter().zip(result?) {
+            let values = match result {
+                Ok(values) => values,
+                Err(e) => vec![failed(&crate::probe::words(&e)); g.cmds.len()],
+            };
+            for (&j, v) in g.to.iter().zip(values) {
                 replies[j] = match (summed[j], &replies[j], v) {
                     (true, Value::Int(sum), Value::Int(n)) => Value::Int(sum + n),
                     (true, Value::ServerError(_), _) => continue,

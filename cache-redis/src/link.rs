@@ -193,9 +193,12 @@ impl Link {
         let mut handle = self.connection().await?;
         let result = match &mut handle.conn {
             Conn::Node(c) => pipe.query_async(c).await,
-            Conn::Cluster(c) => match crate::endpoint::cluster_pipeline(c, pipe, &|slot| {
-                self.endpoint.replicas_of(slot)
-            })
+            Conn::Cluster(c) => match crate::endpoint::cluster_pipeline(
+                c,
+                pipe,
+                &|slot| self.endpoint.replicas_of(slot),
+                &|slot| self.endpoint.slot_now(slot),
+            )
             .await
             {
                 Ok(replies) => redis::from_redis_value(Value::Array(replies)).map_err(Into::into),

@@ -54,6 +54,21 @@ impl RedisStore {
         self.link.endpoint().kind() == Some(Kind::Cluster)
     }
 
+    /// On a cluster after a sign of trouble, the answer to a read of `key` without
+    /// asking Redis, if there is one: a miss for a key this instance removed lately
+    /// (it may be old on a promoted replica until the removal was applied again), an
+    /// error for a key whose slot's master did not answer the watcher (the read would
+    /// wait the operation timeout for it).
+    #[cold]
+    fn unsure_read(&self, key: &str) -> Option<Result<Fetched, RemoteError>> {
+        if self.recent.holds(key) {
+            return Some(Ok(None::<Vec<u8>>.into()));
+        }
+        let slot = crate::endpoint::slot_of(format!("{}{key}", self.prefix).as_bytes());
+        (self.link.endpoint().slot_now(slot) == crate::endpoint::SlotNow::Down)
+            .then(|| Err(RemoteError(crate::endpoint::SLOT_DOWN.to_owned())))
+    }
+
     /// Queues an operation for the writer; a write is dropped (and counted) when the
     /// queue is full.
     pub(crate) fn queue(&self, op: Op) -> Result<(), Op> {
@@ -155,8 +170,10 @@ impl RedisStore {
         lock_timeout: Duration,
         fallback_after: Option<Duration>,
     ) -> Result<(Fetched, SingleFlight), RemoteError> {
-        if self.recent.unsure() && key.with_text(|k| self.recent.holds(k)) {
-            return Ok((Fetched::default(), SingleFlight::Free));
+        if self.recent.unsure() {
+            if let Some(early) = key.with_text(|k| self.unsure_read(k)) {
+                return early.map(|f| (f, SingleFlight::Free));
+            }
         }
         let text = key.with_text(str::to_owned);
         let lock_key = locks.key_of(&text, self.on_cluster());
@@ -249,10 +266,10 @@ impl RemoteStore for RedisStore {
         key: RemoteKey<'a>,
         touch: Option<Duration>,
     ) -> BoxFuture<'a, Result<Fetched, RemoteError>> {
-        // on a cluster after a sign of trouble: a key this instance removed lately may
-        // be old on a promoted replica until the removal was applied again
-        if self.recent.unsure() && key.with_text(|k| self.recent.holds(k)) {
-            return Box::pin(async { Ok(None::<Vec<u8>>.into()) });
+        if self.recent.unsure() {
+            if let Some(early) = key.with_text(|k| self.unsure_read(k)) {
+                return Box::pin(async { early });
+            }
         }
         // bounded by the connection's response timeout (no second timer per read)
         let Some(graph) = &self.graph else {

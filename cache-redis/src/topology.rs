@@ -33,18 +33,6 @@ impl Topology {
             .position(|(start, end, _)| (*start..=*end).contains(&slot))
             .map_or(0, |i| self.replicas[i])
     }
-
-    /// Whether every slot has a master.
-    pub(crate) fn covers_all(&self) -> bool {
-        let mut next = 0u32;
-        for (start, end, _) in &self.ranges {
-            if u32::from(*start) != next {
-                return false;
-            }
-            next = u32::from(*end) + 1;
-        }
-        next == 16_384
-    }
 }
 
 /// Reads the topology from any node (`CLUSTER SLOTS`).
@@ -135,13 +123,8 @@ mod tests {
             t.ranges,
             vec![(0, 5460, "a".into()), (5461, 16383, "b".into())]
         );
-        assert!(t.covers_all());
         assert_eq!((t.replicas_of(0), t.replicas_of(6000)), (0, 1));
         assert_eq!(t.masters.len(), 2);
         assert_eq!(t.nodes.len(), 3);
-        let mut gap = t.clone();
-        gap.ranges.remove(0);
-        gap.replicas.remove(0);
-        assert!(!gap.covers_all());
     }
 }

@@ -3,7 +3,7 @@
 //! the remote tier, the message to the other instances, and both sent again while
 //! they fail.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use crate::held::Hold;
 use crate::inner::{CachingService, Inner};
 use crate::key::{with_function_key, Key, KeyWriter};
 use crate::pending::{
-    Pending, RemoteJob, Retries, Retry, REMOVAL_QUEUE, REPUBLISH_FOR, REPUBLISH_QUEUE,
+    Pending, RemoteJob, Retries, Retry, REMOVAL_QUEUE, REPUBLISH_FOR, REPUBLISH_QUEUE, RETRY_MERGED,
 };
 use crate::registry::Descriptor;
 use crate::remote::RemoteError;
@@ -308,40 +308,64 @@ impl Inner {
         });
     }
 
-    /// Sends the waiting removals again, in order, until one fails; returns whether
-    /// none did.
+    /// Sends the waiting removals again, oldest first, until one fails; returns
+    /// whether none did. Plain removals that follow each other go as one, up to
+    /// [`RETRY_MERGED`] (a failover holds hundreds: one at a time, they took
+    /// seconds to send again, while each new invalidation carried what they left).
     async fn retry_removals(self: &Arc<Self>) -> bool {
         loop {
-            let Some((n, job, payload)) = self
-                .retries
-                .lock()
-                .removals
-                .front()
-                .map(|(n, r)| (*n, r.job.clone(), r.payload.clone()))
-            else {
-                return true;
+            let (ns, job, payloads) = {
+                let r = self.retries.lock();
+                let mut ns: Vec<u64> = Vec::new();
+                let mut payloads: Vec<Option<Vec<u8>>> = Vec::new();
+                let mut job: Option<RemoteJob> = None;
+                for (n, retry) in r.removals.iter() {
+                    match &mut job {
+                        None => job = Some(retry.job.clone()),
+                        Some(job) if job.mergeable() && retry.job.mergeable() => {
+                            job.merge(&retry.job)
+                        }
+                        Some(_) => break,
+                    }
+                    ns.push(*n);
+                    payloads.push(retry.payload.clone());
+                    if ns.len() == RETRY_MERGED {
+                        break;
+                    }
+                }
+                match job {
+                    Some(job) => (ns, job, payloads),
+                    None => return true,
+                }
             };
-            let along = payload.clone().filter(|_| self.store_publishes);
+            // alone, it goes with its message; merged, each message goes after
+            let along = match payloads.as_slice() {
+                [one] => one.clone().filter(|_| self.store_publishes),
+                _ => None,
+            };
             match self.send_remote(&job, along).await {
                 Ok(published) => {
-                    let retry = {
+                    let retried: Vec<Box<Retry>> = {
                         let mut r = self.retries.lock();
-                        match r.removals.front() {
-                            Some((front, _)) if *front == n => r.removals.pop_front(),
-                            _ => None, // dropped meanwhile
-                        }
+                        // (those given up meanwhile are not there)
+                        let all = std::mem::take(&mut r.removals);
+                        let (mine, rest): (VecDeque<_>, VecDeque<_>) =
+                            all.into_iter().partition(|(n, _)| ns.contains(n));
+                        r.removals = rest;
+                        mine.into_iter().map(|(_, retry)| retry).collect()
                     };
-                    let Some((_, retry)) = retry else { continue };
-                    self.held.release(retry.hold);
-                    self.remote_stats.bump(&self.remote_stats.removals_retried);
                     tracing::info!(target: "cache_runtime", "{}: went through when sent again", job.what());
-                    match (published, &self.bus, payload) {
-                        (true, _, _) => self.sync_stats.published(),
-                        (false, Some(bus), Some(payload)) => {
-                            let bus = bus.clone();
-                            self.publish(&bus, payload).await;
+                    for retry in retried {
+                        self.held.release(retry.hold);
+                        self.remote_stats.bump(&self.remote_stats.removals_retried);
+                        match (published, &self.bus, retry.payload) {
+                            (true, _, _) => self.sync_stats.published(),
+                            (false, Some(bus), Some(payload)) => {
+                                let bus = bus.clone();
+                                self.publish(&bus, payload).await;
+                            }
+                            _ => {}
                         }
-                        _ => {}
                     }
                 }
                 Err(e) => {

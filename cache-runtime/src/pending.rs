@@ -68,6 +68,21 @@ impl RemoteJob {
             }
     }
 
+    /// Whether it can go as one with others ([`RemoteJob::merge`]): neither a clear
+    /// nor a refresh's.
+    pub(crate) fn mergeable(&self) -> bool {
+        !self.clear && self.replaced.is_none()
+    }
+
+    /// Adds `other`'s removals to this one's: sent as one, they remove what each
+    /// would (each is a removal: their order does not matter).
+    pub(crate) fn merge(&mut self, other: &RemoteJob) {
+        self.removed.extend(other.removed.iter().cloned());
+        self.named.extend(other.named.iter().cloned());
+        self.dependencies.extend(other.dependencies.iter().cloned());
+        self.barrier |= other.barrier;
+    }
+
     /// The remote graph's start nodes.
     pub(crate) fn graph_start(&self) -> Vec<String> {
         let mut start: Vec<String> = self.named.iter().map(|t| format!("e:{t}")).collect();
@@ -114,6 +129,9 @@ pub(crate) const REPUBLISH_QUEUE: usize = 10_000;
 /// How many removals wait to be sent again at most; beyond, the oldest is given up
 /// (counted in `removals_dropped`; its entries stay held).
 pub(crate) const REMOVAL_QUEUE: usize = 10_000;
+
+/// How many waiting removals are sent again as one at most.
+pub(crate) const RETRY_MERGED: usize = 64;
 
 /// An invalidation's remote part waiting to be sent again.
 pub(crate) struct Retry {

@@ -18,6 +18,13 @@ impl RedisCluster {
     /// Starts `masters` masters with `replicas` replicas each, the slots spread over
     /// the masters, and a node timeout of 1 s (failovers within a few seconds).
     pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        RedisCluster::start_with(masters, replicas, "1000")
+    }
+
+    /// [`RedisCluster::start`] with another `cluster-node-timeout` (milliseconds):
+    /// Redis's default, 15 s, keeps a dead master's slots unanswered (and the rest
+    /// of the cluster serving) that long before a failover or `CLUSTERDOWN`.
+    pub fn start_with(masters: usize, replicas: usize, node_timeout_ms: &str) -> RedisCluster {
         assert!(
             masters >= 3,
             "redis-cli --cluster create needs 3 masters at least"
@@ -31,7 +38,7 @@ impl RedisCluster {
                         "--cluster-config-file",
                         "nodes.conf",
                         "--cluster-node-timeout",
-                        "1000",
+                        node_timeout_ms,
                         // a replica takes over whatever the age of its data: the
                         // tests' replicas have just synced
                         "--cluster-replica-validity-factor",

@@ -973,6 +973,91 @@ fn redirections_are_followed_and_counted_while_slots_move() {
     assert_eq!(a.stat("write_errors"), 0);
 }
 
+static DOWN_RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[cached(name = "down.row")]
+async fn down_row(id: u64) -> u64 {
+    DOWN_RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    id + 1
+}
+
+/// A master dies and, for as long as the cluster has not noticed (Redis's default
+/// node timeout is 15 s), its slots answer nothing: once the watcher found it silent,
+/// calls for its keys run their bodies at once rather than each waiting the
+/// operation timeout (200 ms), and the other masters' keys are still read from Redis.
+/// A removal for the silent master is held; one for another master goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_a_silent_master_do_not_wait_the_timeout() {
+    use std::sync::atomic::Ordering;
+    let mut cluster = RedisCluster::start_with(3, 0, "15000");
+    let svc = tests::redis_service(&cluster.url(), "down", false).await;
+    let key = |id: u64| format!("down:2:down.row:v1({id})");
+    let ids: Vec<u64> = (0..90).collect();
+    svc.scope(async {
+        for &id in &ids {
+            assert_eq!(down_row(id).await, id + 1);
+        }
+    })
+    .await;
+    svc.shutdown().await;
+    let (dead, alive): (Vec<u64>, Vec<u64>) = tokio::task::block_in_place(|| {
+        ids.iter()
+            .partition(|&&id| cluster.master_of(&key(id)) == 0)
+    });
+    assert!(!dead.is_empty() && !alive.is_empty());
+    tokio::task::block_in_place(|| cluster.node_mut(0).stop());
+    // the watcher looks four times a second, and takes a master that does not
+    // answer twice for down
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = DOWN_RUNS.load(Ordering::Relaxed);
+    let (took_dead, took_alive) = svc
+        .scope(async {
+            let start = Instant::now();
+            for &id in &dead {
+                assert_eq!(down_row(id).await, id + 1);
+            }
+            let took_dead = start.elapsed();
+            let start = Instant::now();
+            for &id in &alive {
+                assert_eq!(down_row(id).await, id + 1);
+            }
+            (took_dead, start.elapsed())
+        })
+        .await;
+    let ran = DOWN_RUNS.load(Ordering::Relaxed) - before;
+    eprintln!(
+        "{} calls for the silent master's keys took {took_dead:?} ({} bodies run), {} for the others {took_alive:?}",
+        dead.len(),
+        ran,
+        alive.len()
+    );
+    assert_eq!(
+        cluster.nodes()[1].info("cluster_state").as_deref(),
+        Some("ok"),
+        "the cluster has not noticed yet"
+    );
+    assert_eq!(ran, dead.len() as u64, "only the silent master's keys ran");
+    // each waiting the 200 ms timeout would take dead.len() * 200 ms
+    assert!(
+        took_dead < Duration::from_millis(dead.len() as u64 * 100),
+        "{took_dead:?} for {} calls",
+        dead.len()
+    );
+    assert!(svc.stats().total.backend_errors >= dead.len() as u64);
+    // removals: the silent master's is held (sent again later), the other's stands
+    svc.scope(async {
+        cache_runtime::invalidate!(down_row(dead[0])).await;
+        cache_runtime::invalidate!(down_row(alive[0])).await;
+    })
+    .await;
+    let remote = svc.stats().remote;
+    assert_eq!(remote.removals_waiting, 1, "{remote:?}");
+    let gone = tokio::task::block_in_place(|| {
+        cluster.nodes()[cluster.master_of(&key(alive[0]))].command(&["EXISTS", &key(alive[0])])
+    });
+    assert_eq!(gone.as_deref(), Some(":0"));
+}
+
 /// Two processes with the dependency graph on a cluster (3 masters, a replica each):
 /// random reads, writes invalidating by key and by dependency, nested entries and
 /// expiries for 20 s; the master holding the graph's keys is killed in the middle and

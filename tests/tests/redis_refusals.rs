@@ -195,6 +195,7 @@ fn refused_while_running(mode: &str, revoke: &[&str]) {
     );
     assert!(errors > 0, "{mode} {revoke:?}: the refusals were counted");
     let held = a.stat("reads_held");
+    let (waiting, dels) = (a.stat("removals_waiting"), cache.calls("del"));
     cache.acl_change("u", &["+@all"]);
     let started = std::time::Instant::now();
     let mut slowest = 0u64;
@@ -216,9 +217,15 @@ fn refused_while_running(mode: &str, revoke: &[&str]) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    // the waiting removals go as one, 64 at a time
+    let sent = cache.calls("del") - dels;
     eprintln!(
-        "{mode} {revoke:?}: {ROUNDS} rounds, 0 stale reads by A, {errors} refusals counted, {held} remote reads held back; B caught up {slowest} ms after the permission came back (all rows within {caught_up:?})"
+        "{mode} {revoke:?}: {ROUNDS} rounds, 0 stale reads by A, {errors} refusals counted, {held} remote reads held back; B caught up {slowest} ms after the permission came back (all rows within {caught_up:?}); {waiting} removals waiting went in {sent} DEL"
     );
+    if revoke.contains(&"-del") {
+        assert!(waiting > 100, "{waiting} removals waited");
+        assert!(sent <= waiting / 32 + 5, "{waiting} removals in {sent} DEL");
+    }
 }
 
 #[test]
