@@ -122,7 +122,7 @@ impl RedisBackendError {
                 addr: addr.to_owned(),
                 command: "SUBSCRIBE".to_owned(),
                 feature,
-                words: crate::probe::words(&source),
+                words: crate::endpoint::words(&source),
                 fix: format!(
                     "grant it: `ACL SETUSER {user} +subscribe +ping &{channel}`, or build without {without}"
                 ),
@@ -436,7 +436,7 @@ impl RedisBackendBuilder {
                 known.await.map_err(|e| {
                     RedisBackendError::Command(format!(
                         "reading the dependency graph's identity: {}",
-                        crate::probe::words(&e)
+                        crate::endpoint::words(&e)
                     ))
                 })?;
             }

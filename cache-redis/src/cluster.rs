@@ -36,7 +36,9 @@ const REDIAL_AFTER: Duration = Duration::from_secs(2);
 enum Answer {
     /// `INFO replication`, with how many of its replicas are online.
     Online(usize),
-    /// An error at once (connection refused, reset): it is gone.
+    /// Another answer (a refusal, a reply not understood): it is there.
+    Alive,
+    /// A connection error at once (refused, reset): it is gone.
     Gone,
     /// Nothing within the timeout: gone, or only slow.
     Silent,
@@ -56,8 +58,9 @@ async fn masters_answer(con: &ClusterConnection, t: &Topology, timeout: Duration
             match tokio::time::timeout(timeout, con.route_command(info, route)).await {
                 Ok(Ok(reply)) => match redis::from_redis_value::<String>(reply) {
                     Ok(text) => Answer::Online(online_replicas(&text)),
-                    Err(_) => Answer::Gone,
+                    Err(_) => Answer::Alive,
                 },
+                Ok(Err(e)) if e.code().is_some() => Answer::Alive,
                 Ok(Err(_)) => Answer::Gone,
                 Err(_) => Answer::Silent,
             }
@@ -86,6 +89,7 @@ impl Silences {
             .zip(answers)
             .map(|(m, a)| match a {
                 Answer::Online(n) => Some(Some(*n)),
+                Answer::Alive => None,
                 Answer::Gone => Some(None),
                 Answer::Silent => {
                     let looks = self.0.get(&m.id).copied().unwrap_or(0) + 1;
@@ -361,7 +365,10 @@ pub(crate) async fn watch(
         link.endpoint().saw(&seen);
         let answers = masters_answer(&con, &seen, timeout).await;
         let found = trouble(&seen, &silences.judge(&seen, &answers));
-        let whole = found.down.is_empty() && answers.iter().all(|a| matches!(a, Answer::Online(_)));
+        let whole = found.down.is_empty()
+            && answers
+                .iter()
+                .all(|a| matches!(a, Answer::Online(_) | Answer::Alive));
         link.endpoint().set_trouble(found);
         if !whole {
             recent.suspect();
@@ -613,8 +620,9 @@ mod tests {
             s.judge(&t, &[Silent, Online(0)]),
             vec![Some(None), Some(Some(0))]
         );
-        // an answer ends the silence
+        // an answer ends the silence; a refusal says it is there, not how
         assert_eq!(s.judge(&t, &[Online(1), Online(0)])[0], Some(Some(1)));
+        assert_eq!(s.judge(&t, &[Alive, Online(0)])[0], None);
         assert_eq!(s.judge(&t, &[Silent, Online(0)])[0], None);
     }
 

@@ -235,7 +235,7 @@ impl DependencyCollectorBuilder {
                     addr: worker.graph.addr.clone(),
                     command: "PSUBSCRIBE/SUBSCRIBE".into(),
                     feature: "the collector, which hears values expire and get evicted,".into(),
-                    words: crate::probe::words(&e),
+                    words: crate::endpoint::words(&e),
                     fix: format!(
                         "grant it: `ACL SETUSER {user} +psubscribe +subscribe &__keyspace@{db}__:* &__keyevent@{db}__:*`"
                     ),

@@ -463,6 +463,14 @@ fn part_of(cmd: &Cmd) -> Part {
     Part::Split(split)
 }
 
+/// The server's words for an error: its code and details.
+pub(crate) fn words(e: &RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => e.to_string(),
+    }
+}
+
 /// A server's error reply carrying `text` (its first word the code).
 fn failed(text: &str) -> Value {
     let text = text.replace(['\r', '\n'], " ");
@@ -592,7 +600,7 @@ pub(crate) async fn cluster_pipeline(
         for (g, result) in groups.iter().zip(results) {
             let values = match result {
                 Ok(values) => values,
-                Err(e) => vec![failed(&crate::probe::words(&e)); g.cmds.len()],
+                Err(e) => vec![failed(&words(&e)); g.cmds.len()],
             };
             for (&j, v) in g.to.iter().zip(values) {
                 replies[j] = match (summed[j], &replies[j], v) {

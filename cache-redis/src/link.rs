@@ -250,7 +250,7 @@ impl Link {
             result => {
                 self.give_back(handle);
                 // a server's error as it says it: its code, then its words
-                result.map_err(|e| RemoteError(crate::probe::words(&e)))
+                result.map_err(|e| RemoteError(crate::endpoint::words(&e)))
             }
         }
     }

@@ -317,7 +317,7 @@ fn judge(
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
         return Err(Problem::Connection(e));
     }
-    let words = words(&e);
+    let words = crate::endpoint::words(&e);
     let refused = |fix: String| Problem::Refused {
         command,
         feature: feature.to_owned(),
@@ -342,18 +342,10 @@ fn judge(
     Ok(())
 }
 
-/// The server's words for an error: its code and details.
-pub(crate) fn words(e: &RedisError) -> String {
-    match (e.code(), e.detail()) {
-        (Some(code), Some(detail)) => format!("{code} {detail}"),
-        _ => e.to_string(),
-    }
-}
-
 /// A client error as the log says it: a refusal names the server's words.
 pub(crate) fn describe(e: &RedisError) -> String {
     if e.code() == Some("NOPERM") {
-        format!("Redis refused it ({})", words(e))
+        format!("Redis refused it ({})", crate::endpoint::words(e))
     } else {
         e.to_string()
     }
