@@ -161,10 +161,12 @@ impl Endpoint {
         }
         let t = self.trouble.lock().unwrap_or_else(PoisonError::into_inner);
         let within = |ranges: &[(u16, u16)]| ranges.iter().any(|(a, b)| (*a..=*b).contains(&slot));
-        match () {
-            _ if within(&t.down) => SlotNow::Down,
-            _ if within(&t.unacked) => SlotNow::Unacked,
-            _ => SlotNow::Up,
+        if within(&t.down) {
+            SlotNow::Down
+        } else if within(&t.unacked) {
+            SlotNow::Unacked
+        } else {
+            SlotNow::Up
         }
     }
 
@@ -471,14 +473,19 @@ pub(crate) fn words(e: &RedisError) -> String {
     }
 }
 
-/// A server's error reply carrying `text` (its first word the code).
+/// A server's error reply carrying `text` (its first word the code, or `ERR`). Never
+/// a success: a removal answered with it is held and sent again.
 fn failed(text: &str) -> Value {
     let text = text.replace(['\r', '\n'], " ");
     let code = match text.split_whitespace().next() {
         Some(c) if c.bytes().all(|b| b.is_ascii_uppercase()) => "",
         _ => "ERR ",
     };
-    redis::parse_redis_value(format!("-{code}{text}\r\n").as_bytes()).unwrap_or_else(|_| Value::Nil)
+    match redis::parse_redis_value(format!("-{code}{text}\r\n").as_bytes()) {
+        Ok(v @ Value::ServerError(_)) => v,
+        // (not expected: a line that starts with `-` is an error; this one parses)
+        _ => failed("ERR the command failed"),
+    }
 }
 
 /// How long a removal waits for a replica to acknowledge it (`WAIT`).
@@ -636,6 +643,27 @@ mod tests {
                 Route::new(slot_of(key), SlotAddr::Master)
             );
         }
+    }
+
+    #[test]
+    fn failures_are_error_replies() {
+        for text in [
+            SLOT_DOWN,
+            "NOREPLICAS no replica acknowledged the removal",
+            "timed out",
+            "",
+            "line\r\nbreak",
+        ] {
+            assert!(
+                matches!(failed(text), Value::ServerError(_)),
+                "{text:?}: {:?}",
+                failed(text)
+            );
+        }
+        let Value::ServerError(e) = failed(SLOT_DOWN) else {
+            unreachable!()
+        };
+        assert_eq!(e.code(), "MASTERDOWN");
     }
 
     #[test]
