@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::bus::RedisBus;
 use crate::cluster::{Recent, Replayer};
-use crate::endpoint::{Conn, Endpoint};
+use crate::endpoint::{Conn, Deadlines, Endpoint};
 use crate::graph::GraphKeys;
 use crate::link::Link;
 use crate::single_flight::Locks;
@@ -477,7 +477,7 @@ struct Probe {
 impl Probe {
     async fn connect(&self) -> Result<Conn, RedisBackendError> {
         self.endpoint
-            .connect(self.timeout, self.timeout)
+            .connect(self.timeout, self.timeout, Deadlines::Connection)
             .await
             .map_err(|source| RedisBackendError::Connect {
                 addr: self.addr.clone(),

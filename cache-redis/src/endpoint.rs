@@ -261,11 +261,14 @@ impl Endpoint {
     }
 
     /// Connects: finds out what the endpoint is (the first time), then opens a
-    /// connection to the server, or to the cluster.
+    /// connection to the server, or to the cluster. Its requests end after
+    /// `response_timeout`, unless `deadlines` says the caller bounds each one (see
+    /// [`crate::deadline`]).
     pub(crate) async fn connect(
         &self,
         connect_timeout: Duration,
         response_timeout: Duration,
+        deadlines: Deadlines,
     ) -> RedisResult<Conn> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect_timeout))
@@ -276,6 +279,10 @@ impl Endpoint {
         };
         match kind {
             Kind::Node => {
+                let config = match deadlines {
+                    Deadlines::Connection => config,
+                    Deadlines::Caller => config.set_response_timeout(None),
+                };
                 let mut last = None;
                 for client in &self.seeds {
                     match client
@@ -368,6 +375,15 @@ impl Endpoint {
         }
         builder.build()
     }
+}
+
+/// Who ends a request that gets no reply in time.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Deadlines {
+    /// The connection, after its response timeout.
+    Connection,
+    /// The caller: each request is sent within [`crate::deadline::within`].
+    Caller,
 }
 
 fn no_seed() -> RedisError {

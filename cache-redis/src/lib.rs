@@ -26,6 +26,7 @@ mod backend;
 mod bus;
 mod cluster;
 mod collector;
+mod deadline;
 mod endpoint;
 mod graph;
 mod link;

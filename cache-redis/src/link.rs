@@ -29,7 +29,8 @@ use redis::{Cmd, FromRedisValue, RedisError, RedisResult, Value};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::endpoint::{Conn, Endpoint};
+use crate::deadline;
+use crate::endpoint::{Conn, Deadlines, Endpoint};
 
 /// How many idle connection handles a thread keeps, over all links.
 const SPARES_PER_THREAD: usize = 64;
@@ -141,7 +142,8 @@ impl Link {
         build: impl FnOnce(&mut Cmd),
     ) -> Result<T, RemoteError> {
         let mut handle = self.prepared(build).await?;
-        let result = send(&mut handle.conn, &handle.cmd).await;
+        let result =
+            deadline::within(self.response_timeout, send(&mut handle.conn, &handle.cmd)).await;
         self.done(handle, result)
     }
 
@@ -181,7 +183,7 @@ impl Link {
         cmd: &Cmd,
     ) -> Result<T, RemoteError> {
         let mut handle = self.connection().await?;
-        let result = send(&mut handle.conn, cmd).await;
+        let result = deadline::within(self.response_timeout, send(&mut handle.conn, cmd)).await;
         self.done(handle, result)
     }
 
@@ -192,7 +194,7 @@ impl Link {
     ) -> Result<T, RemoteError> {
         let mut handle = self.connection().await?;
         let result = match &mut handle.conn {
-            Conn::Node(c) => pipe.query_async(c).await,
+            Conn::Node(c) => deadline::within(self.response_timeout, pipe.query_async(c)).await,
             Conn::Cluster(c) => match crate::endpoint::cluster_pipeline(
                 c,
                 pipe,
@@ -386,9 +388,11 @@ impl Link {
     }
 
     async fn dial(&self) -> Result<Conn, RedisError> {
-        let dial = self
-            .endpoint
-            .connect(self.connect_timeout, self.response_timeout);
+        let dial = self.endpoint.connect(
+            self.connect_timeout,
+            self.response_timeout,
+            Deadlines::Caller,
+        );
         match tokio::time::timeout(self.connect_timeout, dial).await {
             Ok(result) => result,
             Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),

@@ -7,6 +7,7 @@ use cache_runtime::{BoxFuture, BusReceiver, InvalidationBus, RemoteError};
 
 use crate::backend::{channel_name, endpoint, RedisBackendError};
 use crate::bus::RedisBus;
+use crate::endpoint::Deadlines;
 use crate::link::Link;
 
 /// Configures a [`RedisSync`].
@@ -106,12 +107,13 @@ impl RedisSyncBuilder {
             let timeout = self
                 .operation_timeout
                 .max(std::time::Duration::from_secs(1));
-            let mut con = endpoint.connect(timeout, timeout).await.map_err(|source| {
-                RedisBackendError::Connect {
+            let mut con = endpoint
+                .connect(timeout, timeout, Deadlines::Connection)
+                .await
+                .map_err(|source| RedisBackendError::Connect {
                     addr: addr.clone(),
                     source,
-                }
-            })?;
+                })?;
             let needs = crate::probe::Needs {
                 values: None,
                 user: &user,
