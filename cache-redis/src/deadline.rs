@@ -181,6 +181,11 @@ impl Clock {
 /// `fut`, ended with an error once `within` has passed (and at most one [`TICK`]
 /// later).
 pub(crate) fn within<F>(within: Duration, fut: F) -> Deadline<F> {
+    maybe_within(Some(within), fut)
+}
+
+/// [`within`], or `fut` as it is with `None`.
+pub(crate) fn maybe_within<F>(within: Option<Duration>, fut: F) -> Deadline<F> {
     Deadline {
         fut,
         within,
@@ -193,7 +198,7 @@ pin_project_lite::pin_project! {
     pub(crate) struct Deadline<F> {
         #[pin]
         fut: F,
-        within: Duration,
+        within: Option<Duration>,
         filed: Option<(usize, usize)>,
     }
 
@@ -226,10 +231,13 @@ where
             }
             return Poll::Ready(out);
         }
+        let Some(within) = *this.within else {
+            return Poll::Pending;
+        };
         let clock = clock();
         match *this.filed {
             None => {
-                let at = clock.now() + this.within.as_millis() as u64;
+                let at = clock.now() + within.as_millis() as u64;
                 *this.filed = Some(clock.file(at, cx.waker()));
             }
             Some(filed) => {

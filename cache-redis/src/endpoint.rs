@@ -296,8 +296,15 @@ impl Endpoint {
                 Err(last.unwrap_or_else(no_seed))
             }
             Kind::Cluster => {
-                let cluster = self.cluster(connect_timeout, response_timeout)?;
-                Ok(Conn::Cluster(cluster.get_async_generic_connection().await?))
+                let cluster = self.cluster(connect_timeout, response_timeout, deadlines)?;
+                let deadline = match deadlines {
+                    Deadlines::Connection => None,
+                    Deadlines::Caller => Some(response_timeout),
+                };
+                Ok(Conn::Cluster(ClusterConnection::new(
+                    cluster.get_async_generic_connection().await?,
+                    deadline,
+                )))
             }
         }
     }
@@ -352,6 +359,7 @@ impl Endpoint {
         &self,
         connect_timeout: Duration,
         response_timeout: Duration,
+        deadlines: Deadlines,
     ) -> RedisResult<ClusterClient> {
         let infos: Vec<ConnectionInfo> = self
             .subscribers()
@@ -360,10 +368,17 @@ impl Endpoint {
             .collect();
         let mut builder = ClusterClientBuilder::new(infos)
             .connection_timeout(connect_timeout)
+            // kept with the connection's deadlines too: redis-rs reads the slots
+            // from one node after another under its topology lock, and only this
+            // ends that read on a node that does not answer
             .response_timeout(response_timeout)
             // a call waits for Redis at most the operation timeout, retries and
-            // redirections included; a redirection is followed at once
-            .overall_response_timeout(Some(response_timeout))
+            // redirections included (by the connection's `ClusterConnection` with
+            // the caller's deadlines); a redirection is followed at once
+            .overall_response_timeout(match deadlines {
+                Deadlines::Connection => Some(response_timeout),
+                Deadlines::Caller => None,
+            })
             .min_retry_wait(5)
             .max_retry_wait(50)
             .retry_wait_formula(5, 2);

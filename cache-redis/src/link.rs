@@ -142,8 +142,7 @@ impl Link {
         build: impl FnOnce(&mut Cmd),
     ) -> Result<T, RemoteError> {
         let mut handle = self.prepared(build).await?;
-        let result =
-            deadline::within(self.response_timeout, send(&mut handle.conn, &handle.cmd)).await;
+        let result = send(&mut handle.conn, &handle.cmd, self.response_timeout).await;
         self.done(handle, result)
     }
 
@@ -156,8 +155,10 @@ impl Link {
         build: impl FnOnce(&mut Cmd),
     ) -> Result<T, RemoteError> {
         let mut handle = self.prepared(build).await?;
-        let reply =
-            redis::aio::ConnectionLike::req_packed_command(&mut handle.conn, &handle.cmd).await;
+        let reply = match &mut handle.conn {
+            Conn::Cluster(c) => c.send(&handle.cmd).await,
+            conn => redis::aio::ConnectionLike::req_packed_command(conn, &handle.cmd).await,
+        };
         let result = reply.and_then(|r| Ok(redis::from_redis_value(r.extract_error()?)?));
         self.done(handle, result)
     }
@@ -183,7 +184,7 @@ impl Link {
         cmd: &Cmd,
     ) -> Result<T, RemoteError> {
         let mut handle = self.connection().await?;
-        let result = deadline::within(self.response_timeout, send(&mut handle.conn, cmd)).await;
+        let result = send(&mut handle.conn, cmd, self.response_timeout).await;
         self.done(handle, result)
     }
 
@@ -433,10 +434,11 @@ impl Link {
 /// Sends a command on `conn`: to one server directly (not through `ConnectionLike`,
 /// which boxes every request's future), to a cluster routed by its key; and converts
 /// the reply.
-async fn send<T: FromRedisValue>(conn: &mut Conn, cmd: &Cmd) -> RedisResult<T> {
+async fn send<T: FromRedisValue>(conn: &mut Conn, cmd: &Cmd, within: Duration) -> RedisResult<T> {
     let reply = match conn {
-        Conn::Node(c) => c.send_packed_command(cmd).await?,
-        Conn::Cluster(c) => redis::aio::ConnectionLike::req_packed_command(c, cmd).await?,
+        Conn::Node(c) => deadline::within(within, c.send_packed_command(cmd)).await?,
+        // ended by the cluster connection's own deadline
+        Conn::Cluster(c) => c.send(cmd).await?,
     };
     Ok(redis::from_redis_value(reply.extract_error()?)?)
 }

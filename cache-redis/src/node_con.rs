@@ -8,15 +8,84 @@
 //! the process reports the same count.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::Connect;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{
-    AsyncConnectionConfig, Cmd, ErrorKind, IntoConnectionInfo, RedisFuture, ServerErrorKind, Value,
+    AsyncConnectionConfig, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult,
+    ServerErrorKind, Value,
 };
 
-/// A cluster connection whose node connections count redirections.
-pub(crate) type ClusterConnection = redis::cluster_async::ClusterConnection<NodeCon>;
+use crate::deadline::{maybe_within, Deadline};
+
+/// A cluster connection whose node connections count redirections, and whose
+/// requests, with `deadline` set, end after it by [`crate::deadline`] (the cluster
+/// client then has no overall timeout of its own: that was a second tokio timer on
+/// every request, besides the node connection's).
+#[derive(Clone)]
+pub(crate) struct ClusterConnection {
+    con: redis::cluster_async::ClusterConnection<NodeCon>,
+    deadline: Option<Duration>,
+}
+
+impl ClusterConnection {
+    pub(crate) fn new(
+        con: redis::cluster_async::ClusterConnection<NodeCon>,
+        deadline: Option<Duration>,
+    ) -> ClusterConnection {
+        ClusterConnection { con, deadline }
+    }
+
+    pub(crate) async fn route_command(
+        &mut self,
+        cmd: Cmd,
+        routing: RoutingInfo,
+    ) -> RedisResult<Value> {
+        maybe_within(self.deadline, self.con.route_command(cmd, routing)).await
+    }
+
+    pub(crate) async fn route_pipeline(
+        &mut self,
+        pipeline: Pipeline,
+        offset: usize,
+        count: usize,
+        route: SingleNodeRoutingInfo,
+    ) -> RedisResult<Vec<Value>> {
+        let sent = self.con.route_pipeline(pipeline, offset, count, route);
+        maybe_within(self.deadline, sent).await
+    }
+
+    /// One command, routed by its key: `ConnectionLike::req_packed_command` without
+    /// boxing the cluster client's boxed future again (the read path).
+    pub(crate) fn send<'a>(&'a mut self, cmd: &'a Cmd) -> Deadline<RedisFuture<'a, Value>> {
+        maybe_within(self.deadline, self.con.req_packed_command(cmd))
+    }
+}
+
+impl ConnectionLike for ClusterConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(self.send(cmd))
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipe: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        let deadline = self.deadline;
+        Box::pin(maybe_within(
+            deadline,
+            self.con.req_packed_commands(pipe, offset, count),
+        ))
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
 
 static REDIRECTIONS: AtomicU64 = AtomicU64::new(0);
 
