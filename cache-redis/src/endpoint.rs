@@ -366,12 +366,12 @@ impl Endpoint {
             .iter()
             .map(|c| c.get_connection_info().clone())
             .collect();
+        // the node connections have no response timeout of their own: what
+        // redis-rs sends by itself is bounded by them, by the longest operation
+        // timeout of the process (`NodeCon`)
+        crate::node_con::bound_own_commands(response_timeout);
         let mut builder = ClusterClientBuilder::new(infos)
             .connection_timeout(connect_timeout)
-            // kept with the connection's deadlines too: redis-rs reads the slots
-            // from one node after another under its topology lock, and only this
-            // ends that read on a node that does not answer
-            .response_timeout(response_timeout)
             // a call waits for Redis at most the operation timeout, retries and
             // redirections included (by the connection's `ClusterConnection` with
             // the caller's deadlines); a redirection is followed at once

@@ -18,7 +18,7 @@ use redis::{
     ServerErrorKind, Value,
 };
 
-use crate::deadline::{maybe_within, Deadline};
+use crate::deadline::{maybe_within, within, Deadline};
 
 /// A cluster connection whose node connections count redirections, and whose
 /// requests, with `deadline` set, end after it by [`crate::deadline`] (the cluster
@@ -95,9 +95,48 @@ pub(crate) fn redirections() -> u64 {
     REDIRECTIONS.load(Ordering::Relaxed)
 }
 
-/// One node's connection within a cluster connection.
+/// The longest operation timeout a cluster client of this process was built with
+/// (milliseconds): how long a command redis-rs sends by itself may wait.
+static OWN_BOUND_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Bounds the commands redis-rs sends by itself by `within` or more (the longest
+/// of what the process's cluster clients give).
+pub(crate) fn bound_own_commands(within: Duration) {
+    OWN_BOUND_MS.fetch_max(within.as_millis() as u64, Ordering::Relaxed);
+}
+
+/// One node's connection within a cluster connection. It has no response timeout:
+/// the requests of the crate's cluster connections are bounded as a whole (by the
+/// link's deadline or the cluster client's overall timeout), and a tokio timer on
+/// each node request as well cost 850 instructions an L2 hit. The commands redis-rs
+/// sends by itself, which nothing bounds as a whole, are bounded here
+/// ([`redis_rs_own`]): among them the slot map's read, which redis-rs makes under
+/// its topology lock, one node after another.
 #[derive(Clone)]
-pub(crate) struct NodeCon(MultiplexedConnection);
+pub(crate) struct NodeCon {
+    con: MultiplexedConnection,
+    own: Duration,
+}
+
+/// Whether `cmd` is one that redis-rs's cluster client sends by itself: the read of
+/// the slot map (`CLUSTER SLOTS`), the checks of a connection (`PING`, `READONLY`),
+/// `ASKING` before a redirected request, and the subscriptions it makes again on a
+/// new connection.
+fn redis_rs_own(cmd: &Cmd) -> bool {
+    const OWN: [&[u8]; 7] = [
+        b"CLUSTER",
+        b"PING",
+        b"READONLY",
+        b"ASKING",
+        b"SUBSCRIBE",
+        b"SSUBSCRIBE",
+        b"PSUBSCRIBE",
+    ];
+    match cmd.args_iter().next() {
+        Some(redis::Arg::Simple(name)) => OWN.iter().any(|own| name.eq_ignore_ascii_case(own)),
+        _ => false,
+    }
+}
 
 fn is_redirection(kind: ErrorKind) -> bool {
     matches!(
@@ -122,16 +161,26 @@ fn count(redirections: usize) {
     }
 }
 
+/// `reply`, its redirection counted.
+fn counted(reply: RedisResult<Value>) -> RedisResult<Value> {
+    match &reply {
+        Ok(v) => count(redirected(v) as usize),
+        Err(e) => count(is_redirection(e.kind()) as usize),
+    }
+    reply
+}
+
 impl ConnectionLike for NodeCon {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        Box::pin(async move {
-            let reply = self.0.send_packed_command(cmd).await;
-            match &reply {
-                Ok(v) => count(redirected(v) as usize),
-                Err(e) => count(is_redirection(e.kind()) as usize),
-            }
-            reply
-        })
+        if redis_rs_own(cmd) {
+            let own = self.own;
+            return Box::pin(async move {
+                counted(within(own, self.con.send_packed_command(cmd)).await)
+            });
+        }
+        // a future of its own, not the one above with no deadline: wrapping the
+        // send's future copies it once more (570 instructions an L2 hit)
+        Box::pin(async move { counted(self.con.send_packed_command(cmd).await) })
     }
 
     fn req_packed_commands<'a>(
@@ -141,7 +190,7 @@ impl ConnectionLike for NodeCon {
         count_of: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let replies = self.0.send_packed_commands(pipe, offset, count_of).await;
+            let replies = self.con.send_packed_commands(pipe, offset, count_of).await;
             match &replies {
                 // redis-rs sends the whole pipeline again for its first redirection
                 Ok(vs) => count(vs.iter().any(redirected) as usize),
@@ -152,7 +201,7 @@ impl ConnectionLike for NodeCon {
     }
 
     fn get_db(&self) -> i64 {
-        self.0.get_db()
+        self.con.get_db()
     }
 }
 
@@ -161,10 +210,14 @@ impl Connect for NodeCon {
     where
         T: IntoConnectionInfo + Send + 'a,
     {
+        let own = match OWN_BOUND_MS.load(Ordering::Relaxed) {
+            0 => Duration::from_secs(1),
+            ms => Duration::from_millis(ms),
+        };
         Box::pin(async move {
-            MultiplexedConnection::connect_with_config(info, config)
-                .await
-                .map(NodeCon)
+            let config = config.set_response_timeout(None);
+            let con = MultiplexedConnection::connect_with_config(info, config).await?;
+            Ok(NodeCon { con, own })
         })
     }
 }
@@ -181,5 +234,27 @@ mod tests {
         assert!(!redirected(&reply("-TRYAGAIN Multiple keys\r\n")));
         assert!(!redirected(&reply("-ERR unknown command\r\n")));
         assert!(!redirected(&reply("$1\r\nx\r\n")));
+    }
+
+    #[test]
+    fn the_commands_redis_rs_sends_by_itself_are_told_from_the_crates() {
+        for own in [
+            "CLUSTER",
+            "PING",
+            "READONLY",
+            "ASKING",
+            "SSUBSCRIBE",
+            "subscribe",
+        ] {
+            assert!(redis_rs_own(&redis::cmd(own)), "{own}");
+        }
+        let mut slots = redis::cmd("CLUSTER");
+        slots.arg("SLOTS");
+        assert!(redis_rs_own(&slots));
+        for crates in [
+            "GET", "EVALSHA", "SET", "DEL", "PUBLISH", "SPUBLISH", "SCAN",
+        ] {
+            assert!(!redis_rs_own(&redis::cmd(crates)), "{crates}");
+        }
     }
 }
