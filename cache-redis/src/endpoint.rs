@@ -522,6 +522,43 @@ fn failed(text: &str) -> Value {
 /// How long a removal waits for a replica to acknowledge it (`WAIT`).
 const REPLICA_WAIT_MS: u64 = 100;
 
+/// Above this many slots' pipelines that must wait for a replica, a pipeline waits
+/// once per connection rather than once per slot (see [`cluster_pipeline`]).
+const WAITS_PER_SLOT: usize = 8;
+
+/// Set once a server refused `CLIENT INFO` (an ACL without it): this process's
+/// pipelines then wait once per slot, whatever their size.
+static CLIENT_INFO_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// The connection a `CLIENT INFO` reply describes: the server's address as the
+/// connection sees it (`laddr`) and the client's id there (`id`).
+fn connection_of(reply: &Value) -> Option<(String, u64)> {
+    let text = match reply {
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?,
+        Value::VerbatimString { text, .. } => text.as_str(),
+        Value::SimpleString(s) => s.as_str(),
+        _ => return None,
+    };
+    let mut id = None;
+    let mut laddr = None;
+    for field in text.split_whitespace() {
+        if let Some(v) = field.strip_prefix("id=") {
+            id = v.parse().ok();
+        } else if let Some(v) = field.strip_prefix("laddr=") {
+            laddr = Some(v.to_owned());
+        }
+    }
+    Some((laddr?, id?))
+}
+
+/// Whether a slot's pipeline is known to be on a replica.
+enum Acked {
+    /// Known: yes or no.
+    Known(bool),
+    /// Once the connection it ran on has waited (its `CLIENT INFO`).
+    On((String, u64)),
+}
+
 /// One slot's pipeline: its commands, where each reply goes (the pipeline's index,
 /// and whether it adds to a split removal's sum), and whether it removes keys.
 struct Group {
@@ -543,6 +580,17 @@ struct Group {
 /// acknowledges within [`REPLICA_WAIT_MS`], the pipeline's removals are answered
 /// with a `NOREPLICAS` error, so that the caller holds their keys and sends them
 /// again, as for any removal that failed. Replies come back in the pipeline's order.
+///
+/// With more than [`WAITS_PER_SLOT`] such pipelines (an invalidation's tombstones,
+/// a collection's removals: a slot each), a `WAIT` each would queue on the server:
+/// it runs one connection's commands in order, and each `WAIT` holds the connection
+/// (the reads behind it included) until a replica acknowledges. So each ends with
+/// `CLIENT INFO` instead, which names the connection it ran on (a redirected one
+/// ran on another node's), and once they are all answered, each connection named
+/// gets one `CLIENT INFO` and `WAIT 1`, routed by a slot of its pipelines: a `WAIT`
+/// covers every write its connection made before it. If that `CLIENT INFO` names
+/// another connection (the slot moved, the connection was made again), its
+/// pipelines count as not acknowledged.
 ///
 /// A slot's pipeline that fails (its master gone, the operation timeout) answers each
 /// of its commands with the error: the other slots' commands stand. As `now` says
@@ -601,6 +649,12 @@ pub(crate) async fn cluster_pipeline(
             }
             i += 1;
         }
+        let must_wait = |g: &Group| g.removes && replicas(g.slot) > 0;
+        let waits = groups
+            .iter()
+            .filter(|g| must_wait(g) && now(g.slot) == SlotNow::Up)
+            .count();
+        let by_connection = waits > WAITS_PER_SLOT && !CLIENT_INFO_REFUSED.load(Ordering::Relaxed);
         let sent = groups.iter().map(|g| {
             let mut part = redis::pipe();
             part.ignore_errors();
@@ -608,36 +662,61 @@ pub(crate) async fn cluster_pipeline(
                 part.add_command(cmd.clone());
             }
             let slot = now(g.slot);
-            let must_wait = g.removes && replicas(g.slot) > 0;
+            let must_wait = must_wait(g);
             let wait = must_wait && slot != SlotNow::Unacked;
-            if wait {
-                part.cmd("WAIT").arg(1).arg(REPLICA_WAIT_MS);
+            match (wait, by_connection) {
+                (false, _) => {}
+                (true, false) => {
+                    part.cmd("WAIT").arg(1).arg(REPLICA_WAIT_MS);
+                }
+                (true, true) => {
+                    part.cmd("CLIENT").arg("INFO");
+                }
             }
             let n = g.cmds.len() + usize::from(wait);
             let mut con = con.clone();
             let route = SingleNodeRoutingInfo::SpecificNode(Route::new(g.slot, SlotAddr::Master));
             async move {
                 if slot == SlotNow::Down {
-                    return Ok(vec![failed(SLOT_DOWN); g.cmds.len()]);
+                    return Ok((vec![failed(SLOT_DOWN); g.cmds.len()], Acked::Known(true)));
                 }
                 let mut values = con.route_pipeline(part, 0, n, route).await?;
-                let acked = match wait {
-                    true => matches!(values.pop(), Some(Value::Int(n)) if n >= 1),
-                    false => !must_wait,
+                // the reply of the `WAIT` or `CLIENT INFO` appended
+                let last = if wait { values.pop() } else { None };
+                let acked = match (wait, by_connection) {
+                    (false, _) => Acked::Known(!must_wait),
+                    (true, false) => Acked::Known(matches!(last, Some(Value::Int(n)) if n >= 1)),
+                    (true, true) => match last.as_ref().and_then(connection_of) {
+                        Some(on) => Acked::On(on),
+                        None => {
+                            // not allowed (`NOPERM`), or unknown (before 6.2)
+                            if let Some(Value::ServerError(e)) = &last {
+                                if matches!(e.code(), "NOPERM" | "ERR") {
+                                    CLIENT_INFO_REFUSED.store(true, Ordering::Relaxed);
+                                }
+                            }
+                            Acked::Known(false)
+                        }
+                    },
                 };
-                if !acked {
-                    let refused = failed("NOREPLICAS no replica acknowledged the removal");
-                    for v in &mut values {
-                        *v = refused.clone();
-                    }
-                }
-                Ok::<_, RedisError>(values)
+                Ok::<_, RedisError>((values, acked))
             }
         });
-        let results = futures_util::future::join_all(sent).await;
+        let mut results = futures_util::future::join_all(sent).await;
+        if by_connection {
+            waited_by_connection(con, &groups, &mut results).await;
+        }
         for (g, result) in groups.iter().zip(results) {
             let values = match result {
-                Ok(values) => values,
+                Ok((mut values, acked)) => {
+                    if !matches!(acked, Acked::Known(true)) {
+                        let refused = failed("NOREPLICAS no replica acknowledged the removal");
+                        for v in &mut values {
+                            *v = refused.clone();
+                        }
+                    }
+                    values
+                }
                 Err(e) => vec![failed(&words(&e)); g.cmds.len()],
             };
             for (&j, v) in g.to.iter().zip(values) {
@@ -656,9 +735,74 @@ pub(crate) async fn cluster_pipeline(
     Ok(replies)
 }
 
+/// The second step of waiting by connection (see [`cluster_pipeline`]): one
+/// `CLIENT INFO` and `WAIT 1` for each connection the slots' pipelines name, and
+/// their outcome given to those pipelines.
+async fn waited_by_connection(
+    con: &ClusterConnection,
+    groups: &[Group],
+    results: &mut [RedisResult<(Vec<Value>, Acked)>],
+) {
+    // each connection named, and a slot to route its `WAIT` by
+    let mut connections: Vec<(&(String, u64), u16)> = Vec::new();
+    for (g, result) in groups.iter().zip(results.iter()) {
+        if let Ok((_, Acked::On(on))) = result {
+            if !connections.iter().any(|(c, _)| *c == on) {
+                connections.push((on, g.slot));
+            }
+        }
+    }
+    let waited = connections.iter().map(|&(on, slot)| {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("CLIENT").arg("INFO");
+        pipe.cmd("WAIT").arg(1).arg(REPLICA_WAIT_MS);
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+        let mut con = con.clone();
+        async move {
+            match con.route_pipeline(pipe, 0, 2, route).await.as_deref() {
+                Ok([info, Value::Int(n)]) => *n >= 1 && connection_of(info).as_ref() == Some(on),
+                _ => false,
+            }
+        }
+    });
+    let waited = futures_util::future::join_all(waited).await;
+    let outcome: Vec<((String, u64), bool)> = connections
+        .iter()
+        .map(|(on, _)| (*on).clone())
+        .zip(waited)
+        .collect();
+    for (_, acked) in results.iter_mut().flatten() {
+        if let Acked::On(on) = acked {
+            let ok = outcome.iter().any(|(c, ok)| c == on && *ok);
+            *acked = Acked::Known(ok);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_info_reply_names_its_connection() {
+        let line = "id=47 addr=127.0.0.1:51234 laddr=127.0.0.1:7001 fd=9 name= age=0 \
+                    idle=0 flags=N db=0 sub=0 psub=0 ssub=0 multi=-1 qbuf=26 cmd=client|info";
+        let on = Some(("127.0.0.1:7001".to_owned(), 47));
+        assert_eq!(connection_of(&Value::BulkString(line.into())), on);
+        assert_eq!(
+            connection_of(&Value::VerbatimString {
+                format: redis::VerbatimFormat::Text,
+                text: line.into()
+            }),
+            on
+        );
+        assert_eq!(
+            connection_of(&Value::BulkString(b"id=47 addr=x".to_vec())),
+            None
+        );
+        assert_eq!(connection_of(&Value::Int(1)), None);
+    }
 
     #[test]
     fn slots_are_redis_cluster_slots() {

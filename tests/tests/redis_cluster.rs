@@ -564,6 +564,135 @@ fn read_on(cluster: &RedisCluster, i: usize, key: &str) -> Option<Vec<u8>> {
     redis::cmd("GET").arg(key).query(&mut con).unwrap()
 }
 
+/// Waits until `svc` holds no removal to send again (at most 30 s): how long.
+fn nothing_held(svc: &CachingService) -> Duration {
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(30), || {
+            svc.stats().remote.removals_waiting == 0
+        })
+    })
+}
+
+/// What [`spread_dependent`] returns over its id.
+static SPREAD_ROUND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One of many entries (their keys on every master's slots) that depend on one key.
+#[cached(name = "spread.dependent")]
+async fn spread_dependent(id: u64) -> u64 {
+    cache_runtime::add_dependency("spread:shared");
+    id + SPREAD_ROUND.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The `WAIT`s the masters ran.
+fn waits_on_masters(cluster: &RedisCluster) -> u64 {
+    cluster.masters().iter().map(|m| m.calls("WAIT")).sum()
+}
+
+/// An invalidation of 300 entries (about 300 slots on three masters, each with a
+/// replica) waits for the replicas once per connection, not once per slot; and when
+/// a master's replica is frozen (still listed online, so its `WAIT` times out), that
+/// master's tombstones are held and sent again, while this instance reads the new
+/// values throughout, and a new instance reads them once the replica is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_of_many_slots_waits_once_per_connection() {
+    use std::sync::atomic::Ordering;
+    const N: u64 = 300;
+    let cluster = RedisCluster::start(3, 1);
+    let svc = tests::redis_service(&cluster.url(), "spread", true).await;
+    let all_read = |round: u64, what: &'static str| async move {
+        for id in 0..N {
+            assert_eq!(spread_dependent(id).await, id + round, "{what}: entry {id}");
+        }
+    };
+    svc.scope(all_read(0, "first read")).await;
+    svc.shutdown().await;
+    let per_master: Vec<usize> = (0..3)
+        .map(|i| cluster.live_on(i, "spread:2:spread.dependent"))
+        .collect();
+    assert!(per_master.iter().all(|&n| n > 0), "{per_master:?}");
+    // the writes have waited for their links to be on a replica: the count now
+    let before = waits_on_masters(&cluster);
+    SPREAD_ROUND.store(1_000, Ordering::SeqCst);
+    svc.scope(cache_runtime::invalidate_dependency("spread:shared"))
+        .await;
+    let waits = waits_on_masters(&cluster) - before;
+    eprintln!("an invalidation of {N} entries ({per_master:?} per master): {waits} WAITs");
+    assert!(waits <= 12, "{waits} WAITs for {N} tombstones");
+    svc.scope(all_read(1_000, "after the invalidation")).await;
+    assert_eq!(svc.stats().remote.removals_waiting, 0);
+
+    // the first master's replica frozen: its WAIT times out
+    let replica = cluster.replica_of(0);
+    cluster.nodes()[replica].suspend();
+    SPREAD_ROUND.store(2_000, Ordering::SeqCst);
+    svc.scope(async {
+        cache_runtime::invalidate_dependency("spread:shared").await;
+        all_read(2_000, "while the tombstones are held").await;
+    })
+    .await;
+    let remote = svc.stats().remote;
+    assert!(remote.removals_waiting > 0, "{remote:?}");
+    cluster.nodes()[replica].resume();
+    let took = nothing_held(&svc);
+    eprintln!("the held tombstones went through {took:?} after the replica resumed");
+    svc.scope(all_read(2_000, "after they went through")).await;
+    let fresh = tests::redis_service(&cluster.url(), "spread", true).await;
+    fresh.scope(all_read(2_000, "a new instance")).await;
+}
+
+/// The same with a user whose ACL has no `CLIENT`: its first invalidation's
+/// tombstones are held (the `CLIENT INFO` that names their connections refused) and
+/// sent again, each slot waiting on its own; every read is new throughout, and the
+/// later invalidations wait per slot from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_client_info_an_invalidation_waits_once_per_slot() {
+    use std::sync::atomic::Ordering;
+    const N: u64 = 100;
+    let cluster = RedisCluster::start(3, 1);
+    for node in cluster.nodes() {
+        let rules = [
+            "ACL", "SETUSER", "u", "on", ">pw", "~*", "&*", "+@all", "-client",
+        ];
+        assert_eq!(node.command(&rules).as_deref(), Some("+OK"));
+    }
+    let url = cluster.url().replace("redis://", "redis://u:pw@");
+    let svc = tests::redis_service(&url, "noinfo", true).await;
+    let all_read = |round: u64, what: &'static str| async move {
+        for id in 0..N {
+            assert_eq!(spread_dependent(id).await, id + round, "{what}: entry {id}");
+        }
+    };
+    let base = 10_000;
+    SPREAD_ROUND.store(base, Ordering::SeqCst);
+    svc.scope(all_read(base, "first read")).await;
+    svc.shutdown().await;
+    for round in 1..=3 {
+        let before = waits_on_masters(&cluster);
+        SPREAD_ROUND.store(base + round, Ordering::SeqCst);
+        svc.scope(cache_runtime::invalidate_dependency("spread:shared"))
+            .await;
+        let waits = waits_on_masters(&cluster) - before;
+        let held = svc.stats().remote.removals_waiting;
+        svc.scope(all_read(base + round, "after an invalidation"))
+            .await;
+        let took = nothing_held(&svc);
+        eprintln!("round {round}: {waits} WAITs, {held} held, none left after {took:?}");
+        if round == 1 {
+            assert!(held > 0, "the first tombstones were not held");
+        } else {
+            assert_eq!(held, 0, "round {round}");
+            assert!(waits >= N, "{waits} WAITs: one per slot expected");
+        }
+        // the values written again, with their links (a value read while its
+        // tombstone was held is not written)
+        svc.scope(all_read(base + round, "once nothing is held"))
+            .await;
+        svc.shutdown().await;
+    }
+    let fresh = tests::redis_service(&url, "noinfo", true).await;
+    fresh.scope(all_read(base + 3, "a new instance")).await;
+}
+
 /// A removal no replica acknowledges (the master's only replica frozen and cut) is
 /// refused (`WAIT 1` answered 0), held and sent again: meanwhile the instance reads
 /// the new value (the body runs). Once the replica is back the removal goes through;
@@ -602,11 +731,7 @@ async fn a_removal_no_replica_acknowledged_is_held_and_sent_again() {
     assert!(remote.removal_errors > 0, "{remote:?}");
     assert!(remote.removals_waiting > 0, "{remote:?}");
     cluster.nodes()[replica].resume();
-    let took = tokio::task::block_in_place(|| {
-        wait_for(Duration::from_secs(30), || {
-            svc.stats().remote.removals_waiting == 0
-        })
-    });
+    let took = nothing_held(&svc);
     eprintln!("the removal went through {took:?} after the replica resumed");
     // the replica never holds the old value again, and soon holds what the master
     // holds: the new value, which the calls meanwhile computed and wrote once the
