@@ -22,8 +22,8 @@ use crate::deadline::{maybe_within, within, Deadline};
 
 /// A cluster connection whose node connections count redirections, and whose
 /// requests, with `deadline` set, end after it by [`crate::deadline`] (the cluster
-/// client then has no overall timeout of its own: that was a second tokio timer on
-/// every request, besides the node connection's).
+/// client then has no overall timeout of its own, which is a tokio timer on every
+/// request); without, the cluster client's overall timeout ends them.
 #[derive(Clone)]
 pub(crate) struct ClusterConnection {
     con: redis::cluster_async::ClusterConnection<NodeCon>,
