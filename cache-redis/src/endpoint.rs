@@ -678,6 +678,7 @@ pub(crate) async fn cluster_pipeline(
             let route = SingleNodeRoutingInfo::SpecificNode(Route::new(g.slot, SlotAddr::Master));
             async move {
                 if slot == SlotNow::Down {
+                    // already refused: `NOREPLICAS` must not replace `SLOT_DOWN`
                     return Ok((vec![failed(SLOT_DOWN); g.cmds.len()], Acked::Known(true)));
                 }
                 let mut values = con.route_pipeline(part, 0, n, route).await?;

@@ -155,10 +155,15 @@ impl Link {
         build: impl FnOnce(&mut Cmd),
     ) -> Result<T, RemoteError> {
         let mut handle = self.prepared(build).await?;
-        let reply = match &mut handle.conn {
-            Conn::Cluster(c) => c.send(&handle.cmd).await,
-            conn => redis::aio::ConnectionLike::req_packed_command(conn, &handle.cmd).await,
+        let sent = match &mut handle.conn {
+            Conn::Cluster(c) => c.send(&handle.cmd),
+            // (not used on one server, whose connection has no timeout of its own)
+            conn => deadline::within(
+                self.response_timeout,
+                redis::aio::ConnectionLike::req_packed_command(conn, &handle.cmd),
+            ),
         };
+        let reply = sent.await;
         let result = reply.and_then(|r| Ok(redis::from_redis_value(r.extract_error()?)?));
         self.done(handle, result)
     }
